@@ -1,0 +1,160 @@
+"""Dedup: exact duplicates (same decoded pixels) and near duplicates (perceptual hash).
+
+The work is a join over the manifest, so it runs on dask dataframes (on Ray through
+`ray.util.dask` when Ray is up, else dask's threads), partitioned, never all in memory:
+- exact: group by pixel_sha256; every row whose key is not the group's smallest key is a
+  duplicate of it;
+- near: a 64-bit pHash split into threshold+1 bands (pigeonhole: two hashes within the
+  Hamming threshold agree exactly on at least one band); a self-join on (band, value)
+  gives candidate pairs, kept when their full Hamming distance is within the threshold.
+  Pairs are merged into clusters (union-find); each cluster keeps its smallest key.
+Duplicates go to the quarantine as `duplicate-of:KEY`; shards are not copied: the output
+manifest references the input's shards.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import polars as pl
+import ray
+
+from vlmflow.components import report
+from vlmflow.components.ingest import QUARANTINE_SCHEMA
+from vlmflow.specs.data import DedupSpec
+from vlmflow.specs.recipe import Recipe
+from vlmflow.stage import Stage, StageContext, StageResult
+
+VERSION = "1"
+
+
+def _scheduler() -> object:
+    if ray.is_initialized():
+        from ray.util.dask import ray_dask_get
+
+        return ray_dask_get
+    return "threads"
+
+
+def exact_duplicates(frame: dd.DataFrame) -> pd.DataFrame:
+    """(key, canonical) for every row whose pixels equal a row with a smaller key."""
+    canonical = frame.groupby("pixel_sha256")["key"].min().rename("canonical").reset_index()
+    joined = frame[["key", "pixel_sha256"]].merge(canonical, on="pixel_sha256")
+    dups = joined[joined["key"] != joined["canonical"]][["key", "canonical"]]
+    return dups.compute(scheduler=_scheduler())
+
+
+def band_masks(threshold: int, bits: int = 64) -> list[tuple[int, int]]:
+    """(shift, mask) of threshold+1 bands covering all bits."""
+    bands = threshold + 1
+    width = bits // bands
+    out = []
+    for b in range(bands):
+        shift = b * width
+        size = width if b < bands - 1 else bits - shift
+        out.append((shift, (1 << size) - 1))
+    return out
+
+
+def _bands(part: pd.DataFrame, masks: list[tuple[int, int]]) -> pd.DataFrame:
+    hashes = part["phash"].to_numpy(dtype=np.uint64)
+    frames = [
+        pd.DataFrame(
+            {
+                "key": part["key"].to_numpy(),
+                "phash": hashes,
+                "band": np.full(len(part), b, dtype=np.int16),
+                "value": (hashes >> np.uint64(shift)) & np.uint64(mask),
+            }
+        )
+        for b, (shift, mask) in enumerate(masks)
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def near_pairs(frame: dd.DataFrame, threshold: int) -> pd.DataFrame:
+    """(a, b, distance) with a < b and Hamming(phash_a, phash_b) <= threshold."""
+    masks = band_masks(threshold)
+    meta = pd.DataFrame(
+        {"key": pd.Series(dtype=object), "phash": pd.Series(dtype=np.uint64),
+         "band": pd.Series(dtype=np.int16), "value": pd.Series(dtype=np.uint64)}
+    )
+    banded = frame[["key", "phash"]].map_partitions(_bands, masks, meta=meta)
+    pairs = banded.merge(banded, on=["band", "value"], suffixes=("_a", "_b"))
+    pairs = pairs[pairs["key_a"] < pairs["key_b"]]
+    xor = pairs["phash_a"] ^ pairs["phash_b"]
+    pairs = pairs.assign(distance=xor.map_partitions(lambda s: pd.Series(np.bitwise_count(s.to_numpy(np.uint64)),
+                                                                         index=s.index), meta=("distance", "u1")))
+    pairs = pairs[pairs["distance"] <= threshold][["key_a", "key_b", "distance"]]
+    found = pairs.compute(scheduler=_scheduler())
+    return found.drop_duplicates(["key_a", "key_b"]).sort_values(["key_a", "key_b"]).reset_index(drop=True)
+
+
+def clusters(pairs: pd.DataFrame) -> dict[str, tuple[str, int]]:
+    """Union-find over pairs: key -> (smallest key of its cluster, distance of the pair that joined it)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    joined_by: dict[str, int] = {}
+    for a, b, distance in pairs.itertuples(index=False):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+        joined_by.setdefault(b, int(distance))
+    return {k: (find(k), joined_by.get(k, 0)) for k in list(parent) if find(k) != k}
+
+
+def find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
+    """Quarantine rows (key, reason, detail) for every duplicate in the manifest."""
+    frame = dd.read_parquet(str(manifest), columns=["key", "pixel_sha256", "phash"])
+    frame = frame.repartition(npartitions=spec.partitions)
+    rows: list[dict] = []
+    exact = exact_duplicates(frame) if spec.exact else pd.DataFrame(columns=["key", "canonical"])
+    for key, canonical in exact.sort_values("key").itertuples(index=False):
+        rows.append({"key": key, "reason": f"duplicate-of:{canonical}", "detail": "exact: identical pixels"})
+    if spec.near:
+        survivors = frame[~frame["key"].isin(set(exact["key"]))]
+        for key, (canonical, distance) in sorted(clusters(near_pairs(survivors, spec.hamming_threshold)).items()):
+            rows.append({"key": key, "reason": f"duplicate-of:{canonical}", "detail": f"near: phash distance {distance}"})
+    return pl.DataFrame(rows, schema={"key": pl.String, "reason": pl.String, "detail": pl.String}, orient="row")
+
+
+def stage_spec(recipe: Recipe) -> dict:
+    assert recipe.data.dedup is not None
+    return recipe.data.dedup.model_dump(mode="json")
+
+
+def run(ctx: StageContext) -> StageResult:
+    started = time.monotonic()
+    source = ctx.inputs["ingest"]
+    manifest = pl.read_parquet(source.path / "manifest.parquet")
+    with dask.config.set({"dataframe.convert-string": False}):
+        dups = find_duplicates(source.path / "manifest.parquet", ctx.recipe.data.dedup)
+    quarantine = dups.join(manifest.select("key", "source"), on="key", how="left").select(list(QUARANTINE_SCHEMA))
+    kept = manifest.filter(~pl.col("key").is_in(dups["key"].implode()))
+    kept.write_parquet(ctx.out / "manifest.parquet", statistics=False)
+    quarantine.write_parquet(ctx.out / "quarantine.parquet", statistics=False)
+    report.write_quarantine_summary(quarantine, ctx.out / "quarantine_summary.json")
+    seconds = max(time.monotonic() - started, 1e-9)
+    near = quarantine.filter(pl.col("detail").str.starts_with("near")).height
+    return StageResult(
+        rows_in=manifest.height,
+        rows_out=kept.height,
+        rows_quarantined=quarantine.height,
+        metrics={"exact_duplicates": quarantine.height - near, "near_duplicates": near, "rows_per_s": manifest.height / seconds},
+        artifacts=["quarantine.parquet", "quarantine_summary.json"],
+    )
+
+
+STAGE = Stage(name="dedup", version=VERSION, spec=stage_spec, run=run)

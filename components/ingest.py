@@ -1,0 +1,211 @@
+"""Ingest: every source's rows -> checked, filtered samples in WebDataset shards.
+
+One Ray task per unit (one unit = one output shard). A unit writes its shard atomically,
+then its manifest and quarantine rows; a unit whose rows are on disk is reused when a
+killed run resumes. The merge accounts for every input row: rows_in = out + quarantined.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+
+from vlmflow.artifacts import atomic_path
+from vlmflow.components import report
+from vlmflow.components.filters import first_failure
+from vlmflow.components.shards import write_shard
+from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, Unit, safe_key
+from vlmflow.images import BadImage, check_image, sha256_bytes
+from vlmflow.runtime.ray import map_units
+from vlmflow.specs.data import source_name
+from vlmflow.specs.recipe import Recipe
+from vlmflow.stage import Stage, StageContext, StageResult
+
+VERSION = "1"
+
+MANIFEST_SCHEMA = {
+    "key": pl.String,
+    "shard": pl.String,
+    "sha256": pl.String,
+    "pixel_sha256": pl.String,
+    "phash": pl.UInt64,
+    "width": pl.Int32,
+    "height": pl.Int32,
+    "mode": pl.String,
+    "ext": pl.String,
+    "source": pl.String,
+    "split": pl.String,
+    "caption": pl.String,
+    "captions": pl.List(pl.String),
+    "n_captions": pl.Int32,
+    "caption_chars": pl.Int32,
+    "label": pl.String,
+    "n_objects": pl.Int32,
+    "n_qa": pl.Int32,
+    "n_turns": pl.Int32,
+    "caption_corrupted": pl.Boolean,
+}
+QUARANTINE_SCHEMA = {"key": pl.String, "source": pl.String, "reason": pl.String, "detail": pl.String}
+
+
+def fingerprint(value: object) -> object:
+    """Size and mtime of every input file a spec points at (cheap; changes invalidate)."""
+    if isinstance(value, Path):
+        if value.is_file():
+            stat = value.stat()
+            return [str(value), stat.st_size, stat.st_mtime_ns]
+        files = sorted(p for p in value.rglob("*") if p.is_file())
+        return [str(value), [[str(p.relative_to(value)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
+    return None
+
+
+def stage_spec(recipe: Recipe) -> dict:
+    return {
+        "seed": recipe.seed,
+        "sources": [s.model_dump(mode="json") for s in recipe.data.sources],
+        "inputs": [{k: fingerprint(v) for k, v in s if isinstance(v, Path)} for s in recipe.data.sources],
+        "filters": [f.model_dump(mode="json") for f in recipe.data.filters],
+        "shard_size": recipe.data.shard_size,
+    }
+
+
+def unit_name(unit: Unit) -> str:
+    return f"{unit.source}-{unit.index:06d}"
+
+
+def sample_record(key: str, source: str, split: str, row: RawRow) -> dict:
+    return {"key": key, "source": source, "split": split, "captions": row.captions, "label": row.label, **row.extra}
+
+
+def manifest_row(key: str, shard: str, split: str, ctx: SourceContext, row: RawRow, image: object) -> dict:
+    truth = row.extra.get("truth") or {}
+    caption = row.captions[0] if row.captions else None
+    return {
+        "key": key,
+        "shard": shard,
+        "sha256": sha256_bytes(image.data),
+        "pixel_sha256": image.pixel_sha256,
+        "phash": image.phash,
+        "width": image.width,
+        "height": image.height,
+        "mode": image.mode,
+        "ext": image.ext,
+        "source": ctx.name,
+        "split": split,
+        "caption": caption,
+        "captions": row.captions,
+        "n_captions": len(row.captions),
+        "caption_chars": len(caption) if caption is not None else 0,
+        "label": row.label,
+        "n_objects": len(row.extra.get("objects", [])),
+        "n_qa": len(row.extra.get("qa", [])),
+        "n_turns": len(row.extra.get("conversations", [])),
+        "caption_corrupted": truth.get("corrupted"),
+    }
+
+
+def process_unit(work: tuple, filters: list, out_dir: str, shard_prefix: str) -> dict:
+    """Read, check, filter and shard one unit; write its manifest and quarantine rows."""
+    spec, ctx, unit = work
+    out = Path(out_dir)
+    name = unit_name(unit)
+    shard_rel = f"{shard_prefix}/{name}.tar"
+    samples, manifest, quarantine, seen = [], [], [], set()
+    for item in SOURCES.get(spec.kind).read(spec, ctx, unit):
+        key = f"{ctx.name}-{safe_key(item.key)}"
+        if isinstance(item, Rejected):
+            quarantine.append({"key": key, "source": ctx.name, "reason": item.reason, "detail": item.detail})
+            continue
+        image = check_image(item.image) if item.image is not None else BadImage("no-image", "the row has no image")
+        verdict = (image.reason, image.detail) if isinstance(image, BadImage) else first_failure(filters, item, image)
+        if verdict is None and key in seen:
+            verdict = ("duplicate-key", f"key {key} appears twice in the source")
+        if verdict is not None:
+            quarantine.append({"key": key, "source": ctx.name, "reason": verdict[0], "detail": verdict[1]})
+            continue
+        seen.add(key)
+        split = item.split or spec.split
+        samples.append({"__key__": key, image.ext: image.data, "json": sample_record(key, ctx.name, split, item)})
+        manifest.append(manifest_row(key, shard_rel, split, ctx, item, image))
+    shard = {"shard": shard_rel, "sha256": None, "bytes": 0, "samples": len(samples)}
+    if samples:
+        shard["sha256"], shard["bytes"] = write_shard(out / "shards" / f"{name}.tar", samples)
+    _write_parquet(out / "units" / f"{name}.quarantine.parquet", quarantine, QUARANTINE_SCHEMA)
+    with atomic_path(out / "units" / f"{name}.shard.json") as tmp:
+        tmp.write_text(json.dumps(shard))
+    _write_parquet(out / "units" / f"{name}.manifest.parquet", manifest, MANIFEST_SCHEMA)  # last: marks done
+    return {"unit": name, "rows": len(manifest) + len(quarantine)}
+
+
+def _write_parquet(path: Path, rows: list[dict], schema: dict) -> None:
+    with atomic_path(path) as tmp:
+        pl.DataFrame(rows, schema=schema, orient="row").write_parquet(tmp, statistics=False)
+
+
+def plan_units(recipe: Recipe) -> list[tuple]:
+    work = []
+    for index, spec in enumerate(recipe.data.sources):
+        ctx = SourceContext(source_name(spec, index), recipe.seed, recipe.data.shard_size)
+        work += [(spec, ctx, unit) for unit in SOURCES.get(spec.kind).plan(spec, ctx)]
+    return work
+
+
+def run(ctx: StageContext) -> StageResult:
+    started = time.monotonic()
+    work = plan_units(ctx.recipe)
+    units_dir = ctx.out / "units"
+    todo = [w for w in work if not (units_dir / f"{unit_name(w[2])}.manifest.parquet").exists()]
+    shard_prefix = ctx.store.relative(ctx.store.path("ingest", ctx.digest)) + "/shards"
+    filters = list(ctx.recipe.data.filters)
+    map_units(process_unit, todo, desc="ingest", args=(filters, str(ctx.out), shard_prefix), progress=ctx.progress)
+    names = [unit_name(w[2]) for w in work]
+    manifest = pl.concat(
+        [pl.read_parquet(units_dir / f"{n}.manifest.parquet") for n in names], how="vertical"
+    ) if names else pl.DataFrame(schema=MANIFEST_SCHEMA)
+    quarantine = pl.concat(
+        [pl.read_parquet(units_dir / f"{n}.quarantine.parquet") for n in names], how="vertical"
+    ) if names else pl.DataFrame(schema=QUARANTINE_SCHEMA)
+    manifest, quarantine = _drop_repeated_keys(manifest, quarantine)
+    shards = [json.loads((units_dir / f"{n}.shard.json").read_text()) for n in names]
+    shards_df = pl.DataFrame(shards, schema={"shard": pl.String, "sha256": pl.String, "bytes": pl.Int64,
+                                             "samples": pl.Int64}, orient="row").filter(pl.col("samples") > 0)
+    manifest.write_parquet(ctx.out / "manifest.parquet", statistics=False)
+    quarantine.write_parquet(ctx.out / "quarantine.parquet", statistics=False)
+    shards_df.write_parquet(ctx.out / "shards.parquet", statistics=False)
+    shutil.rmtree(units_dir, ignore_errors=True)
+    report.write_quarantine_summary(quarantine, ctx.out / "quarantine_summary.json")
+    report.write_sample_grid(manifest, lambda rel: ctx.out / "shards" / Path(rel).name, ctx.out / "sample_grid.png")
+    seconds = max(time.monotonic() - started, 1e-9)
+    reused = len(work) - len(todo)
+    return StageResult(
+        rows_in=manifest.height + quarantine.height,
+        rows_out=manifest.height,
+        rows_quarantined=quarantine.height,
+        metrics={
+            "units": len(work),
+            "units_reused": reused,
+            "shards": shards_df.height,
+            "images_per_s": manifest.height / seconds,
+            **{f"rows_out.{k}": v for k, v in Counter(manifest["source"].to_list()).items()},
+        },
+        artifacts=["quarantine.parquet", "quarantine_summary.json", "sample_grid.png", "shards.parquet"],
+    )
+
+
+def _drop_repeated_keys(manifest: pl.DataFrame, quarantine: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A key seen in two units (e.g. two input shards) keeps its first row; later ones go to quarantine."""
+    first = manifest["key"].is_first_distinct()
+    if first.all():
+        return manifest, quarantine
+    repeated = manifest.filter(~first).select(
+        "key", "source", pl.lit("duplicate-key").alias("reason"), pl.format("also in {}", pl.col("shard")).alias("detail")
+    )
+    return manifest.filter(first), pl.concat([quarantine, repeated], how="vertical")
+
+
+STAGE = Stage(name="ingest", version=VERSION, spec=stage_spec, run=run)

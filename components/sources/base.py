@@ -1,0 +1,86 @@
+"""What every source reader produces, and the registry that maps `kind:` to a reader.
+
+A reader has two halves:
+- `plan(spec, ctx) -> list[Unit]` runs on the driver: it lists files / parses annotation
+  files and cuts the rows into units of about `ctx.shard_size` rows (one output shard each).
+  It must be cheap: no image is opened here.
+- `read(spec, ctx, unit) -> Iterator[RawRow | Rejected]` runs on a Ray worker: it yields
+  every row of the unit, either as a RawRow (image bytes + text) or as a Rejected row with
+  its reason (a missing image file is `Rejected(key, "missing-image-file", detail)`).
+  Nothing may be dropped silently.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmflow.registry import Registry
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    name: str  # the source's unique name, prefix of every key it yields
+    seed: int  # the recipe seed (sources with their own seed override it)
+    shard_size: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of ingest work: becomes one shard. `payload` must be small and picklable."""
+
+    source: str
+    index: int
+    payload: Any
+    rows: int  # rows in the unit (an estimate only for webdataset sources)
+
+
+@dataclass
+class RawRow:
+    key: str  # unique within the source; ingest prefixes it with the source name
+    image: bytes | None = None  # the image file's bytes, exactly as stored at the source
+    captions: list[str] = field(default_factory=list)
+    label: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # objects, qa, conversations, truth
+    split: str | None = None  # None: the source's split
+
+
+@dataclass(frozen=True)
+class Rejected:
+    key: str
+    reason: str  # a stable reason code, e.g. "malformed-annotation"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class SourceReader:
+    kind: str
+    plan: Callable[[Any, SourceContext], list[Unit]]
+    read: Callable[[Any, SourceContext, Unit], Iterator[RawRow | Rejected]]
+
+
+SOURCES: Registry[SourceReader] = Registry("source")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def safe_key(*parts: object) -> str:
+    """A WebDataset-safe key: no dots (WebDataset splits keys at the first dot) or slashes."""
+    return "-".join(_UNSAFE.sub("_", str(p)).strip("_") or "_" for p in parts)
+
+
+def chunk(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)] or []
+
+
+def read_file_bytes(path: Path) -> tuple[bytes | None, str | None]:
+    """Bytes of an image file, or (None, detail) when it is missing or unreadable."""
+    try:
+        return path.read_bytes(), None
+    except FileNotFoundError:
+        return None, f"no such file: {path}"
+    except (IsADirectoryError, PermissionError, OSError) as exc:
+        return None, f"cannot read {path}: {exc.strerror or exc}"

@@ -1,0 +1,220 @@
+"""`image-folder`: images under a folder, captions from sidecar .txt files or a captions file.
+
+Rows are the images found on disk (recursively, sorted) plus any file named in the captions
+file, so a listed file that is absent becomes `missing-image-file` instead of vanishing.
+A captions-file line that names no usable file is its own `malformed-annotation` row; a
+line that names a file but is otherwise malformed rejects that file's row.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
+
+from vlmflow.components.sources.base import (
+    SOURCES,
+    RawRow,
+    Rejected,
+    SourceContext,
+    SourceReader,
+    Unit,
+    chunk,
+    read_file_bytes,
+    safe_key,
+)
+
+from vlmflow.errors import UserError
+from vlmflow.specs.data import ImageFolderSource
+
+MALFORMED = "malformed-annotation"
+
+
+def unique_keys(keys: Iterable[str]) -> list[str]:
+    """The keys, in order, with later duplicates renamed `KEY-2`, `KEY-3`... (never a natural key)."""
+    keys = list(keys)
+    taken = set(keys)
+    seen: set[str] = set()
+    result = []
+    for key in keys:
+        if key in seen:
+            n = 2
+            while f"{key}-{n}" in taken:
+                n += 1
+            key = f"{key}-{n}"
+            taken.add(key)
+        seen.add(key)
+        result.append(key)
+    return result
+
+
+def _extensions(spec: ImageFolderSource) -> set[str]:
+    return {e.lower() if e.startswith(".") else f".{e.lower()}" for e in spec.extensions}
+
+
+def _images_on_disk(root: Path, extensions: set[str]) -> list[str]:
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in files:
+            if Path(name).suffix.lower() in extensions:
+                found.append((Path(folder) / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _relative(file: object, root: Path) -> str | None:
+    """The listed file as a path relative to the image folder, or None when it is unusable."""
+    if not isinstance(file, str) or not file.strip():
+        return None
+    path = Path(file.strip())
+    if path.is_absolute():
+        if not path.is_relative_to(root):
+            return None
+        path = path.relative_to(root)
+    normal = PurePosixPath(os.path.normpath(path.as_posix()))
+    if normal.parts[:1] == ("..",) or str(normal) == ".":
+        return None
+    return normal.as_posix()
+
+
+class _Captions:
+    """Captions per listed file, the files whose lines were malformed, and unattributable lines."""
+
+    def __init__(self, root: Path, source: Path):
+        self.root, self.source = root, source
+        self.by_file: dict[str, list[str]] = {}
+        self.bad_files: dict[str, str] = {}
+        self.bad_lines: list[tuple[int, str]] = []
+
+    def add(self, line: int, file: object, captions: object) -> None:
+        rel = _relative(file, self.root)
+        if rel is None:
+            self.bad_lines.append((line, f"{self.source.name} line {line}: file: missing or outside the image folder"))
+            return
+        self.by_file.setdefault(rel, [])
+        problem = _caption_problem(captions)
+        if problem:
+            self.bad_files.setdefault(rel, f"{self.source.name} line {line}: {problem}")
+        else:
+            self.by_file[rel].extend(c.strip() for c in captions)
+
+
+def _caption_problem(captions: object) -> str | None:
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        return "caption: expected a string (or captions: a list of strings)"
+    return None
+
+
+def _read_csv(path: Path, table: _Captions) -> None:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
+                raise UserError(f"{path}: a captions csv needs a header with columns file,caption")
+            for record in reader:
+                caption = record.get("caption")
+                table.add(reader.line_num, record.get("file"), [caption] if caption is not None else None)
+    except (UnicodeDecodeError, csv.Error, OSError) as exc:
+        raise UserError(f"{path}: cannot read the captions csv: {exc}") from None
+
+
+def _read_jsonl(path: Path, table: _Captions) -> None:
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"{path}: cannot read the captions jsonl: {exc}") from None
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            table.bad_lines.append((number, f"{path.name} line {number}: invalid JSON: {exc.msg}"))
+            continue
+        if not isinstance(record, dict):
+            table.bad_lines.append((number, f"{path.name} line {number}: expected an object"))
+            continue
+        captions: object = None
+        if "caption" in record or "captions" in record:
+            single = [record["caption"]] if "caption" in record else []
+            many = record.get("captions", [])
+            captions = single + many if isinstance(many, list) else None
+        table.add(number, record.get("file"), captions)
+
+
+def _caption_table(spec: ImageFolderSource) -> _Captions | None:
+    path = spec.captions_file
+    if path is None:
+        return None
+    table = _Captions(spec.path, path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        _read_csv(path, table)
+    elif suffix == ".jsonl":
+        _read_jsonl(path, table)
+    else:
+        raise UserError(f"{path}: captions_file must be a .csv (file,caption) or a .jsonl ({{file, caption}})")
+    return table
+
+
+def plan(spec: ImageFolderSource, ctx: SourceContext) -> list[Unit]:
+    table = _caption_table(spec)
+    files = set(_images_on_disk(spec.path, _extensions(spec)))
+    if table is not None:
+        files |= set(table.by_file)
+    ordered = sorted(files)
+    names = [str(PurePosixPath(rel).with_suffix("")) for rel in ordered]
+    bad_line_keys = [f"{spec.captions_file.stem}-line-{n}" for n, _ in table.bad_lines] if table else []
+    keys = unique_keys([safe_key(n) for n in names] + [safe_key(k) for k in bad_line_keys])
+    items: list[tuple] = []
+    for key, rel in zip(keys, ordered, strict=False):
+        if table is None:
+            items.append(("row", key, rel, None))
+        elif rel in table.bad_files:
+            items.append(("rejected", key, MALFORMED, table.bad_files[rel]))
+        else:
+            items.append(("row", key, rel, table.by_file.get(rel, [])))
+    for key, (_, detail) in zip(keys[len(ordered) :], table.bad_lines if table else [], strict=True):
+        items.append(("rejected", key, MALFORMED, detail))
+    if spec.limit is not None:
+        items = items[: spec.limit]
+    return [Unit(ctx.name, i, part, len(part)) for i, part in enumerate(chunk(items, ctx.shard_size))]
+
+
+def _sidecar_captions(image: Path) -> tuple[list[str] | None, str | None]:
+    sidecar = image.with_suffix(".txt")
+    try:
+        text = sidecar.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return [], None
+    except UnicodeDecodeError:
+        return None, f"{sidecar.name}: not UTF-8 text"
+    except OSError as exc:
+        return None, f"cannot read {sidecar}: {exc.strerror or exc}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines or [""], None
+
+
+def read(spec: ImageFolderSource, ctx: SourceContext, unit: Unit) -> Iterator[RawRow | Rejected]:
+    for item in unit.payload:
+        if item[0] == "rejected":
+            yield Rejected(item[1], item[2], item[3])
+            continue
+        _, key, rel, captions = item
+        path = spec.path / rel
+        image, problem = read_file_bytes(path)
+        if image is None:
+            yield Rejected(key, "missing-image-file", problem or str(path))
+            continue
+        if captions is None:
+            captions, problem = _sidecar_captions(path)
+            if captions is None:
+                yield Rejected(key, MALFORMED, problem or "")
+                continue
+        label = path.parent.name if spec.label_from_parent else None
+        yield RawRow(key=key, image=image, captions=list(captions), label=label, extra={"path": rel})
+
+
+SOURCES.register("image-folder", SourceReader("image-folder", plan, read))

@@ -1,0 +1,202 @@
+"""`parquet`: parquet file(s) with image bytes, Hugging Face {bytes, path} image structs, or paths.
+
+The plan reads metadata only (plus the key column when `key_column` is set, to make keys
+unique across the whole source): consecutive row groups are merged into units of at most
+`shard_size` rows, and a row group bigger than that is split into row ranges. Keys are
+`<file stem>-<row number in file>` (the relative path for a folder of files) or the
+`key_column` value. A parquet file that cannot be read on the worker rejects each of its
+planned rows as `unreadable-shard`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from vlmflow.components.sources.base import (
+    SOURCES,
+    RawRow,
+    Rejected,
+    SourceContext,
+    SourceReader,
+    Unit,
+    read_file_bytes,
+    safe_key,
+)
+from vlmflow.components.sources.image_folder import unique_keys
+
+from vlmflow.errors import UserError
+from vlmflow.specs.data import ParquetSource
+
+
+def _files(spec: ParquetSource) -> list[tuple[Path, str]]:
+    """(file, key prefix) pairs, sorted; prefixes are unique."""
+    if spec.path.is_file():
+        return [(spec.path, safe_key(spec.path.stem))]
+    files = sorted((p for p in spec.path.rglob("*.parquet") if p.is_file()), key=lambda p: p.as_posix())
+    if not files:
+        raise UserError(f"{spec.path}: no .parquet files in this folder")
+    names = [safe_key(PurePosixPath(p.relative_to(spec.path).as_posix()).with_suffix("")) for p in files]
+    return list(zip(files, unique_keys(names), strict=True))
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _is_bytes(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def _check_schema(spec: ParquetSource, path: Path, schema: pa.Schema) -> None:
+    for what, name in (("image", spec.image_column), ("caption", spec.caption_column)):
+        if name is not None and name not in schema.names:
+            raise UserError(f"{path}: no {what} column {name!r} (columns: {', '.join(schema.names)})")
+    for what, name in (("key", spec.key_column), ("label", spec.label_column)):
+        if name is not None and name not in schema.names:
+            raise UserError(f"{path}: no {what} column {name!r} (columns: {', '.join(schema.names)})")
+    image = schema.field(spec.image_column).type
+    struct_ok = pa.types.is_struct(image) and {image.field(i).name for i in range(image.num_fields)} & {"bytes", "path"}
+    if not (_is_bytes(image) or _is_text(image) or struct_ok):
+        raise UserError(
+            f"{path}: image column {spec.image_column!r} has type {image}; expected binary, a path string, "
+            "or a struct with bytes/path"
+        )
+    if spec.caption_column is not None:
+        caption = schema.field(spec.caption_column).type
+        is_list = pa.types.is_list(caption) or pa.types.is_large_list(caption)
+        if not (_is_text(caption) or (is_list and _is_text(caption.value_type))):
+            raise UserError(
+                f"{path}: caption column {spec.caption_column!r} has type {caption}; "
+                "expected a string or a list of strings"
+            )
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{path}: cannot read parquet metadata: {exc}") from None
+
+
+def _pieces(spec: ParquetSource, ctx: SourceContext) -> list[dict]:
+    """Row ranges of at most shard_size rows, in file / row-group order, cut at `limit`."""
+    pieces: list[dict] = []
+    left = spec.limit if spec.limit is not None else float("inf")
+    for path, prefix in _files(spec):
+        parquet = _open(path)
+        _check_schema(spec, path, parquet.schema_arrow)
+        first_row = 0
+        for group in range(parquet.metadata.num_row_groups):
+            rows = parquet.metadata.row_group(group).num_rows
+            for start in range(0, rows, ctx.shard_size):
+                stop = int(min(rows, start + ctx.shard_size, start + left))
+                if stop > start:
+                    pieces.append(
+                        {
+                            "file": str(path),
+                            "prefix": prefix,
+                            "row_group": group,
+                            "first_row": first_row,
+                            "start": start,
+                            "stop": stop,
+                            "keys": None,
+                        }
+                    )
+                    left -= stop - start
+            first_row += rows
+            if left <= 0:
+                return pieces
+    return pieces
+
+
+def _assign_keys(spec: ParquetSource, pieces: list[dict]) -> None:
+    """With a key column: read it, make the keys unique over the source, store them per piece."""
+    columns: dict[str, list] = {}
+    names: list[str] = []
+    for piece in pieces:
+        if piece["file"] not in columns:
+            columns[piece["file"]] = pq.read_table(piece["file"], columns=[spec.key_column]).column(0).to_pylist()
+        values = columns[piece["file"]][piece["first_row"] + piece["start"] : piece["first_row"] + piece["stop"]]
+        piece["null_keys"] = [i for i, v in enumerate(values) if v is None]
+        rows = range(piece["first_row"] + piece["start"], piece["first_row"] + piece["stop"])
+        for value, row in zip(values, rows, strict=True):
+            names.append(safe_key(value) if value is not None else safe_key(piece["prefix"], row))
+    keys = unique_keys(names)
+    for piece in pieces:
+        count = piece["stop"] - piece["start"]
+        piece["keys"], keys = keys[:count], keys[count:]
+
+
+def plan(spec: ParquetSource, ctx: SourceContext) -> list[Unit]:
+    pieces = _pieces(spec, ctx)
+    if spec.key_column is not None:
+        _assign_keys(spec, pieces)
+    units: list[list[dict]] = []
+    size = ctx.shard_size
+    for piece in pieces:
+        rows = piece["stop"] - piece["start"]
+        if not units or size + rows > ctx.shard_size:
+            units.append([])
+            size = 0
+        units[-1].append(piece)
+        size += rows
+    return [Unit(ctx.name, i, part, sum(p["stop"] - p["start"] for p in part)) for i, part in enumerate(units)]
+
+
+def _image(value: object, base: Path) -> tuple[bytes | None, str | None, str]:
+    """(bytes, None, "") or (None, reason, detail)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    if value is None or value == "":
+        return None, "no-image", "the image column is null"
+    if isinstance(value, bytes):
+        return value, None, ""
+    path = Path(value)
+    data, problem = read_file_bytes(path if path.is_absolute() else base / path)
+    return (data, None, "") if data is not None else (None, "missing-image-file", problem or str(path))
+
+
+def _captions(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value.strip()]
+    return [c.strip() for c in value if c is not None]
+
+
+def _read_piece(spec: ParquetSource, piece: dict) -> Iterator[RawRow | Rejected]:
+    count = piece["stop"] - piece["start"]
+    first = piece["first_row"] + piece["start"]
+    keys = piece["keys"] or [safe_key(piece["prefix"], first + i) for i in range(count)]
+    null_keys = set(piece.get("null_keys", []))
+    wanted = [c for c in (spec.image_column, spec.caption_column, spec.label_column) if c is not None]
+    try:
+        table = pq.ParquetFile(piece["file"]).read_row_group(piece["row_group"], columns=list(dict.fromkeys(wanted)))
+        columns = {name: table.column(name).slice(piece["start"], count).to_pylist() for name in wanted}
+    except (pa.ArrowException, OSError) as exc:
+        for key in keys:
+            yield Rejected(key, "unreadable-shard", f"{piece['file']}: {exc}")
+        return
+    base = spec.image_root or Path(piece["file"]).parent
+    for i, key in enumerate(keys):
+        if i in null_keys:
+            yield Rejected(key, "malformed-annotation", f"{spec.key_column}: null at row {first + i}")
+            continue
+        image, reason, detail = _image(columns[spec.image_column][i], base)
+        if image is None:
+            yield Rejected(key, reason or "no-image", detail)
+            continue
+        captions = _captions(columns[spec.caption_column][i]) if spec.caption_column else []
+        label = columns[spec.label_column][i] if spec.label_column else None
+        yield RawRow(key=key, image=image, captions=captions, label=None if label is None else str(label))
+
+
+def read(spec: ParquetSource, ctx: SourceContext, unit: Unit) -> Iterator[RawRow | Rejected]:
+    for piece in unit.payload:
+        yield from _read_piece(spec, piece)
+
+
+SOURCES.register("parquet", SourceReader("parquet", plan, read))

@@ -1,0 +1,205 @@
+"""`webdataset`: existing WebDataset shards (a .tar file, or a folder of them searched recursively).
+
+One unit per tar. The plan lists each tar's member headers (tarfile reads one 512-byte
+header per member and seeks over the data, no image is read) to count its samples, so
+`Unit.rows` is exact for a sound tar and a lower estimate for a damaged one.
+
+Members are grouped the WebDataset way: the key is the path up to the first dot of the
+basename, the rest is the extension, and a sample is a run of consecutive members with
+one key. The image is the first of IMAGE_EXTENSIONS present; the caption comes from the
+`caption_key` member (the whole text, stripped) or from the json member's "caption" /
+"captions"; the json's other fields go to extra["json"]; a `cls` member gives the label.
+A tar that fails part-way yields the samples completed before the failure, then one
+`Rejected(<tar key>, "unreadable-shard", ...)`; the sample being read when it failed is
+named in that detail and not yielded (its members may be incomplete).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, SourceReader, Unit, safe_key
+from vlmflow.components.sources.image_folder import unique_keys
+
+from vlmflow.errors import UserError
+from vlmflow.specs.data import WebDatasetSource
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+MALFORMED = "malformed-annotation"
+# webdataset.tariterators.base_plus_ext: (dirname + basename up to the first dot, the rest)
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
+def _split(name: str) -> tuple[str, str] | None:
+    match = _KEY_EXT.match(name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
+def _tars(spec: WebDatasetSource) -> list[tuple[Path, str]]:
+    if spec.path.is_file():
+        return [(spec.path, safe_key(spec.path.stem))]
+    tars = sorted((p for p in spec.path.rglob("*.tar") if p.is_file()), key=lambda p: p.as_posix())
+    if not tars:
+        raise UserError(f"{spec.path}: no .tar files in this folder")
+    names = [safe_key(PurePosixPath(p.relative_to(spec.path).as_posix()).with_suffix("")) for p in tars]
+    return list(zip(tars, unique_keys(names), strict=True))
+
+
+def _count_samples(path: Path) -> int:
+    """Samples in the tar from its member headers; the count so far when the tar is damaged."""
+    count, previous = 0, None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                parts = _split(member.name) if member.isfile() else None
+                if parts and parts[0] != previous:
+                    count, previous = count + 1, parts[0]
+    except _TAR_ERRORS:
+        pass
+    return count
+
+
+def plan(spec: WebDatasetSource, ctx: SourceContext) -> list[Unit]:
+    units = []
+    left = spec.limit
+    for path, prefix in _tars(spec):
+        if left is not None and left <= 0:
+            break
+        count = _count_samples(path)
+        rows = count if left is None else min(count, left)
+        units.append(Unit(ctx.name, len(units), {"path": str(path), "prefix": prefix, "max_samples": left}, rows))
+        if left is not None:
+            left -= count
+    return units
+
+
+def _members(path: str) -> Iterator[tuple[str, str, bytes]]:
+    """(sample key, extension, data) of each file member, streamed; raises the tar's errors.
+
+    tarfile ends quietly at a truncated or garbled header, so the bytes after the last
+    member must be the end-of-archive zero blocks: anything else is reported as damage.
+    """
+    with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+        for member in tar:
+            parts = _split(member.name) if member.isfile() else None
+            if parts is None:
+                continue
+            handle = tar.extractfile(member)
+            yield parts[0], parts[1], handle.read() if handle is not None else b""
+        raw.seek(tar.offset)
+        _check_end(raw, tar.offset)
+
+
+def _check_end(raw: BinaryIO, offset: int) -> None:
+    seen = 0
+    while block := raw.read(1 << 16):
+        if block.count(0) != len(block):
+            raise tarfile.ReadError(f"unreadable data at byte {offset + seen} (a damaged or truncated header)")
+        seen += len(block)
+    if seen == 0:
+        raise tarfile.ReadError(f"truncated at byte {offset}: no end-of-archive marker")
+
+
+def _text(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+
+
+def _annotations(spec: WebDatasetSource, members: dict[str, bytes]) -> tuple[list[str], dict | None, str | None]:
+    """(captions, json fields other than the captions, problem)."""
+    meta: dict | None = None
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return [], None, f"json: invalid JSON: {exc}"
+        if not isinstance(meta, dict):
+            return [], None, "json: expected an object"
+    if spec.caption_key != "json" and spec.caption_key in members:
+        text = _text(members[spec.caption_key])
+        if text is None:
+            return [], None, f"{spec.caption_key}: not UTF-8 text"
+        captions = [text.strip()]
+    else:
+        captions = []
+        if meta is not None and isinstance(meta.get("caption"), str):
+            captions.append(meta["caption"].strip())
+        elif meta is not None and "caption" in meta:
+            return [], None, "json: caption: not a string"
+        many = meta.get("captions", []) if meta is not None else []
+        if not isinstance(many, list) or not all(isinstance(c, str) for c in many):
+            return [], None, "json: captions: not a list of strings"
+        captions += [c.strip() for c in many]
+    rest = {k: v for k, v in meta.items() if k not in ("caption", "captions")} if meta else None
+    return captions, rest, None
+
+
+def _sample(spec: WebDatasetSource, key: str, members: dict[str, bytes], duplicates: set[str]) -> RawRow | Rejected:
+    if duplicates:
+        return Rejected(key, MALFORMED, f"duplicate members: {', '.join(sorted(duplicates))}")
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+    if image_ext is None:
+        return Rejected(key, "no-image", f"members: {', '.join(sorted(members))}")
+    captions, meta, problem = _annotations(spec, members)
+    if problem:
+        return Rejected(key, MALFORMED, problem)
+    label_text = _text(members["cls"]) if "cls" in members else None
+    extra = {"json": meta} if meta else {}
+    label = label_text.strip() if label_text is not None else None
+    return RawRow(key=key, image=members[image_ext], captions=captions, label=label, extra=extra)
+
+
+class _Sample:
+    def __init__(self, key: str):
+        self.key = key
+        self.members: dict[str, bytes] = {}
+        self.duplicates: set[str] = set()
+
+    def add(self, ext: str, data: bytes) -> None:
+        if ext in self.members:
+            self.duplicates.add(ext)
+        self.members[ext] = data
+
+
+def read(spec: WebDatasetSource, ctx: SourceContext, unit: Unit) -> Iterator[RawRow | Rejected]:
+    path, prefix, max_samples = unit.payload["path"], unit.payload["prefix"], unit.payload["max_samples"]
+    seen: set[str] = set()
+
+    def finish(sample: _Sample) -> RawRow | Rejected:
+        key, n = safe_key(prefix, sample.key), 2
+        while key in seen:  # a key repeated later in the tar, or two keys equal after safe_key
+            key, n = safe_key(prefix, sample.key, n), n + 1
+        seen.add(key)
+        return _sample(spec, key, sample.members, sample.duplicates)
+
+    done, current = 0, None
+    members = _members(path)
+    try:
+        for sample_key, ext, data in members:
+            if current is not None and sample_key != current.key:
+                yield finish(current)
+                done, current = done + 1, None
+                if max_samples is not None and done >= max_samples:
+                    return
+            current = current or _Sample(sample_key)
+            current.add(ext, data)
+    except _TAR_ERRORS as exc:
+        partial = f"; sample {current.key!r} was being read and is not included" if current else ""
+        yield Rejected(safe_key(prefix), "unreadable-shard", f"{path}: {exc} (after {done} samples{partial})")
+        return
+    finally:
+        members.close()
+    if current is not None:
+        yield finish(current)
+
+
+SOURCES.register("webdataset", SourceReader("webdataset", plan, read))

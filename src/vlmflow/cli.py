@@ -1,0 +1,193 @@
+"""`vlmflow validate | run | lineage | status | ui`. User mistakes print one clear message
+(exit 2), never a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from vlmflow.errors import SpecError, UserError
+from vlmflow.specs import Recipe, load_recipe
+from vlmflow.specs.data import source_name
+
+DEFAULT_WORKDIR = "vlmflow-work"
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a spec field")
+workdir_option = click.option("--workdir", type=click.Path(path_type=Path), default=None, help="default: ./vlmflow-work")
+
+
+def _load(spec: str, overrides: tuple[str, ...]) -> Recipe:
+    try:
+        return load_recipe(spec, overrides)
+    except SpecError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(2)
+
+
+def _workdir(recipe: Recipe | None, workdir: Path | None) -> Path:
+    if workdir is not None:
+        return workdir
+    if recipe is not None and recipe.runtime.workdir is not None:
+        return recipe.runtime.workdir
+    return Path(DEFAULT_WORKDIR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vlmflow")
+def cli() -> None:
+    """vlmflow: a VLM recipe as a reproducible Prefect + Ray + MLflow pipeline."""
+    logger = logging.getLogger("vlmflow")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("vlmflow: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@set_option
+def validate(spec: str, overrides: tuple[str, ...]) -> None:
+    """Validate SPEC and print the resolved recipe summary (exit 2 on problems)."""
+    recipe = _load(spec, overrides)
+    click.echo(f"{spec}: ok: recipe {recipe.name!r} (seed {recipe.seed})")
+    for index, source in enumerate(recipe.data.sources):
+        click.echo(f"  source {source_name(source, index)}: {source.kind}, split {source.split}")
+    click.echo(f"  filters: {', '.join(f.kind for f in recipe.data.filters) or 'none'}")
+    dedup = recipe.data.dedup
+    click.echo(f"  dedup: {'off' if dedup is None else f'exact={dedup.exact} near={dedup.near}'}")
+    click.echo(f"  tokenizer: {recipe.tokenizer.kind if recipe.tokenizer else 'none'}")
+    click.echo(f"  shard size: {recipe.data.shard_size}")
+
+
+def _prefect_env(workdir: Path) -> None:
+    """Prefect ephemeral by default, its database in the workdir; a server when PREFECT_API_URL is set."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    if "PREFECT_API_URL" not in os.environ:
+        os.environ.setdefault("PREFECT_HOME", str((workdir / "prefect").resolve()))
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@workdir_option
+@set_option
+def run(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Run the recipe in SPEC as a Prefect flow; finished stages are reused."""
+    recipe = _load(spec, overrides)
+    workdir = _workdir(recipe, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _prefect_env(workdir)
+    from vlmflow.flows.recipe import recipe_flow
+
+    try:
+        summary = recipe_flow(recipe, workdir, spec)
+    except UserError as exc:
+        _print_latest(workdir)
+        raise
+    _print_summary(summary)
+    uri = summary["mlflow_tracking_uri"]
+    click.echo(f"\nsummary: {workdir / 'runs' / summary['run_id'] / 'summary.json'}")
+    click.echo(f"MLflow: experiment {recipe.runtime.mlflow.experiment or recipe.name!r}, run {summary['mlflow_run_id']}")
+    click.echo(f"  store {uri}")
+    click.echo(f"  browse: vlmflow ui --workdir {workdir}   (MLflow UI on http://127.0.0.1:5000, Prefect UI on :4200)")
+
+
+def _print_latest(workdir: Path) -> None:
+    latest = workdir / "runs" / "latest" / "summary.json"
+    if latest.exists():
+        _print_summary(json.loads(latest.read_text()))
+
+
+def _print_summary(summary: dict) -> None:
+    click.echo(f"\nrun {summary['run_id']} ({summary['recipe']}): {summary['status']}")
+    header = f"{'stage':<12}{'status':<10}{'rows_in':>9}{'rows_out':>9}{'quarant.':>9}{'seconds':>9}  digest"
+    click.echo(header)
+    for s in summary["stages"]:
+        click.echo(
+            f"{s['name']:<12}{s['status']:<10}{s['rows_in'] or 0:>9}{s['rows_out'] or 0:>9}"
+            f"{s['rows_quarantined'] or 0:>9}{s['seconds'] or 0:>9.1f}  {s['artifact_digest']}"
+        )
+
+
+def _summary(workdir: Path, run_id: str | None) -> dict:
+    path = workdir / "runs" / (run_id or "latest") / "summary.json"
+    if not path.exists():
+        raise UserError(f"no run {run_id or 'latest'!r} in {workdir / 'runs'}")
+    return json.loads(path.read_text())
+
+
+@cli.command()
+@click.argument("run_id", required=False)
+@workdir_option
+def lineage(run_id: str | None, workdir: Path | None) -> None:
+    """Print the stage DAG of RUN_ID (default: the latest run) with digests and row counts."""
+    summary = _summary(_workdir(None, workdir), run_id)
+    click.echo(f"run {summary['run_id']}  recipe {summary['recipe']}  spec {summary['spec_digest']}  {summary['status']}")
+    click.echo(f"  mlflow run {summary.get('mlflow_run_id')}  prefect flow run {summary.get('prefect_flow_run_id')}")
+    for s in summary["stages"]:
+        inputs = ", ".join(f"{k}/{v}" for k, v in s["input_digests"].items()) or "sources"
+        click.echo(f"  {s['name']}/{s['artifact_digest']}  <- {inputs}")
+        click.echo(
+            f"      {s['status']}: rows {s['rows_in']} -> {s['rows_out']} (+{s['rows_quarantined']} quarantined)"
+            f"  mlflow {s.get('mlflow_run_id')}"
+        )
+
+
+@cli.command()
+@workdir_option
+def status(workdir: Path | None) -> None:
+    """List the runs in the workdir."""
+    runs = _workdir(None, workdir) / "runs"
+    found = sorted(p for p in runs.glob("*/summary.json") if p.parent.name != "latest") if runs.exists() else []
+    if not found:
+        raise UserError(f"no runs in {runs}")
+    for path in found:
+        s = json.loads(path.read_text())
+        states = " ".join(f"{x['name']}:{x['status']}" for x in s["stages"])
+        click.echo(f"{s['run_id']}  {s['recipe']:<16}{s['status']:<10}{states}")
+
+
+@cli.command()
+@workdir_option
+@click.option("--port", default=5000, show_default=True)
+@click.option("--prefect-port", default=4200, show_default=True)
+def ui(workdir: Path | None, port: int, prefect_port: int) -> None:
+    """Serve the MLflow UI and the Prefect UI on the workdir's stores (Ctrl-C stops both)."""
+    workdir = _workdir(None, workdir).resolve()
+    if not (workdir / "mlflow.db").exists():
+        raise UserError(f"no MLflow store in {workdir}; run a recipe first")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    procs = [
+        subprocess.Popen([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+                          "--host", "127.0.0.1", "--port", str(port)]),
+        subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                          str(prefect_port)], env=env),
+    ]
+    click.echo(f"MLflow UI: http://127.0.0.1:{port}   Prefect UI: http://127.0.0.1:{prefect_port}")
+    try:
+        for proc in procs:
+            proc.wait()
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

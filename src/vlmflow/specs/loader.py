@@ -1,0 +1,191 @@
+"""Load a recipe YAML into a validated `Recipe`, keeping file:line:col for every error.
+
+YAML is composed into nodes (PyYAML keeps each node's start mark), turned into plain
+Python data while recording the mark of every value by its path, then validated by
+pydantic. Each pydantic error location is mapped back to the deepest recorded path,
+so every problem is reported as `FILE:LINE:COL: field.path: message`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from vlmflow.errors import SpecError, SpecProblem
+from vlmflow.specs.recipe import Recipe
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass
+class Marked:
+    """Plain data of a YAML document plus the (file, line, col) of every path in it."""
+
+    data: Any
+    marks: dict[Loc, tuple[str, int, int]] = field(default_factory=dict)
+
+
+def _construct(node: yaml.Node, loc: Loc, source: str, marks: dict) -> Any:
+    marks[loc] = (source, node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SpecError([_problem_at(key_node, source, loc, "mapping keys must be scalars")])
+            key = key_node.value
+            if key == "<<":
+                raise SpecError([_problem_at(key_node, source, loc, "YAML merge keys are not supported")])
+            if key in out:
+                raise SpecError([_problem_at(key_node, source, (*loc, key), "duplicate key")])
+            out[key] = _construct(value_node, (*loc, key), source, marks)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(item, (*loc, i), source, marks) for i, item in enumerate(node.value)]
+    return _scalar(node)
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def _problem_at(node: yaml.Node, source: str, loc: Loc, message: str) -> SpecProblem:
+    return SpecProblem(source, node.start_mark.line + 1, node.start_mark.column + 1, _dotted(loc), message)
+
+
+def parse_yaml(text: str, source: str) -> Marked:
+    """Parse one YAML document; syntax errors become a SpecError with line and column."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        message = " ".join(part for part in (exc.context, exc.problem) if part)
+        raise SpecError([SpecProblem(source, line, col, "", f"YAML syntax error: {message}")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([SpecProblem(source, 1, 1, "", f"YAML error: {exc}")]) from None
+    if node is None:
+        raise SpecError([SpecProblem(source, 1, 1, "", "the spec is empty")])
+    marks: dict[Loc, tuple[str, int, int]] = {}
+    data = _construct(node, (), source, marks)
+    if not isinstance(data, dict):
+        raise SpecError([SpecProblem(source, 1, 1, "", "the spec must be a mapping at the top level")])
+    return Marked(data, marks)
+
+
+def apply_override(marked: Marked, assignment: str, index: int) -> None:
+    """Apply one `--set a.b.0.c=value` override (value parsed as a YAML scalar or flow)."""
+    source = f"--set[{index}]"
+    if "=" not in assignment:
+        raise SpecError([SpecProblem(source, 1, 1, "", f"expected KEY=VALUE, got {assignment!r}")])
+    dotted, raw = assignment.split("=", 1)
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in dotted.strip().split(".")]
+    if not all(str(p) for p in parts):
+        raise SpecError([SpecProblem(source, 1, 1, dotted, "empty path component")])
+    try:
+        value_marked = parse_yaml(f"v: {raw}", source) if raw.strip() else Marked({"v": None})
+    except SpecError as exc:
+        raise SpecError([SpecProblem(source, 1, 1, dotted, p.message) for p in exc.problems]) from None
+    value = value_marked.data["v"]
+    target: Any = marked.data
+    for depth, part in enumerate(parts[:-1]):
+        nxt = target[part] if _has(target, part) else None
+        if nxt is None:
+            if isinstance(target, list):
+                raise SpecError([SpecProblem(source, 1, 1, _dotted(parts[: depth + 1]), "no such list item")])
+            target[part] = nxt = {}
+        target = nxt
+    last = parts[-1]
+    if isinstance(target, list) and not _has(target, last):
+        raise SpecError([SpecProblem(source, 1, 1, dotted, "no such list item")])
+    if not isinstance(target, dict | list):
+        raise SpecError([SpecProblem(source, 1, 1, dotted, "cannot set a field inside a scalar")])
+    target[last] = value
+    loc = tuple(parts)
+    for key in [k for k in marked.marks if k[: len(loc)] == loc]:
+        del marked.marks[key]
+    marked.marks[loc] = (source, 1, 1)
+
+
+def _has(container: Any, part: str | int) -> bool:
+    if isinstance(container, dict):
+        return part in container
+    if isinstance(container, list):
+        return isinstance(part, int) and 0 <= part < len(container)
+    return False
+
+
+def _dotted(loc: Loc | list) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def locate(marked: Marked, loc: Loc) -> tuple[tuple[str, int, int], str]:
+    """Map a pydantic error location to the YAML mark and a dotted path of real keys.
+
+    Pydantic adds union tags (e.g. `synthetic-shapes`) and validator names to locations;
+    those are not keys of the data and are skipped while walking it.
+    """
+    node: Any = marked.data
+    real: list[str | int] = []
+    for part in loc:
+        if _has(node, part):
+            node = node[part]
+            real.append(part)
+        elif isinstance(node, dict) and isinstance(part, str) and part == loc[-1]:
+            real.append(part)  # a missing or unknown field: report it at its parent
+            break
+    for depth in range(len(real), -1, -1):
+        mark = marked.marks.get(tuple(real[:depth]))
+        if mark:
+            return mark, _dotted(real)
+    return ("<spec>", 1, 1), _dotted(real)
+
+
+def validate(marked: Marked, spec_path: Path) -> Recipe:
+    """Validate plain data into a Recipe; errors carry the YAML marks."""
+    raw_runtime = marked.data.get("runtime")
+    allow_outside = isinstance(raw_runtime, dict) and raw_runtime.get("allow_outside_paths") is True
+    context = {"spec_dir": spec_path.resolve().parent, "allow_outside_paths": allow_outside}
+    try:
+        return Recipe.model_validate(marked.data, context=context)
+    except pydantic.ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            loc = tuple(err["loc"])
+            if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                loc = (*loc, err.get("ctx", {}).get("discriminator", "'kind'").strip("'"))
+            (source, line, col), dotted = locate(marked, loc)
+            problems.append(SpecProblem(source, line, col, dotted, _message(err)))
+        raise SpecError(problems) from None
+
+
+def _message(err: dict) -> str:
+    kind = err.get("type")
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "field required"
+    message = err["msg"]
+    return message.removeprefix("Value error, ")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe spec file. Raises SpecError on any problem."""
+    spec_path = Path(path)
+    try:
+        text = spec_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([SpecProblem(str(spec_path), 1, 1, "", "spec file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([SpecProblem(str(spec_path), 1, 1, "", f"cannot read spec: {exc}")]) from None
+    marked = parse_yaml(text, str(spec_path))
+    for index, assignment in enumerate(overrides):
+        apply_override(marked, assignment, index)
+    return validate(marked, spec_path)
