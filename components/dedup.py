@@ -67,7 +67,6 @@ def _bands(part: pd.DataFrame, masks: list[tuple[int, int]]) -> pd.DataFrame:
         pd.DataFrame(
             {
                 "key": part["key"].to_numpy(),
-                "phash": hashes,
                 "band": np.full(len(part), b, dtype=np.int16),
                 "value": (hashes >> np.uint64(shift)) & np.uint64(mask),
             }
@@ -77,22 +76,51 @@ def _bands(part: pd.DataFrame, masks: list[tuple[int, int]]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def near_pairs(frame: dd.DataFrame, threshold: int) -> pd.DataFrame:
-    """(a, b, distance) with a < b and Hamming(phash_a, phash_b) <= threshold."""
+def _verify(part: pd.DataFrame, threshold: int, max_color: float) -> pd.DataFrame:
+    """Keep candidate pairs within the Hamming threshold and the colour difference."""
+    xor = part["phash_a"].to_numpy(np.uint64) ^ part["phash_b"].to_numpy(np.uint64)
+    distance = np.bitwise_count(xor).astype(np.int16)
+    thumbs_a = np.stack([np.frombuffer(t, np.uint8) for t in part["thumb_a"]]) if len(part) else np.empty((0, 1))
+    thumbs_b = np.stack([np.frombuffer(t, np.uint8) for t in part["thumb_b"]]) if len(part) else np.empty((0, 1))
+    color = np.abs(thumbs_a.astype(np.int16) - thumbs_b.astype(np.int16)).mean(axis=1) if len(part) else np.empty(0)
+    out = pd.DataFrame(
+        {
+            "key_a": part["key_a"].to_numpy(),
+            "key_b": part["key_b"].to_numpy(),
+            "distance": distance,
+            "color": color.astype(np.float64),
+        }
+    )
+    return out[(out["distance"] <= threshold) & (out["color"] <= max_color)]
+
+
+def near_pairs(frame: dd.DataFrame, threshold: int, max_color: float) -> pd.DataFrame:
+    """(key_a, key_b, distance, color) with key_a < key_b, Hamming(phash) <= threshold and
+    mean |RGB| difference of the thumbnails <= max_color."""
     masks = band_masks(threshold)
     meta = pd.DataFrame(
-        {"key": pd.Series(dtype=object), "phash": pd.Series(dtype=np.uint64),
-         "band": pd.Series(dtype=np.int16), "value": pd.Series(dtype=np.uint64)}
+        {"key": pd.Series(dtype=object), "band": pd.Series(dtype=np.int16), "value": pd.Series(dtype=np.uint64)}
     )
     banded = frame[["key", "phash"]].map_partitions(_bands, masks, meta=meta)
-    pairs = banded.merge(banded, on=["band", "value"], suffixes=("_a", "_b"))
-    pairs = pairs[pairs["key_a"] < pairs["key_b"]]
-    xor = pairs["phash_a"] ^ pairs["phash_b"]
-    pairs = pairs.assign(distance=xor.map_partitions(lambda s: pd.Series(np.bitwise_count(s.to_numpy(np.uint64)),
-                                                                         index=s.index), meta=("distance", "u1")))
-    pairs = pairs[pairs["distance"] <= threshold][["key_a", "key_b", "distance"]]
-    found = pairs.compute(scheduler=_scheduler())
-    return found.drop_duplicates(["key_a", "key_b"]).sort_values(["key_a", "key_b"]).reset_index(drop=True)
+    candidates = banded.merge(banded, on=["band", "value"], suffixes=("_a", "_b"))
+    candidates = candidates[candidates["key_a"] < candidates["key_b"]][["key_a", "key_b"]].drop_duplicates()
+    values = frame[["key", "phash", "thumb"]]
+    candidates = candidates.merge(
+        values.rename(columns={"key": "key_a", "phash": "phash_a", "thumb": "thumb_a"}), on="key_a"
+    )
+    candidates = candidates.merge(
+        values.rename(columns={"key": "key_b", "phash": "phash_b", "thumb": "thumb_b"}), on="key_b"
+    )
+    meta_out = pd.DataFrame(
+        {
+            "key_a": pd.Series(dtype=object),
+            "key_b": pd.Series(dtype=object),
+            "distance": pd.Series(dtype=np.int16),
+            "color": pd.Series(dtype=np.float64),
+        }
+    )
+    found = candidates.map_partitions(_verify, threshold, max_color, meta=meta_out).compute(scheduler=_scheduler())
+    return found.sort_values(["key_a", "key_b"]).reset_index(drop=True)
 
 
 def clusters(pairs: pd.DataFrame) -> dict[str, tuple[str, int]]:
@@ -107,7 +135,7 @@ def clusters(pairs: pd.DataFrame) -> dict[str, tuple[str, int]]:
         return x
 
     joined_by: dict[str, int] = {}
-    for a, b, distance in pairs.itertuples(index=False):
+    for a, b, distance, _color in pairs.itertuples(index=False):
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
@@ -117,7 +145,7 @@ def clusters(pairs: pd.DataFrame) -> dict[str, tuple[str, int]]:
 
 def find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
     """Quarantine rows (key, reason, detail) for every duplicate in the manifest."""
-    frame = dd.read_parquet(str(manifest), columns=["key", "pixel_sha256", "phash"])
+    frame = dd.read_parquet(str(manifest), columns=["key", "pixel_sha256", "phash", "thumb"])
     frame = frame.repartition(npartitions=spec.partitions)
     rows: list[dict] = []
     exact = exact_duplicates(frame) if spec.exact else pd.DataFrame(columns=["key", "canonical"])
@@ -125,8 +153,12 @@ def find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
         rows.append({"key": key, "reason": f"duplicate-of:{canonical}", "detail": "exact: identical pixels"})
     if spec.near:
         survivors = frame[~frame["key"].isin(set(exact["key"]))]
-        for key, (canonical, distance) in sorted(clusters(near_pairs(survivors, spec.hamming_threshold)).items()):
-            rows.append({"key": key, "reason": f"duplicate-of:{canonical}", "detail": f"near: phash distance {distance}"})
+        for key, (canonical, distance) in sorted(
+            clusters(near_pairs(survivors, spec.hamming_threshold, spec.max_color_difference)).items()
+        ):
+            rows.append(
+                {"key": key, "reason": f"duplicate-of:{canonical}", "detail": f"near: phash distance {distance}"}
+            )
     return pl.DataFrame(rows, schema={"key": pl.String, "reason": pl.String, "detail": pl.String}, orient="row")
 
 
@@ -152,7 +184,11 @@ def run(ctx: StageContext) -> StageResult:
         rows_in=manifest.height,
         rows_out=kept.height,
         rows_quarantined=quarantine.height,
-        metrics={"exact_duplicates": quarantine.height - near, "near_duplicates": near, "rows_per_s": manifest.height / seconds},
+        metrics={
+            "exact_duplicates": quarantine.height - near,
+            "near_duplicates": near,
+            "rows_per_s": manifest.height / seconds,
+        },
         artifacts=["quarantine.parquet", "quarantine_summary.json"],
     )
 

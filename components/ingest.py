@@ -34,6 +34,7 @@ MANIFEST_SCHEMA = {
     "sha256": pl.String,
     "pixel_sha256": pl.String,
     "phash": pl.UInt64,
+    "thumb": pl.Binary,
     "width": pl.Int32,
     "height": pl.Int32,
     "mode": pl.String,
@@ -91,6 +92,7 @@ def manifest_row(key: str, shard: str, split: str, ctx: SourceContext, row: RawR
         "sha256": sha256_bytes(image.data),
         "pixel_sha256": image.pixel_sha256,
         "phash": image.phash,
+        "thumb": image.thumb,
         "width": image.width,
         "height": image.height,
         "mode": image.mode,
@@ -164,16 +166,21 @@ def run(ctx: StageContext) -> StageResult:
     filters = list(ctx.recipe.data.filters)
     map_units(process_unit, todo, desc="ingest", args=(filters, str(ctx.out), shard_prefix), progress=ctx.progress)
     names = [unit_name(w[2]) for w in work]
-    manifest = pl.concat(
-        [pl.read_parquet(units_dir / f"{n}.manifest.parquet") for n in names], how="vertical"
-    ) if names else pl.DataFrame(schema=MANIFEST_SCHEMA)
-    quarantine = pl.concat(
-        [pl.read_parquet(units_dir / f"{n}.quarantine.parquet") for n in names], how="vertical"
-    ) if names else pl.DataFrame(schema=QUARANTINE_SCHEMA)
+    manifest = (
+        pl.concat([pl.read_parquet(units_dir / f"{n}.manifest.parquet") for n in names], how="vertical")
+        if names
+        else pl.DataFrame(schema=MANIFEST_SCHEMA)
+    )
+    quarantine = (
+        pl.concat([pl.read_parquet(units_dir / f"{n}.quarantine.parquet") for n in names], how="vertical")
+        if names
+        else pl.DataFrame(schema=QUARANTINE_SCHEMA)
+    )
     manifest, quarantine = _drop_repeated_keys(manifest, quarantine)
     shards = [json.loads((units_dir / f"{n}.shard.json").read_text()) for n in names]
-    shards_df = pl.DataFrame(shards, schema={"shard": pl.String, "sha256": pl.String, "bytes": pl.Int64,
-                                             "samples": pl.Int64}, orient="row").filter(pl.col("samples") > 0)
+    shards_df = pl.DataFrame(
+        shards, schema={"shard": pl.String, "sha256": pl.String, "bytes": pl.Int64, "samples": pl.Int64}, orient="row"
+    ).filter(pl.col("samples") > 0)
     manifest.write_parquet(ctx.out / "manifest.parquet", statistics=False)
     quarantine.write_parquet(ctx.out / "quarantine.parquet", statistics=False)
     shards_df.write_parquet(ctx.out / "shards.parquet", statistics=False)
@@ -203,7 +210,10 @@ def _drop_repeated_keys(manifest: pl.DataFrame, quarantine: pl.DataFrame) -> tup
     if first.all():
         return manifest, quarantine
     repeated = manifest.filter(~first).select(
-        "key", "source", pl.lit("duplicate-key").alias("reason"), pl.format("also in {}", pl.col("shard")).alias("detail")
+        "key",
+        "source",
+        pl.lit("duplicate-key").alias("reason"),
+        pl.format("also in {}", pl.col("shard")).alias("detail"),
     )
     return manifest.filter(first), pl.concat([quarantine, repeated], how="vertical")
 

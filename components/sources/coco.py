@@ -25,7 +25,6 @@ from vlmflow.components.sources.base import (
     safe_key,
 )
 from vlmflow.components.sources.image_folder import unique_keys
-
 from vlmflow.errors import UserError
 from vlmflow.specs.data import CocoSource
 

@@ -25,7 +25,6 @@ from vlmflow.components.sources.base import (
     read_file_bytes,
     safe_key,
 )
-
 from vlmflow.errors import UserError
 from vlmflow.specs.data import ImageFolderSource
 
@@ -164,6 +163,8 @@ def plan(spec: ImageFolderSource, ctx: SourceContext) -> list[Unit]:
     files = set(_images_on_disk(spec.path, _extensions(spec)))
     if table is not None:
         files |= set(table.by_file)
+    if not files and not (table and table.bad_lines):
+        raise UserError(f"{spec.path}: no images with extensions {', '.join(sorted(_extensions(spec)))} in this folder")
     ordered = sorted(files)
     names = [str(PurePosixPath(rel).with_suffix("")) for rel in ordered]
     bad_line_keys = [f"{spec.captions_file.stem}-line-{n}" for n, _ in table.bad_lines] if table else []

@@ -23,7 +23,6 @@ from vlmflow.components.sources.base import (
 )
 from vlmflow.components.sources.coco import load_json
 from vlmflow.components.sources.image_folder import unique_keys
-
 from vlmflow.errors import UserError
 from vlmflow.specs.data import LlavaJsonSource
 

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from vlmflow.components.sources.base import (
     SOURCES,
     RawRow,
@@ -26,7 +27,6 @@ from vlmflow.components.sources.base import (
     safe_key,
 )
 from vlmflow.components.sources.image_folder import unique_keys
-
 from vlmflow.errors import UserError
 from vlmflow.specs.data import ParquetSource
 
@@ -51,10 +51,8 @@ def _is_bytes(kind: pa.DataType) -> bool:
 
 
 def _check_schema(spec: ParquetSource, path: Path, schema: pa.Schema) -> None:
-    for what, name in (("image", spec.image_column), ("caption", spec.caption_column)):
-        if name is not None and name not in schema.names:
-            raise UserError(f"{path}: no {what} column {name!r} (columns: {', '.join(schema.names)})")
-    for what, name in (("key", spec.key_column), ("label", spec.label_column)):
+    named = {"image": spec.image_column, "caption": spec.caption_column, "key": spec.key_column}
+    for what, name in {**named, "label": spec.label_column}.items():
         if name is not None and name not in schema.names:
             raise UserError(f"{path}: no {what} column {name!r} (columns: {', '.join(schema.names)})")
     image = schema.field(spec.image_column).type
@@ -124,10 +122,10 @@ def _assign_keys(spec: ParquetSource, pieces: list[dict]) -> None:
         rows = range(piece["first_row"] + piece["start"], piece["first_row"] + piece["stop"])
         for value, row in zip(values, rows, strict=True):
             names.append(safe_key(value) if value is not None else safe_key(piece["prefix"], row))
-    keys = unique_keys(names)
+    keys, offset = unique_keys(names), 0
     for piece in pieces:
         count = piece["stop"] - piece["start"]
-        piece["keys"], keys = keys[:count], keys[count:]
+        piece["keys"], offset = keys[offset : offset + count], offset + count
 
 
 def plan(spec: ParquetSource, ctx: SourceContext) -> list[Unit]:

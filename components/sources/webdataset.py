@@ -22,11 +22,10 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, SourceReader, Unit, safe_key
 from vlmflow.components.sources.image_folder import unique_keys
-
 from vlmflow.errors import UserError
 from vlmflow.specs.data import WebDatasetSource
 
@@ -80,8 +79,10 @@ def plan(spec: WebDatasetSource, ctx: SourceContext) -> list[Unit]:
     return units
 
 
-def _members(path: str) -> Iterator[tuple[str, str, bytes]]:
-    """(sample key, extension, data) of each file member, streamed; raises the tar's errors.
+def _members(path: str) -> Iterator[tuple[str, str, IO[bytes] | None]]:
+    """(sample key, extension, data stream) of each file member, streamed; raises the tar's errors.
+
+    The stream must be read before the next member is asked for (the tar is read in one pass).
 
     tarfile ends quietly at a truncated or garbled header, so the bytes after the last
     member must be the end-of-archive zero blocks: anything else is reported as damage.
@@ -91,8 +92,7 @@ def _members(path: str) -> Iterator[tuple[str, str, bytes]]:
             parts = _split(member.name) if member.isfile() else None
             if parts is None:
                 continue
-            handle = tar.extractfile(member)
-            yield parts[0], parts[1], handle.read() if handle is not None else b""
+            yield parts[0], parts[1], tar.extractfile(member)
         raw.seek(tar.offset)
         _check_end(raw, tar.offset)
 
@@ -184,14 +184,14 @@ def read(spec: WebDatasetSource, ctx: SourceContext, unit: Unit) -> Iterator[Raw
     done, current = 0, None
     members = _members(path)
     try:
-        for sample_key, ext, data in members:
+        for sample_key, ext, stream in members:
             if current is not None and sample_key != current.key:
                 yield finish(current)
                 done, current = done + 1, None
                 if max_samples is not None and done >= max_samples:
                     return
             current = current or _Sample(sample_key)
-            current.add(ext, data)
+            current.add(ext, stream.read() if stream is not None else b"")
     except _TAR_ERRORS as exc:
         partial = f"; sample {current.key!r} was being read and is not included" if current else ""
         yield Rejected(safe_key(prefix), "unreadable-shard", f"{path}: {exc} (after {done} samples{partial})")

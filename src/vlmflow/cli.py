@@ -18,7 +18,9 @@ from vlmflow.specs.data import source_name
 
 DEFAULT_WORKDIR = "vlmflow-work"
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a spec field")
-workdir_option = click.option("--workdir", type=click.Path(path_type=Path), default=None, help="default: ./vlmflow-work")
+workdir_option = click.option(
+    "--workdir", type=click.Path(path_type=Path), default=None, help="default: ./vlmflow-work"
+)
 
 
 def _load(spec: str, overrides: tuple[str, ...]) -> Recipe:
@@ -89,13 +91,15 @@ def run(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
 
     try:
         summary = recipe_flow(recipe, workdir, spec)
-    except UserError as exc:
+    except UserError:
         _print_latest(workdir)
         raise
     _print_summary(summary)
     uri = summary["mlflow_tracking_uri"]
     click.echo(f"\nsummary: {workdir / 'runs' / summary['run_id'] / 'summary.json'}")
-    click.echo(f"MLflow: experiment {recipe.runtime.mlflow.experiment or recipe.name!r}, run {summary['mlflow_run_id']}")
+    click.echo(
+        f"MLflow: experiment {recipe.runtime.mlflow.experiment or recipe.name!r}, run {summary['mlflow_run_id']}"
+    )
     click.echo(f"  store {uri}")
     click.echo(f"  browse: vlmflow ui --workdir {workdir}   (MLflow UI on http://127.0.0.1:5000, Prefect UI on :4200)")
 
@@ -130,7 +134,9 @@ def _summary(workdir: Path, run_id: str | None) -> dict:
 def lineage(run_id: str | None, workdir: Path | None) -> None:
     """Print the stage DAG of RUN_ID (default: the latest run) with digests and row counts."""
     summary = _summary(_workdir(None, workdir), run_id)
-    click.echo(f"run {summary['run_id']}  recipe {summary['recipe']}  spec {summary['spec_digest']}  {summary['status']}")
+    click.echo(
+        f"run {summary['run_id']}  recipe {summary['recipe']}  spec {summary['spec_digest']}  {summary['status']}"
+    )
     click.echo(f"  mlflow run {summary.get('mlflow_run_id')}  prefect flow run {summary.get('prefect_flow_run_id')}")
     for s in summary["stages"]:
         inputs = ", ".join(f"{k}/{v}" for k, v in s["input_digests"].items()) or "sources"
@@ -167,10 +173,21 @@ def ui(workdir: Path | None, port: int, prefect_port: int) -> None:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     procs = [
-        subprocess.Popen([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-                          "--host", "127.0.0.1", "--port", str(port)]),
-        subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                          str(prefect_port)], env=env),
+        subprocess.Popen(
+            [
+                str(bin_dir / "mlflow"),
+                "ui",
+                "--backend-store-uri",
+                f"sqlite:///{workdir / 'mlflow.db'}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
+        ),
+        subprocess.Popen(
+            [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)], env=env
+        ),
     ]
     click.echo(f"MLflow UI: http://127.0.0.1:{port}   Prefect UI: http://127.0.0.1:{prefect_port}")
     try:

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+THUMB = 8
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class CheckedImage:
     height: int
     mode: str
     pixel_sha256: str  # sha256 of the decoded RGB pixels (exact-duplicate key)
-    phash: int  # 64-bit perceptual hash (near-duplicate key)
+    phash: int  # 64-bit perceptual hash (near-duplicate candidates; blind to colour)
+    thumb: bytes  # 8x8 RGB thumbnail (near-duplicate check of colour)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ def check_image(data: bytes) -> CheckedImage | BadImage:
         stored, ext = buffer.getvalue(), "png"
     digest = hashlib.sha256(f"{rgb.width}x{rgb.height}".encode() + rgb.tobytes()).hexdigest()
     phash = int(str(imagehash.phash(rgb)), 16)
-    return CheckedImage(stored, ext, image.width, image.height, image.mode, digest, phash)
+    thumb = rgb.resize((THUMB, THUMB), Image.Resampling.BOX).tobytes()
+    return CheckedImage(stored, ext, image.width, image.height, image.mode, digest, phash, thumb)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -44,7 +44,9 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            location = artifact_root.resolve().as_uri() if artifact_root is not None and uri.startswith("sqlite") else None
+            location = (
+                artifact_root.resolve().as_uri() if artifact_root is not None and uri.startswith("sqlite") else None
+            )
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = found.experiment_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ def run_source(spec, context: SourceContext | None = None) -> tuple[dict[str, Ra
     reader = SOURCES.get(spec.kind)
     units = reader.plan(spec, context)
     assert [u.index for u in units] == list(range(len(units)))
+    assert pickle.loads(pickle.dumps(units)) == units  # payloads are plain picklable data
     rows: dict[str, RawRow] = {}
     rejected: dict[str, Rejected] = {}
     for unit in units:
@@ -166,6 +168,9 @@ def test_image_folder_bad_captions_file_is_a_user_error(tmp_path):
     save_photo(tmp_path / "imgs/cat.jpg")
     (tmp_path / "caps.csv").write_text("path,text\ncat.jpg,a cat\n")
     (tmp_path / "caps.txt").write_text("cat.jpg a cat\n")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty: no images with extensions"):
+        SOURCES.get("image-folder").plan(folder_spec(tmp_path, path="empty"), ctx())
     for name in ("caps.csv", "caps.txt"):
         spec = folder_spec(tmp_path, captions_file=name)
         with pytest.raises(UserError, match=name):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import tarfile
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def run_source(spec, context: SourceContext | None = None, exact: bool = True):
     reader = SOURCES.get(spec.kind)
     units = reader.plan(spec, context)
     assert [u.index for u in units] == list(range(len(units)))
+    assert pickle.loads(pickle.dumps(units)) == units  # payloads are plain picklable data
     rows: dict[str, RawRow] = {}
     rejected: dict[str, Rejected] = {}
     for unit in units:
@@ -96,8 +98,8 @@ def test_parquet_bytes_captions_labels(tmp_path, photos):
 
 
 def test_parquet_hf_struct_images_and_caption_lists(tmp_path, photos):
-    (tmp_path / "pics").mkdir()
-    (tmp_path / "pics/cat.png").write_bytes(photos[3])
+    (tmp_path / "hf/pics").mkdir(parents=True)
+    (tmp_path / "hf/pics/cat.png").write_bytes(photos[3])
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     images = [
         {"bytes": photos[0], "path": "astronaut.png"},
@@ -204,7 +206,7 @@ def test_parquet_not_a_parquet_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"data\.parquet"):
         SOURCES.get("parquet").plan(parquet_spec(tmp_path), ctx())
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no .parquet files"):
+    with pytest.raises(UserError, match=r"no \.parquet files"):
         SOURCES.get("parquet").plan(parquet_spec(tmp_path, "empty"), ctx())
 
 
@@ -322,8 +324,17 @@ def test_webdataset_damage_between_members_is_reported(tmp_path, where):
 
 def test_webdataset_not_a_tar_and_empty_folder(tmp_path):
     (tmp_path / "shards").mkdir()
-    with pytest.raises(UserError, match="no .tar files"):
+    with pytest.raises(UserError, match=r"no \.tar files"):
         SOURCES.get("webdataset").plan(wds_spec(tmp_path), ctx())
     (tmp_path / "shards/x.tar").write_bytes(b"hello world" * 100)
     rows, rejected = run_source(wds_spec(tmp_path), exact=False)
     assert rows == {} and reasons(rejected) == {"x": "unreadable-shard"}
+
+
+def test_webdataset_repeated_keys_stay_unique_and_duplicates_are_malformed(tmp_path):
+    image = photo(1, "JPEG")
+    members = [("a.jpg", image), ("b.jpg", image), ("b.jpg", image), ("a.jpg", image), ("a.txt", b"again")]
+    write_tar(tmp_path / "t.tar", members)
+    rows, rejected = run_source(wds_spec(tmp_path, "t.tar"))
+    assert sorted(rows) == ["t-a", "t-a-2"] and rows["t-a-2"].captions == ["again"]
+    assert reasons(rejected) == {"t-b": "malformed-annotation"} and "jpg" in rejected["t-b"].detail

@@ -72,9 +72,13 @@ class RecipeRun:
         self.summary["prefect_flow_run_id"] = str(flow_run.id) if flow_run.id else None
         self.summary["ray"] = init_ray(self.recipe.runtime.ray)
         uri = tracking_uri(self.workdir, self.recipe.runtime.mlflow.tracking_uri)
-        self.tracker = Tracker(uri, self.recipe.runtime.mlflow.experiment or self.recipe.name, self.workdir / "mlartifacts")
+        self.tracker = Tracker(
+            uri, self.recipe.runtime.mlflow.experiment or self.recipe.name, self.workdir / "mlartifacts"
+        )
         self.parent_run = self.tracker.start(self.recipe.name, self._tags())
-        self.tracker.log(self.parent_run, params={"seed": str(self.recipe.seed), "spec_path": self.summary["spec_path"]})
+        self.tracker.log(
+            self.parent_run, params={"seed": str(self.recipe.seed), "spec_path": self.summary["spec_path"]}
+        )
         self.tracker.log_files(self.parent_run, [self.run_dir / "resolved_spec.yaml"])
         self.summary.update(mlflow_run_id=self.parent_run, mlflow_tracking_uri=uri)
         self._save()
@@ -139,7 +143,9 @@ class RecipeRun:
         rows = {k: float(stats.get(k) or 0) for k in ("rows_in", "rows_out", "rows_quarantined", "seconds")}
         seconds = stats.get("seconds") or 0.0
         rows["rows_per_s"] = rows["rows_in"] / seconds if seconds else 0.0
-        self.tracker.log(child, params=flatten(stage.spec(self.recipe)), tags=tags, metrics={**rows, **stats["metrics"]})
+        self.tracker.log(
+            child, params=flatten(stage.spec(self.recipe)), tags=tags, metrics={**rows, **stats["metrics"]}
+        )
         self.tracker.log_files(child, [path / a for a in stats.get("artifacts", [])])
         self.tracker.finish(child, status != "failed")
         entry["mlflow_run_id"] = child
@@ -176,8 +182,9 @@ def stage_task(run: RecipeRun, stage: Stage, inputs: dict[str, StageOutput]) -> 
             log.info("%s: cached (%s)", stage.name, digest)
         else:
             started = time.monotonic()
-            ctx = StageContext(run.recipe, store, store.partial(stage.name, digest), digest, inputs,
-                               run.recipe.runtime.progress)
+            ctx = StageContext(
+                run.recipe, store, store.partial(stage.name, digest), digest, inputs, run.recipe.runtime.progress
+            )
             try:
                 result = stage.run(ctx)
             except BaseException as error:
@@ -186,7 +193,13 @@ def stage_task(run: RecipeRun, stage: Stage, inputs: dict[str, StageOutput]) -> 
             stats = result.stats(time.monotonic() - started)
             store.commit(stage.name, digest, stats)
             status = "computed"
-            log.info("%s: computed %d -> %d rows (%d quarantined) in %.1fs", stage.name, stats["rows_in"],
-                     stats["rows_out"], stats["rows_quarantined"], stats["seconds"])
+            log.info(
+                "%s: computed %d -> %d rows (%d quarantined) in %.1fs",
+                stage.name,
+                stats["rows_in"],
+                stats["rows_out"],
+                stats["rows_quarantined"],
+                stats["seconds"],
+            )
     run.record(stage, digest, inputs, status, stats)
     return StageOutput(stage.name, digest, store.path(stage.name, digest), stats)

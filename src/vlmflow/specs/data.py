@@ -123,6 +123,9 @@ class DedupSpec(StrictModel):
     exact: bool = Field(True, description="drop images whose decoded pixels are identical")
     near: bool = Field(True, description="drop images whose perceptual hash is within hamming_threshold")
     hamming_threshold: int = Field(4, ge=0, le=16)
+    max_color_difference: float = Field(
+        6.0, ge=0.0, le=255.0, description="near duplicates also differ by at most this mean |RGB| on 8x8 thumbnails"
+    )
     partitions: int = Field(4, ge=1, le=4096, description="dask partitions for the join")
 
 
