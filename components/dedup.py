@@ -99,7 +99,7 @@ def near_pairs(frame: dd.DataFrame, threshold: int, max_color: float) -> pd.Data
     mean |RGB| difference of the thumbnails <= max_color."""
     masks = band_masks(threshold)
     meta = pd.DataFrame(
-        {"key": pd.Series(dtype=object), "band": pd.Series(dtype=np.int16), "value": pd.Series(dtype=np.uint64)}
+        {"key": pd.Series(dtype=str), "band": pd.Series(dtype=np.int16), "value": pd.Series(dtype=np.uint64)}
     )
     banded = frame[["key", "phash"]].map_partitions(_bands, masks, meta=meta)
     candidates = banded.merge(banded, on=["band", "value"], suffixes=("_a", "_b"))
@@ -113,8 +113,8 @@ def near_pairs(frame: dd.DataFrame, threshold: int, max_color: float) -> pd.Data
     )
     meta_out = pd.DataFrame(
         {
-            "key_a": pd.Series(dtype=object),
-            "key_b": pd.Series(dtype=object),
+            "key_a": pd.Series(dtype=str),
+            "key_b": pd.Series(dtype=str),
             "distance": pd.Series(dtype=np.int16),
             "color": pd.Series(dtype=np.float64),
         }
@@ -145,6 +145,11 @@ def clusters(pairs: pd.DataFrame) -> dict[str, tuple[str, int]]:
 
 def find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
     """Quarantine rows (key, reason, detail) for every duplicate in the manifest."""
+    with dask.config.set({"dataframe.convert-string": False}):  # one string dtype on both sides of the joins
+        return _find_duplicates(manifest, spec)
+
+
+def _find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
     frame = dd.read_parquet(str(manifest), columns=["key", "pixel_sha256", "phash", "thumb"])
     frame = frame.repartition(npartitions=spec.partitions)
     rows: list[dict] = []
@@ -171,8 +176,7 @@ def run(ctx: StageContext) -> StageResult:
     started = time.monotonic()
     source = ctx.inputs["ingest"]
     manifest = pl.read_parquet(source.path / "manifest.parquet")
-    with dask.config.set({"dataframe.convert-string": False}):
-        dups = find_duplicates(source.path / "manifest.parquet", ctx.recipe.data.dedup)
+    dups = find_duplicates(source.path / "manifest.parquet", ctx.recipe.data.dedup)
     quarantine = dups.join(manifest.select("key", "source"), on="key", how="left").select(list(QUARANTINE_SCHEMA))
     kept = manifest.filter(~pl.col("key").is_in(dups["key"].implode()))
     kept.write_parquet(ctx.out / "manifest.parquet", statistics=False)

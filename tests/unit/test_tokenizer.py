@@ -1,0 +1,61 @@
+"""Tokenizer: BPE training on corpus text, special tokens, round trip, pretrained loading."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmflow.components.tokenize import load_pretrained, round_trip_rate, sample_texts, train_bpe
+from vlmflow.errors import UserError
+from vlmflow.specs.recipe import DEFAULT_SPECIAL_TOKENS, BpeTokenizer, PretrainedTokenizer
+
+TEXTS = [
+    "an image with a red circle and two blue squares.",
+    "How many circles are there?",
+    "What color is the triangle? purple",
+    "Describe the image in detail: 日本語 and émoji 🙂 survive byte-level BPE.",
+] * 50
+
+
+def test_bpe_round_trips_and_has_the_vlm_special_tokens():
+    tokenizer = train_bpe(TEXTS, BpeTokenizer(kind="bpe", vocab_size=400, min_frequency=2))
+    assert round_trip_rate(tokenizer, TEXTS) == 1.0
+    ids = {t: tokenizer.token_to_id(t) for t in DEFAULT_SPECIAL_TOKENS}
+    assert all(i is not None for i in ids.values())
+    assert sorted(ids.values()) == list(range(len(DEFAULT_SPECIAL_TOKENS)))  # specials come first
+    encoded = tokenizer.encode("<image> an image with a red circle")
+    assert encoded.ids[0] == ids["<image>"]
+    assert 256 < tokenizer.get_vocab_size() <= 400
+
+
+def test_training_is_deterministic():
+    spec = BpeTokenizer(kind="bpe", vocab_size=400, min_frequency=2)
+    assert train_bpe(TEXTS, spec).to_str() == train_bpe(TEXTS, spec).to_str()
+
+
+def test_pretrained_loads_from_folder_and_adds_missing_specials(tmp_path):
+    base = train_bpe(TEXTS, BpeTokenizer(kind="bpe", vocab_size=300, special_tokens=["<pad>"]))
+    (tmp_path / "tok").mkdir()
+    base.save(str(tmp_path / "tok" / "tokenizer.json"))
+    spec = PretrainedTokenizer.model_validate({"kind": "pretrained", "path": "tok"}, context={"spec_dir": tmp_path})
+    loaded = load_pretrained(spec)
+    assert loaded.token_to_id("<pad>") == base.token_to_id("<pad>")
+    assert loaded.token_to_id("<image>") is not None
+    assert round_trip_rate(loaded, TEXTS) == 1.0
+
+
+def test_unreadable_pretrained_tokenizer_is_a_user_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    spec = PretrainedTokenizer.model_validate(
+        {"kind": "pretrained", "path": "tokenizer.json"}, context={"spec_dir": tmp_path}
+    )
+    with pytest.raises(UserError, match="tokenizer.json"):
+        load_pretrained(spec)
+
+
+def test_sample_texts_collects_captions_qa_and_turns():
+    record = {
+        "captions": ["a cat", ""],
+        "qa": [{"question": "what?", "answer": "cat"}],
+        "conversations": [{"role": "user", "content": "hi"}],
+    }
+    assert sample_texts(record) == ["a cat", "what?", "cat", "hi"]
