@@ -20,7 +20,9 @@ def _manifest(tmp_path, images: dict[str, bytes]):
         image = check_image(data)
         rows.append({"key": key, "pixel_sha256": image.pixel_sha256, "phash": image.phash, "thumb": image.thumb})
     path = tmp_path / "manifest.parquet"
-    pl.DataFrame(rows, schema={"key": pl.String, "pixel_sha256": pl.String, "phash": pl.UInt64, "thumb": pl.Binary}).write_parquet(path)
+    pl.DataFrame(
+        rows, schema={"key": pl.String, "pixel_sha256": pl.String, "phash": pl.UInt64, "thumb": pl.Binary}
+    ).write_parquet(path)
     return path
 
 

@@ -26,10 +26,11 @@ class Marked:
     """Plain data of a YAML document plus the (file, line, col) of every path in it."""
 
     data: Any
-    marks: dict[Loc, tuple[str, int, int]] = field(default_factory=dict)
+    marks: dict[Loc, tuple[str, int, int]] = field(default_factory=dict)  # where each value starts
+    key_marks: dict[Loc, tuple[str, int, int]] = field(default_factory=dict)  # where each mapping key is
 
 
-def _construct(node: yaml.Node, loc: Loc, source: str, marks: dict) -> Any:
+def _construct(node: yaml.Node, loc: Loc, source: str, marks: dict, key_marks: dict) -> Any:
     marks[loc] = (source, node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
@@ -41,10 +42,11 @@ def _construct(node: yaml.Node, loc: Loc, source: str, marks: dict) -> Any:
                 raise SpecError([_problem_at(key_node, source, loc, "YAML merge keys are not supported")])
             if key in out:
                 raise SpecError([_problem_at(key_node, source, (*loc, key), "duplicate key")])
-            out[key] = _construct(value_node, (*loc, key), source, marks)
+            key_marks[(*loc, key)] = (source, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            out[key] = _construct(value_node, (*loc, key), source, marks, key_marks)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, (*loc, i), source, marks) for i, item in enumerate(node.value)]
+        return [_construct(item, (*loc, i), source, marks, key_marks) for i, item in enumerate(node.value)]
     return _scalar(node)
 
 
@@ -74,10 +76,11 @@ def parse_yaml(text: str, source: str) -> Marked:
     if node is None:
         raise SpecError([SpecProblem(source, 1, 1, "", "the spec is empty")])
     marks: dict[Loc, tuple[str, int, int]] = {}
-    data = _construct(node, (), source, marks)
+    key_marks: dict[Loc, tuple[str, int, int]] = {}
+    data = _construct(node, (), source, marks, key_marks)
     if not isinstance(data, dict):
         raise SpecError([SpecProblem(source, 1, 1, "", "the spec must be a mapping at the top level")])
-    return Marked(data, marks)
+    return Marked(data, marks, key_marks)
 
 
 def apply_override(marked: Marked, assignment: str, index: int) -> None:
@@ -109,9 +112,10 @@ def apply_override(marked: Marked, assignment: str, index: int) -> None:
         raise SpecError([SpecProblem(source, 1, 1, dotted, "cannot set a field inside a scalar")])
     target[last] = value
     loc = tuple(parts)
-    for key in [k for k in marked.marks if k[: len(loc)] == loc]:
-        del marked.marks[key]
-    marked.marks[loc] = (source, 1, 1)
+    for marks in (marked.marks, marked.key_marks):
+        for key in [k for k in marks if k[: len(loc)] == loc]:
+            del marks[key]
+        marks[loc] = (source, 1, 1)
 
 
 def _has(container: Any, part: str | int) -> bool:
@@ -126,7 +130,7 @@ def _dotted(loc: Loc | list) -> str:
     return ".".join(str(p) for p in loc)
 
 
-def locate(marked: Marked, loc: Loc) -> tuple[tuple[str, int, int], str]:
+def locate(marked: Marked, loc: Loc, at_key: bool = False) -> tuple[tuple[str, int, int], str]:
     """Map a pydantic error location to the YAML mark and a dotted path of real keys.
 
     Pydantic adds union tags (e.g. `synthetic-shapes`) and validator names to locations;
@@ -141,6 +145,8 @@ def locate(marked: Marked, loc: Loc) -> tuple[tuple[str, int, int], str]:
         elif isinstance(node, dict) and isinstance(part, str) and part == loc[-1]:
             real.append(part)  # a missing or unknown field: report it at its parent
             break
+    if at_key and tuple(real) in marked.key_marks:
+        return marked.key_marks[tuple(real)], _dotted(real)
     for depth in range(len(real), -1, -1):
         mark = marked.marks.get(tuple(real[:depth]))
         if mark:
@@ -161,8 +167,9 @@ def validate(marked: Marked, spec_path: Path) -> Recipe:
             loc = tuple(err["loc"])
             if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
                 loc = (*loc, err.get("ctx", {}).get("discriminator", "'kind'").strip("'"))
-            (source, line, col), dotted = locate(marked, loc)
+            (source, line, col), dotted = locate(marked, loc, at_key=err["type"] == "extra_forbidden")
             problems.append(SpecProblem(source, line, col, dotted, _message(err)))
+        problems.sort(key=lambda p: (p.source.startswith("--set"), p.source, p.line, p.col))
         raise SpecError(problems) from None
 
 

@@ -1,0 +1,168 @@
+"""End to end through the CLI with a real local Ray, Prefect (ephemeral) and MLflow (sqlite).
+
+One cold run of the tiny recipe is shared by the assertions below; then a second run must
+find every stage cached; then a run killed in the middle of ingest is resumed and must give
+byte-identical manifests, recomputing only what was unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+
+SPEC = REPO / "specs" / "recipes" / "shapes-tiny.yaml"
+VLMFLOW = [sys.executable, "-m", "vlmflow.cli"]
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
+    return {**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def vlmflow(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*VLMFLOW, *args], capture_output=True, text=True, env=_env(), timeout=timeout, cwd=REPO)
+
+
+def summary_of(workdir: Path) -> dict:
+    return json.loads((workdir / "runs" / "latest" / "summary.json").read_text())
+
+
+def stages(summary: dict) -> dict[str, dict]:
+    return {s["name"]: s for s in summary["stages"]}
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    workdir = tmp_path_factory.mktemp("cold")
+    result = vlmflow("run", str(SPEC), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir, result
+
+
+def test_cold_run_computes_every_stage_and_accounts_for_rows(cold):
+    workdir, result = cold
+    summary = summary_of(workdir)
+    assert summary["status"] == "succeeded"
+    by_name = stages(summary)
+    assert list(by_name) == ["ingest", "dedup", "tokenizer"]
+    assert all(s["status"] == "computed" for s in by_name.values())
+    for s in by_name.values():
+        assert s["rows_in"] == s["rows_out"] + s["rows_quarantined"]
+    assert by_name["ingest"]["rows_in"] == 512
+    assert by_name["dedup"]["input_digests"] == {"ingest": by_name["ingest"]["artifact_digest"]}
+    ingest_dir = workdir / "artifacts" / "ingest" / by_name["ingest"]["artifact_digest"]
+    manifest = pl.read_parquet(ingest_dir / "manifest.parquet")
+    shards = pl.read_parquet(ingest_dir / "shards.parquet")
+    assert manifest.height == 512 and shards["samples"].sum() == 512
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    assert 0.1 < manifest["caption_corrupted"].mean() < 0.3  # caption_noise 0.2
+    assert (ingest_dir / "_SUCCESS").exists() and (ingest_dir / "sample_grid.png").exists()
+    tokenizer = workdir / "artifacts" / "tokenizer" / by_name["tokenizer"]["artifact_digest"] / "tokenizer.json"
+    assert "<image>" in tokenizer.read_text()
+    assert (workdir / "runs" / summary["run_id"] / "resolved_spec.yaml").exists()
+    assert "ingest" in result.stdout and "computed" in result.stdout
+
+
+def test_mlflow_run_tree_has_a_child_per_stage_with_lineage(cold):
+    workdir, _ = cold
+    summary = summary_of(workdir)
+    client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"] == summary["prefect_flow_run_id"] != ""
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_stage = {c.data.tags["vlmflow.stage"]: c for c in children}
+    assert set(by_stage) == {"ingest", "dedup", "tokenizer"}
+    for name, entry in stages(summary).items():
+        child = by_stage[name]
+        assert child.data.tags["vlmflow.artifact_digest"] == entry["artifact_digest"]
+        assert json.loads(child.data.tags["vlmflow.input_digests"]) == entry["input_digests"]
+        assert child.data.metrics["rows_out"] == entry["rows_out"]
+    assert by_stage["ingest"].data.params["sources.0.kind"] == "synthetic-shapes"
+    artifacts = {a.path for a in client.list_artifacts(by_stage["ingest"].info.run_id)}
+    assert {"sample_grid.png", "quarantine.parquet", "quarantine_summary.json"} <= artifacts
+    assert "resolved_spec.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_second_run_reports_every_stage_cached(cold):
+    workdir, _ = cold
+    first = summary_of(workdir)
+    result = vlmflow("run", str(SPEC), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stderr
+    second = summary_of(workdir)
+    assert second["run_id"] != first["run_id"]
+    assert [s["status"] for s in second["stages"]] == ["cached"] * 3
+    assert [s["artifact_digest"] for s in second["stages"]] == [s["artifact_digest"] for s in first["stages"]]
+    assert [s["rows_out"] for s in second["stages"]] == [s["rows_out"] for s in first["stages"]]
+
+
+def test_changing_a_field_recomputes_only_its_stage_and_descendants(cold):
+    workdir, _ = cold
+    result = vlmflow("run", str(SPEC), "--workdir", str(workdir), "--set", "tokenizer.vocab_size=600")
+    assert result.returncode == 0, result.stderr
+    assert [s["status"] for s in summary_of(workdir)["stages"]] == ["cached", "cached", "computed"]
+
+
+def test_killed_run_resumes_unfinished_units_and_matches_the_clean_run(cold, tmp_path):
+    reference, _ = cold
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*VLMFLOW, "run", str(SPEC), "--workdir", str(workdir)],
+        env=_env(),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not list(workdir.glob("artifacts/ingest/*.partial/units/*.manifest.parquet")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "ingest never finished a unit"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list(workdir.glob("artifacts/ingest/*/_SUCCESS")), "killed too late: ingest had finished"
+    killed = summary_of(workdir)
+    assert killed["status"] == "running" and killed["stages"] == []
+
+    result = vlmflow("run", str(SPEC), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stderr
+    resumed = stages(summary_of(workdir))
+    assert [s["status"] for s in resumed.values()] == ["computed"] * 3
+    digest = resumed["ingest"]["artifact_digest"]
+    stats = json.loads((workdir / "artifacts" / "ingest" / digest / "_SUCCESS").read_text())
+    assert 1 <= stats["metrics"]["units_reused"] < stats["metrics"]["units"]
+    for stage in ("ingest", "dedup"):
+        d = resumed[stage]["artifact_digest"]
+        mine = (workdir / "artifacts" / stage / d / "manifest.parquet").read_bytes()
+        clean = (reference / "artifacts" / stage / d / "manifest.parquet").read_bytes()
+        assert mine == clean, f"{stage} manifest differs from the uninterrupted run"
+    for shard in (workdir / "artifacts" / "ingest" / digest / "shards").iterdir():
+        assert shard.read_bytes() == (reference / "artifacts" / "ingest" / digest / "shards" / shard.name).read_bytes()
+
+
+def test_lineage_and_status_commands(cold):
+    workdir, _ = cold
+    lineage = vlmflow("lineage", "--workdir", str(workdir))
+    assert lineage.returncode == 0, lineage.stderr
+    digests = [s["artifact_digest"] for s in summary_of(workdir)["stages"]]
+    assert all(d in lineage.stdout for d in digests)
+    assert "<- ingest/" in lineage.stdout
+    status = vlmflow("status", "--workdir", str(workdir))
+    assert status.returncode == 0 and "shapes-tiny" in status.stdout
+    missing = vlmflow("lineage", "nope", "--workdir", str(workdir))
+    assert missing.returncode == 2 and "no run 'nope'" in missing.stderr and "Traceback" not in missing.stderr
