@@ -48,7 +48,7 @@ def test_unreadable_pretrained_tokenizer_is_a_user_error(tmp_path):
     spec = PretrainedTokenizer.model_validate(
         {"kind": "pretrained", "path": "tokenizer.json"}, context={"spec_dir": tmp_path}
     )
-    with pytest.raises(UserError, match="tokenizer.json"):
+    with pytest.raises(UserError, match=r"tokenizer\.json"):
         load_pretrained(spec)
 
 
