@@ -122,13 +122,14 @@ def corrupt(rng: np.random.Generator, scene_groups: list[tuple[str, str, int]]) 
     changed = list(scene_groups)
     if kind == "color":
         options = [c for c in COLORS if (c, shape) not in present]
-        changed[index] = (str(rng.choice(options)), shape, count)
+        if options:
+            changed[index] = (str(rng.choice(options)), shape, count)
     elif kind == "shape":
         options = [s for s in SHAPES if (color, s) not in present]
-        if not options:  # every shape of this color is present: fall back to a count change
-            kind = "count"
-        else:
+        if options:
             changed[index] = (color, str(rng.choice(options)), count)
+    if kind != "count" and not options:  # every alternative is in the scene: change the count instead
+        kind = "count"
     if kind == "count":
         changed[index] = (color, shape, count + 1 if count == 1 or rng.random() < 0.5 else count - 1)
     return kind, changed

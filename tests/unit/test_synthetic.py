@@ -173,7 +173,7 @@ def test_boxes_inside_unit_square(noisy_rows):
         for obj in row.extra["objects"]:
             x, y, w, h = obj["bbox"]
             assert w > 0 and h > 0
-            assert 0 <= x and 0 <= y and x + w <= 1 + 1e-3 and y + h <= 1 + 1e-3
+            assert x >= 0 and y >= 0 and x + w <= 1 + 1e-3 and y + h <= 1 + 1e-3
             assert obj["shape"] in synthetic.SHAPES and obj["color"] in synthetic.COLORS
             assert w == pytest.approx(2 * synthetic.SIZES[obj["size"]], abs=1e-4)
 
@@ -224,11 +224,6 @@ def test_shapes_drawn_in_their_colors():
         assert pixel == synthetic.COLORS[obj["color"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: components/sources/synthetic.py corrupt() does rng.choice([]) for a 'color' corruption when "
-    "every color of the group's shape is present (possible with max_objects >= 6): ValueError 'a cannot be empty'",
-)
 def test_corrupt_when_every_color_of_a_shape_is_present():
     scene = [(color, "circle", 1) for color in synthetic.COLORS]
     for seed in range(40):
@@ -236,11 +231,6 @@ def test_corrupt_when_every_color_of_a_shape_is_present():
         assert synthetic.caption(changed) != synthetic.caption(scene)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: components/sources/synthetic.py make_row crashes (ValueError from corrupt) for some rows of a "
-    "valid spec with max_objects=12, caption_noise=1 (seed 0, rows 436 and 521)",
-)
 def test_many_objects_with_full_noise_never_crash():
     spec = make_spec(count=600, image_size=16, min_objects=12, max_objects=12, caption_noise=1.0)
     for index in (436, 521):

@@ -28,7 +28,11 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
 
 
 def _must_exist(value: Path) -> Path:
-    if not value.exists():
+    try:
+        exists = value.exists()
+    except OSError as exc:
+        raise ValueError(f"cannot check path {str(value)[:200]!r}: {exc.strerror or exc}") from None
+    if not exists:
         raise ValueError(f"path does not exist: {value}")
     return value
 

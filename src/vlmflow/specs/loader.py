@@ -30,8 +30,13 @@ class Marked:
     key_marks: dict[Loc, tuple[str, int, int]] = field(default_factory=dict)  # where each mapping key is
 
 
-def _construct(node: yaml.Node, loc: Loc, source: str, marks: dict, key_marks: dict) -> Any:
+def _construct(
+    node: yaml.Node, loc: Loc, source: str, marks: dict, key_marks: dict, active: frozenset = frozenset()
+) -> Any:
     marks[loc] = (source, node.start_mark.line + 1, node.start_mark.column + 1)
+    if id(node) in active:
+        raise SpecError([_problem_at(node, source, loc, "recursive YAML alias")])
+    active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -43,11 +48,15 @@ def _construct(node: yaml.Node, loc: Loc, source: str, marks: dict, key_marks: d
             if key in out:
                 raise SpecError([_problem_at(key_node, source, (*loc, key), "duplicate key")])
             key_marks[(*loc, key)] = (source, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            out[key] = _construct(value_node, (*loc, key), source, marks, key_marks)
+            out[key] = _construct(value_node, (*loc, key), source, marks, key_marks, active)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, (*loc, i), source, marks, key_marks) for i, item in enumerate(node.value)]
-    return _scalar(node)
+        return [_construct(item, (*loc, i), source, marks, key_marks, active) for i, item in enumerate(node.value)]
+    try:
+        return _scalar(node)
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as exc:
+        message = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([_problem_at(node, source, loc, f"cannot read value {node.value!r}: {message}")]) from None
 
 
 def _scalar(node: yaml.ScalarNode) -> Any:
@@ -99,11 +108,15 @@ def apply_override(marked: Marked, assignment: str, index: int) -> None:
     value = value_marked.data["v"]
     target: Any = marked.data
     for depth, part in enumerate(parts[:-1]):
+        here = _dotted(parts[: depth + 1])
+        if not isinstance(target, dict | list):
+            raise SpecError([SpecProblem(source, 1, 1, here, "cannot set a field inside a scalar")])
         nxt = target[part] if _has(target, part) else None
         if nxt is None:
             if isinstance(target, list):
-                raise SpecError([SpecProblem(source, 1, 1, _dotted(parts[: depth + 1]), "no such list item")])
+                raise SpecError([SpecProblem(source, 1, 1, here, "no such list item")])
             target[part] = nxt = {}
+            marked.marks[tuple(parts[: depth + 1])] = (source, 1, 1)
         target = nxt
     last = parts[-1]
     if isinstance(target, list) and not _has(target, last):
@@ -130,7 +143,9 @@ def _dotted(loc: Loc | list) -> str:
     return ".".join(str(p) for p in loc)
 
 
-def locate(marked: Marked, loc: Loc, at_key: bool = False) -> tuple[tuple[str, int, int], str]:
+def locate(
+    marked: Marked, loc: Loc, at_key: bool = False, field_error: bool = False
+) -> tuple[tuple[str, int, int], str]:
     """Map a pydantic error location to the YAML mark and a dotted path of real keys.
 
     Pydantic adds union tags (e.g. `synthetic-shapes`) and validator names to locations;
@@ -142,7 +157,7 @@ def locate(marked: Marked, loc: Loc, at_key: bool = False) -> tuple[tuple[str, i
         if _has(node, part):
             node = node[part]
             real.append(part)
-        elif isinstance(node, dict) and isinstance(part, str) and part == loc[-1]:
+        elif field_error and isinstance(node, dict) and isinstance(part, str) and part == loc[-1]:
             real.append(part)  # a missing or unknown field: report it at its parent
             break
     if at_key and tuple(real) in marked.key_marks:
@@ -167,7 +182,9 @@ def validate(marked: Marked, spec_path: Path) -> Recipe:
             loc = tuple(err["loc"])
             if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
                 loc = (*loc, err.get("ctx", {}).get("discriminator", "'kind'").strip("'"))
-            (source, line, col), dotted = locate(marked, loc, at_key=err["type"] == "extra_forbidden")
+            kind = err["type"]
+            field_error = kind in ("extra_forbidden", "missing") or loc != tuple(err["loc"])
+            (source, line, col), dotted = locate(marked, loc, kind == "extra_forbidden", field_error)
             problems.append(SpecProblem(source, line, col, dotted, _message(err)))
         problems.sort(key=lambda p: (p.source.startswith("--set"), p.source, p.line, p.col))
         raise SpecError(problems) from None
