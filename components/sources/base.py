@@ -12,12 +12,14 @@ A reader has two halves:
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmflow.errors import UserError
 from vlmflow.registry import Registry
 
 
@@ -84,3 +86,33 @@ def read_file_bytes(path: Path) -> tuple[bytes | None, str | None]:
         return None, f"no such file: {path}"
     except (IsADirectoryError, PermissionError, OSError) as exc:
         return None, f"cannot read {path}: {exc.strerror or exc}"
+
+
+def unique_keys(keys: Iterable[str]) -> list[str]:
+    """The keys, in order, with later duplicates renamed `KEY-2`, `KEY-3`... (never a natural key)."""
+    keys = list(keys)
+    taken = set(keys)
+    seen: set[str] = set()
+    result = []
+    for key in keys:
+        if key in seen:
+            n = 2
+            while f"{key}-{n}" in taken:
+                n += 1
+            key = f"{key}-{n}"
+            taken.add(key)
+        seen.add(key)
+        result.append(key)
+    return result
+
+
+def load_json(path: Path) -> Any:
+    """The parsed JSON file; a UserError naming the file (and line/column) when it cannot be parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None

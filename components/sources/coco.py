@@ -8,10 +8,8 @@ caption / instance annotations become one row each keyed `annotation-INDEX` /
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from vlmflow.components.sources.base import (
     SOURCES,
@@ -21,26 +19,15 @@ from vlmflow.components.sources.base import (
     SourceReader,
     Unit,
     chunk,
+    load_json,
     read_file_bytes,
     safe_key,
+    unique_keys,
 )
-from vlmflow.components.sources.image_folder import unique_keys
 from vlmflow.errors import UserError
 from vlmflow.specs.data import CocoSource
 
 MALFORMED = "malformed-annotation"
-
-
-def load_json(path: Path) -> Any:
-    """The parsed JSON file; a UserError naming the file (and line/column) when it cannot be parsed."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text: {exc}") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _is_id(value: object) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from vlmflow.components.sources.base import (
@@ -24,29 +24,12 @@ from vlmflow.components.sources.base import (
     chunk,
     read_file_bytes,
     safe_key,
+    unique_keys,
 )
 from vlmflow.errors import UserError
 from vlmflow.specs.data import ImageFolderSource
 
 MALFORMED = "malformed-annotation"
-
-
-def unique_keys(keys: Iterable[str]) -> list[str]:
-    """The keys, in order, with later duplicates renamed `KEY-2`, `KEY-3`... (never a natural key)."""
-    keys = list(keys)
-    taken = set(keys)
-    seen: set[str] = set()
-    result = []
-    for key in keys:
-        if key in seen:
-            n = 2
-            while f"{key}-{n}" in taken:
-                n += 1
-            key = f"{key}-{n}"
-            taken.add(key)
-        seen.add(key)
-        result.append(key)
-    return result
 
 
 def _extensions(spec: ImageFolderSource) -> set[str]:

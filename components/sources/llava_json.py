@@ -18,11 +18,11 @@ from vlmflow.components.sources.base import (
     SourceReader,
     Unit,
     chunk,
+    load_json,
     read_file_bytes,
     safe_key,
+    unique_keys,
 )
-from vlmflow.components.sources.coco import load_json
-from vlmflow.components.sources.image_folder import unique_keys
 from vlmflow.errors import UserError
 from vlmflow.specs.data import LlavaJsonSource
 

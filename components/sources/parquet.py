@@ -25,8 +25,8 @@ from vlmflow.components.sources.base import (
     Unit,
     read_file_bytes,
     safe_key,
+    unique_keys,
 )
-from vlmflow.components.sources.image_folder import unique_keys
 from vlmflow.errors import UserError
 from vlmflow.specs.data import ParquetSource
 

@@ -24,8 +24,16 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 
-from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, SourceReader, Unit, safe_key
-from vlmflow.components.sources.image_folder import unique_keys
+from vlmflow.components.sources.base import (
+    SOURCES,
+    RawRow,
+    Rejected,
+    SourceContext,
+    SourceReader,
+    Unit,
+    safe_key,
+    unique_keys,
+)
 from vlmflow.errors import UserError
 from vlmflow.specs.data import WebDatasetSource
 

@@ -546,15 +546,11 @@ def test_override_with_empty_path_component(minimal):
     assert problem.message == "empty path component"
 
 
-def test_override_inside_a_scalar(minimal):
-    problem = only_problem(minimal, ["name.first=1"])
+@pytest.mark.parametrize("assignment", ["name.first=1", "name.first.x=1"])
+def test_override_inside_a_scalar(minimal, assignment):
+    problem = only_problem(minimal, [assignment])
     assert problem.source == "--set[0]"
     assert problem.message == "cannot set a field inside a scalar"
-
-
-def test_override_deep_inside_a_scalar(minimal):
-    problem = only_problem(minimal, ["name.first.x=1"])
-    assert problem.source == "--set[0]"
 
 
 def test_override_with_bad_yaml_value(minimal):
