@@ -30,7 +30,7 @@ from vlmflow.specs.data import DedupSpec
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import Stage, StageContext, StageResult
 
-VERSION = "1"
+VERSION = "2"  # 2: writes shards.parquet (the ingest shards its manifest references)
 
 
 def _scheduler() -> object:
@@ -181,6 +181,8 @@ def run(ctx: StageContext) -> StageResult:
     kept = manifest.filter(~pl.col("key").is_in(dups["key"].implode()))
     kept.write_parquet(ctx.out / "manifest.parquet", statistics=False)
     quarantine.write_parquet(ctx.out / "quarantine.parquet", statistics=False)
+    shards = pl.read_parquet(source.path / "shards.parquet")
+    shards.filter(pl.col("shard").is_in(kept["shard"].unique().implode())).write_parquet(ctx.out / "shards.parquet")
     report.write_quarantine_summary(quarantine, ctx.out / "quarantine_summary.json")
     seconds = max(time.monotonic() - started, 1e-9)
     near = quarantine.filter(pl.col("detail").str.starts_with("near")).height

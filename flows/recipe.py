@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from vlmflow.components import dedup, ingest, tokenize
+from vlmflow.components.train.stage import stage_for
 from vlmflow.runtime.prefect import RecipeRun
 from vlmflow.specs.recipe import Recipe
 
@@ -18,5 +19,10 @@ def recipe_flow(recipe: Recipe, workdir: Path, spec_path: str) -> dict:
         if recipe.data.dedup is not None:
             data["dedup"] = run.stage(dedup.STAGE, ingest=data["ingest"])
         if recipe.tokenizer is not None:
-            run.stage(tokenize.STAGE, **data)
+            tokenizer = run.stage(tokenize.STAGE, **data)
+        trained: dict = {}
+        for i, stage in enumerate(recipe.stages):
+            start = list(trained.values())[-1:] if stage.init_from == "previous" else [trained.get(stage.init_from)]
+            init = {"init": start[0]} if start and start[0] is not None else {}
+            trained[stage.name] = run.stage(stage_for(recipe, i), tokenizer=tokenizer, data=data[stage.data], **init)
     return run.summary

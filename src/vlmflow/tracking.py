@@ -77,6 +77,31 @@ class Tracker:
             if path.is_file():
                 self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_history(self, run_id: str, rows: list[dict], step_key: str = "step") -> None:
+        """Per-step metrics (training curves): one MLflow metric series per numeric key."""
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), now, int(row[step_key]))
+            for row in rows
+            for k, v in row.items()
+            if k != step_key and isinstance(v, int | float)
+        ]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+    def register_model(self, run_id: str, name: str, artifact_path: str, tags: dict[str, str]) -> str:
+        """A new version of registered model `name` from a run's artifact folder; returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                raise
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(name, source, run_id=run_id, tags=tags)
+        return str(version.version)
+
     def finish(self, run_id: str, ok: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
         self.client.set_terminated(run_id, status)

@@ -146,12 +146,27 @@ class RecipeRun:
         self.tracker.log(
             child, params=flatten(stage.spec(self.recipe)), tags=tags, metrics={**rows, **stats["metrics"]}
         )
-        self.tracker.log_files(child, [path / a for a in stats.get("artifacts", [])])
+        self._log_outputs(child, path, stats, status)
         self.tracker.finish(child, status != "failed")
         entry["mlflow_run_id"] = child
         self.summary["stages"].append(entry)
         self._save()
         return child
+
+    def _log_outputs(self, child: str, path: Path, stats: dict, status: str) -> None:
+        """Artifacts (keeping their sub-folders), a per-step history, and a registered model."""
+        assert self.tracker is not None
+        for name in stats.get("artifacts", []):
+            folder = Path(name).parent
+            self.tracker.log_files(child, [path / name], None if folder == Path(".") else str(folder))
+        details = stats.get("details") or {}
+        if details.get("history") and (path / details["history"]).is_file():
+            lines = (path / details["history"]).read_text().splitlines()
+            self.tracker.log_history(child, [json.loads(line) for line in lines if line.strip()])
+        model = details.get("register_model")
+        if model and status == "computed":
+            version = self.tracker.register_model(child, model["name"], model["artifact_path"], model["tags"])
+            self.summary.setdefault("registered_models", []).append({"name": model["name"], "version": version})
 
     def record_failure(self, stage: Stage, digest: str, inputs: dict[str, StageOutput], error: BaseException) -> None:
         stats = {"metrics": {}, "artifacts": [], "seconds": 0.0}

@@ -16,7 +16,7 @@ import pydantic
 import yaml
 
 from vlmflow.errors import SpecError, SpecProblem
-from vlmflow.specs.recipe import Recipe
+from vlmflow.specs.recipe import Recipe, cross_checks
 
 Loc = tuple[str | int, ...]
 
@@ -175,7 +175,7 @@ def validate(marked: Marked, spec_path: Path) -> Recipe:
     allow_outside = isinstance(raw_runtime, dict) and raw_runtime.get("allow_outside_paths") is True
     context = {"spec_dir": spec_path.resolve().parent, "allow_outside_paths": allow_outside}
     try:
-        return Recipe.model_validate(marked.data, context=context)
+        recipe = Recipe.model_validate(marked.data, context=context)
     except pydantic.ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False):
@@ -186,8 +186,18 @@ def validate(marked: Marked, spec_path: Path) -> Recipe:
             field_error = kind in ("extra_forbidden", "missing") or loc != tuple(err["loc"])
             (source, line, col), dotted = locate(marked, loc, kind == "extra_forbidden", field_error)
             problems.append(SpecProblem(source, line, col, dotted, _message(err)))
-        problems.sort(key=lambda p: (p.source.startswith("--set"), p.source, p.line, p.col))
-        raise SpecError(problems) from None
+        raise SpecError(_sorted(problems)) from None
+    problems = []
+    for loc, message in cross_checks(recipe):
+        (source, line, col), dotted = locate(marked, loc, False, False)
+        problems.append(SpecProblem(source, line, col, dotted, message))
+    if problems:
+        raise SpecError(_sorted(problems))
+    return recipe
+
+
+def _sorted(problems: list[SpecProblem]) -> list[SpecProblem]:
+    return sorted(problems, key=lambda p: (p.source.startswith("--set"), p.source, p.line, p.col))
 
 
 def _message(err: dict) -> str:

@@ -8,6 +8,8 @@ from pydantic import Field
 
 from vlmflow.specs.base import ExistingPath, SpecPath, StrictModel
 from vlmflow.specs.data import NAME_PATTERN, DataSpec
+from vlmflow.specs.model import ModelSpec
+from vlmflow.specs.train import TrainRuntime, TrainStageSpec
 
 DEFAULT_SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<image>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -46,18 +48,77 @@ class MlflowSpec(StrictModel):
 class RuntimeSpec(StrictModel):
     workdir: SpecPath | None = Field(None, description="default: --workdir or ./vlmflow-work")
     ray: RaySpec = Field(default_factory=RaySpec)
+    train: TrainRuntime = Field(default_factory=TrainRuntime)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
     allow_outside_paths: bool = Field(False, description="allow paths outside the spec's folder")
     progress: Literal["auto", "bar", "log"] = "auto"
 
 
 class Recipe(StrictModel):
-    """A VLM recipe. Later sections (capfilt, instruct, model, stages, evaluate, schedule)
-    join this model as discriminated unions over their registries."""
+    """A VLM recipe: data, tokenizer, model and training stages, run in this order."""
 
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     seed: int = 0
     data: DataSpec
     tokenizer: Tokenizer | None = None
+    model: ModelSpec | None = None
+    stages: list[TrainStageSpec] = Field(default_factory=list)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+
+    def data_artifacts(self) -> list[str]:
+        """The data stages this recipe produces, which training stages may name as `data:`."""
+        return ["ingest"] + (["dedup"] if self.data.dedup is not None else [])
+
+
+OBJECTIVE_NEEDS = {"lm": "language", "itc": "text", "siglip": "text", "itm": "text"}
+
+
+def cross_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Problems between sections (field location, message); field-level checks live in the models."""
+    problems: list[tuple[tuple, str]] = []
+    if recipe.stages and recipe.model is None:
+        problems.append((("stages",), "training stages need a model: section"))
+    if recipe.stages and recipe.tokenizer is None:
+        problems.append((("stages",), "training stages need a tokenizer: section"))
+    seen: list[str] = []
+    workers = recipe.runtime.train.num_workers
+    for i, stage in enumerate(recipe.stages):
+        loc = ("stages", i)
+        if stage.name in seen:
+            problems.append(((*loc, "name"), f"stage name {stage.name!r} is used twice"))
+        if stage.data not in recipe.data_artifacts():
+            known = ", ".join(recipe.data_artifacts())
+            problems.append(((*loc, "data"), f"unknown data artifact {stage.data!r}; this recipe produces: {known}"))
+        if stage.init_from not in (None, "previous", *seen):
+            problems.append(((*loc, "init_from"), f"{stage.init_from!r} is not an earlier stage"))
+        if stage.batch_size % (workers * stage.micro_batch_size):
+            problems.append(
+                (
+                    (*loc, "batch_size"),
+                    f"batch_size {stage.batch_size} is not a multiple of runtime.train.num_workers ({workers}) "
+                    f"x micro_batch_size ({stage.micro_batch_size})",
+                )
+            )
+        if recipe.model is not None:
+            problems += _model_checks(recipe.model, stage, loc)
+        seen.append(stage.name)
+    return problems
+
+
+def _model_checks(model: ModelSpec, stage: TrainStageSpec, loc: tuple) -> list[tuple[tuple, str]]:
+    problems = []
+    for j, objective in enumerate(stage.objectives):
+        part = OBJECTIVE_NEEDS[objective.kind]
+        if getattr(model, part) is None:
+            problems.append(((*loc, "objectives", j, "kind"), f"{objective.kind} needs model.{part}"))
+    parts = {"vision": True, "connector": model.connector is not None and model.language is not None}
+    parts |= {"language": model.language is not None, "text": model.text is not None, "heads": model.text is not None}
+    for j, name in enumerate(stage.trainable):
+        if not parts[name]:
+            problems.append(((*loc, "trainable", j), f"the model has no {name} part"))
+    if stage.lora is not None and not parts[stage.lora.module]:
+        problems.append(((*loc, "lora", "module"), f"the model has no {stage.lora.module} part"))
+    if model.vision.kind == "none" and "vision" in stage.trainable:
+        problems.append(((*loc, "trainable"), "vision kind none has no weights to train"))
+    return problems

@@ -1,0 +1,237 @@
+"""Training data: random access into WebDataset shards, samples -> tensors, deterministic batches.
+
+A data artifact (ingest, dedup, instruct) holds `manifest.parquet` (key, shard, split) and
+`shards.parquet` (shard, sha256). `build_index` checks every shard's sha256 once and
+records where each sample's image and JSON members sit in its tar, so workers read any
+sample with one seek: the order of samples is then a pure function of (seed, epoch) and a
+resumed run continues at exactly the batch where it stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+from vlmflow.artifacts import file_sha256
+from vlmflow.components.shards import ShardCorrupt
+from vlmflow.errors import UserError
+from vlmflow.models.objectives import IGNORE
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+INDEX_SCHEMA = {
+    "key": pl.String,
+    "split": pl.String,
+    "shard": pl.String,
+    "image_offset": pl.Int64,
+    "image_size": pl.Int64,
+    "json_offset": pl.Int64,
+    "json_size": pl.Int64,
+    "n_captions": pl.Int64,
+    "n_qa": pl.Int64,
+    "n_turns": pl.Int64,
+}
+FORMAT_COLUMN = {"caption": "n_captions", "qa": "n_qa", "conversations": "n_turns"}
+
+
+def build_index(data_dir: Path, store_root: Path) -> pl.DataFrame:
+    """One row per manifest sample: where its image and JSON bytes are. Verifies shard sha256s."""
+    manifest = pl.read_parquet(data_dir / "manifest.parquet", columns=["key", "shard", "split"])
+    shards = pl.read_parquet(data_dir / "shards.parquet", columns=["shard", "sha256"])
+    sha = dict(zip(shards["shard"], shards["sha256"], strict=True))
+    wanted = set(manifest["key"].to_list())
+    rows: list[dict] = []
+    for shard in manifest["shard"].unique(maintain_order=True).to_list():
+        path = store_root / shard
+        if shard not in sha:
+            raise UserError(f"{data_dir / 'shards.parquet'}: shard {shard} of the manifest is not listed")
+        if file_sha256(path) != sha[shard]:
+            raise ShardCorrupt(f"{path}: sha256 does not match {data_dir / 'shards.parquet'}")
+        rows += _members(path, shard, wanted)
+    located = pl.DataFrame(rows, schema={k: v for k, v in INDEX_SCHEMA.items() if k != "split"}, orient="row")
+    index = manifest.select("key", "split").join(located, on="key", how="left")
+    missing = index.filter(pl.col("image_offset").is_null() | pl.col("json_offset").is_null())
+    if missing.height:
+        raise ShardCorrupt(
+            f"{missing.height} manifest samples lack an image or JSON in their shard, e.g. {missing[0, 0]}"
+        )
+    return index.select(list(INDEX_SCHEMA))
+
+
+def _members(path: Path, shard: str, wanted: set[str]) -> list[dict]:
+    found: dict[str, dict] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if key not in wanted or not member.isfile():
+                continue
+            row = found.setdefault(key, {"key": key, "shard": shard})
+            if ext == "json":
+                row["json_offset"], row["json_size"] = member.offset_data, member.size
+                record = json.loads(tar.extractfile(member).read())
+                row["n_captions"] = sum(1 for c in record.get("captions") or [] if c)
+                row["n_qa"] = len(record.get("qa") or [])
+                row["n_turns"] = sum(t.get("role") == "assistant" for t in record.get("conversations") or [])
+            elif ext in IMAGE_EXTS:
+                row["image_offset"], row["image_size"] = member.offset_data, member.size
+    return [{k: r.get(k) for k in INDEX_SCHEMA if k != "split"} for r in found.values()]
+
+
+def read_member(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def preprocess(data: bytes, spec: ImageSpec) -> np.ndarray:
+    """Decode, RGB, bicubic resize to a square, scale to [0, 1], normalise; CHW float32."""
+    with Image.open(io.BytesIO(data)) as image:
+        rgb = image.convert("RGB").resize((spec.size, spec.size), Image.Resampling.BICUBIC)
+    array = np.asarray(rgb, dtype=np.float32) / 255.0
+    array = (array - np.array(spec.mean, dtype=np.float32)) / np.array(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+class TextCodec:
+    """Chat-formatted token ids and labels: <bos> (<|user|> … <|assistant|> answer <eos>)+."""
+
+    def __init__(self, tokenizer_file: Path, special: dict[str, int], image_tokens: int, max_text: int):
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.special, self.image_tokens, self.max_text = special, image_tokens, max_text
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def chat(self, turns: list[dict]) -> tuple[list[int], list[int]]:
+        """(input ids, labels): only assistant content and its <eos> are learned; the image
+        tokens open the first user turn."""
+        s = self.special
+        ids, labels = [s["<bos>"]], [IGNORE]
+        image_placed = False
+        for turn in turns:
+            content = turn["content"].replace("<image>", "").strip()
+            if turn["role"] == "user":
+                piece = [s["<|user|>"]]
+                if not image_placed:
+                    piece += [s["<image>"]] * self.image_tokens + self.ids("\n")
+                    image_placed = True
+                piece += [*self.ids(content), s["<|assistant|>"]]
+                ids, labels = ids + piece, labels + [IGNORE] * len(piece)
+            elif turn["role"] == "assistant":
+                piece = [*self.ids(content), s["<eos>"]]
+                ids, labels = ids + piece, labels + piece
+        limit = 1 + self.image_tokens + self.max_text
+        return ids[:limit], labels[:limit]
+
+    def prompt(self, question: str) -> list[int]:
+        """A one-turn prompt ending at <|assistant|>, for generation."""
+        ids, _ = self.chat([{"role": "user", "content": question}])
+        return ids
+
+
+def sample_turns(record: dict, fmt: str, prompt: str, epoch: int) -> list[dict] | None:
+    """The conversation a sample trains on, or None when it has nothing for this format."""
+    if fmt == "caption":
+        caption = pick_caption(record, epoch)
+        return (
+            None
+            if caption is None
+            else [{"role": "user", "content": prompt}, {"role": "assistant", "content": caption}]
+        )
+    if fmt == "qa":
+        turns = []
+        for qa in record.get("qa") or []:
+            turns += [{"role": "user", "content": qa["question"]}, {"role": "assistant", "content": qa["answer"]}]
+        return turns or None
+    turns = [t for t in record.get("conversations") or [] if t.get("role") in ("user", "assistant")]
+    return turns or None
+
+
+def pick_caption(record: dict, epoch: int) -> str | None:
+    captions = [c for c in record.get("captions") or [] if c]
+    return captions[epoch % len(captions)] if captions else None
+
+
+def usable(fmt: str) -> pl.Expr:
+    """Rows that have something to train on in this format (a caption, QA pairs, assistant turns)."""
+    return pl.col(FORMAT_COLUMN[fmt]) > 0
+
+
+class ShardSamples:
+    """Usable samples of one split, read by position from the indexed shards."""
+
+    def __init__(self, index: pl.DataFrame, store_root: Path, split: str, fmt: str):
+        self.rows = index.filter((pl.col("split") == split) & usable(fmt)).to_dicts()
+        self.store_root = store_root
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, i: int) -> tuple[str, bytes, dict]:
+        row = self.rows[i]
+        path = self.store_root / row["shard"]
+        image = read_member(path, row["image_offset"], row["image_size"])
+        record = json.loads(read_member(path, row["json_offset"], row["json_size"]))
+        return row["key"], image, record
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 7919]).permutation(n)
+
+
+def worker_micro_batches(
+    order: np.ndarray, step_in_epoch: int, batch_size: int, micro: int, rank: int, world: int
+) -> list[np.ndarray]:
+    """This worker's micro-batches of one global batch: rows rank, rank+world, … split by `micro`."""
+    batch = order[step_in_epoch * batch_size : (step_in_epoch + 1) * batch_size]
+    mine = batch[rank::world]
+    return [mine[i : i + micro] for i in range(0, len(mine), micro)]
+
+
+class Collator:
+    """Turns positions into a padded batch for the model (pixels, chat ids/labels, caption ids)."""
+
+    def __init__(self, samples: ShardSamples, image: ImageSpec, codec: TextCodec, stage_format: str, prompt: str,
+                 text_length: int | None):  # fmt: skip
+        self.samples, self.image, self.codec = samples, image, codec
+        self.format, self.prompt, self.text_length = stage_format, prompt, text_length
+
+    def __call__(self, positions: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        pixels, chats, captions = [], [], []
+        for i in positions:
+            _key, image, record = self.samples.read(int(i))
+            pixels.append(preprocess(image, self.image))
+            chats.append(self.codec.chat(sample_turns(record, self.format, self.prompt, epoch) or []))
+            caption = pick_caption(record, epoch) or ""
+            captions.append(self.codec.ids(caption)[: self.text_length or 1])
+        pad = self.codec.special["<pad>"]
+        batch = {"pixels": torch.from_numpy(np.stack(pixels))}
+        batch["input_ids"], batch["attention_mask"] = pad_rows([c[0] for c in chats], pad)
+        batch["labels"], _ = pad_rows([c[1] for c in chats], IGNORE)
+        batch["text_ids"], batch["text_mask"] = pad_rows([c or [pad] for c in captions], pad)
+        return batch
+
+
+def pad_rows(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask

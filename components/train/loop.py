@@ -1,0 +1,177 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Deterministic: the sample order is a function of (seed, epoch), each step reseeds torch from
+(seed, step, rank), and a checkpoint holds everything else (weights, optimizer, scheduler,
+step), so a run resumed from step k continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from vlmflow.components.train import checkpoint as ckpt
+from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, epoch_order
+from vlmflow.components.train.data import worker_micro_batches as micro_batches
+from vlmflow.components.train.setup import build_stage_model, merge_lora, write_model_folder
+from vlmflow.models.vlm import Vocab, count_parameters
+from vlmflow.specs.model import ModelSpec
+from vlmflow.specs.train import TrainStageSpec
+
+
+@dataclass
+class WorkerConfig:
+    model: dict
+    stage: dict
+    vocab: dict
+    image: dict
+    seed: int
+    tokenizer: str
+    index: str
+    store_root: str
+    out: str
+    init: str | None
+    strategy: str
+    threads: int
+    total_steps: int
+    steps_per_epoch: int
+
+
+def lr_factor(step: int, total: int, stage: TrainStageSpec) -> float:
+    schedule = stage.schedule
+    if step < schedule.warmup_steps:
+        return (step + 1) / schedule.warmup_steps
+    if schedule.kind == "constant":
+        return 1.0
+    progress = (step - schedule.warmup_steps) / max(1, total - schedule.warmup_steps)
+    return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def train_worker(raw: dict) -> None:
+    cfg = WorkerConfig(**raw)
+    torch.set_num_threads(cfg.threads)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    stage = TrainStageSpec.model_validate(cfg.stage)
+    spec = ModelSpec.model_validate(cfg.model)
+    vocab = Vocab(cfg.vocab["size"], cfg.vocab["special"])
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    model = build_stage_model(spec, vocab, stage, Path(cfg.init) if cfg.init else None)
+    counts = count_parameters(model)
+    kwargs = {"find_unused_parameters": True} if cfg.strategy == "ddp" else None
+    wrapped = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy, parallel_strategy_kwargs=kwargs)
+    device = ray.train.torch.get_device()
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    opt = stage.optimizer
+    optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.total_steps, stage))
+
+    out = Path(cfg.out)
+    checkpoints = out / "checkpoints"
+    start = resume(checkpoints, wrapped, optimizer, scheduler)
+    samples = ShardSamples(pl.read_parquet(cfg.index), Path(cfg.store_root), "train", stage.format)
+    image = ImageSpec(cfg.image["size"], tuple(cfg.image["mean"]), tuple(cfg.image["std"]))
+    codec = TextCodec(Path(cfg.tokenizer), vocab.special, model.num_image_tokens, stage.max_text_tokens)
+    text_length = spec.text.max_length if spec.text else None
+    collate = Collator(samples, image, codec, stage.format, stage.prompt, text_length)
+    kinds = [o.kind for o in stage.objectives]
+    weights = {o.kind: o.weight for o in stage.objectives}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if stage.precision == "bf16" else None
+    history = out / "history.jsonl"
+    if rank == 0 and start == 0:
+        history.unlink(missing_ok=True)
+        (out / "parameters.json").write_text(json.dumps(counts, indent=2))
+
+    for step in range(start, cfg.total_steps):
+        started = time.perf_counter()
+        torch.manual_seed(step_seed(cfg.seed, step, rank))
+        epoch, position = divmod(step, cfg.steps_per_epoch)
+        order = epoch_order(len(samples), cfg.seed, epoch)
+        parts = micro_batches(order, position, stage.batch_size, stage.micro_batch_size, rank, world)
+        sums = {k: 0.0 for k in kinds}
+        tokens = 0
+        for i, positions in enumerate(parts):
+            batch = {k: v.to(device) for k, v in collate(positions, epoch).items()}
+            tokens += int(batch["attention_mask"].sum())
+            last = i == len(parts) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+            with sync:
+                with autocast or contextlib.nullcontext():
+                    losses = wrapped(batch, kinds)
+                total = sum(weights[k] * losses[k] for k in kinds) / len(parts)
+                total.backward()
+            for k in kinds:
+                sums[k] += float(losses[k].detach()) / len(parts)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, opt.grad_clip or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = averaged({**{f"loss_{k}": v for k, v in sums.items()}, "tokens": float(tokens)}, world)
+        seconds = time.perf_counter() - started
+        row.update(
+            step=step + 1,
+            epoch=epoch,
+            lr=lr,
+            grad_norm=float(grad_norm),
+            loss=sum(weights[k] * row[f"loss_{k}"] for k in kinds),
+            samples_per_s=stage.batch_size / seconds,
+            tokens_per_s=row["tokens"] * world / seconds,
+        )
+        if rank == 0:
+            with open(history, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(f"train {stage.name}: step {step + 1}/{cfg.total_steps} loss {row['loss']:.4f} lr {lr:.2e}")
+        done = step + 1 == cfg.total_steps
+        if (step + 1) % stage.checkpoint_every == 0 or done:
+            save_checkpoint(checkpoints, step + 1, wrapped, optimizer, scheduler, rank)
+            ray.train.report({"step": step + 1, "loss": row["loss"]})
+    if rank == 0:
+        write_model_folder(out / "model", merge_lora(model), spec, vocab, cfg.image, model.num_image_tokens)
+
+
+def averaged(values: dict[str, float], world: int) -> dict[str, float]:
+    """Losses averaged over workers; token counts summed then divided (per-worker mean)."""
+    if world == 1:
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return dict(zip(values, (tensor / world).tolist(), strict=True))
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, rank: int) -> None:  # noqa: ANN001
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    if rank == 0:
+        ckpt.save_state(ckpt.step_folder(root, step), model_state, optim_state, scheduler.state_dict(), {"step": step})
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resume(root: Path, model: torch.nn.Module, optimizer, scheduler) -> int:  # noqa: ANN001
+    """Load the latest checkpoint into every worker; the step to continue from (0: none)."""
+    folder = ckpt.latest(root)
+    if folder is None:
+        return 0
+    model_state, optim_state, scheduler_state, extra = ckpt.load_state(folder)
+    options = StateDictOptions(full_state_dict=True, strict=True)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
+    scheduler.load_state_dict(scheduler_state)
+    print(f"resumed from {folder.name}")
+    return int(extra["step"])

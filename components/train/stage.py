@@ -1,0 +1,203 @@
+"""A training stage of the recipe: Ray Train TorchTrainer over the stage's data, then held-out checks.
+
+Inputs: `tokenizer`, `data` (a data artifact: ingest, dedup or instruct) and, unless the
+stage starts fresh, `init` (the stage it starts from). Output folder: `model/` (plain
+safetensors + vlmflow_model.json, LoRA merged), `checkpoints/step-N/` (resumable state),
+`history.jsonl` (per-step metrics), `index.parquet`, `unused.parquet` (rows not trained
+on, with the reason) and `eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import polars as pl
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from vlmflow.components.ingest import fingerprint
+from vlmflow.components.train import evaluate
+from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, build_index, usable
+from vlmflow.components.train.loop import WorkerConfig, train_worker
+from vlmflow.components.train.setup import read_model_folder
+from vlmflow.errors import StageError, UserError
+from vlmflow.models.vision import image_spec
+from vlmflow.specs.recipe import Recipe
+from vlmflow.specs.train import TrainStageSpec
+from vlmflow.stage import Stage, StageContext, StageResult
+
+VERSION = "1"
+EVAL_SPLITS = ("val", "test")
+
+
+def stage_name(spec: TrainStageSpec) -> str:
+    return f"train-{spec.name}"
+
+
+def stage_for(recipe: Recipe, index: int) -> Stage:
+    spec = recipe.stages[index]
+    return Stage(
+        name=stage_name(spec),
+        version=VERSION,
+        spec=lambda r: stage_spec(r, index),
+        run=lambda ctx: run(ctx, index),
+    )
+
+
+def stage_spec(recipe: Recipe, index: int) -> dict:
+    train = recipe.runtime.train
+    model = recipe.model.model_dump(mode="json")
+    local = {part: fingerprint(getattr(recipe.model, part).path) for part in ("vision", "language")
+             if hasattr(getattr(recipe.model, part), "path")}  # fmt: skip
+    return {
+        "seed": recipe.seed,
+        "model": model,
+        "local_weights": local,
+        "stage": recipe.stages[index].model_dump(mode="json"),
+        "workers": {"num_workers": train.num_workers, "use_gpu": train.use_gpu, "strategy": train.strategy},
+    }
+
+
+def accounting(index: pl.DataFrame, spec: TrainStageSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rows trained on, rows not trained on with the reason)."""
+    ok = usable(spec.format)
+    train = index.filter((pl.col("split") == "train") & ok)
+    unused = index.filter(~((pl.col("split") == "train") & ok)).select(
+        "key",
+        pl.when(pl.col("split") != "train")
+        .then(pl.format("held out: split {}", pl.col("split")))
+        .otherwise(pl.lit(f"nothing to train on for format {spec.format}"))
+        .alias("reason"),
+    )
+    return train, unused
+
+
+def run(ctx: StageContext, index_in_recipe: int) -> StageResult:
+    recipe = ctx.recipe
+    spec = recipe.stages[index_in_recipe]
+    train_rt = recipe.runtime.train
+    index = build_index(ctx.inputs["data"].path, ctx.store.root)
+    index.write_parquet(ctx.out / "index.parquet")
+    train_rows, unused = accounting(index, spec)
+    unused.write_parquet(ctx.out / "unused.parquet")
+    steps_per_epoch = train_rows.height // spec.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"stages[{index_in_recipe}] ({spec.name}): batch_size {spec.batch_size} is larger than the "
+            f"{train_rows.height} training samples of {ctx.inputs['data'].stage} in format {spec.format}"
+        )
+    total = spec.max_steps or spec.epochs * steps_per_epoch
+    tokenizer = ctx.inputs["tokenizer"].path
+    special = json.loads((tokenizer / "special_tokens.json").read_text())
+    vocab_size = json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"].__len__()
+    vocab = {"size": max(vocab_size, max(special.values()) + 1), "special": special}
+    image = image_spec(recipe.model.vision)
+    init = ctx.inputs.get("init")
+    config = WorkerConfig(
+        model=recipe.model.model_dump(mode="json"),
+        stage=spec.model_dump(mode="json"),
+        vocab=vocab,
+        image={k: list(v) if isinstance(v, tuple) else v for k, v in image.items()},
+        seed=recipe.seed,
+        tokenizer=str(tokenizer / "tokenizer.json"),
+        index=str(ctx.out / "index.parquet"),
+        store_root=str(ctx.store.root),
+        out=str(ctx.out),
+        init=str(init.path / "model") if init else None,
+        strategy=train_rt.strategy,
+        threads=train_rt.cpus_per_worker,
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+    )
+    fit(config, recipe, f"{stage_name(spec)}-{ctx.digest[:12]}", ctx.out / "ray")
+    metrics = summarise(ctx.out, spec)
+    metrics.update(held_out_checks(ctx.out, index, spec, config, ctx.store.root))
+    (ctx.out / "eval.json").write_text(json.dumps(metrics, indent=2))
+    details: dict = {"history": "history.jsonl", "checkpoints": str(ctx.out / "checkpoints"), "steps": total}
+    if index_in_recipe == len(recipe.stages) - 1:
+        details["register_model"] = {
+            "name": recipe.name,
+            "artifact_path": "model",
+            "tags": {
+                "vlmflow.stage": spec.name,
+                "vlmflow.data_digest": ctx.inputs["data"].digest,
+                "vlmflow.tokenizer_digest": ctx.inputs["tokenizer"].digest,
+            },
+        }
+    return StageResult(
+        rows_in=index.height,
+        rows_out=train_rows.height,
+        rows_quarantined=unused.height,
+        metrics=metrics,
+        artifacts=[
+            "model/model.safetensors",
+            "model/vlmflow_model.json",
+            "history.jsonl",
+            "parameters.json",
+            "eval.json",
+            "unused.parquet",
+        ],
+        details=details,
+    )
+
+
+def fit(config: WorkerConfig, recipe: Recipe, name: str, storage: Path) -> None:
+    train_rt = recipe.runtime.train
+    resources = {"CPU": train_rt.cpus_per_worker, **({"GPU": 1} if train_rt.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config.__dict__,
+        torch_config=TorchConfig(backend="nccl" if train_rt.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=train_rt.num_workers, use_gpu=train_rt.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=train_rt.max_failures),
+        ),
+    )
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    try:
+        trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors in its own exception types
+        raise StageError(f"training failed after {train_rt.max_failures} restarts: {exc}") from exc
+
+
+def summarise(out: Path, spec: TrainStageSpec) -> dict[str, float]:
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
+    tail = rows[-min(10, len(rows)) :]
+    metrics = {f"final_{k}": sum(r[k] for r in tail) / len(tail) for k in tail[0] if k.startswith("loss")}
+    metrics["first_loss"] = rows[0]["loss"]
+    metrics["mean_samples_per_s"] = sum(r["samples_per_s"] for r in rows) / len(rows)
+    metrics["mean_tokens_per_s"] = sum(r["tokens_per_s"] for r in rows) / len(rows)
+    counts = json.loads((out / "parameters.json").read_text())
+    metrics.update({f"params_{k}": float(v) for k, v in counts.items()})
+    return metrics
+
+
+def held_out_checks(out: Path, index: pl.DataFrame, spec: TrainStageSpec, config: WorkerConfig, root: Path) -> dict:
+    split = next((s for s in EVAL_SPLITS if index.filter(pl.col("split") == s).height), None)
+    if split is None or spec.eval_samples == 0:
+        return {}
+    model, saved = read_model_folder(out / "model")
+    model.eval()
+    image = ImageSpec(saved["image"]["size"], tuple(saved["image"]["mean"]), tuple(saved["image"]["std"]))
+    codec = TextCodec(Path(config.tokenizer), saved["vocab"]["special"], model.num_image_tokens, spec.max_text_tokens)
+    kinds = {o.kind for o in spec.objectives}
+    metrics: dict[str, float] = {}
+    if kinds & {"itc", "siglip", "itm"}:
+        samples = ShardSamples(index, root, split, "caption")
+        text_length = model.spec.text.max_length
+        collate = Collator(samples, image, codec, "caption", spec.prompt, text_length)
+        metrics.update(evaluate.contrastive_metrics(model, collate, evaluate.held_out(samples, spec.eval_samples)))
+    if "lm" in kinds:
+        qa = ShardSamples(index, root, split, "qa")
+        metrics.update(evaluate.vqa_metrics(model, qa, evaluate.held_out(qa, spec.eval_samples), codec, image))
+        if spec.format == "caption":
+            caps = ShardSamples(index, root, split, "caption")
+            positions = evaluate.held_out(caps, min(spec.eval_samples, 32))
+            metrics.update(evaluate.caption_metrics(model, caps, positions, codec, image, spec.prompt))
+    return metrics

@@ -1,0 +1,1 @@
+"""VLM parts (vision towers, connectors, language models, heads) and their assembly."""

@@ -1,0 +1,78 @@
+"""Training objectives as pure functions of embeddings/logits, plus the small heads they need."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+
+def itc_loss(image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP InfoNCE: symmetric cross-entropy over the cosine-similarity matrix times exp(log_scale)."""
+    logits = contrastive_logits(image, text, log_scale)
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def siglip_loss(image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP: -mean over images of sum over texts of log sigmoid(z_ij * (t * cos_ij + b)), z = +1 on the diagonal."""
+    logits = contrastive_logits(image, text, log_scale) + bias
+    signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
+
+
+def contrastive_logits(image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    scale = log_scale.clamp(max=math.log(100.0)).exp()
+    return scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+
+
+def hardest_negatives(similarity: torch.Tensor, same_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each image the most similar text that is not its own (nor an identical caption), and
+    for each text the most similar such image (BLIP mines ITM negatives from ITC similarity)."""
+    blocked = similarity.masked_fill(same_text, float("-inf"))
+    return blocked.argmax(dim=1), blocked.argmax(dim=0)
+
+
+def itm_loss(match_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(match_logits, labels)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy; positions labelled IGNORE (prompt, image, padding) do not count."""
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    if (targets != IGNORE).sum() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(shifted.float(), targets, ignore_index=IGNORE)
+
+
+class ContrastiveHead(nn.Module):
+    """Projections into a shared space; CLIP's temperature (init 1/0.07) and SigLIP's bias (init -10)."""
+
+    def __init__(self, image_dim: int, text_dim: int, embed_dim: int):
+        super().__init__()
+        self.image_proj = nn.Linear(image_dim, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.bias = nn.Parameter(torch.tensor(-10.0))
+
+
+class MatchHead(nn.Module):
+    """ITM: text states cross-attend to image features (one decoder layer), first token -> 2 logits."""
+
+    def __init__(self, image_dim: int, text_dim: int, heads: int):
+        super().__init__()
+        self.image_proj = nn.Linear(image_dim, text_dim)
+        layer = nn.TransformerDecoderLayer(
+            text_dim, heads, 4 * text_dim, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.fusion = nn.TransformerDecoder(layer, 1)
+        self.classifier = nn.Linear(text_dim, 2)
+
+    def forward(self, text_states: torch.Tensor, text_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        fused = self.fusion(text_states, self.image_proj(features), tgt_key_padding_mask=text_mask == 0)
+        return self.classifier(fused[:, 0])

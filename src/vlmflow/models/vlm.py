@@ -1,0 +1,160 @@
+"""The assembled VLM: named parts (vision, connector, language, text, heads) and its losses.
+
+Image tokens enter the language model the way LLaVA (and its HF port) does: the prompt
+holds one `<image>` placeholder id per image token and their embeddings are replaced, in
+order, by the connector's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+from vlmflow.models import objectives as obj
+from vlmflow.models.connectors import build_connector
+from vlmflow.models.language import TextEncoder, build_language
+from vlmflow.models.vision import build_vision
+from vlmflow.specs.model import ModelSpec
+
+PARTS = ("vision", "connector", "language", "text", "heads")
+
+
+@dataclass(frozen=True)
+class Vocab:
+    size: int
+    special: dict[str, int]  # "<pad>", "<bos>", "<eos>", "<image>", "<|user|>", "<|assistant|>", ...
+
+    @property
+    def image_id(self) -> int:
+        return self.special["<image>"]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special["<pad>"]
+
+
+class VLM(nn.Module):
+    def __init__(self, spec: ModelSpec, vocab: Vocab):
+        super().__init__()
+        self.spec, self.vocab = spec, vocab
+        self.vision = build_vision(spec.vision)
+        self.language = build_language(spec.language, vocab.size, vocab.special) if spec.language else None
+        self.connector = None
+        if spec.connector is not None and self.language is not None:
+            width = self.language.get_input_embeddings().embedding_dim
+            self.connector = build_connector(spec.connector, self.vision.hidden_size, width, self.vision.num_tokens)
+        self.text = TextEncoder(spec.text, vocab.size, vocab.pad_id) if spec.text else None
+        self.heads = nn.ModuleDict()
+        if self.text is not None:
+            self.heads["contrastive"] = obj.ContrastiveHead(
+                self.vision.hidden_size, self.text.hidden_size, spec.embed_dim
+            )
+            self.heads["match"] = obj.MatchHead(self.vision.hidden_size, self.text.hidden_size, spec.text.heads)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.connector.out_tokens if self.connector is not None else 0
+
+    def part(self, name: str) -> nn.Module | None:
+        return getattr(self, name)
+
+    # -- image and text embeddings --------------------------------------------------------
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        features, _ = self.vision(pixels)
+        return self.connector(features)
+
+    def embed_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [B, N, D], contrastive embedding [B, E])."""
+        features, pooled = self.vision(pixels)
+        return features, self.heads["contrastive"].image_proj(pooled)
+
+    def embed_text(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        states, pooled = self.text(ids, mask)
+        return states, self.heads["contrastive"].text_proj(pooled)
+
+    # -- language model with spliced image tokens --------------------------------------------
+    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        embed = self.language.get_input_embeddings()
+        is_image = input_ids == self.vocab.image_id
+        embeds = embed(input_ids.masked_fill(is_image, self.vocab.pad_id))
+        if is_image.any():
+            tokens = self.image_tokens(pixels).to(embeds.dtype)
+            expected = tokens.shape[0] * tokens.shape[1]
+            if int(is_image.sum()) != expected:
+                raise ValueError(f"{int(is_image.sum())} <image> positions for {expected} image tokens")
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), tokens)
+        return self.language(inputs_embeds=embeds, attention_mask=attention_mask).logits
+
+    # -- objectives -------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor], kinds: list[str]) -> dict[str, torch.Tensor]:
+        """The losses of the named objectives (forward goes through DDP/FSDP wrappers)."""
+        return self.losses(batch, kinds)
+
+    def losses(self, batch: dict[str, torch.Tensor], kinds: list[str]) -> dict[str, torch.Tensor]:
+        losses: dict[str, torch.Tensor] = {}
+        if "lm" in kinds:
+            logits = self.lm_logits(batch["input_ids"], batch["attention_mask"], batch["pixels"])
+            losses["lm"] = obj.lm_loss(logits, batch["labels"])
+        if {"itc", "siglip", "itm"} & set(kinds):
+            losses.update(self._pair_losses(batch, kinds))
+        return losses
+
+    def _pair_losses(self, batch: dict[str, torch.Tensor], kinds: list[str]) -> dict[str, torch.Tensor]:
+        features, image = self.embed_image(batch["pixels"])
+        states, text = self.embed_text(batch["text_ids"], batch["text_mask"])
+        head = self.heads["contrastive"]
+        all_image, all_text = gather(image), gather(text)
+        losses = {}
+        if "itc" in kinds:
+            losses["itc"] = obj.itc_loss(all_image, all_text, head.log_scale)
+        if "siglip" in kinds:
+            losses["siglip"] = obj.siglip_loss(all_image, all_text, head.log_scale, head.bias)
+        if "itm" in kinds:
+            losses["itm"] = self._itm(features, image, states, text, batch)
+        return losses
+
+    def _itm(self, features, image, states, text, batch) -> torch.Tensor:  # noqa: ANN001
+        """Positives, plus one hard negative text per image and one hard negative image per text."""
+        mask, ids = batch["text_mask"], batch["text_ids"]
+        with torch.no_grad():
+            similarity = obj.contrastive_logits(image, text, self.heads["contrastive"].log_scale)
+            same = (ids.unsqueeze(1) == ids.unsqueeze(0)).all(dim=-1)
+            neg_text, neg_image = obj.hardest_negatives(similarity, same)
+        usable_text = ~same.all(dim=1)  # every text in the batch identical: no negative exists
+        head = self.heads["match"]
+        positive = head(states, mask, features)
+        wrong_text = head(states[neg_text], mask[neg_text], features)[usable_text]
+        wrong_image = head(states, mask, features[neg_image])[usable_text]
+        logits = torch.cat([positive, wrong_text, wrong_image])
+        labels = torch.cat(
+            [
+                torch.ones(len(positive), dtype=torch.long),
+                torch.zeros(len(wrong_text) + len(wrong_image), dtype=torch.long),
+            ]
+        ).to(logits.device)
+        return obj.itm_loss(logits, labels)
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """All workers' rows, with gradients flowing back to this worker's (contrastive batches span workers)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    counts = {"total": 0, "trainable": 0}
+    for name in PARTS:
+        part = getattr(model, name, None)
+        if part is None:
+            continue
+        params = list(part.parameters())
+        counts[f"{name}_total"] = sum(p.numel() for p in params)
+        counts[f"{name}_trainable"] = sum(p.numel() for p in params if p.requires_grad)
+        counts["total"] += counts[f"{name}_total"]
+        counts["trainable"] += counts[f"{name}_trainable"]
+    return counts

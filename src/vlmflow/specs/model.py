@@ -1,0 +1,189 @@
+"""The `model:` section: vision tower, connector, language model and text encoder, each keyed by `kind:`.
+
+Tiny parts are built from a config with random weights (tests, tiny twins); `hf-*` parts load
+a local Hugging Face folder. Paths of local weights may be missing when a spec is validated
+(full-size specs are checked on machines without the weights); building the model then
+fails with a clear error.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from vlmflow.specs.base import SpecPath, StrictModel
+
+
+class FeatureChoice(StrictModel):
+    feature_layer: int = Field(-2, description="hidden state used as image features; -2 = penultimate (LLaVA)")
+    select: Literal["patch", "all"] = Field("patch", description="patch: drop the CLS token (CLIP); all: keep it")
+
+
+class TinyVit(FeatureChoice):
+    """A small CLIP- or SigLIP-style ViT from a transformers config, random init."""
+
+    kind: Literal["tiny-vit"]
+    family: Literal["clip", "siglip"] = "clip"
+    image_size: int = Field(64, ge=8, le=1024)
+    patch_size: int = Field(8, ge=2, le=64)
+    hidden_size: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+
+    @model_validator(mode="after")
+    def _check(self) -> TinyVit:
+        if self.image_size % self.patch_size:
+            raise ValueError("image_size must be a multiple of patch_size")
+        if self.hidden_size % self.heads:
+            raise ValueError("hidden_size must be a multiple of heads")
+        return self
+
+
+class HfVision(FeatureChoice):
+    """A CLIP or SigLIP vision tower from a local Hugging Face folder (config.json + safetensors)."""
+
+    kind: Literal["hf-clip-vision", "hf-siglip-vision"]
+    path: SpecPath
+
+
+class NoVision(StrictModel):
+    """Encoder-free (Fuyu): the connector sees raw image patches."""
+
+    kind: Literal["none"]
+    image_size: int = Field(64, ge=8, le=4096)
+    patch_size: int = Field(8, ge=2, le=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> NoVision:
+        if self.image_size % self.patch_size:
+            raise ValueError("image_size must be a multiple of patch_size")
+        return self
+
+
+Vision = Annotated[TinyVit | HfVision | NoVision, Field(discriminator="kind")]
+
+
+class LinearConnector(StrictModel):
+    """LLaVA: one linear projection per visual token."""
+
+    kind: Literal["linear"]
+
+
+class MlpConnector(StrictModel):
+    """LLaVA-1.5: `layers` linear layers with GELU between them (mlp2x_gelu is layers: 2)."""
+
+    kind: Literal["mlp"]
+    layers: int = Field(2, ge=2, le=8)
+
+
+class QFormerConnector(StrictModel):
+    """BLIP-2 / MiniGPT-4: learned queries, self-attention + cross-attention to image features,
+    then a linear layer into the language model."""
+
+    kind: Literal["qformer"]
+    num_queries: int = Field(32, ge=1)
+    hidden_size: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+
+
+class ResamplerConnector(StrictModel):
+    """Flamingo / Idefics perceiver resampler: latents attend to [features; latents]."""
+
+    kind: Literal["resampler"]
+    num_latents: int = Field(16, ge=1)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+
+
+class TokenConcatConnector(StrictModel):
+    """MiniGPT-v2: concatenate k adjacent visual tokens, then project."""
+
+    kind: Literal["token-concat"]
+    k: int = Field(4, ge=1)
+
+
+class PixelShuffleConnector(StrictModel):
+    """nanoVLM / Idefics3: space-to-depth on the patch grid by `scale`, then project."""
+
+    kind: Literal["pixel-shuffle"]
+    scale: int = Field(2, ge=1)
+
+
+class PatchLinearConnector(StrictModel):
+    """Fuyu: raw image patches projected linearly into the language model (needs vision: none)."""
+
+    kind: Literal["patch-linear"]
+
+
+Connector = Annotated[
+    LinearConnector
+    | MlpConnector
+    | QFormerConnector
+    | ResamplerConnector
+    | TokenConcatConnector
+    | PixelShuffleConnector
+    | PatchLinearConnector,
+    Field(discriminator="kind"),
+]
+
+
+class TinyLlama(StrictModel):
+    """A small Llama-style causal LM from a transformers LlamaConfig, random init; the
+    vocabulary size comes from the recipe's tokenizer."""
+
+    kind: Literal["tiny-llama"]
+    hidden_size: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    kv_heads: int | None = Field(None, ge=1, description="default: heads")
+    intermediate_size: int = Field(128, ge=8)
+    max_positions: int = Field(512, ge=16)
+
+    @model_validator(mode="after")
+    def _check(self) -> TinyLlama:
+        if self.hidden_size % self.heads:
+            raise ValueError("hidden_size must be a multiple of heads")
+        return self
+
+
+class HfCausalLm(StrictModel):
+    """A causal LM from a local Hugging Face folder; its tokenizer must be the recipe's
+    (`tokenizer: {kind: pretrained, path: SAME_FOLDER}`)."""
+
+    kind: Literal["hf-causal-lm"]
+    path: SpecPath
+
+
+Language = Annotated[TinyLlama | HfCausalLm, Field(discriminator="kind")]
+
+
+class TinyTextEncoder(StrictModel):
+    """A small bidirectional transformer text encoder (dual-encoder and BLIP recipes)."""
+
+    kind: Literal["tiny-text"]
+    hidden_size: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    max_length: int = Field(64, ge=4)
+
+
+class ModelSpec(StrictModel):
+    vision: Vision
+    connector: Connector | None = Field(None, description="needed with a language model")
+    language: Language | None = Field(None, description="a causal LM for the lm objective")
+    text: TinyTextEncoder | None = Field(None, description="a text encoder for itc / siglip / itm")
+    embed_dim: int = Field(64, ge=4, description="shared embedding size of itc / siglip")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.language is not None and self.connector is None:
+            raise ValueError("a language model needs a connector to turn image features into its tokens")
+        patch_linear = self.connector is not None and self.connector.kind == "patch-linear"
+        if patch_linear != (self.vision.kind == "none"):
+            raise ValueError("connector patch-linear goes with vision kind none, and only with it")
+        if self.language is None and self.text is None:
+            raise ValueError("a model needs a language model, a text encoder, or both")
+        return self

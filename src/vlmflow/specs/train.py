@@ -1,0 +1,111 @@
+"""The `stages:` list (training stages) and `runtime.train` (Ray Train workers)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from vlmflow.specs.base import StrictModel
+from vlmflow.specs.data import NAME_PATTERN
+
+MODULES = ("vision", "connector", "language", "text", "heads")
+
+
+class ItcObjective(StrictModel):
+    """CLIP InfoNCE over the batch (all workers' samples) with a learnable temperature."""
+
+    kind: Literal["itc"]
+    weight: float = Field(1.0, gt=0)
+
+
+class SiglipObjective(StrictModel):
+    """SigLIP pairwise sigmoid loss with learnable temperature and bias."""
+
+    kind: Literal["siglip"]
+    weight: float = Field(1.0, gt=0)
+
+
+class ItmObjective(StrictModel):
+    """Binary image-text matching; negatives mined from ITC similarities (hardest non-duplicate)."""
+
+    kind: Literal["itm"]
+    weight: float = Field(1.0, gt=0)
+
+
+class LmObjective(StrictModel):
+    """Next-token loss on the response only: prompt, image and padding positions are masked."""
+
+    kind: Literal["lm"]
+    weight: float = Field(1.0, gt=0)
+
+
+Objective = Annotated[ItcObjective | SiglipObjective | ItmObjective | LmObjective, Field(discriminator="kind")]
+
+
+class LoraSpec(StrictModel):
+    """LoRA adapters (peft) on one module; its base weights stay frozen."""
+
+    module: Literal["language", "vision", "text"] = "language"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class OptimizerSpec(StrictModel):
+    kind: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class ScheduleSpec(StrictModel):
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class TrainStageSpec(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    data: str = Field("dedup", description="the data artifact: ingest, dedup or instruct")
+    format: Literal["caption", "qa", "conversations"] = Field(
+        "caption",
+        description="caption: image + caption; qa: each sample's VQA pairs as one conversation; "
+        "conversations: the sample's conversation turns (instruction data)",
+    )
+    prompt: str = Field("Describe the image.", description="the user turn of the caption format")
+    trainable: list[Literal["vision", "connector", "language", "text", "heads"]] = Field(min_length=1)
+    lora: LoraSpec | None = None
+    objectives: list[Objective] = Field(min_length=1)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(32, ge=1, description="global batch per optimizer step")
+    micro_batch_size: int = Field(8, ge=1, description="per worker per forward pass")
+    max_text_tokens: int = Field(96, ge=8, description="text tokens per sample (image tokens come on top)")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    init_from: str | None = Field("previous", description="previous (default), a stage name, or null for fresh")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
+    eval_samples: int = Field(128, ge=0, description="held-out samples scored at the end of the stage")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainStageSpec:
+        kinds = [o.kind for o in self.objectives]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("an objective kind is listed twice")
+        if self.format != "caption" and set(kinds) - {"lm"}:
+            raise ValueError(f"format {self.format} trains the lm objective only")
+        if self.lora is not None and self.lora.module in self.trainable:
+            raise ValueError(f"lora.module {self.lora.module} is also in trainable; LoRA keeps its base frozen")
+        return self
+
+
+class TrainRuntime(StrictModel):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP)")
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    cpus_per_worker: int = Field(1, ge=1)
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
