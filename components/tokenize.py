@@ -58,6 +58,8 @@ def train_bpe(texts: list[str], spec: BpeTokenizer) -> Tokenizer:
 
 
 def load_pretrained(spec: PretrainedTokenizer) -> Tokenizer:
+    if not spec.path.exists():
+        raise UserError(f"tokenizer.path: {spec.path} does not exist (a tokenizer.json or a folder holding one)")
     path = spec.path / "tokenizer.json" if spec.path.is_dir() else spec.path
     try:
         tokenizer = Tokenizer.from_file(str(path))

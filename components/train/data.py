@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,7 +156,11 @@ def sample_turns(record: dict, fmt: str, prompt: str, epoch: int) -> list[dict] 
         )
     if fmt == "qa":
         turns = []
-        for qa in record.get("qa") or []:
+        pairs = record.get("qa") or []
+        # A fresh question order per (sample, epoch): every question type gets asked first,
+        # as single-turn evaluation will ask it.
+        order = np.random.default_rng([epoch, zlib.crc32(str(record.get("key", "")).encode())]).permutation(len(pairs))
+        for qa in (pairs[i] for i in order):
             turns += [{"role": "user", "content": qa["question"]}, {"role": "assistant", "content": qa["answer"]}]
         return turns or None
     turns = [t for t in record.get("conversations") or [] if t.get("role") in ("user", "assistant")]

@@ -72,15 +72,19 @@ def greedy(model: VLM, ids: list[int], pixels: torch.Tensor, eos: int, max_new: 
     return out
 
 
-def vqa_metrics(model: VLM, samples: ShardSamples, positions: list[int], codec: TextCodec, image: ImageSpec) -> dict:
+def vqa_metrics(
+    model: VLM, samples: ShardSamples, positions: list[int], codec: TextCodec, image: ImageSpec, limit: int
+) -> dict:
     answers: list[tuple[str, str, str]] = []  # question, truth, prediction
     eos = codec.special["<eos>"]
     for i in positions:
         _, data, record = samples.read(i)
         pixels = torch.from_numpy(preprocess(data, image)).unsqueeze(0)
         for qa in record.get("qa") or []:
-            predicted = codec.tokenizer.decode(greedy(model, codec.prompt(qa["question"]), pixels, eos))
+            predicted = codec.tokenizer.decode(greedy(model, codec.prompt(qa["question"]), pixels, eos, max_new=4))
             answers.append((qa["question"], normalise(qa["answer"]), normalise(predicted)))
+        if len(answers) >= limit:
+            break
     if not answers:
         return {}
     by_question: dict[str, Counter] = defaultdict(Counter)

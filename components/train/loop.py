@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from vlmflow.components.train import checkpoint as ckpt
 from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, epoch_order
 from vlmflow.components.train.data import worker_micro_batches as micro_batches
-from vlmflow.components.train.setup import build_stage_model, merge_lora, write_model_folder
+from vlmflow.components.train.setup import (
+    CHECKPOINT_CONFIG,
+    build_stage_model,
+    merge_lora,
+    model_config,
+    write_model_folder,
+)
 from vlmflow.models.vlm import Vocab, count_parameters
 from vlmflow.specs.model import ModelSpec
 from vlmflow.specs.train import TrainStageSpec
@@ -94,9 +101,16 @@ def train_worker(raw: dict) -> None:
     weights = {o.kind: o.weight for o in stage.objectives}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if stage.precision == "bf16" else None
     history = out / "history.jsonl"
+    config = model_config(spec, vocab, cfg.image, model.num_image_tokens)
+    if rank == 0 and start > 0 and history.exists():  # steps after the checkpoint are redone
+        kept = [line for line in history.read_text().splitlines() if json.loads(line)["step"] <= start]
+        history.write_text("".join(line + "\n" for line in kept))
     if rank == 0 and start == 0:
         history.unlink(missing_ok=True)
         (out / "parameters.json").write_text(json.dumps(counts, indent=2))
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / CHECKPOINT_CONFIG).write_text(json.dumps({**config, "stage": cfg.stage}, indent=2))
+        shutil.copyfile(cfg.tokenizer, checkpoints / "tokenizer.json")
 
     for step in range(start, cfg.total_steps):
         started = time.perf_counter()
@@ -137,13 +151,14 @@ def train_worker(raw: dict) -> None:
         if rank == 0:
             with open(history, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
-            print(f"train {stage.name}: step {step + 1}/{cfg.total_steps} loss {row['loss']:.4f} lr {lr:.2e}")
+            if (step + 1) % max(1, cfg.total_steps // 20) == 0 or step + 1 == cfg.total_steps:
+                print(f"train {stage.name}: step {step + 1}/{cfg.total_steps} loss {row['loss']:.4f} lr {lr:.2e}")
         done = step + 1 == cfg.total_steps
         if (step + 1) % stage.checkpoint_every == 0 or done:
             save_checkpoint(checkpoints, step + 1, wrapped, optimizer, scheduler, rank)
             ray.train.report({"step": step + 1, "loss": row["loss"]})
     if rank == 0:
-        write_model_folder(out / "model", merge_lora(model), spec, vocab, cfg.image, model.num_image_tokens)
+        write_model_folder(out / "model", merge_lora(model), config, Path(cfg.tokenizer))
 
 
 def averaged(values: dict[str, float], world: int) -> dict[str, float]:

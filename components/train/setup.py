@@ -4,10 +4,13 @@ freeze everything that is not trainable; and fold LoRA back into plain weights a
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
 from torch import nn
 
 from vlmflow.components.train.checkpoint import load_model
@@ -17,6 +20,8 @@ from vlmflow.specs.train import TrainStageSpec
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "vlmflow_model.json"
+TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINT_CONFIG = "model_config.json"  # in checkpoints/: rebuilds the (LoRA) model of a checkpoint
 
 
 def build_stage_model(spec: ModelSpec, vocab: Vocab, stage: TrainStageSpec, init: Path | None) -> VLM:
@@ -56,18 +61,26 @@ def merge_lora(model: nn.Module) -> dict:
     return state
 
 
-def write_model_folder(folder: Path, state: dict, spec: ModelSpec, vocab: Vocab, image: dict, tokens: int) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / MODEL_FILE))
-    config = {
+def model_config(spec: ModelSpec, vocab: Vocab, image: dict, tokens: int) -> dict:
+    return {
         "model": spec.model_dump(mode="json"),
         "vocab": {"size": vocab.size, "special": vocab.special},
         "image": image,
         "num_image_tokens": tokens,
     }
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def write_model_folder(folder: Path, state: dict, config: dict, tokenizer: Path | None) -> None:
+    """A self-contained model folder: plain weights, the config to rebuild it, its tokenizer."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / MODEL_FILE))
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def read_model_folder(folder: Path) -> tuple[VLM, dict]:
@@ -77,3 +90,15 @@ def read_model_folder(folder: Path) -> tuple[VLM, dict]:
     model = VLM(spec, Vocab(config["vocab"]["size"], config["vocab"]["special"]))
     load_model(model, folder / MODEL_FILE)
     return model, config
+
+
+def model_from_checkpoint(folder: Path) -> tuple[VLM, dict]:
+    """A checkpoint (checkpoints/step-N) as a plain VLM: its stage's model with LoRA merged."""
+    config = json.loads((folder.parent / CHECKPOINT_CONFIG).read_text())
+    spec = ModelSpec.model_validate(config["model"])
+    vocab = Vocab(config["vocab"]["size"], config["vocab"]["special"])
+    model = build_stage_model(spec, vocab, TrainStageSpec.model_validate(config["stage"]), None)
+    load_model(model, folder / MODEL_FILE)
+    plain = VLM(spec, vocab)
+    plain.load_state_dict(merge_lora(model), strict=True)
+    return plain, config

@@ -195,7 +195,7 @@ def held_out_checks(out: Path, index: pl.DataFrame, spec: TrainStageSpec, config
         metrics.update(evaluate.contrastive_metrics(model, collate, evaluate.held_out(samples, spec.eval_samples)))
     if "lm" in kinds:
         qa = ShardSamples(index, root, split, "qa")
-        metrics.update(evaluate.vqa_metrics(model, qa, evaluate.held_out(qa, spec.eval_samples), codec, image))
+        metrics.update(evaluate.vqa_metrics(model, qa, list(range(len(qa))), codec, image, spec.eval_samples))
         if spec.format == "caption":
             caps = ShardSamples(index, root, split, "caption")
             positions = evaluate.held_out(caps, min(spec.eval_samples, 32))

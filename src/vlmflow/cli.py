@@ -1,4 +1,4 @@
-"""`vlmflow validate | run | lineage | status | ui`. User mistakes print one clear message
+"""`vlmflow validate | run | lineage | status | ui | export | mock-llm`. User mistakes print one clear message
 (exit 2), never a traceback."""
 
 from __future__ import annotations
@@ -112,11 +112,12 @@ def _print_latest(workdir: Path) -> None:
 
 def _print_summary(summary: dict) -> None:
     click.echo(f"\nrun {summary['run_id']} ({summary['recipe']}): {summary['status']}")
-    header = f"{'stage':<12}{'status':<10}{'rows_in':>9}{'rows_out':>9}{'quarant.':>9}{'seconds':>9}  digest"
+    width = max([12, *(len(s["name"]) + 2 for s in summary["stages"])])
+    header = f"{'stage':<{width}}{'status':<10}{'rows_in':>9}{'rows_out':>9}{'quarant.':>9}{'seconds':>9}  digest"
     click.echo(header)
     for s in summary["stages"]:
         click.echo(
-            f"{s['name']:<12}{s['status']:<10}{s['rows_in'] or 0:>9}{s['rows_out'] or 0:>9}"
+            f"{s['name']:<{width}}{s['status']:<10}{s['rows_in'] or 0:>9}{s['rows_out'] or 0:>9}"
             f"{s['rows_quarantined'] or 0:>9}{s['seconds'] or 0:>9.1f}  {s['artifact_digest']}"
         )
 
@@ -196,6 +197,84 @@ def ui(workdir: Path | None, port: int, prefect_port: int) -> None:
     except KeyboardInterrupt:
         for proc in procs:
             proc.terminate()
+
+
+@cli.command("mock-llm")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--fault-rate", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option(
+    "--faults",
+    default="rate-limit,server-error,slow,bad-body,bad-content,truncated",
+    show_default=True,
+    help="comma-separated faults to draw from",
+)
+@click.option("--latency-ms", default=0.0, show_default=True, type=click.FloatRange(0.0))
+@click.option("--slow-s", default=30.0, show_default=True, type=click.FloatRange(0.0), help="delay of a slow reply")
+@click.option("--retry-after-s", default=1.0, show_default=True, type=click.FloatRange(0.0), help="sent with 429s")
+@click.option("--model", "models", multiple=True, help="served model (repeatable); default: mock-llm, gpt-4o-mini")
+@click.option("--api-key-env", default=None, help="require the key held by this environment variable")
+@click.option("--seed", default=0, show_default=True, type=int)
+def mock_llm(
+    host: str,
+    port: int,
+    fault_rate: float,
+    faults: str,
+    latency_ms: float,
+    slow_s: float,
+    retry_after_s: float,
+    models: tuple[str, ...],
+    api_key_env: str | None,
+    seed: int,
+) -> None:
+    """Serve a mock OpenAI-compatible chat API that answers from the scene context in the prompt."""
+    from vlmflow.components.instruct.mock_server import DEFAULT_MODELS, MockConfig, serve
+
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise UserError(f"--api-key-env: the environment variable {api_key_env} is not set")
+    try:
+        config = MockConfig(
+            models=models or DEFAULT_MODELS,
+            fault_rate=fault_rate,
+            faults=tuple(f.strip() for f in faults.split(",") if f.strip()),
+            latency_ms=latency_ms,
+            slow_s=slow_s,
+            retry_after_s=retry_after_s,
+            api_key=api_key,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise UserError(f"mock-llm: {exc}") from None
+    click.echo(
+        f"mock-llm: serving {', '.join(config.models)} on http://{host}:{port}/v1 "
+        f"(fault rate {fault_rate:g}, latency {latency_ms:g} ms); Ctrl-C stops it"
+    )
+    try:
+        serve(config, host, port)
+    except OSError as exc:
+        raise UserError(f"mock-llm: cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+
+
+@cli.command()
+@click.argument("run")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True)
+@workdir_option
+def export(run: str, out: Path, fmt: str, workdir: Path | None) -> None:
+    """Export RUN's final model as a Hugging Face LlavaForConditionalGeneration folder OUT.
+
+    RUN: a run id or run folder (its last training stage), a stage artifact folder, a
+    model folder, or a checkpoint folder (checkpoints/step-N)."""
+    from vlmflow.components.export import export_hf, resolve_model
+
+    with resolve_model(run, _workdir(None, workdir)) as folder:
+        notes = export_hf(folder, out)
+    click.echo(f"exported {folder} -> {out} (LlavaForConditionalGeneration)")
+    for note in notes:
+        click.echo(f"note: {note}")
 
 
 def main() -> None:

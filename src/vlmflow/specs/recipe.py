@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from vlmflow.specs.base import ExistingPath, SpecPath, StrictModel
+from vlmflow.specs.base import SpecPath, StrictModel
 from vlmflow.specs.data import NAME_PATTERN, DataSpec
 from vlmflow.specs.model import ModelSpec
 from vlmflow.specs.train import TrainRuntime, TrainStageSpec
@@ -24,10 +24,11 @@ class BpeTokenizer(StrictModel):
 
 
 class PretrainedTokenizer(StrictModel):
-    """Load a tokenizer from a local folder or tokenizer.json; missing special tokens are added."""
+    """Load a tokenizer from a local folder or tokenizer.json; missing special tokens are added.
+    The path is checked when the tokenizer stage runs (full-size specs validate without weights)."""
 
     kind: Literal["pretrained"]
-    path: ExistingPath
+    path: SpecPath
     special_tokens: list[str] = Field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
 
 
@@ -57,7 +58,7 @@ class RuntimeSpec(StrictModel):
 class Recipe(StrictModel):
     """A VLM recipe: data, tokenizer, model and training stages, run in this order."""
 
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
     seed: int = 0
     data: DataSpec

@@ -1,0 +1,198 @@
+"""Training data (shard index, chat encoding, batching), schedules and safetensors checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from vlmflow.components.shards import ShardCorrupt, write_shard
+from vlmflow.components.sources.synthetic import make_row
+from vlmflow.components.tokenize import train_bpe
+from vlmflow.components.train import checkpoint as ckpt
+from vlmflow.components.train.data import (
+    ImageSpec,
+    ShardSamples,
+    TextCodec,
+    build_index,
+    epoch_order,
+    preprocess,
+    sample_turns,
+    worker_micro_batches,
+)
+from vlmflow.components.train.loop import lr_factor
+from vlmflow.components.train.stage import accounting
+from vlmflow.models.objectives import IGNORE
+from vlmflow.specs.data import SyntheticShapesSource
+from vlmflow.specs.recipe import BpeTokenizer
+from vlmflow.specs.train import TrainStageSpec
+
+
+@pytest.fixture()
+def artifact(tmp_path):
+    """A data artifact like ingest's: two shards, a manifest and shards.parquet under a store root."""
+    spec = SyntheticShapesSource(kind="synthetic-shapes", count=12, val_fraction=0.3)
+    rows = [make_row(spec, 5, i) for i in range(12)]
+    data = tmp_path / "store" / "ingest" / "abc"
+    manifest, shards = [], []
+    for s in range(2):
+        part = rows[s * 6 : (s + 1) * 6]
+        rel = f"ingest/abc/shards/{s}.tar"
+        samples = [{"__key__": r.key, "png": r.image, "json": {"captions": r.captions, **r.extra}} for r in part]
+        sha, _ = write_shard(tmp_path / "store" / rel, samples)
+        shards.append({"shard": rel, "sha256": sha})
+        manifest += [{"key": r.key, "shard": rel, "split": r.split or "train"} for r in part]
+    pl.DataFrame(manifest).write_parquet(data / "manifest.parquet")
+    pl.DataFrame(shards).write_parquet(data / "shards.parquet")
+    return data, tmp_path / "store", rows
+
+
+@pytest.fixture(scope="module")
+def codec(tmp_path_factory):
+    spec = SyntheticShapesSource(kind="synthetic-shapes", count=50)
+    texts = [t for i in range(50) for t in make_row(spec, 1, i).captions]
+    tokenizer = train_bpe(
+        [*texts, "Describe the image.", "What color is the circle? red"], BpeTokenizer(kind="bpe", vocab_size=400)
+    )
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tokenizer.save(str(path))
+    special = {t: tokenizer.token_to_id(t) for t in ("<pad>", "<bos>", "<eos>", "<image>", "<|user|>", "<|assistant|>")}
+    return TextCodec(path, special, image_tokens=4, max_text=64)
+
+
+def test_index_locates_every_sample_and_reads_its_bytes(artifact):
+    data, root, rows = artifact
+    index = build_index(data, root)
+    assert index.height == 12 and index["image_offset"].null_count() == 0
+    assert index["n_captions"].to_list() == [1] * 12
+    samples = ShardSamples(index, root, "train", "caption")
+    by_key = {r.key: r for r in rows}
+    for i in range(len(samples)):
+        key, image, record = samples.read(i)
+        assert image == by_key[key].image
+        assert record["objects"] == by_key[key].extra["objects"]
+
+
+def test_a_changed_shard_is_refused(artifact):
+    data, root, _ = artifact
+    shard = root / "ingest/abc/shards/1.tar"
+    blob = bytearray(shard.read_bytes())
+    blob[700] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(ShardCorrupt, match="sha256"):
+        build_index(data, root)
+
+
+def test_accounting_puts_every_row_in_training_or_unused_with_a_reason(artifact):
+    data, root, _rows = artifact
+    index = build_index(data, root)
+    stage = TrainStageSpec(name="s", trainable=["connector"], objectives=[{"kind": "lm"}], format="conversations")
+    train, unused = accounting(index, stage)
+    assert train.height == 0 and unused.height == 12  # synthetic rows have no conversations
+    assert set(unused["reason"]) <= {"nothing to train on for format conversations", "held out: split val"}
+    stage = stage.model_copy(update={"format": "qa"})
+    train, unused = accounting(index, stage)
+    assert train.height + unused.height == 12
+    assert set(unused["reason"]) == {"held out: split val"}
+
+
+def test_chat_labels_cover_only_answers(codec):
+    turns = [
+        {"role": "user", "content": "<image>\nWhat color is the circle?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "How many circles are there?"},
+        {"role": "assistant", "content": "1"},
+    ]
+    ids, labels = codec.chat(turns)
+    s = codec.special
+    assert ids.count(s["<image>"]) == 4 and ids[0] == s["<bos>"]
+    learned = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE]
+    assert learned == [*codec.ids("red"), s["<eos>"], *codec.ids("1"), s["<eos>"]]
+    assert codec.tokenizer.decode(codec.ids("red")) == "red"
+
+
+def test_sample_turns_per_format():
+    spec = SyntheticShapesSource(kind="synthetic-shapes", count=1)
+    row = make_row(spec, 3, 0)
+    record = {"captions": row.captions, **row.extra}
+    caption = sample_turns(record, "caption", "Describe.", 0)
+    assert caption == [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": row.captions[0]}]
+    qa = sample_turns(record, "qa", "", 0)
+    assert len(qa) == 2 * len(row.extra["qa"]) and qa[1]["content"] == row.extra["qa"][0]["answer"]
+    assert sample_turns(record, "conversations", "", 0) is None
+
+
+def test_batches_split_the_global_batch_exactly_across_workers():
+    order = epoch_order(100, seed=3, epoch=0)
+    assert sorted(order) == list(range(100))
+    assert not np.array_equal(order, epoch_order(100, seed=3, epoch=1))
+    assert np.array_equal(order, epoch_order(100, seed=3, epoch=0))
+    parts = [worker_micro_batches(order, 2, 16, 4, rank, 2) for rank in range(2)]
+    assert all(len(p) == 2 and all(len(m) == 4 for m in p) for p in parts)
+    got = np.sort(np.concatenate([m for p in parts for m in p]))
+    assert np.array_equal(got, np.sort(order[32:48]))
+
+
+def test_preprocess_normalises_to_chw():
+    spec = SyntheticShapesSource(kind="synthetic-shapes", count=1, image_size=40)
+    pixels = preprocess(make_row(spec, 1, 0).image, ImageSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == np.float32
+    assert pixels.min() >= -1.0 and pixels.max() <= 1.0
+
+
+def test_warmup_then_cosine():
+    stage = TrainStageSpec(
+        name="s",
+        trainable=["connector"],
+        objectives=[{"kind": "lm"}],
+        schedule={"warmup_steps": 4, "min_lr_ratio": 0.1},
+    )
+    factors = [lr_factor(s, 20, stage) for s in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == pytest.approx(1.0) and factors[-1] > 0.1
+    assert all(a >= b for a, b in itertools.pairwise(factors[3:]))
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    groups = [{**state["param_groups"][0], "params": ["weight", "bias"]}]
+    optim_state = {"state": {"weight": state["state"][0], "bias": state["state"][1]}, "param_groups": groups}
+    folder = ckpt.save_state(
+        ckpt.step_folder(tmp_path, 7), model.state_dict(), optim_state, {"last_epoch": 7}, {"step": 7}
+    )
+    assert ckpt.latest(tmp_path) == folder and not list(tmp_path.glob(".*"))
+    model_state, loaded, scheduler, extra = ckpt.load_state(folder)
+    assert extra == {"step": 7} and scheduler == {"last_epoch": 7}
+    assert all(torch.equal(model_state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(loaded["state"]["weight"]["exp_avg"], optim_state["state"]["weight"]["exp_avg"])
+    assert loaded["param_groups"][0]["params"] == ["weight", "bias"]
+
+
+class Payload:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_a_pickle_checkpoint_is_refused_and_never_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "step-00000001"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(pickle.dumps({"weight": Payload()}))
+    (folder / "optimizer.safetensors").write_bytes(pickle.dumps(Payload()))
+    (folder / "state.json").write_text(json.dumps({"optimizer": {"param_groups": [], "scalars": {}}, "scheduler": {}}))
+    with pytest.raises(Exception) as caught:
+        ckpt.load_state(folder)
+    assert "safetensors" in type(caught.value).__module__ or "header" in str(caught.value).lower()
+    with pytest.raises(Exception):  # noqa: B017 - any error, as long as nothing runs
+        ckpt.load_model(torch.nn.Linear(1, 1), folder / "model.safetensors")
+    assert not (tmp_path / "PWNED").exists()
