@@ -155,14 +155,14 @@ def sample_turns(record: dict, fmt: str, prompt: str, epoch: int) -> list[dict] 
             else [{"role": "user", "content": prompt}, {"role": "assistant", "content": caption}]
         )
     if fmt == "qa":
-        turns = []
+        # One question per sample and epoch, a different one each epoch: asked alone, as
+        # evaluation asks it, so the answer must come from the image, not from earlier turns.
         pairs = record.get("qa") or []
-        # A fresh question order per (sample, epoch): every question type gets asked first,
-        # as single-turn evaluation will ask it.
-        order = np.random.default_rng([epoch, zlib.crc32(str(record.get("key", "")).encode())]).permutation(len(pairs))
-        for qa in (pairs[i] for i in order):
-            turns += [{"role": "user", "content": qa["question"]}, {"role": "assistant", "content": qa["answer"]}]
-        return turns or None
+        if not pairs:
+            return None
+        rng = np.random.default_rng([epoch, zlib.crc32(str(record.get("key", "")).encode())])
+        qa = pairs[int(rng.integers(len(pairs)))]
+        return [{"role": "user", "content": qa["question"]}, {"role": "assistant", "content": qa["answer"]}]
     turns = [t for t in record.get("conversations") or [] if t.get("role") in ("user", "assistant")]
     return turns or None
 

@@ -142,6 +142,7 @@ def train_worker(raw: dict) -> None:
         row.update(
             step=step + 1,
             epoch=epoch,
+            workers=world,
             lr=lr,
             grad_norm=float(grad_norm),
             loss=sum(weights[k] * row[f"loss_{k}"] for k in kinds),

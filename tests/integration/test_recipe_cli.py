@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO
 
-SPEC = REPO / "specs" / "recipes" / "shapes-tiny.yaml"
+SPEC = Path(__file__).with_name("data-tiny.yaml")
 VLMFLOW = [sys.executable, "-m", "vlmflow.cli"]
 pytestmark = pytest.mark.slow
 
@@ -163,6 +163,6 @@ def test_lineage_and_status_commands(cold):
     assert all(d in lineage.stdout for d in digests)
     assert "<- ingest/" in lineage.stdout
     status = vlmflow("status", "--workdir", str(workdir))
-    assert status.returncode == 0 and "shapes-tiny" in status.stdout
+    assert status.returncode == 0 and "data-tiny" in status.stdout
     missing = vlmflow("lineage", "nope", "--workdir", str(workdir))
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr and "Traceback" not in missing.stderr

@@ -203,3 +203,46 @@ def test_image_positions_must_match_image_tokens():
     ids = batch["input_ids"][:, 1:]
     with pytest.raises(ValueError, match="<image> positions"):
         model.lm_logits(ids, torch.ones_like(ids), batch["pixels"])
+
+
+def test_missing_local_weights_are_a_clear_error(tmp_path):
+    from vlmflow.errors import UserError
+    from vlmflow.models.language import build_language
+    from vlmflow.models.vision import build_vision, image_spec
+
+    spec = ModelSpec.model_validate(
+        {"vision": {"kind": "hf-clip-vision", "path": "clip"}, "connector": {"kind": "mlp"},
+         "language": {"kind": "hf-causal-lm", "path": "lm"}},
+        context={"spec_dir": tmp_path},
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"model.vision.path: .*clip is not a Hugging Face model folder"):
+        build_vision(spec.vision)
+    with pytest.raises(UserError, match=r"model\.vision\.path"):
+        image_spec(spec.vision)
+    with pytest.raises(UserError, match=r"model.language.path: .*lm is not a Hugging Face model folder"):
+        build_language(spec.language, 100, SPECIAL)
+
+
+def test_local_hf_folders_load_through_the_same_path(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=32, patch_size=8)  # fmt: skip
+    CLIPVisionModel(vision_config).save_pretrained(tmp_path / "clip")
+    lm_config = LlamaConfig(vocab_size=150, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=4)  # fmt: skip
+    LlamaForCausalLM(lm_config).save_pretrained(tmp_path / "lm")
+    spec = ModelSpec.model_validate(
+        {"vision": {"kind": "hf-clip-vision", "path": "clip"}, "connector": {"kind": "mlp"},
+         "language": {"kind": "hf-causal-lm", "path": "lm"}},
+        context={"spec_dir": tmp_path},
+    )  # fmt: skip
+    model = VLM(spec, VOCAB)  # vocabulary 200 > 150: embeddings grow to fit the tokenizer
+    assert model.language.get_input_embeddings().num_embeddings == 200
+    saved = CLIPVisionModel.from_pretrained(str(tmp_path / "clip"))
+    assert torch.equal(model.vision.model.state_dict()["embeddings.patch_embedding.weight"],
+                       saved.state_dict()["vision_model.embeddings.patch_embedding.weight"]
+                       if "vision_model.embeddings.patch_embedding.weight" in saved.state_dict()
+                       else saved.state_dict()["embeddings.patch_embedding.weight"])  # fmt: skip
+    assert model.num_image_tokens == 16

@@ -15,7 +15,7 @@ from vlmflow.specs import Recipe, load_recipe
 from vlmflow.specs.data import CaptionLengthFilter, ImageFolderSource, MinSizeFilter, SyntheticShapesSource
 
 REPO = Path(__file__).resolve().parents[2]
-SPEC_FILES = sorted((REPO / "specs").rglob("*.yaml"))
+SPEC_FILES = sorted((REPO / "specs" / "recipes").glob("*.yaml"))
 
 MINIMAL = """\
 name: tiny

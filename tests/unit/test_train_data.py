@@ -122,8 +122,13 @@ def test_sample_turns_per_format():
     record = {"captions": row.captions, **row.extra}
     caption = sample_turns(record, "caption", "Describe.", 0)
     assert caption == [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": row.captions[0]}]
-    qa = sample_turns(record, "qa", "", 0)
-    assert len(qa) == 2 * len(row.extra["qa"]) and qa[1]["content"] == row.extra["qa"][0]["answer"]
+    pairs = {(q["question"], q["answer"]) for q in row.extra["qa"]}
+    asked = set()
+    for epoch in range(20):
+        qa = sample_turns({**record, "key": "k"}, "qa", "", epoch)
+        assert len(qa) == 2 and (qa[0]["content"], qa[1]["content"]) in pairs
+        asked.add(qa[0]["content"])
+    assert len(asked) > 1  # a different question in different epochs
     assert sample_turns(record, "conversations", "", 0) is None
 
 

@@ -72,7 +72,7 @@ class TrainStageSpec(StrictModel):
     data: str = Field("dedup", description="the data artifact: ingest, dedup or instruct")
     format: Literal["caption", "qa", "conversations"] = Field(
         "caption",
-        description="caption: image + caption; qa: each sample's VQA pairs as one conversation; "
+        description="caption: image + caption; qa: one of the sample's VQA pairs per epoch; "
         "conversations: the sample's conversation turns (instruction data)",
     )
     prompt: str = Field("Describe the image.", description="the user turn of the caption format")

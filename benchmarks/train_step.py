@@ -1,0 +1,157 @@
+"""Training throughput: vlmflow's training loop (Ray Train TorchTrainer, DDP on gloo, batches
+read from the WebDataset shards and collated per step, checkpoints) vs a bare single-process
+torch loop on the same model and the same batches, prepared in memory beforehand.
+
+The bare loop is the ceiling: no data reading, no distribution, no bookkeeping. Both sides
+use the same total number of CPU threads. The data and tokenizer come from the default
+recipe's data stages (built once into --workdir, cached afterwards). Ray startup and the
+first --warmup steps are left out of both figures.
+
+    .venv/bin/python benchmarks/train_step.py [--steps 40] [--warmup 5] [--workers 1 2]
+                                              [--spec specs/recipes/shapes-tiny.yaml] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import ray
+import torch
+
+from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, build_index, epoch_order
+from vlmflow.components.train.data import worker_micro_batches as micro_batches
+from vlmflow.components.train.loop import WorkerConfig
+from vlmflow.components.train.setup import build_stage_model
+from vlmflow.components.train.stage import fit
+from vlmflow.models.vision import image_spec
+from vlmflow.models.vlm import Vocab
+from vlmflow.specs import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_stages(spec: Path, workdir: Path) -> dict[str, Path]:
+    cmd = [sys.executable, "-m", "vlmflow.cli", "run", str(spec), "--workdir", str(workdir), "--set", "stages=[]"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    summary = json.loads((workdir / "runs" / "latest" / "summary.json").read_text())
+    return {s["name"]: Path(s["artifact_path"]) for s in summary["stages"]}
+
+
+def worker_config(recipe, artifacts: dict[str, Path], store: Path, out: Path, steps: int, threads: int) -> WorkerConfig:
+    stage = recipe.stages[-1]
+    tokenizer = artifacts["tokenizer"]
+    special = json.loads((tokenizer / "special_tokens.json").read_text())
+    size = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
+    index = build_index(artifacts["dedup"], store)
+    out.mkdir(parents=True, exist_ok=True)
+    index.write_parquet(out / "index.parquet")
+    train = ShardSamples(index, store, "train", stage.format)
+    return WorkerConfig(
+        model=recipe.model.model_dump(mode="json"),
+        stage=stage.model_dump(mode="json") | {"checkpoint_every": steps, "max_steps": steps},
+        vocab={"size": max(size, max(special.values()) + 1), "special": special},
+        image={k: list(v) if isinstance(v, tuple) else v for k, v in image_spec(recipe.model.vision).items()},
+        seed=recipe.seed,
+        tokenizer=str(tokenizer / "tokenizer.json"),
+        index=str(out / "index.parquet"),
+        store_root=str(store),
+        out=str(out),
+        init=None,
+        strategy="ddp",
+        threads=threads,
+        total_steps=steps,
+        steps_per_epoch=len(train) // stage.batch_size,
+    )
+
+
+def vlmflow_rate(recipe, config: WorkerConfig, workers: int, warmup: int) -> float:
+    runtime = recipe.runtime.model_copy(
+        update={
+            "train": recipe.runtime.train.model_copy(update={"num_workers": workers, "cpus_per_worker": config.threads})
+        }
+    )
+    fit(config, recipe.model_copy(update={"runtime": runtime}), f"bench-{workers}", Path(config.out) / "ray")
+    rows = [json.loads(line) for line in (Path(config.out) / "history.jsonl").read_text().splitlines()]
+    return float(np.median([r["samples_per_s"] for r in rows[warmup:]]))
+
+
+def bare_rate(recipe, config: WorkerConfig, steps: int, warmup: int, threads: int) -> float:
+    torch.set_num_threads(threads)
+    stage = recipe.stages[-1]
+    vocab = Vocab(config.vocab["size"], config.vocab["special"])
+    torch.manual_seed(config.seed)
+    model = build_stage_model(recipe.model, vocab, stage, None)
+    samples = ShardSamples(pl.read_parquet(config.index), Path(config.store_root), "train", stage.format)
+    image = ImageSpec(config.image["size"], tuple(config.image["mean"]), tuple(config.image["std"]))
+    codec = TextCodec(Path(config.tokenizer), vocab.special, model.num_image_tokens, stage.max_text_tokens)
+    collate = Collator(samples, image, codec, stage.format, stage.prompt, None)
+    order = epoch_order(len(samples), config.seed, 0)
+    size, micro = stage.batch_size, stage.micro_batch_size
+    batches = [
+        [collate(m, 0) for m in micro_batches(order, s % config.steps_per_epoch, size, micro, 0, 1)]
+        for s in range(steps)
+    ]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.optimizer.lr)
+    kinds = [o.kind for o in stage.objectives]
+    times = []
+    for parts in batches:
+        started = time.perf_counter()
+        for batch in parts:
+            (sum(model(batch, kinds).values()) / len(parts)).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return float(stage.batch_size / np.median(times[warmup:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", type=Path, default=REPO / "specs" / "recipes" / "shapes-tiny.yaml")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vlmflow-bench-train")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_step.json")
+    args = parser.parse_args()
+    recipe = load_recipe(args.spec)
+    artifacts = data_stages(args.spec, args.workdir)
+    store = args.workdir / "artifacts"
+    ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
+    rows = []
+    for workers in args.workers:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = worker_config(recipe, artifacts, store, Path(tmp) / "stage", args.steps, threads=1)
+            ours = vlmflow_rate(recipe, config, workers, args.warmup)
+            bare = bare_rate(recipe, config, args.steps, args.warmup, threads=workers)
+        rows.append({"workers": workers, "threads_total": workers, "vlmflow_samples_per_s": ours,
+                     "bare_samples_per_s": bare, "ratio": ours / bare})  # fmt: skip
+    ray.shutdown()
+    print(f"\ntraining throughput, {recipe.name} stage {recipe.stages[-1].name} (median samples/s after warm-up)")
+    print(f"{'workers':>8}{'vlmflow':>12}{'bare loop':>12}{'ratio':>8}")
+    for r in rows:
+        print(f"{r['workers']:>8}{r['vlmflow_samples_per_s']:>12.1f}{r['bare_samples_per_s']:>12.1f}{r['ratio']:>8.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "spec": str(args.spec),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "machine": platform.platform(),
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Training end to end through the CLI: the default tiny LLaVA-1.5 recipe on a 2-worker Ray Train
+group, tracked in MLflow; a killed driver and a killed worker both resume from the last
+checkpoint and reproduce the uninterrupted loss curve; the result exports to HF LLaVA."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from test_recipe_cli import REPO, VLMFLOW, _env, stages, summary_of, vlmflow
+
+SPEC = REPO / "specs" / "recipes" / "shapes-tiny.yaml"
+SHORT = ["--set", "stages.0.max_steps=4", "--set", "stages.1.max_steps=12", "--set", "stages.1.checkpoint_every=4",
+         "--set", "stages.0.eval_samples=4", "--set", "stages.1.eval_samples=8"]  # fmt: skip
+pytestmark = pytest.mark.slow
+
+
+def history(stage_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("train")
+    result = vlmflow("run", str(SPEC), "--workdir", str(workdir), *SHORT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir
+
+
+def stage_dir(workdir: Path, name: str) -> Path:
+    entry = stages(summary_of(workdir))[name]
+    return Path(entry["artifact_path"])
+
+
+def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
+    summary = summary_of(trained)
+    by_name = stages(summary)
+    assert list(by_name) == ["ingest", "dedup", "tokenizer", "train-align", "train-instruct"]
+    instruct = by_name["train-instruct"]
+    assert instruct["input_digests"]["init"] == by_name["train-align"]["artifact_digest"]
+    assert instruct["input_digests"]["data"] == by_name["dedup"]["artifact_digest"]
+    rows = history(stage_dir(trained, "train-instruct"))
+    assert [r["step"] for r in rows] == list(range(1, 13)) and {r["workers"] for r in rows} == {2}
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    align = json.loads((stage_dir(trained, "train-align") / "parameters.json").read_text())
+    assert align["trainable"] == align["connector_total"] + align["vision_total"] + align["language_total"]
+    folder = stage_dir(trained, "train-instruct")
+    assert sorted(p.name for p in (folder / "checkpoints").glob("step-*")) == [f"step-{s:08d}" for s in (4, 8, 12)]
+    assert not list(folder.rglob("*.pt")) and not list(folder.rglob("*.pkl"))
+
+    client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
+    child = client.get_run(instruct["mlflow_run_id"])
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == list(range(1, 13))
+    assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(child.data.metrics)
+    assert (
+        child.data.metrics["params_trainable"] > 0
+        and child.data.params["stage.trainable"] == '["connector", "language"]'
+    )
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "model")}
+    assert {"model/model.safetensors", "model/vlmflow_model.json"} <= artifacts
+    version = client.get_model_version("shapes-tiny", "1")
+    assert version.run_id == child.info.run_id
+    assert version.tags["vlmflow.data_digest"] == by_name["dedup"]["artifact_digest"]
+
+
+def start(workdir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*VLMFLOW, "run", str(SPEC), "--workdir", str(workdir), *SHORT, *extra],
+        env=_env(), cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def wait_for_step(proc: subprocess.Popen, workdir: Path, pattern: str, step: int) -> Path:
+    deadline = time.monotonic() + 400
+    while True:
+        found = list(workdir.glob(pattern))
+        if found and (found[0] / "history.jsonl").exists() and len(history(found[0])) >= step:
+            return found[0]
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "training never reached the step"
+        time.sleep(0.05)
+
+
+def assert_same_curve(mine: list[dict], clean: list[dict]) -> None:
+    assert [r["step"] for r in mine] == [r["step"] for r in clean]
+    for a, b in zip(mine, clean, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+
+
+def test_killed_driver_resumes_from_the_last_checkpoint_with_the_same_losses(trained):
+    clean = history(stage_dir(trained, "train-instruct"))
+    # eval_samples changes the stage digest but not its training: a fresh build to kill.
+    proc = start(trained, "--set", "stages.1.eval_samples=7")
+    partial = wait_for_step(proc, trained, "artifacts/train-instruct/*.partial", 6)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (partial / "checkpoints" / "step-00000004").is_dir() and not (partial / "_SUCCESS").exists()
+    result = vlmflow("run", str(SPEC), "--workdir", str(trained), *SHORT, "--set", "stages.1.eval_samples=7")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step-0000000" in result.stdout + result.stderr
+    assert [s["status"] for s in summary_of(trained)["stages"]] == ["cached"] * 4 + ["computed"]
+    assert_same_curve(history(stage_dir(trained, "train-instruct")), clean)
+
+
+def test_killed_worker_is_restarted_and_reproduces_the_losses(trained):
+    clean = history(stage_dir(trained, "train-instruct"))
+    proc = start(trained, "--set", "stages.1.eval_samples=6")
+    wait_for_step(proc, trained, "artifacts/train-instruct/*.partial", 5)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found"
+    workers[-1].kill()
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    assert "resumed from step-" in output
+    assert_same_curve(history(stage_dir(trained, "train-instruct")), clean)
+
+
+def test_export_round_trip_gives_the_same_logits(trained, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from vlmflow.components.train.setup import read_model_folder
+
+    out = tmp_path / "hf"
+    result = vlmflow("export", str(trained / "runs" / "latest"), str(out), "--workdir", str(trained))
+    assert result.returncode == 0, result.stderr
+    llava = LlavaForConditionalGeneration.from_pretrained(str(out)).eval()
+    model, config = read_model_folder(stage_dir(trained, "train-instruct") / "model")
+    model.eval()
+    ids = torch.tensor(
+        [
+            [
+                config["vocab"]["special"]["<bos>"],
+                *[config["vocab"]["special"]["<image>"]] * model.num_image_tokens,
+                40,
+                41,
+            ]
+        ]
+    )
+    pixels = torch.randn(1, 3, config["image"]["size"], config["image"]["size"])
+    with torch.no_grad():
+        ours = model.lm_logits(ids, torch.ones_like(ids), pixels)
+        theirs = llava(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    checkpoint = stage_dir(trained, "train-instruct") / "checkpoints" / "step-00000008"
+    result = vlmflow("export", str(checkpoint), str(tmp_path / "from-checkpoint"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "from-checkpoint" / "model.safetensors").exists()

@@ -1,0 +1,83 @@
+"""Export to Hugging Face LLaVA: the loaded LlavaForConditionalGeneration gives vlmflow's logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from vlmflow.components.export import export_hf, export_problems
+from vlmflow.components.train.setup import model_config, read_model_folder, write_model_folder
+from vlmflow.errors import UserError
+from vlmflow.models.vision import image_spec
+from vlmflow.models.vlm import VLM, Vocab
+from vlmflow.specs.model import ModelSpec
+
+SPECIAL = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, "<image>": 4, "<|user|>": 6, "<|assistant|>": 7}
+VOCAB = Vocab(120, SPECIAL)
+
+
+def saved_model(tmp_path, connector: dict, vision: dict | None = None) -> tuple[VLM, object]:
+    spec = ModelSpec.model_validate(
+        {
+            "vision": vision or {"kind": "tiny-vit", "image_size": 32, "patch_size": 8, "hidden_size": 32},
+            "connector": connector,
+            "language": {"kind": "tiny-llama", "hidden_size": 32, "heads": 4},
+        }
+    )
+    torch.manual_seed(0)
+    model = VLM(spec, VOCAB)
+    with torch.no_grad():  # non-trivial biases so a wrong mapping shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    folder = tmp_path / "model"
+    config = model_config(spec, VOCAB, image_spec(spec.vision), model.num_image_tokens)
+    write_model_folder(folder, model.state_dict(), config, None)
+    return model, folder
+
+
+@pytest.mark.parametrize(
+    ("connector", "vision"),
+    [
+        ({"kind": "mlp", "layers": 2}, None),
+        ({"kind": "linear"}, None),
+        (
+            {"kind": "mlp"},
+            {"kind": "tiny-vit", "family": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32},
+        ),
+        ({"kind": "mlp"}, {"kind": "tiny-vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "select": "all"}),
+    ],
+)
+def test_exported_llava_gives_the_same_logits(tmp_path, connector, vision):
+    model, folder = saved_model(tmp_path, connector, vision)
+    export_hf(folder, tmp_path / "hf")
+    llava = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+    model.eval()
+    tokens = model.num_image_tokens
+    ids = torch.tensor([[1, 6, *[4] * tokens, 20, 31, 42, 7, 55, 2]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ours = model.lm_logits(ids, torch.ones_like(ids), pixels)
+        theirs = llava(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    reloaded, _ = read_model_folder(folder)
+    assert all(
+        torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("connector", "vision", "reason"),
+    [
+        ({"kind": "qformer", "num_queries": 4, "hidden_size": 32}, None, "connector qformer"),
+        ({"kind": "mlp", "layers": 3}, None, "3 layers"),
+        ({"kind": "patch-linear"}, {"kind": "none", "image_size": 32, "patch_size": 8}, "vision none"),
+    ],
+)
+def test_architectures_llava_cannot_hold_are_refused_with_the_reason(tmp_path, connector, vision, reason):
+    model, folder = saved_model(tmp_path, connector, vision)
+    assert any(reason in p for p in export_problems(model))
+    with pytest.raises(UserError, match=reason):
+        export_hf(folder, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

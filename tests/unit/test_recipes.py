@@ -1,0 +1,102 @@
+"""The literature recipes and the training sections of the spec (cross-section checks located)."""
+
+from __future__ import annotations
+
+import pytest
+from test_specs import MINIMAL, REPO, only_problem, position, write
+
+from vlmflow.specs import load_recipe
+
+RECIPES = REPO / "specs" / "recipes"
+LITERATURE = ["clip", "siglip", "blip", "blip2", "llava", "llava-1.5", "minigpt4", "minigpt-v2", "fuyu", "llava-lora"]
+
+
+@pytest.mark.parametrize("name", LITERATURE)
+def test_every_literature_recipe_has_a_tiny_twin_with_the_same_stages(name):
+    full = load_recipe(RECIPES / f"{name}.yaml")
+    tiny = load_recipe(RECIPES / f"{name}-tiny.yaml")
+    assert full.name == name and tiny.name == f"{name}-tiny"
+    assert [s.name for s in full.stages] == [s.name for s in tiny.stages]
+    assert [[o.kind for o in s.objectives] for s in full.stages] == [
+        [o.kind for o in s.objectives] for s in tiny.stages
+    ]
+    assert [s.lora is None for s in full.stages] == [s.lora is None for s in tiny.stages]
+    full_parts = {k: getattr(v, "kind", None) for k, v in full.model}
+    tiny_parts = {k: getattr(v, "kind", None) for k, v in tiny.model}
+    assert full_parts["connector"] == tiny_parts["connector"]
+    assert all(not str(kind).startswith("hf-") for kind in tiny_parts.values())  # no weights needed
+    assert tiny.runtime.train.num_workers == 2 and not tiny.runtime.train.use_gpu
+
+
+def test_llava_pattern_projector_then_projector_and_llm():
+    llava = load_recipe(RECIPES / "llava.yaml")
+    align, instruct = llava.stages
+    assert align.trainable == ["connector"] and align.format == "caption"
+    assert instruct.trainable == ["connector", "language"] and instruct.init_from == "previous"
+    lora = load_recipe(RECIPES / "llava-lora.yaml").stages[1]
+    assert lora.trainable == ["connector"] and lora.lora is not None and lora.lora.module == "language"
+    blip2 = load_recipe(RECIPES / "blip2.yaml")
+    assert blip2.model.connector.kind == "qformer" and blip2.stages[0].trainable == ["connector"]
+    assert load_recipe(RECIPES / "blip.yaml").stages[0].objectives[1].kind == "itm"
+
+
+def test_default_recipe_is_the_tiny_llava_15():
+    default = load_recipe(RECIPES / "shapes-tiny.yaml")
+    twin = load_recipe(RECIPES / "llava-1.5-tiny.yaml")
+    assert default.model == twin.model and default.stages == twin.stages and default.data == twin.data
+
+
+TRAINING = (
+    MINIMAL
+    + """\
+tokenizer: {kind: bpe, vocab_size: 400}
+model:
+  vision: {kind: tiny-vit}
+  connector: {kind: mlp}
+  language: {kind: tiny-llama}
+stages:
+  - name: align
+    data: dedup
+    trainable: [connector]
+    objectives: [{kind: lm}]
+"""
+)
+
+
+def test_training_section_loads(tmp_path):
+    text = TRAINING.replace("data: dedup", "data: ingest")
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.stages[0].batch_size == 32 and recipe.runtime.train.num_workers == 2
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "needle", "message"),
+    [
+        (
+            "data: dedup",
+            "data: capfilt",
+            "capfilt",
+            "unknown data artifact 'capfilt'; this recipe produces: ingest, dedup",
+        ),
+        ("objectives: [{kind: lm}]", "objectives: [{kind: itc}]", "itc", "itc needs model.text"),
+        ("trainable: [connector]", "trainable: [text]", "text", "the model has no text part"),
+        ("    trainable", "    batch_size: 30\n    trainable", "30", "batch_size 30 is not a multiple"),
+        ("    trainable", "    init_from: later\n    trainable", "later", "'later' is not an earlier stage"),
+    ],
+)
+def test_cross_section_problems_point_at_the_field(tmp_path, old, new, needle, message):
+    text = TRAINING.replace(old, new)
+    path = write(tmp_path, text)
+    problem = only_problem(path)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if needle in row and ":" in row and i > 10)
+    assert (problem.line, problem.col) == (line, position(text, line, needle))
+    assert message in problem.message
+
+
+def test_field_level_training_problems(tmp_path):
+    text = TRAINING.replace("objectives: [{kind: lm}]", "objectives: [{kind: lm}, {kind: lm}]")
+    assert "listed twice" in only_problem(write(tmp_path, text)).message
+    text = TRAINING.replace("connector: {kind: mlp}", "connector: {kind: patch-linear}")
+    assert "patch-linear goes with vision kind none" in only_problem(write(tmp_path, text)).message
+    text = TRAINING.replace("    trainable: [connector]", "    trainable: [language]\n    lora: {module: language}")
+    assert "LoRA keeps its base frozen" in only_problem(write(tmp_path, text)).message
