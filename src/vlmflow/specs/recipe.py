@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from vlmflow.specs.base import SpecPath, StrictModel
-from vlmflow.specs.data import NAME_PATTERN, DataSpec
+from vlmflow.specs.data import DataSpec
 from vlmflow.specs.model import ModelSpec
 from vlmflow.specs.train import TrainRuntime, TrainStageSpec
 
