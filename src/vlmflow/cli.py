@@ -120,6 +120,10 @@ def _print_summary(summary: dict) -> None:
             f"{s['name']:<{width}}{s['status']:<10}{s['rows_in'] or 0:>9}{s['rows_out'] or 0:>9}"
             f"{s['rows_quarantined'] or 0:>9}{s['seconds'] or 0:>9.1f}  {s['artifact_digest']}"
         )
+    for s in summary["stages"]:
+        if s.get("metrics"):
+            figures = "  ".join(f"{k.removeprefix('eval_')} {v:.3g}" for k, v in sorted(s["metrics"].items()))
+            click.echo(f"{s['name']}: {figures}")
 
 
 def _summary(workdir: Path, run_id: str | None) -> dict:

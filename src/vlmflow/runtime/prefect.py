@@ -132,6 +132,9 @@ class RecipeRun:
             "input_digests": {k: v.digest for k, v in inputs.items()},
             **{k: stats.get(k) for k in ("rows_in", "rows_out", "rows_quarantined", "seconds")},
         }
+        headline = {k: v for k, v in stats["metrics"].items() if k.startswith(("eval_", "first_loss", "final_loss"))}
+        if headline:
+            entry["metrics"] = headline
         child = self.tracker.start(stage.name, {**self._tags(), "vlmflow.stage": stage.name}, parent=self.parent_run)
         tags = {
             "vlmflow.status": status,
