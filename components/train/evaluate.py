@@ -24,7 +24,7 @@ def held_out(samples: ShardSamples, limit: int) -> list[int]:
 
 
 @torch.no_grad()
-def contrastive_metrics(model: VLM, collate: Collator, positions: list[int]) -> dict[str, float]:
+def contrastive_metrics(model: VLM, collate: Collator, positions: list[int], with_itm: bool) -> dict[str, float]:
     images, texts, captions, features, states, masks = [], [], [], [], [], []
     for start in range(0, len(positions), 32):
         batch = collate(np.array(positions[start : start + 32]), epoch=0)
@@ -43,7 +43,8 @@ def contrastive_metrics(model: VLM, collate: Collator, positions: list[int]) -> 
     i2t = same[np.arange(len(captions)), similarity.argmax(dim=1).numpy()].mean()
     t2i = same[similarity.argmax(dim=0).numpy(), np.arange(len(captions))].mean()
     metrics = {"eval_i2t_r1": float(i2t), "eval_t2i_r1": float(t2i), "eval_r1_chance": float(same.mean())}
-    metrics.update(_itm_metrics(model, features, states, masks, same))
+    if with_itm:
+        metrics.update(_itm_metrics(model, features, states, masks, same))
     return metrics
 
 

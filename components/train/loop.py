@@ -21,7 +21,12 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from vlmflow.components.train import checkpoint as ckpt
 from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, epoch_order
@@ -186,8 +191,11 @@ def resume(root: Path, model: torch.nn.Module, optimizer, scheduler) -> int:  # 
     if folder is None:
         return 0
     model_state, optim_state, scheduler_state, extra = ckpt.load_state(folder)
-    options = StateDictOptions(full_state_dict=True, strict=True)
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=True))
+    # Not strict: a trainable parameter that never got a gradient (e.g. the ViT layer after the
+    # feature layer) has no optimizer state to restore.
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
     scheduler.load_state_dict(scheduler_state)
     print(f"resumed from {folder.name}")
     return int(extra["step"])

@@ -163,7 +163,7 @@ def fit(config: WorkerConfig, recipe: Recipe, name: str, storage: Path) -> None:
     try:
         trainer.fit()
     except Exception as exc:  # Ray wraps worker errors in its own exception types
-        raise StageError(f"training failed after {train_rt.max_failures} restarts: {exc}") from exc
+        raise StageError(name, f"training failed after {train_rt.max_failures} restarts: {exc}") from exc
 
 
 def summarise(out: Path, spec: TrainStageSpec) -> dict[str, float]:
@@ -192,7 +192,8 @@ def held_out_checks(out: Path, index: pl.DataFrame, spec: TrainStageSpec, config
         samples = ShardSamples(index, root, split, "caption")
         text_length = model.spec.text.max_length
         collate = Collator(samples, image, codec, "caption", spec.prompt, text_length)
-        metrics.update(evaluate.contrastive_metrics(model, collate, evaluate.held_out(samples, spec.eval_samples)))
+        positions = evaluate.held_out(samples, spec.eval_samples)
+        metrics.update(evaluate.contrastive_metrics(model, collate, positions, "itm" in kinds))
     if "lm" in kinds:
         qa = ShardSamples(index, root, split, "qa")
         metrics.update(evaluate.vqa_metrics(model, qa, list(range(len(qa))), codec, image, spec.eval_samples))

@@ -62,7 +62,7 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(child.data.metrics)
     assert (
         child.data.metrics["params_trainable"] > 0
-        and child.data.params["stage.trainable"] == '["connector", "language"]'
+        and child.data.params["stage.trainable"] == '["vision", "connector", "language"]'
     )
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "model")}
     assert {"model/model.safetensors", "model/vlmflow_model.json"} <= artifacts
@@ -153,3 +153,23 @@ def test_export_round_trip_gives_the_same_logits(trained, tmp_path):
     result = vlmflow("export", str(checkpoint), str(tmp_path / "from-checkpoint"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "from-checkpoint" / "model.safetensors").exists()
+
+
+def eval_of(workdir: Path, stage: str) -> dict:
+    return json.loads((stage_dir(workdir, stage) / "eval.json").read_text())
+
+
+def test_tiny_clip_retrieves_the_right_caption_well_above_chance(trained):
+    result = vlmflow("run", str(REPO / "specs" / "recipes" / "clip-tiny.yaml"), "--workdir", str(trained))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = eval_of(trained, "train-contrastive")
+    chance = metrics["eval_r1_chance"]  # identical captions count as right, so chance is their share
+    assert metrics["eval_i2t_r1"] > 4 * chance and metrics["eval_t2i_r1"] > 4 * chance, metrics
+
+
+def test_tiny_llava_answers_colour_questions_well_above_the_majority_answer(trained):
+    result = vlmflow("run", str(SPEC), "--workdir", str(trained), "--set", "stages.1.eval_samples=400")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = eval_of(trained, "train-instruct")
+    assert metrics["eval_vqa_questions"] >= 300
+    assert metrics["eval_vqa_accuracy_color"] > metrics["eval_vqa_majority_color"] + 0.15, metrics
