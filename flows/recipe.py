@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from vlmflow.components import dedup, ingest, tokenize
+from vlmflow.components.instruct import stage as instruct
 from vlmflow.components.train.stage import stage_for
 from vlmflow.runtime.prefect import RecipeRun
 from vlmflow.specs.recipe import Recipe
@@ -20,6 +21,8 @@ def recipe_flow(recipe: Recipe, workdir: Path, spec_path: str) -> dict:
             data["dedup"] = run.stage(dedup.STAGE, ingest=data["ingest"])
         if recipe.tokenizer is not None:
             tokenizer = run.stage(tokenize.STAGE, **data)
+        if recipe.instruct is not None:
+            data["instruct"] = run.stage(instruct.STAGE, **data)
         trained: dict = {}
         for i, stage in enumerate(recipe.stages):
             start = list(trained.values())[-1:] if stage.init_from == "previous" else [trained.get(stage.init_from)]

@@ -82,7 +82,7 @@ def vqa_metrics(
         _, data, record = samples.read(i)
         pixels = torch.from_numpy(preprocess(data, image)).unsqueeze(0)
         for qa in record.get("qa") or []:
-            predicted = codec.tokenizer.decode(greedy(model, codec.prompt(qa["question"]), pixels, eos, max_new=4))
+            predicted = codec.tokenizer.decode(greedy(model, codec.prompt(qa["question"]), pixels, eos, max_new=12))
             answers.append((qa["question"], normalise(qa["answer"]), normalise(predicted)))
         if len(answers) >= limit:
             break
@@ -97,6 +97,8 @@ def vqa_metrics(
         chosen = [a for a in answers if keep(a[0])]
         if chosen:
             metrics[f"eval_vqa_accuracy{name}"] = sum(t == p for _, t, p in chosen) / len(chosen)
+            # sentence answers ("The circle is red.") from conversation-trained models
+            metrics[f"eval_vqa_contains{name}"] = sum(f" {t} " in f" {p} " for _, t, p in chosen) / len(chosen)
             metrics[f"eval_vqa_majority{name}"] = sum(t == majority[q] for q, t, _ in chosen) / len(chosen)
     return metrics
 
@@ -116,4 +118,4 @@ def caption_metrics(
 
 
 def normalise(text: str) -> str:
-    return " ".join(text.lower().strip().rstrip(".").split())
+    return " ".join(text.lower().replace(".", " ").replace(",", " ").replace("?", " ").split())

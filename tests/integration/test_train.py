@@ -43,7 +43,7 @@ def stage_dir(workdir: Path, name: str) -> Path:
 def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     summary = summary_of(trained)
     by_name = stages(summary)
-    assert list(by_name) == ["ingest", "dedup", "tokenizer", "train-align", "train-instruct"]
+    assert list(by_name) == ["ingest", "dedup", "tokenizer", "instruct", "train-align", "train-instruct"]
     instruct = by_name["train-instruct"]
     assert instruct["input_digests"]["init"] == by_name["train-align"]["artifact_digest"]
     assert instruct["input_digests"]["data"] == by_name["dedup"]["artifact_digest"]
@@ -106,7 +106,7 @@ def test_killed_driver_resumes_from_the_last_checkpoint_with_the_same_losses(tra
     result = vlmflow("run", str(SPEC), "--workdir", str(trained), *SHORT, "--set", "stages.1.eval_samples=7")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step-0000000" in result.stdout + result.stderr
-    assert [s["status"] for s in summary_of(trained)["stages"]] == ["cached"] * 4 + ["computed"]
+    assert [s["status"] for s in summary_of(trained)["stages"]] == ["cached"] * 5 + ["computed"]
     assert_same_curve(history(stage_dir(trained, "train-instruct")), clean)
 
 

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from vlmflow.specs.base import SpecPath, StrictModel
 from vlmflow.specs.data import DataSpec
+from vlmflow.specs.instruct import InstructSpec
 from vlmflow.specs.model import ModelSpec
 from vlmflow.specs.train import TrainRuntime, TrainStageSpec
 
@@ -63,13 +64,15 @@ class Recipe(StrictModel):
     seed: int = 0
     data: DataSpec
     tokenizer: Tokenizer | None = None
+    instruct: InstructSpec | None = Field(None, description="LLaVA-style synthetic instruction data (instruct stage)")
     model: ModelSpec | None = None
     stages: list[TrainStageSpec] = Field(default_factory=list)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
 
     def data_artifacts(self) -> list[str]:
         """The data stages this recipe produces, which training stages may name as `data:`."""
-        return ["ingest"] + (["dedup"] if self.data.dedup is not None else [])
+        produced = ["ingest"] + (["dedup"] if self.data.dedup is not None else [])
+        return produced + (["instruct"] if self.instruct is not None else [])
 
 
 OBJECTIVE_NEEDS = {"lm": "language", "itc": "text", "siglip": "text", "itm": "text"}
@@ -82,6 +85,8 @@ def cross_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("stages",), "training stages need a model: section"))
     if recipe.stages and recipe.tokenizer is None:
         problems.append((("stages",), "training stages need a tokenizer: section"))
+    if recipe.instruct is not None and recipe.instruct.input == "dedup" and recipe.data.dedup is None:
+        problems.append((("instruct", "input"), "input is dedup, but data.dedup is off"))
     seen: list[str] = []
     workers = recipe.runtime.train.num_workers
     for i, stage in enumerate(recipe.stages):

@@ -1,0 +1,74 @@
+"""The instruct stage inside a real recipe run (Prefect task, Ray tasks, MLflow child run) against the
+mock server: metrics and the sample artifact land in MLflow, the API key nowhere; a second run
+finds the stage cached."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+from vlmflow.components.instruct.mock_server import MockConfig, running_mock
+
+pytestmark = pytest.mark.slow
+SECRET = "sk-recipe-run-secret-42"
+
+
+def _run(workdir: Path, recipe: dict) -> dict:
+    """`vlmflow run` on the recipe (written as YAML), as a user runs it."""
+    spec = workdir / "recipe.yaml"
+    spec.write_text(yaml.safe_dump(recipe))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", LLM_KEY=SECRET)
+    command = [sys.executable, "-m", "vlmflow.cli", "run", str(spec), "--workdir", str(workdir / "work")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((workdir / "work" / "runs" / "latest" / "summary.json").read_text())
+
+
+def test_instruct_in_a_recipe_run_is_tracked_and_cached(tmp_path):
+    with running_mock(MockConfig(fault_rate=0.05, retry_after_s=0.1, slow_s=2.0, api_key=SECRET)) as mock:
+        generator = {"kind": "openai-compatible", "base_url": mock.base_url, "model": "mock-llm"}
+        generator.update(api_key_env="LLM_KEY", concurrency=8, timeout_s=1.0, backoff_base_s=0.05)
+        recipe = {
+            "name": "instruct-run",
+            "data": {"sources": [{"kind": "synthetic-shapes", "count": 80}], "shard_size": 40},
+            "instruct": {"generator": generator, "sample_conversations": 5},
+            "runtime": {"ray": {"num_cpus": 2}, "progress": "log"},
+        }
+        first = _run(tmp_path, recipe)
+        requests = mock.server.stats["requests"]
+        second = _run(tmp_path, recipe)
+        assert mock.server.stats["requests"] == requests  # the stage is cached: no request at all
+
+    stages = {s["name"]: s for s in first["stages"]}
+    assert stages["instruct"]["status"] == "computed"
+    assert stages["instruct"]["rows_in"] == stages["instruct"]["rows_out"] == stages["dedup"]["rows_out"]
+    assert {s["name"]: s["status"] for s in second["stages"]}["instruct"] == "cached"
+
+    client = MlflowClient(first["mlflow_tracking_uri"])
+    run = client.get_run(stages["instruct"]["mlflow_run_id"])
+    metrics = run.data.metrics
+    for name in ("calls.made", "calls.cached", "calls.failed", "calls.reasked", "tokens.in", "tokens.out",
+                 "cost.estimated_usd", "latency.p50_s", "latency.p95_s", "items.conversation", "items.detail",
+                 "items.complex_reasoning"):  # fmt: skip
+        assert name in metrics
+    assert metrics["calls.made"] >= stages["instruct"]["rows_out"] > 0
+    assert run.data.params["generator.api_key_env"] == "LLM_KEY"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"sample_conversations.json", "instruct_summary.json", "quarantine.parquet"} <= artifacts
+    downloaded = client.download_artifacts(run.info.run_id, "sample_conversations.json", str(tmp_path / "dl"))
+    samples = json.loads(Path(downloaded).read_text())
+    assert len(samples) == 5 and samples[0]["conversations"][0]["from"] == "human"
+    everything = json.dumps([run.data.params, run.data.tags, metrics]) + json.dumps(samples)
+    assert SECRET not in everything
+    for path in (tmp_path / "work").rglob("*"):
+        if path.is_file() and path.stat().st_size < 5_000_000 and "prefect" not in path.parts:
+            assert SECRET.encode() not in path.read_bytes(), path
