@@ -31,7 +31,7 @@ from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, Tex
 from vlmflow.components.train.data import worker_micro_batches as micro_batches
 from vlmflow.components.train.loop import WorkerConfig
 from vlmflow.components.train.setup import build_stage_model
-from vlmflow.components.train.stage import fit
+from vlmflow.components.train.stage import fit, vocab_of
 from vlmflow.models.vision import image_spec
 from vlmflow.models.vlm import Vocab
 from vlmflow.specs import load_recipe
@@ -49,8 +49,6 @@ def data_stages(spec: Path, workdir: Path) -> dict[str, Path]:
 def worker_config(recipe, artifacts: dict[str, Path], store: Path, out: Path, steps: int, threads: int) -> WorkerConfig:
     stage = recipe.stages[-1]
     tokenizer = artifacts["tokenizer"]
-    special = json.loads((tokenizer / "special_tokens.json").read_text())
-    size = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
     index = build_index(artifacts["dedup"], store)
     out.mkdir(parents=True, exist_ok=True)
     index.write_parquet(out / "index.parquet")
@@ -58,7 +56,7 @@ def worker_config(recipe, artifacts: dict[str, Path], store: Path, out: Path, st
     return WorkerConfig(
         model=recipe.model.model_dump(mode="json"),
         stage=stage.model_dump(mode="json") | {"checkpoint_every": steps, "max_steps": steps},
-        vocab={"size": max(size, max(special.values()) + 1), "special": special},
+        vocab=vocab_of(tokenizer),
         image={k: list(v) if isinstance(v, tuple) else v for k, v in image_spec(recipe.model.vision).items()},
         seed=recipe.seed,
         tokenizer=str(tokenizer / "tokenizer.json"),

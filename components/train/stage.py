@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from tokenizers import Tokenizer
 
 from vlmflow.components.ingest import fingerprint
 from vlmflow.components.train import evaluate
@@ -90,9 +91,7 @@ def run(ctx: StageContext, index_in_recipe: int) -> StageResult:
         )
     total = spec.max_steps or spec.epochs * steps_per_epoch
     tokenizer = ctx.inputs["tokenizer"].path
-    special = json.loads((tokenizer / "special_tokens.json").read_text())
-    vocab_size = json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"].__len__()
-    vocab = {"size": max(vocab_size, max(special.values()) + 1), "special": special}
+    vocab = vocab_of(tokenizer)
     image = image_spec(recipe.model.vision)
     init = ctx.inputs.get("init")
     config = WorkerConfig(
@@ -141,6 +140,13 @@ def run(ctx: StageContext, index_in_recipe: int) -> StageResult:
         ],
         details=details,
     )
+
+
+def vocab_of(tokenizer: Path) -> dict:
+    """Vocabulary size and special-token ids of a tokenizer stage's folder."""
+    special = json.loads((tokenizer / "special_tokens.json").read_text())
+    size = Tokenizer.from_file(str(tokenizer / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    return {"size": max(size, max(special.values()) + 1), "special": special}
 
 
 def fit(config: WorkerConfig, recipe: Recipe, name: str, storage: Path) -> None:
