@@ -108,8 +108,8 @@ def train_worker(raw: dict) -> None:
     history = out / "history.jsonl"
     config = model_config(spec, vocab, cfg.image, model.num_image_tokens)
     if rank == 0 and start > 0 and history.exists():  # steps after the checkpoint are redone
-        kept = [line for line in history.read_text().splitlines() if json.loads(line)["step"] <= start]
-        history.write_text("".join(line + "\n" for line in kept))
+        rows = [row for row in map(parse_row, history.read_text().splitlines()) if row and row["step"] <= start]
+        history.write_text("".join(json.dumps(row) + "\n" for row in rows))
     if rank == 0 and start == 0:
         history.unlink(missing_ok=True)
         (out / "parameters.json").write_text(json.dumps(counts, indent=2))
@@ -142,7 +142,7 @@ def train_worker(raw: dict) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        row = averaged({**{f"loss_{k}": v for k, v in sums.items()}, "tokens": float(tokens)}, world)
+        row = averaged({**{f"loss_{k}": v for k, v in sums.items()}, "tokens": float(tokens)}, world, device)
         seconds = time.perf_counter() - started
         row.update(
             step=step + 1,
@@ -167,11 +167,19 @@ def train_worker(raw: dict) -> None:
         write_model_folder(out / "model", merge_lora(model), config, Path(cfg.tokenizer))
 
 
-def averaged(values: dict[str, float], world: int) -> dict[str, float]:
+def parse_row(line: str) -> dict | None:
+    """A history line; None for the half-written last line of a killed run."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def averaged(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
     """Losses averaged over workers; token counts summed then divided (per-worker mean)."""
     if world == 1:
         return values
-    tensor = torch.tensor(list(values.values()), dtype=torch.float64)
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return dict(zip(values, (tensor / world).tolist(), strict=True))
 

@@ -201,3 +201,10 @@ def test_a_pickle_checkpoint_is_refused_and_never_executed(tmp_path, monkeypatch
     with pytest.raises(Exception):  # noqa: B017 - any error, as long as nothing runs
         ckpt.load_model(torch.nn.Linear(1, 1), folder / "model.safetensors")
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_half_written_history_line_is_dropped_on_resume():
+    from vlmflow.components.train.loop import parse_row
+
+    assert parse_row('{"step": 3, "loss": 1.5}') == {"step": 3, "loss": 1.5}
+    assert parse_row('{"step": 4, "lo') is None
