@@ -111,7 +111,7 @@ def run(ctx: StageContext, index_in_recipe: int) -> StageResult:
         steps_per_epoch=steps_per_epoch,
     )
     fit(config, recipe, f"{stage_name(spec)}-{ctx.digest[:12]}", ctx.out / "ray")
-    metrics = summarise(ctx.out, spec)
+    metrics = summarise(ctx.out)
     metrics.update(held_out_checks(ctx.out, index, spec, config, ctx.store.root))
     (ctx.out / "eval.json").write_text(json.dumps(metrics, indent=2))
     details: dict = {"history": "history.jsonl", "checkpoints": str(ctx.out / "checkpoints"), "steps": total}
@@ -172,7 +172,7 @@ def fit(config: WorkerConfig, recipe: Recipe, name: str, storage: Path) -> None:
         raise StageError(name, f"training failed after {train_rt.max_failures} restarts: {exc}") from exc
 
 
-def summarise(out: Path, spec: TrainStageSpec) -> dict[str, float]:
+def summarise(out: Path) -> dict[str, float]:
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
     tail = rows[-min(10, len(rows)) :]
     metrics = {f"final_{k}": sum(r[k] for r in tail) / len(tail) for k in tail[0] if k.startswith("loss")}

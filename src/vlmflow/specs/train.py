@@ -12,32 +12,32 @@ from vlmflow.specs.data import NAME_PATTERN
 MODULES = ("vision", "connector", "language", "text", "heads")
 
 
-class ItcObjective(StrictModel):
+class Weighted(StrictModel):
+    weight: float = Field(1.0, gt=0, description="this objective's weight in the stage's loss")
+
+
+class ItcObjective(Weighted):
     """CLIP InfoNCE over the batch (all workers' samples) with a learnable temperature."""
 
     kind: Literal["itc"]
-    weight: float = Field(1.0, gt=0)
 
 
-class SiglipObjective(StrictModel):
+class SiglipObjective(Weighted):
     """SigLIP pairwise sigmoid loss with learnable temperature and bias."""
 
     kind: Literal["siglip"]
-    weight: float = Field(1.0, gt=0)
 
 
-class ItmObjective(StrictModel):
+class ItmObjective(Weighted):
     """Binary image-text matching; negatives mined from ITC similarities (hardest non-duplicate)."""
 
     kind: Literal["itm"]
-    weight: float = Field(1.0, gt=0)
 
 
-class LmObjective(StrictModel):
+class LmObjective(Weighted):
     """Next-token loss on the response only: prompt, image and padding positions are masked."""
 
     kind: Literal["lm"]
-    weight: float = Field(1.0, gt=0)
 
 
 Objective = Annotated[ItcObjective | SiglipObjective | ItmObjective | LmObjective, Field(discriminator="kind")]
