@@ -65,8 +65,9 @@ def greedy(model: VLM, ids: list[int], pixels: torch.Tensor, eos: int, max_new: 
     out: list[int] = []
     for _ in range(max_new):
         tensor = torch.tensor([ids + out])
-        logits = model.lm_logits(tensor, torch.ones_like(tensor), pixels)
-        token = int(logits[0, -1].argmax())
+        logits = model.lm_logits(tensor, torch.ones_like(tensor), pixels)[0, -1]
+        logits[model.vocab.image_id] = float("-inf")  # an image placeholder is never text
+        token = int(logits.argmax())
         if token == eos:
             break
         out.append(token)

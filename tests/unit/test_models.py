@@ -246,3 +246,21 @@ def test_local_hf_folders_load_through_the_same_path(tmp_path):
                        if "vision_model.embeddings.patch_embedding.weight" in saved.state_dict()
                        else saved.state_dict()["embeddings.patch_embedding.weight"])  # fmt: skip
     assert model.num_image_tokens == 16
+
+
+def test_greedy_never_emits_the_image_placeholder():
+    from vlmflow.components.train.evaluate import greedy
+
+    torch.manual_seed(6)
+    model = VLM(model_spec({"kind": "linear"}), VOCAB)
+    plain = model.lm_logits
+
+    def image_favoured(*args):  # <image> is by far the most likely next token
+        logits = plain(*args).clone()
+        logits[..., SPECIAL["<image>"]] += 1000.0
+        return logits
+
+    model.lm_logits = image_favoured
+    prompt = [1, 6, *[4] * model.num_image_tokens, 20, 7]
+    out = greedy(model, prompt, torch.randn(1, 3, 64, 64), eos=-1, max_new=3)
+    assert len(out) == 3 and SPECIAL["<image>"] not in out
