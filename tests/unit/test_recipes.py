@@ -100,3 +100,36 @@ def test_field_level_training_problems(tmp_path):
     assert "patch-linear goes with vision kind none" in only_problem(write(tmp_path, text)).message
     text = TRAINING.replace("    trainable: [connector]", "    trainable: [language]\n    lora: {module: language}")
     assert "LoRA keeps its base frozen" in only_problem(write(tmp_path, text)).message
+
+
+@pytest.mark.parametrize("name", LITERATURE)
+def test_every_tiny_twin_model_trains_a_step_and_generates(name):
+    import torch
+
+    from vlmflow.components.train.evaluate import greedy
+    from vlmflow.components.train.setup import build_stage_model
+    from vlmflow.models.vlm import Vocab
+
+    recipe = load_recipe(RECIPES / f"{name}-tiny.yaml")
+    special = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, "<image>": 4, "<|user|>": 6, "<|assistant|>": 7}
+    torch.manual_seed(0)
+    for stage in recipe.stages:
+        model = build_stage_model(recipe.model, Vocab(300, special), stage, None)
+        size, tokens = recipe.model.vision.image_size, model.num_image_tokens
+        ids = torch.tensor([[1, 6, *[4] * tokens, 30, 31, 7, 40, 2]] * 4)
+        labels = torch.full_like(ids, -100)
+        labels[:, -2:] = ids[:, -2:]
+        batch = {
+            "pixels": torch.randn(4, 3, size, size),
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": labels,
+            "text_ids": torch.randint(8, 300, (4, 6)),
+            "text_mask": torch.ones(4, 6, dtype=torch.long),
+        }
+        losses = model(batch, [o.kind for o in stage.objectives])
+        sum(losses.values()).backward()
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert trained and any(p.grad is not None for p in trained)
+        if model.language is not None:
+            assert len(greedy(model, [1, 6, *[4] * tokens, 30, 7], batch["pixels"][:1], eos=-1, max_new=2)) == 2
