@@ -31,8 +31,7 @@ from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, Tex
 from vlmflow.components.train.data import worker_micro_batches as micro_batches
 from vlmflow.components.train.loop import WorkerConfig
 from vlmflow.components.train.setup import build_stage_model
-from vlmflow.components.train.stage import fit, vocab_of
-from vlmflow.models.vision import image_spec
+from vlmflow.components.train.stage import fit, worker_config
 from vlmflow.models.vlm import Vocab
 from vlmflow.specs import load_recipe
 
@@ -46,38 +45,25 @@ def data_stages(spec: Path, workdir: Path) -> dict[str, Path]:
     return {s["name"]: Path(s["artifact_path"]) for s in summary["stages"]}
 
 
-def worker_config(recipe, artifacts: dict[str, Path], store: Path, out: Path, steps: int, threads: int) -> WorkerConfig:
+def bench_recipe(recipe, steps: int, workers: int):
+    """The recipe with its last stage cut to `steps` (one checkpoint, at the end) on `workers` 1-thread workers."""
+    stage = recipe.stages[-1].model_copy(update={"max_steps": steps, "checkpoint_every": steps})
+    train = recipe.runtime.train.model_copy(update={"num_workers": workers, "cpus_per_worker": 1})
+    runtime = recipe.runtime.model_copy(update={"train": train})
+    return recipe.model_copy(update={"stages": [*recipe.stages[:-1], stage], "runtime": runtime})
+
+
+def stage_config(recipe, artifacts: dict[str, Path], store: Path, out: Path) -> WorkerConfig:
     stage = recipe.stages[-1]
-    tokenizer = artifacts["tokenizer"]
     index = build_index(artifacts["dedup"], store)
     out.mkdir(parents=True, exist_ok=True)
     index.write_parquet(out / "index.parquet")
-    train = ShardSamples(index, store, "train", stage.format)
-    return WorkerConfig(
-        model=recipe.model.model_dump(mode="json"),
-        stage=stage.model_dump(mode="json") | {"checkpoint_every": steps, "max_steps": steps},
-        vocab=vocab_of(tokenizer),
-        image={k: list(v) if isinstance(v, tuple) else v for k, v in image_spec(recipe.model.vision).items()},
-        seed=recipe.seed,
-        tokenizer=str(tokenizer / "tokenizer.json"),
-        index=str(out / "index.parquet"),
-        store_root=str(store),
-        out=str(out),
-        init=None,
-        strategy="ddp",
-        threads=threads,
-        total_steps=steps,
-        steps_per_epoch=len(train) // stage.batch_size,
-    )
+    train_rows = len(ShardSamples(index, store, "train", stage.format))
+    return worker_config(recipe, stage, artifacts["tokenizer"], out / "index.parquet", store, out, None, train_rows)
 
 
-def vlmflow_rate(recipe, config: WorkerConfig, workers: int, warmup: int) -> float:
-    runtime = recipe.runtime.model_copy(
-        update={
-            "train": recipe.runtime.train.model_copy(update={"num_workers": workers, "cpus_per_worker": config.threads})
-        }
-    )
-    fit(config, recipe.model_copy(update={"runtime": runtime}), f"bench-{workers}", Path(config.out) / "ray")
+def vlmflow_rate(recipe, config: WorkerConfig, warmup: int) -> float:
+    fit(config, recipe, f"bench-{recipe.runtime.train.num_workers}", Path(config.out) / "ray")
     rows = [json.loads(line) for line in (Path(config.out) / "history.jsonl").read_text().splitlines()]
     return float(np.median([r["samples_per_s"] for r in rows[warmup:]]))
 
@@ -89,7 +75,7 @@ def bare_rate(recipe, config: WorkerConfig, steps: int, warmup: int, threads: in
     torch.manual_seed(config.seed)
     model = build_stage_model(recipe.model, vocab, stage, None)
     samples = ShardSamples(pl.read_parquet(config.index), Path(config.store_root), "train", stage.format)
-    image = ImageSpec(config.image["size"], tuple(config.image["mean"]), tuple(config.image["std"]))
+    image = ImageSpec.of(config.image)
     codec = TextCodec(Path(config.tokenizer), vocab.special, model.num_image_tokens, stage.max_text_tokens)
     collate = Collator(samples, image, codec, stage.format, stage.prompt, None)
     order = epoch_order(len(samples), config.seed, 0)
@@ -129,9 +115,10 @@ def main() -> None:
     rows = []
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as tmp:
-            config = worker_config(recipe, artifacts, store, Path(tmp) / "stage", args.steps, threads=1)
-            ours = vlmflow_rate(recipe, config, workers, args.warmup)
-            bare = bare_rate(recipe, config, args.steps, args.warmup, threads=workers)
+            bench = bench_recipe(recipe, args.steps, workers)
+            config = stage_config(bench, artifacts, store, Path(tmp) / "stage")
+            ours = vlmflow_rate(bench, config, args.warmup)
+            bare = bare_rate(bench, config, args.steps, args.warmup, threads=workers)
         rows.append({"workers": workers, "threads_total": workers, "vlmflow_samples_per_s": ours,
                      "bare_samples_per_s": bare, "ratio": ours / bare})  # fmt: skip
     ray.shutdown()

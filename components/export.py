@@ -46,9 +46,7 @@ def export_problems(model: VLM) -> list[str]:
         problems.append(f"connector mlp with {spec.connector.layers} layers: LLaVA's projector has 2")
     if spec.language is None:
         problems.append("no language model")
-    elif spec.language.kind == "tiny-llama" or model.language.config.model_type == "llama":
-        pass
-    else:
+    elif model.language.config.model_type != "llama":  # tiny-llama is a LlamaConfig too
         problems.append(f"language model type {model.language.config.model_type}: only Llama-style LMs are exported")
     return problems
 

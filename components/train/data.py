@@ -98,6 +98,11 @@ class ImageSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    @classmethod
+    def of(cls, config: dict) -> ImageSpec:
+        """From `image_spec()`'s dict or its JSON copy in a model folder."""
+        return cls(int(config["size"]), tuple(config["mean"]), tuple(config["std"]))
+
 
 def preprocess(data: bytes, spec: ImageSpec) -> np.ndarray:
     """Decode, RGB, bicubic resize to a square, scale to [0, 1], normalise; CHW float32."""

@@ -98,7 +98,7 @@ def train_worker(raw: dict) -> None:
     checkpoints = out / "checkpoints"
     start = resume(checkpoints, wrapped, optimizer, scheduler)
     samples = ShardSamples(pl.read_parquet(cfg.index), Path(cfg.store_root), "train", stage.format)
-    image = ImageSpec(cfg.image["size"], tuple(cfg.image["mean"]), tuple(cfg.image["std"]))
+    image = ImageSpec.of(cfg.image)
     codec = TextCodec(Path(cfg.tokenizer), vocab.special, model.num_image_tokens, stage.max_text_tokens)
     text_length = spec.text.max_length if spec.text else None
     collate = Collator(samples, image, codec, stage.format, stage.prompt, text_length)

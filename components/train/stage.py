@@ -78,43 +78,35 @@ def accounting(index: pl.DataFrame, spec: TrainStageSpec) -> tuple[pl.DataFrame,
 def run(ctx: StageContext, index_in_recipe: int) -> StageResult:
     recipe = ctx.recipe
     spec = recipe.stages[index_in_recipe]
-    train_rt = recipe.runtime.train
     index = build_index(ctx.inputs["data"].path, ctx.store.root)
     index.write_parquet(ctx.out / "index.parquet")
     train_rows, unused = accounting(index, spec)
     unused.write_parquet(ctx.out / "unused.parquet")
-    steps_per_epoch = train_rows.height // spec.batch_size
-    if steps_per_epoch == 0:
+    if train_rows.height < spec.batch_size:
         raise UserError(
             f"stages[{index_in_recipe}] ({spec.name}): batch_size {spec.batch_size} is larger than the "
             f"{train_rows.height} training samples of {ctx.inputs['data'].stage} in format {spec.format}"
         )
-    total = spec.max_steps or spec.epochs * steps_per_epoch
-    tokenizer = ctx.inputs["tokenizer"].path
-    vocab = vocab_of(tokenizer)
-    image = image_spec(recipe.model.vision)
     init = ctx.inputs.get("init")
-    config = WorkerConfig(
-        model=recipe.model.model_dump(mode="json"),
-        stage=spec.model_dump(mode="json"),
-        vocab=vocab,
-        image={k: list(v) if isinstance(v, tuple) else v for k, v in image.items()},
-        seed=recipe.seed,
-        tokenizer=str(tokenizer / "tokenizer.json"),
-        index=str(ctx.out / "index.parquet"),
-        store_root=str(ctx.store.root),
-        out=str(ctx.out),
-        init=str(init.path / "model") if init else None,
-        strategy=train_rt.strategy,
-        threads=train_rt.cpus_per_worker,
-        total_steps=total,
-        steps_per_epoch=steps_per_epoch,
+    config = worker_config(
+        recipe,
+        spec,
+        ctx.inputs["tokenizer"].path,
+        ctx.out / "index.parquet",
+        ctx.store.root,
+        ctx.out,
+        init.path / "model" if init else None,
+        train_rows.height,
     )
     fit(config, recipe, f"{stage_name(spec)}-{ctx.digest[:12]}", ctx.out / "ray")
     metrics = summarise(ctx.out)
     metrics.update(held_out_checks(ctx.out, index, spec, config, ctx.store.root))
     (ctx.out / "eval.json").write_text(json.dumps(metrics, indent=2))
-    details: dict = {"history": "history.jsonl", "checkpoints": str(ctx.out / "checkpoints"), "steps": total}
+    details: dict = {
+        "history": "history.jsonl",
+        "checkpoints": str(ctx.out / "checkpoints"),
+        "steps": config.total_steps,
+    }
     if index_in_recipe == len(recipe.stages) - 1:
         details["register_model"] = {
             "name": recipe.name,
@@ -139,6 +131,36 @@ def run(ctx: StageContext, index_in_recipe: int) -> StageResult:
             "unused.parquet",
         ],
         details=details,
+    )
+
+
+def worker_config(
+    recipe: Recipe,
+    spec: TrainStageSpec,
+    tokenizer: Path,
+    index_file: Path,
+    store_root: Path,
+    out: Path,
+    init: Path | None,
+    train_rows: int,
+) -> WorkerConfig:
+    """What every Ray Train worker of a stage needs (JSON-able, sent to each worker)."""
+    steps_per_epoch = train_rows // spec.batch_size
+    return WorkerConfig(
+        model=recipe.model.model_dump(mode="json"),
+        stage=spec.model_dump(mode="json"),
+        vocab=vocab_of(tokenizer),
+        image=image_spec(recipe.model.vision),
+        seed=recipe.seed,
+        tokenizer=str(tokenizer / "tokenizer.json"),
+        index=str(index_file),
+        store_root=str(store_root),
+        out=str(out),
+        init=str(init) if init else None,
+        strategy=recipe.runtime.train.strategy,
+        threads=recipe.runtime.train.cpus_per_worker,
+        total_steps=spec.max_steps or spec.epochs * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
     )
 
 
@@ -190,7 +212,7 @@ def held_out_checks(out: Path, index: pl.DataFrame, spec: TrainStageSpec, config
         return {}
     model, saved = read_model_folder(out / "model")
     model.eval()
-    image = ImageSpec(saved["image"]["size"], tuple(saved["image"]["mean"]), tuple(saved["image"]["std"]))
+    image = ImageSpec.of(saved["image"])
     codec = TextCodec(Path(config.tokenizer), saved["vocab"]["special"], model.num_image_tokens, spec.max_text_tokens)
     kinds = {o.kind for o in spec.objectives}
     metrics: dict[str, float] = {}
