@@ -89,6 +89,13 @@ def wait_for_step(proc: subprocess.Popen, workdir: Path, pattern: str, step: int
         time.sleep(0.05)
 
 
+def ray_train_workers() -> list[psutil.Process]:
+    """Ray Train worker processes; they live outside the driver's process group."""
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found"
+    return workers
+
+
 def assert_same_curve(mine: list[dict], clean: list[dict]) -> None:
     assert [r["step"] for r in mine] == [r["step"] for r in clean]
     for a, b in zip(mine, clean, strict=True):
@@ -100,7 +107,10 @@ def test_killed_driver_resumes_from_the_last_checkpoint_with_the_same_losses(tra
     # eval_samples changes the stage digest but not its training: a fresh build to kill.
     proc = start(trained, "--set", "stages.1.eval_samples=7")
     partial = wait_for_step(proc, trained, "artifacts/train-instruct/*.partial", 6)
-    os.killpg(proc.pid, signal.SIGKILL)
+    workers = ray_train_workers()
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole machine goes down: driver and Ray workers alike
+    for worker in workers:
+        worker.kill()
     proc.wait()
     assert (partial / "checkpoints" / "step-00000004").is_dir() and not (partial / "_SUCCESS").exists()
     result = vlmflow("run", str(SPEC), "--workdir", str(trained), *SHORT, "--set", "stages.1.eval_samples=7")
@@ -114,8 +124,7 @@ def test_killed_worker_is_restarted_and_reproduces_the_losses(trained):
     clean = history(stage_dir(trained, "train-instruct"))
     proc = start(trained, "--set", "stages.1.eval_samples=6")
     wait_for_step(proc, trained, "artifacts/train-instruct/*.partial", 5)
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-    assert workers, "no Ray Train worker process found"
+    workers = ray_train_workers()
     workers[-1].kill()
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
