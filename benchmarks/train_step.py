@@ -27,11 +27,12 @@ import polars as pl
 import ray
 import torch
 
-from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, build_index, epoch_order
+from vlmflow.components.train import mixture
+from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, build_index
 from vlmflow.components.train.data import worker_micro_batches as micro_batches
 from vlmflow.components.train.loop import WorkerConfig
 from vlmflow.components.train.setup import build_stage_model
-from vlmflow.components.train.stage import fit, worker_config
+from vlmflow.components.train.stage import fit, mixture_rows, worker_config
 from vlmflow.models.vlm import Vocab
 from vlmflow.specs import load_recipe
 
@@ -55,11 +56,11 @@ def bench_recipe(recipe, steps: int, workers: int):
 
 def stage_config(recipe, artifacts: dict[str, Path], store: Path, out: Path) -> WorkerConfig:
     stage = recipe.stages[-1]
-    index = build_index(artifacts["dedup"], store)
+    (rows,) = mixture_rows({"dedup": build_index(artifacts["dedup"], store)}, stage)
     out.mkdir(parents=True, exist_ok=True)
-    index.write_parquet(out / "index.parquet")
-    train_rows = len(ShardSamples(index, store, "train", stage.format))
-    return worker_config(recipe, stage, artifacts["tokenizer"], out / "index.parquet", store, out, None, train_rows)
+    rows.write_parquet(out / "train_rows.parquet")
+    resolved = mixture.resolve(stage, [rows.height])
+    return worker_config(recipe, stage, artifacts["tokenizer"], out / "train_rows.parquet", store, out, None, resolved)
 
 
 def vlmflow_rate(recipe, config: WorkerConfig, warmup: int) -> float:
@@ -74,11 +75,11 @@ def bare_rate(recipe, config: WorkerConfig, steps: int, warmup: int, threads: in
     vocab = Vocab(config.vocab["size"], config.vocab["special"])
     torch.manual_seed(config.seed)
     model = build_stage_model(recipe.model, vocab, stage, None)
-    samples = ShardSamples(pl.read_parquet(config.index), Path(config.store_root), "train", stage.format)
+    samples = ShardSamples(pl.read_parquet(config.index), Path(config.store_root))
     image = ImageSpec.of(config.image)
     codec = TextCodec(Path(config.tokenizer), vocab.special, model.num_image_tokens, stage.max_text_tokens)
-    collate = Collator(samples, image, codec, stage.format, stage.prompt, None)
-    order = epoch_order(len(samples), config.seed, 0)
+    collate = Collator(samples, image, codec, stage.prompt, None)
+    order = mixture.Resolved.from_dict(config.mixture).epoch_positions(config.seed, 0)
     size, micro = stage.batch_size, stage.micro_batch_size
     batches = [
         [collate(m, 0) for m in micro_batches(order, s % config.steps_per_epoch, size, micro, 0, 1)]

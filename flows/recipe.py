@@ -8,7 +8,7 @@ from prefect import flow
 
 from vlmflow.components import dedup, ingest, tokenize
 from vlmflow.components.instruct import stage as instruct
-from vlmflow.components.train.stage import stage_for
+from vlmflow.components.train.stage import data_inputs, stage_for
 from vlmflow.runtime.prefect import RecipeRun
 from vlmflow.specs.recipe import Recipe
 
@@ -27,5 +27,6 @@ def recipe_flow(recipe: Recipe, workdir: Path, spec_path: str) -> dict:
         for i, stage in enumerate(recipe.stages):
             start = list(trained.values())[-1:] if stage.init_from == "previous" else [trained.get(stage.init_from)]
             init = {"init": start[0]} if start and start[0] is not None else {}
-            trained[stage.name] = run.stage(stage_for(recipe, i), tokenizer=tokenizer, data=data[stage.data], **init)
+            inputs = {key: data[name] for key, name in data_inputs(stage).items()}
+            trained[stage.name] = run.stage(stage_for(recipe, i), tokenizer=tokenizer, **inputs, **init)
     return run.summary

@@ -182,15 +182,27 @@ def usable(fmt: str) -> pl.Expr:
     return pl.col(FORMAT_COLUMN[fmt]) > 0
 
 
-class ShardSamples:
-    """Usable samples of one split, read by position from the indexed shards."""
+def split_rows(index: pl.DataFrame, split: str, fmt: str) -> pl.DataFrame:
+    """Index rows of one split with something to train on in `fmt`, tagged with the format."""
+    return index.filter((pl.col("split") == split) & usable(fmt)).with_columns(format=pl.lit(fmt))
 
-    def __init__(self, index: pl.DataFrame, store_root: Path, split: str, fmt: str):
-        self.rows = index.filter((pl.col("split") == split) & usable(fmt)).to_dicts()
+
+class ShardSamples:
+    """Samples read by position from the indexed shards; each row carries its format."""
+
+    def __init__(self, rows: pl.DataFrame, store_root: Path):
+        self.rows = rows.to_dicts()
         self.store_root = store_root
+
+    @classmethod
+    def split(cls, index: pl.DataFrame, store_root: Path, split: str, fmt: str) -> ShardSamples:
+        return cls(split_rows(index, split, fmt), store_root)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def format(self, i: int) -> str:
+        return self.rows[i]["format"]
 
     def read(self, i: int) -> tuple[str, bytes, dict]:
         row = self.rows[i]
@@ -214,19 +226,19 @@ def worker_micro_batches(
 
 
 class Collator:
-    """Turns positions into a padded batch for the model (pixels, chat ids/labels, caption ids)."""
+    """Turns positions into a padded batch for the model (pixels, chat ids/labels in each row's
+    format, caption ids)."""
 
-    def __init__(self, samples: ShardSamples, image: ImageSpec, codec: TextCodec, stage_format: str, prompt: str,
-                 text_length: int | None):  # fmt: skip
+    def __init__(self, samples: ShardSamples, image: ImageSpec, codec: TextCodec, prompt: str, text_length: int | None):
         self.samples, self.image, self.codec = samples, image, codec
-        self.format, self.prompt, self.text_length = stage_format, prompt, text_length
+        self.prompt, self.text_length = prompt, text_length
 
     def __call__(self, positions: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         pixels, chats, captions = [], [], []
         for i in positions:
             _key, image, record = self.samples.read(int(i))
             pixels.append(preprocess(image, self.image))
-            chats.append(self.codec.chat(sample_turns(record, self.format, self.prompt, epoch) or []))
+            chats.append(self.codec.chat(sample_turns(record, self.samples.format(int(i)), self.prompt, epoch) or []))
             caption = pick_caption(record, epoch) or ""
             captions.append(self.codec.ids(caption)[: self.text_length or 1])
         pad = self.codec.special["<pad>"]

@@ -29,8 +29,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from vlmflow.components.train import checkpoint as ckpt
-from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, epoch_order
+from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec
 from vlmflow.components.train.data import worker_micro_batches as micro_batches
+from vlmflow.components.train.mixture import Resolved
 from vlmflow.components.train.setup import (
     CHECKPOINT_CONFIG,
     build_stage_model,
@@ -59,6 +60,7 @@ class WorkerConfig:
     threads: int
     total_steps: int
     steps_per_epoch: int
+    mixture: dict  # Resolved.as_dict(): which rows of `index` each epoch trains on
 
 
 def lr_factor(step: int, total: int, stage: TrainStageSpec) -> float:
@@ -97,11 +99,12 @@ def train_worker(raw: dict) -> None:
     out = Path(cfg.out)
     checkpoints = out / "checkpoints"
     start = resume(checkpoints, wrapped, optimizer, scheduler)
-    samples = ShardSamples(pl.read_parquet(cfg.index), Path(cfg.store_root), "train", stage.format)
+    samples = ShardSamples(pl.read_parquet(cfg.index), Path(cfg.store_root))
+    mix = Resolved.from_dict(cfg.mixture)
     image = ImageSpec.of(cfg.image)
     codec = TextCodec(Path(cfg.tokenizer), vocab.special, model.num_image_tokens, stage.max_text_tokens)
     text_length = spec.text.max_length if spec.text else None
-    collate = Collator(samples, image, codec, stage.format, stage.prompt, text_length)
+    collate = Collator(samples, image, codec, stage.prompt, text_length)
     kinds = [o.kind for o in stage.objectives]
     weights = {o.kind: o.weight for o in stage.objectives}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if stage.precision == "bf16" else None
@@ -117,11 +120,13 @@ def train_worker(raw: dict) -> None:
         (checkpoints / CHECKPOINT_CONFIG).write_text(json.dumps({**config, "stage": cfg.stage}, indent=2))
         shutil.copyfile(cfg.tokenizer, checkpoints / "tokenizer.json")
 
+    order_epoch, order = -1, np.zeros(0, dtype=np.int64)
     for step in range(start, cfg.total_steps):
         started = time.perf_counter()
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         epoch, position = divmod(step, cfg.steps_per_epoch)
-        order = epoch_order(len(samples), cfg.seed, epoch)
+        if epoch != order_epoch:
+            order_epoch, order = epoch, mix.epoch_positions(cfg.seed, epoch)
         parts = micro_batches(order, position, stage.batch_size, stage.micro_batch_size, rank, world)
         sums = {k: 0.0 for k in kinds}
         tokens = 0

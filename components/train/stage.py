@@ -1,10 +1,11 @@
 """A training stage of the recipe: Ray Train TorchTrainer over the stage's data, then held-out checks.
 
-Inputs: `tokenizer`, `data` (a data artifact: ingest, dedup or instruct) and, unless the
-stage starts fresh, `init` (the stage it starts from). Output folder: `model/` (plain
-safetensors + vlmflow_model.json, LoRA merged), `checkpoints/step-N/` (resumable state),
-`history.jsonl` (per-step metrics), `index.parquet`, `unused.parquet` (rows not trained
-on, with the reason) and `eval.json`.
+Inputs: `tokenizer`, the data (`data` for one artifact; `data.NAME` for each artifact of a
+mixture) and, unless the stage starts fresh, `init` (the stage it starts from). Output
+folder: `model/` (plain safetensors + vlmflow_model.json, LoRA merged), `checkpoints/step-N/`
+(resumable state), `history.jsonl` (per-step metrics), `train_rows.parquet` (the mixture's
+components stacked: what positions index), `mixture.json` (resolved counts),
+`unused.parquet` (data, key, reason for every input row never trained on) and `eval.json`.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from tokenizers import Tokenizer
 
 from vlmflow.components.ingest import fingerprint
-from vlmflow.components.train import evaluate
-from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, build_index, usable
+from vlmflow.components.train import evaluate, mixture
+from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, build_index, split_rows
 from vlmflow.components.train.loop import WorkerConfig, train_worker
 from vlmflow.components.train.setup import read_model_folder
 from vlmflow.errors import StageError, UserError
@@ -61,65 +63,108 @@ def stage_spec(recipe: Recipe, index: int) -> dict:
     }
 
 
-def accounting(index: pl.DataFrame, spec: TrainStageSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(rows trained on, rows not trained on with the reason)."""
-    ok = usable(spec.format)
-    train = index.filter((pl.col("split") == "train") & ok)
-    unused = index.filter(~((pl.col("split") == "train") & ok)).select(
-        "key",
-        pl.when(pl.col("split") != "train")
-        .then(pl.format("held out: split {}", pl.col("split")))
-        .otherwise(pl.lit(f"nothing to train on for format {spec.format}"))
-        .alias("reason"),
-    )
-    return train, unused
+def data_inputs(spec: TrainStageSpec) -> dict[str, str]:
+    """Input name -> data artifact: `data` for one artifact, `data.NAME` for each of several."""
+    names = spec.artifacts()
+    return {"data": names[0]} if len(names) == 1 else {f"data.{name}": name for name in names}
+
+
+def mixture_rows(indexes: dict[str, pl.DataFrame], spec: TrainStageSpec) -> list[pl.DataFrame]:
+    """Each component's training rows (split train, usable in its format), tagged with it."""
+    return [
+        split_rows(indexes[c.data], "train", c.format or spec.format).with_columns(
+            data=pl.lit(c.data), component=pl.lit(j)
+        )
+        for j, c in enumerate(spec.components())
+    ]
+
+
+def accounting(indexes: dict[str, pl.DataFrame], table: pl.DataFrame, used: np.ndarray) -> pl.DataFrame:
+    """Every input row no optimizer step trains on (data, key, reason)."""
+    drawn = table[used].select("data", "key").unique()
+    usable = table.select("data", "key", "format").group_by("data", "key").agg(pl.col("format").unique())
+    frames = []
+    for name, index in indexes.items():
+        rows = (
+            index.select("key", "split")
+            .with_columns(data=pl.lit(name))
+            .join(drawn, on=["data", "key"], how="anti")
+            .join(usable, on=["data", "key"], how="left")
+        )
+        formats = ", ".join(sorted(table.filter(pl.col("data") == name)["format"].unique().to_list()))
+        frames.append(
+            rows.select(
+                "data",
+                "key",
+                pl.when(pl.col("split") != "train")
+                .then(pl.format("held out: split {}", pl.col("split")))
+                .when(pl.col("format").is_null())
+                .then(pl.lit(f"nothing to train on for format {formats}"))
+                .otherwise(pl.lit("not drawn by the mixture in any step"))
+                .alias("reason"),
+            )
+        )
+    return pl.concat(frames)
 
 
 def run(ctx: StageContext, index_in_recipe: int) -> StageResult:
     recipe = ctx.recipe
     spec = recipe.stages[index_in_recipe]
-    index = build_index(ctx.inputs["data"].path, ctx.store.root)
-    index.write_parquet(ctx.out / "index.parquet")
-    train_rows, unused = accounting(index, spec)
-    unused.write_parquet(ctx.out / "unused.parquet")
-    if train_rows.height < spec.batch_size:
+    where = f"stages[{index_in_recipe}] ({spec.name})"
+    indexes = {name: build_index(ctx.inputs[key].path, ctx.store.root) for key, name in data_inputs(spec).items()}
+    parts = mixture_rows(indexes, spec)
+    try:
+        resolved = mixture.resolve(spec, [p.height for p in parts])
+    except mixture.MixtureError as exc:
+        field = ".".join(str(f) for f in ("stages", index_in_recipe, *exc.field))
+        raise UserError(f"{field}: {exc.message}") from None
+    if resolved.total < spec.batch_size:
         raise UserError(
-            f"stages[{index_in_recipe}] ({spec.name}): batch_size {spec.batch_size} is larger than the "
-            f"{train_rows.height} training samples of {ctx.inputs['data'].stage} in format {spec.format}"
+            f"{where}: batch_size {spec.batch_size} is larger than the {resolved.total} training samples "
+            f"per epoch of {', '.join(resolved.labels)}"
         )
-    init = ctx.inputs.get("init")
+    table = pl.concat(parts)
+    table.write_parquet(ctx.out / "train_rows.parquet")
+    (ctx.out / "mixture.json").write_text(json.dumps(resolved.as_dict(), indent=2))
     config = worker_config(
         recipe,
         spec,
         ctx.inputs["tokenizer"].path,
-        ctx.out / "index.parquet",
+        ctx.out / "train_rows.parquet",
         ctx.store.root,
         ctx.out,
-        init.path / "model" if init else None,
-        train_rows.height,
+        init.path / "model" if (init := ctx.inputs.get("init")) else None,
+        resolved,
     )
+    used = mixture.used_positions(resolved, recipe.seed, spec.batch_size, config.total_steps)
+    unused = accounting(indexes, table, used)
+    unused.write_parquet(ctx.out / "unused.parquet")
     fit(config, recipe, f"{stage_name(spec)}-{ctx.digest[:12]}", ctx.out / "ray")
-    metrics = summarise(ctx.out)
-    metrics.update(held_out_checks(ctx.out, index, spec, config, ctx.store.root))
+    metrics = summarise(ctx.out) | mixture_metrics(resolved)
+    held_out = pl.concat(list(indexes.values())).unique("key", keep="first", maintain_order=True)
+    metrics.update(held_out_checks(ctx.out, held_out, spec, config, ctx.store.root))
     (ctx.out / "eval.json").write_text(json.dumps(metrics, indent=2))
     details: dict = {
         "history": "history.jsonl",
         "checkpoints": str(ctx.out / "checkpoints"),
         "steps": config.total_steps,
+        "mixture": resolved.as_dict(),
     }
     if index_in_recipe == len(recipe.stages) - 1:
+        data_digest = ",".join(f"{name}={ctx.inputs[key].digest}" for key, name in data_inputs(spec).items())
         details["register_model"] = {
             "name": recipe.name,
             "artifact_path": "model",
             "tags": {
                 "vlmflow.stage": spec.name,
-                "vlmflow.data_digest": ctx.inputs["data"].digest,
+                "vlmflow.data_digest": data_digest if len(indexes) > 1 else ctx.inputs["data"].digest,
                 "vlmflow.tokenizer_digest": ctx.inputs["tokenizer"].digest,
             },
         }
+    rows_in = sum(index.height for index in indexes.values())
     return StageResult(
-        rows_in=index.height,
-        rows_out=train_rows.height,
+        rows_in=rows_in,
+        rows_out=rows_in - unused.height,
         rows_quarantined=unused.height,
         metrics=metrics,
         artifacts=[
@@ -128,10 +173,20 @@ def run(ctx: StageContext, index_in_recipe: int) -> StageResult:
             "history.jsonl",
             "parameters.json",
             "eval.json",
+            "mixture.json",
             "unused.parquet",
         ],
         details=details,
     )
+
+
+def mixture_metrics(resolved: mixture.Resolved) -> dict[str, float]:
+    metrics = {}
+    for label, count, available in zip(resolved.labels, resolved.counts, resolved.available, strict=True):
+        name = label.replace("/", "-")
+        metrics[f"mixture/{name}/count"] = float(count)
+        metrics[f"mixture/{name}/available"] = float(available)
+    return metrics
 
 
 def worker_config(
@@ -142,10 +197,10 @@ def worker_config(
     store_root: Path,
     out: Path,
     init: Path | None,
-    train_rows: int,
+    resolved: mixture.Resolved,
 ) -> WorkerConfig:
     """What every Ray Train worker of a stage needs (JSON-able, sent to each worker)."""
-    steps_per_epoch = train_rows // spec.batch_size
+    steps_per_epoch = resolved.total // spec.batch_size
     return WorkerConfig(
         model=recipe.model.model_dump(mode="json"),
         stage=spec.model_dump(mode="json"),
@@ -161,6 +216,7 @@ def worker_config(
         threads=recipe.runtime.train.cpus_per_worker,
         total_steps=spec.max_steps or spec.epochs * steps_per_epoch,
         steps_per_epoch=steps_per_epoch,
+        mixture=resolved.as_dict(),
     )
 
 
@@ -217,16 +273,15 @@ def held_out_checks(out: Path, index: pl.DataFrame, spec: TrainStageSpec, config
     kinds = {o.kind for o in spec.objectives}
     metrics: dict[str, float] = {}
     if kinds & {"itc", "siglip", "itm"}:
-        samples = ShardSamples(index, root, split, "caption")
-        text_length = model.spec.text.max_length
-        collate = Collator(samples, image, codec, "caption", spec.prompt, text_length)
+        samples = ShardSamples.split(index, root, split, "caption")
+        collate = Collator(samples, image, codec, spec.prompt, model.spec.text.max_length)
         positions = evaluate.held_out(samples, spec.eval_samples)
         metrics.update(evaluate.contrastive_metrics(model, collate, positions, "itm" in kinds))
     if "lm" in kinds:
-        qa = ShardSamples(index, root, split, "qa")
+        qa = ShardSamples.split(index, root, split, "qa")
         metrics.update(evaluate.vqa_metrics(model, qa, list(range(len(qa))), codec, image, spec.eval_samples))
-        if spec.format == "caption":
-            caps = ShardSamples(index, root, split, "caption")
+        if "caption" in {c.format or spec.format for c in spec.components()}:
+            caps = ShardSamples.split(index, root, split, "caption")
             positions = evaluate.held_out(caps, min(spec.eval_samples, 32))
             metrics.update(evaluate.caption_metrics(model, caps, positions, codec, image, spec.prompt))
     return metrics

@@ -46,7 +46,11 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     assert list(by_name) == ["ingest", "dedup", "tokenizer", "instruct", "train-align", "train-instruct"]
     instruct = by_name["train-instruct"]
     assert instruct["input_digests"]["init"] == by_name["train-align"]["artifact_digest"]
-    assert instruct["input_digests"]["data"] == by_name["dedup"]["artifact_digest"]
+    assert instruct["input_digests"]["data.dedup"] == by_name["dedup"]["artifact_digest"]  # the stage-2 mixture
+    assert instruct["input_digests"]["data.instruct"] == by_name["instruct"]["artifact_digest"]
+    mix = json.loads((stage_dir(trained, "train-instruct") / "mixture.json").read_text())
+    assert mix["labels"] == ["instruct/conversations", "dedup/qa"] and mix["counts"][1] == mix["available"][1]
+    assert abs(mix["counts"][1] - 3 * mix["counts"][0]) <= 3  # weights 1 : 3
     rows = history(stage_dir(trained, "train-instruct"))
     assert [r["step"] for r in rows] == list(range(1, 13)) and {r["workers"] for r in rows} == {2}
     assert rows[-1]["loss"] < rows[0]["loss"]
@@ -60,6 +64,7 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     child = client.get_run(instruct["mlflow_run_id"])
     assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == list(range(1, 13))
     assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(child.data.metrics)
+    assert child.data.metrics["mixture/dedup-qa/count"] == mix["counts"][1]
     assert (
         child.data.metrics["params_trainable"] > 0
         and child.data.params["stage.trainable"] == '["vision", "connector", "language"]'
@@ -68,7 +73,8 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     assert {"model/model.safetensors", "model/vlmflow_model.json"} <= artifacts
     version = client.get_model_version("shapes-tiny", "1")
     assert version.run_id == child.info.run_id
-    assert version.tags["vlmflow.data_digest"] == by_name["dedup"]["artifact_digest"]
+    digests = {k: by_name[k]["artifact_digest"] for k in ("instruct", "dedup")}
+    assert version.tags["vlmflow.data_digest"] == "instruct={instruct},dedup={dedup}".format(**digests)
 
 
 def start(workdir: Path, *extra: str) -> subprocess.Popen:

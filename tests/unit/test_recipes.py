@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from test_specs import MINIMAL, REPO, only_problem, position, write
 
+from vlmflow.errors import SpecError
 from vlmflow.specs import load_recipe
 
 RECIPES = REPO / "specs" / "recipes"
@@ -133,3 +134,21 @@ def test_every_tiny_twin_model_trains_a_step_and_generates(name):
         assert trained and any(p.grad is not None for p in trained)
         if model.language is not None:
             assert len(greedy(model, [1, 6, *[4] * tokens, 30, 7], batch["pixels"][:1], eos=-1, max_new=2)) == 2
+
+
+def test_mixture_problems_point_at_the_field(tmp_path):
+    text = TRAINING.replace(
+        "    data: dedup\n",
+        "    data:\n      mixture:\n        - {data: dedup, weight: 0}\n        - {data: nope, count: 3}\n"
+        "        - {data: ingest, weight: 1, count: 2}\n",
+    )
+    with pytest.raises(SpecError) as error:
+        load_recipe(write(tmp_path, text))
+    rows = text.splitlines()
+    found = {p.field: (p.line, p.message) for p in error.value.problems}
+    assert found["stages.0.data.mixture.0.weight"] == (rows.index("        - {data: dedup, weight: 0}") + 1,
+                                                       "Input should be greater than 0")  # fmt: skip
+    assert found["stages.0.data.mixture.2"][1] == "give weight or count, not both"
+    text = TRAINING.replace("    data: dedup\n", "    data:\n      mixture: [{data: dedup}, {data: nope}]\n")
+    problem = only_problem(write(tmp_path, text))
+    assert problem.field == "stages.0.data.mixture.1.data" and "unknown data artifact 'nope'" in problem.message

@@ -15,6 +15,7 @@ from vlmflow.components.shards import ShardCorrupt, write_shard
 from vlmflow.components.sources.synthetic import make_row
 from vlmflow.components.tokenize import train_bpe
 from vlmflow.components.train import checkpoint as ckpt
+from vlmflow.components.train import mixture
 from vlmflow.components.train.data import (
     ImageSpec,
     ShardSamples,
@@ -26,7 +27,7 @@ from vlmflow.components.train.data import (
     worker_micro_batches,
 )
 from vlmflow.components.train.loop import lr_factor
-from vlmflow.components.train.stage import accounting
+from vlmflow.components.train.stage import accounting, mixture_rows
 from vlmflow.models.objectives import IGNORE
 from vlmflow.specs.data import SyntheticShapesSource
 from vlmflow.specs.recipe import BpeTokenizer
@@ -70,7 +71,7 @@ def test_index_locates_every_sample_and_reads_its_bytes(artifact):
     index = build_index(data, root)
     assert index.height == 12 and index["image_offset"].null_count() == 0
     assert index["n_captions"].to_list() == [1] * 12
-    samples = ShardSamples(index, root, "train", "caption")
+    samples = ShardSamples.split(index, root, "train", "caption")
     by_key = {r.key: r for r in rows}
     for i in range(len(samples)):
         key, image, record = samples.read(i)
@@ -88,17 +89,30 @@ def test_a_changed_shard_is_refused(artifact):
         build_index(data, root)
 
 
+def account(index, stage: TrainStageSpec, steps: int):
+    parts = mixture_rows({"dedup": index}, stage)
+    resolved = mixture.resolve(stage, [p.height for p in parts])
+    table = pl.concat(parts)
+    used = mixture.used_positions(resolved, 0, stage.batch_size, steps)
+    return table, used, accounting({"dedup": index}, table, used)
+
+
 def test_accounting_puts_every_row_in_training_or_unused_with_a_reason(artifact):
     data, root, _rows = artifact
     index = build_index(data, root)
     stage = TrainStageSpec(name="s", trainable=["connector"], objectives=[{"kind": "lm"}], format="conversations")
-    train, unused = accounting(index, stage)
-    assert train.height == 0 and unused.height == 12  # synthetic rows have no conversations
-    assert set(unused["reason"]) <= {"nothing to train on for format conversations", "held out: split val"}
-    stage = stage.model_copy(update={"format": "qa"})
-    train, unused = accounting(index, stage)
-    assert train.height + unused.height == 12
+    with pytest.raises(mixture.MixtureError, match="dedup/conversations has no training samples"):
+        account(index, stage, 1)  # synthetic rows have no conversations
+    stage = stage.model_copy(update={"format": "qa", "batch_size": 2})
+    table, used, unused = account(index, stage, 100)
+    assert table.height + unused.height == 12 and len(used) == table.height
     assert set(unused["reason"]) == {"held out: split val"}
+    _table, used, unused = account(index, stage, 1)  # one step of 2 samples: the rest is never drawn
+    assert len(used) == 2 and unused.height == 10
+    assert unused.group_by("reason").len().sort("reason").rows() == [
+        ("held out: split val", index.filter(pl.col("split") == "val").height),
+        ("not drawn by the mixture in any step", 10 - index.filter(pl.col("split") == "val").height),
+    ]
 
 
 def test_chat_labels_cover_only_answers(codec):

@@ -93,9 +93,12 @@ def cross_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
         loc = ("stages", i)
         if stage.name in seen:
             problems.append(((*loc, "name"), f"stage name {stage.name!r} is used twice"))
-        if stage.data not in recipe.data_artifacts():
-            known = ", ".join(recipe.data_artifacts())
-            problems.append(((*loc, "data"), f"unknown data artifact {stage.data!r}; this recipe produces: {known}"))
+        known = recipe.data_artifacts()
+        for field, name in _data_fields(stage):
+            if name not in known:
+                problems.append(
+                    ((*loc, *field), f"unknown data artifact {name!r}; this recipe produces: {', '.join(known)}")
+                )
         if stage.init_from not in (None, "previous", *seen):
             problems.append(((*loc, "init_from"), f"{stage.init_from!r} is not an earlier stage"))
         if stage.batch_size % (workers * stage.micro_batch_size):
@@ -110,6 +113,12 @@ def cross_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
             problems += _model_checks(recipe.model, stage, loc)
         seen.append(stage.name)
     return problems
+
+
+def _data_fields(stage: TrainStageSpec) -> list[tuple[tuple, str]]:
+    if isinstance(stage.data, str):
+        return [(("data",), stage.data)]
+    return [(("data", "mixture", j, "data"), c.data) for j, c in enumerate(stage.data.mixture)]
 
 
 def _model_checks(model: ModelSpec, stage: TrainStageSpec, loc: tuple) -> list[tuple[tuple, str]]:

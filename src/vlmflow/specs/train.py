@@ -67,10 +67,40 @@ class ScheduleSpec(StrictModel):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
 
+Format = Literal["caption", "qa", "conversations"]
+
+
+class MixtureComponent(StrictModel):
+    """One part of a stage's data mixture: an artifact's training rows in one format, drawn by
+    weight (share of the mixture) or by a fixed count per epoch."""
+
+    data: str = Field(description="the data artifact: ingest, dedup or instruct")
+    format: Format | None = Field(None, description="default: the stage's format")
+    weight: float | None = Field(None, gt=0, description="share of the mixture (default 1 unless count is set)")
+    count: int | None = Field(None, ge=1, description="samples drawn per epoch")
+    replacement: bool = Field(False, description="draw with replacement (a count may exceed the rows)")
+
+    @model_validator(mode="after")
+    def _check(self) -> MixtureComponent:
+        if self.weight is not None and self.count is not None:
+            raise ValueError("give weight or count, not both")
+        return self
+
+
+class MixtureSpec(StrictModel):
+    """Several data artifacts mixed into one stage, resolved deterministically from the seed."""
+
+    mixture: list[MixtureComponent] = Field(min_length=1)
+    total: int | None = Field(None, ge=1, description="cap on samples per epoch (weights share what counts leave)")
+    reshuffle: bool = Field(True, description="redraw the subsets and the order every epoch")
+
+
 class TrainStageSpec(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
-    data: str = Field("dedup", description="the data artifact: ingest, dedup or instruct")
-    format: Literal["caption", "qa", "conversations"] = Field(
+    data: str | MixtureSpec = Field(
+        "dedup", description="a data artifact (ingest, dedup or instruct) or a mixture of them"
+    )
+    format: Format = Field(
         "caption",
         description="caption: image + caption; qa: one of the sample's VQA pairs per epoch; "
         "conversations: the sample's conversation turns (instruction data)",
@@ -96,11 +126,22 @@ class TrainStageSpec(StrictModel):
         kinds = [o.kind for o in self.objectives]
         if len(set(kinds)) != len(kinds):
             raise ValueError("an objective kind is listed twice")
-        if self.format != "caption" and set(kinds) - {"lm"}:
-            raise ValueError(f"format {self.format} trains the lm objective only")
+        formats = {c.format or self.format for c in self.components()}
+        if formats - {"caption"} and set(kinds) - {"lm"}:
+            raise ValueError(f"format {sorted(formats - {'caption'})[0]} trains the lm objective only")
         if self.lora is not None and self.lora.module in self.trainable:
             raise ValueError(f"lora.module {self.lora.module} is also in trainable; LoRA keeps its base frozen")
         return self
+
+    def components(self) -> list[MixtureComponent]:
+        """The stage's data as mixture components (a plain artifact name is one component)."""
+        if isinstance(self.data, str):
+            return [MixtureComponent(data=self.data)]
+        return list(self.data.mixture)
+
+    def artifacts(self) -> list[str]:
+        """The distinct data artifacts the stage reads, in order of first use."""
+        return list(dict.fromkeys(c.data for c in self.components()))
 
 
 class TrainRuntime(StrictModel):
