@@ -8,7 +8,7 @@ from vlmflow.components.evaluate.caption_metrics import (
     score_captions,
 )
 from vlmflow.components.evaluate.choice import extract_choice
-from vlmflow.components.evaluate.metrics import retrieval_recall, topk_accuracy
+from vlmflow.components.evaluate.metrics import retrieval_recall, retrieval_recall_matrix, topk_accuracy
 from vlmflow.components.evaluate.ptb_tokenize import tokenize_captions
 from vlmflow.components.evaluate.vqa import exact_match, normalize_vqa_answer, vqa_accuracy
 
@@ -21,6 +21,7 @@ __all__ = [
     "extract_choice",
     "normalize_vqa_answer",
     "retrieval_recall",
+    "retrieval_recall_matrix",
     "score_captions",
     "tokenize_captions",
     "topk_accuracy",

@@ -68,13 +68,29 @@ def retrieval_recall(
     scores = _finite_matrix(similarity, "similarity")
     n_images, n_texts = scores.shape
     owner = _text_owners(image_to_texts, n_images, n_texts)
-    checked = _checked_ks(ks)
     positive = np.zeros_like(scores, dtype=bool)
     positive[owner, np.arange(n_texts)] = True
+    return retrieval_recall_matrix(scores, positive, ks)
+
+
+def retrieval_recall_matrix(similarity: object, positive: object, ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@K as :func:`retrieval_recall`, the correct pairs given as a boolean ``[n_images, n_texts]``
+    matrix: a text may be correct for several images (identical captions of different images).
+
+    Image->text: hit at K if a positive text is among the K best. Text->image: hit at K if a positive
+    image is among the K best. Every row and column needs at least one positive.
+    """
+    scores = _finite_matrix(similarity, "similarity")
+    positive = np.asarray(positive, dtype=bool)
+    if positive.shape != scores.shape:
+        raise ValueError(f"positive has shape {positive.shape}, similarity {scores.shape}")
+    if not positive.any(axis=1).all() or not positive.any(axis=0).all():
+        raise ValueError("every image and every text needs at least one positive pair")
+    checked = _checked_ks(ks)
     best_positive = np.where(positive, scores, -np.inf).max(axis=1)
     i2t_rank = 1 + ((scores >= best_positive[:, None]) & ~positive).sum(axis=1)
-    own_score = scores[owner, np.arange(n_texts)]
-    t2i_rank = 1 + ((scores >= own_score[None, :]) & ~positive).sum(axis=0)
+    best_image = np.where(positive, scores, -np.inf).max(axis=0)
+    t2i_rank = 1 + ((scores >= best_image[None, :]) & ~positive).sum(axis=0)
     result = {f"i2t_r{k}": float(np.mean(i2t_rank <= k)) for k in checked}
     result |= {f"t2i_r{k}": float(np.mean(t2i_rank <= k)) for k in checked}
     result["i2t_median_rank"] = float(np.median(i2t_rank))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import psutil
 import ray.train
 import ray.train.torch
 import torch
@@ -79,6 +81,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 def train_worker(raw: dict) -> None:
     cfg = WorkerConfig(**raw)
+    start_rss = psutil.Process().memory_info().rss
     torch.set_num_threads(cfg.threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -170,6 +173,22 @@ def train_worker(raw: dict) -> None:
             ray.train.report({"step": step + 1, "loss": row["loss"]})
     if rank == 0:
         write_model_folder(out / "model", merge_lora(model), config, Path(cfg.tokenizer))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    (out / f"memory-rank{rank}.json").write_text(json.dumps({"start_rss": start_rss, "peak_rss": peak}))
+
+
+def memory_of(out: Path) -> dict[str, float]:
+    """Resident memory of the busiest worker (MiB): at the loop's start, at its peak, and the growth."""
+    rows = [json.loads(f.read_text()) for f in sorted(out.glob("memory-rank*.json"))]
+    if not rows:
+        return {}
+    busiest = max(rows, key=lambda r: r["peak_rss"] - r["start_rss"])
+    mib = 1 << 20
+    return {
+        "worker_rss_start_mb": busiest["start_rss"] / mib,
+        "worker_rss_peak_mb": busiest["peak_rss"] / mib,
+        "worker_rss_growth_mb": (busiest["peak_rss"] - busiest["start_rss"]) / mib,
+    }
 
 
 def parse_row(line: str) -> dict | None:

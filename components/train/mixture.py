@@ -2,8 +2,8 @@
 which ones, as pure functions of (spec, available rows, seed, epoch).
 
 Counts are resolved once per stage: fixed `count`s first, then `weight`s share the rest of
-`total` by largest remainder. Without `total`, the weights take the largest budget no
-component drawn without replacement runs short of (a single plain artifact: all its rows).
+`total` by largest remainder. Without `total`, the weights scale up until the scarcest
+component drawn without replacement gives all its rows (a single plain artifact: all its rows).
 Each epoch draws every component's subset (without replacement: distinct rows; with: any),
 then one permutation orders the epoch; `reshuffle: false` keeps epoch 0's draw and order.
 """
@@ -97,10 +97,15 @@ def resolve(stage: TrainStageSpec, available: list[int]) -> Resolved:
     counts: list[int | None] = [c.count for c in components]
     weighted = [j for j, c in enumerate(components) if c.count is None]
     fixed = sum(c for c in counts if c is not None)
-    if weighted:
+    if weighted and cap is None:
+        for j, share in zip(weighted, _uncapped(components, weighted, available), strict=True):
+            counts[j] = share
+    elif weighted:
         weights = [components[j].weight or 1.0 for j in weighted]
-        budget = _weighted_budget(components, weighted, weights, available, cap, fixed, stage)
-        for j, share in zip(weighted, largest_remainder(budget, weights), strict=True):
+        if fixed >= cap:
+            raise MixtureError(("data", "total"), f"total {cap} leaves nothing for the weighted components "
+                               f"after the fixed counts ({fixed})")  # fmt: skip
+        for j, share in zip(weighted, largest_remainder(cap - fixed, weights), strict=True):
             counts[j] = share
     elif cap is not None and fixed > cap:
         counts = largest_remainder(cap, [float(c) for c in counts])
@@ -118,17 +123,18 @@ def resolve(stage: TrainStageSpec, available: list[int]) -> Resolved:
     return Resolved(labels, list(available), [int(c) for c in counts], [c.replacement for c in components], reshuffle)
 
 
-def _weighted_budget(components, weighted, weights, available, cap, fixed, stage) -> int:  # noqa: ANN001
-    if cap is not None:
-        if fixed >= cap:
-            raise MixtureError(("data", "total"), f"total {cap} leaves nothing for the weighted components "
-                               f"after the fixed counts ({fixed})")  # fmt: skip
-        return cap - fixed
-    share = sum(weights)
-    limits = [available[j] * share / w for j, w in zip(weighted, weights, strict=True) if not components[j].replacement]
-    if not limits:
+def _uncapped(components: list[MixtureComponent], weighted: list[int], available: list[int]) -> list[int]:
+    """Without a total: the weights scaled up until a component drawn without replacement has
+    all its rows (that component gives exactly them)."""
+    scarce = [available[j] / (components[j].weight or 1.0) for j in weighted if not components[j].replacement]
+    if not scarce:
         raise MixtureError(("data", "total"), "every weighted component draws with replacement: set total")
-    return math.floor(min(limits) + 1e-9)
+    scale = min(scarce)
+    counts = []
+    for j in weighted:
+        share = math.floor(scale * (components[j].weight or 1.0) + 0.5)
+        counts.append(share if components[j].replacement else min(share, available[j]))
+    return counts
 
 
 def largest_remainder(total: int, weights: list[float]) -> list[int]:

@@ -24,8 +24,10 @@ TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINT_CONFIG = "model_config.json"  # in checkpoints/: rebuilds the (LoRA) model of a checkpoint
 
 
-def build_stage_model(spec: ModelSpec, vocab: Vocab, stage: TrainStageSpec, init: Path | None) -> VLM:
-    model = VLM(spec, vocab)
+def build_stage_model(
+    spec: ModelSpec, vocab: Vocab, stage: TrainStageSpec, init: Path | None, load_weights: bool = True
+) -> VLM:
+    model = VLM(spec, vocab, load_weights)
     if init is not None:
         load_model(model, init / MODEL_FILE)
     model.requires_grad_(False)

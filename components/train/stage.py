@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from vlmflow.components.ingest import fingerprint
 from vlmflow.components.train import evaluate, mixture
 from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, build_index, split_rows
-from vlmflow.components.train.loop import WorkerConfig, train_worker
+from vlmflow.components.train.loop import WorkerConfig, memory_of, train_worker
 from vlmflow.components.train.setup import read_model_folder
 from vlmflow.errors import StageError, UserError
 from vlmflow.models.vision import image_spec
@@ -140,7 +140,7 @@ def run(ctx: StageContext, index_in_recipe: int) -> StageResult:
     unused = accounting(indexes, table, used)
     unused.write_parquet(ctx.out / "unused.parquet")
     fit(config, recipe, f"{stage_name(spec)}-{ctx.digest[:12]}", ctx.out / "ray")
-    metrics = summarise(ctx.out) | mixture_metrics(resolved)
+    metrics = summarise(ctx.out) | mixture_metrics(resolved) | memory_of(ctx.out)
     held_out = pl.concat(list(indexes.values())).unique("key", keep="first", maintain_order=True)
     metrics.update(held_out_checks(ctx.out, held_out, spec, config, ctx.store.root))
     (ctx.out / "eval.json").write_text(json.dumps(metrics, indent=2))

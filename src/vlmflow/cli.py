@@ -1,5 +1,5 @@
-"""`vlmflow validate | run | lineage | status | ui | export | mock-llm`. User mistakes print one clear message
-(exit 2), never a traceback."""
+"""`vlmflow validate | plan | run | lineage | status | ui | export | compare | mock-llm`. User mistakes print one
+clear message (exit 2), never a traceback."""
 
 from __future__ import annotations
 
@@ -86,11 +86,12 @@ def run(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
     recipe = _load(spec, overrides)
     workdir = _workdir(recipe, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    plan = _checked_plan(spec, overrides, recipe, workdir)
     _prefect_env(workdir)
     from vlmflow.flows.recipe import recipe_flow
 
     try:
-        summary = recipe_flow(recipe, workdir, spec)
+        summary = recipe_flow(recipe, workdir, spec, plan)
     except UserError:
         _print_latest(workdir)
         raise
@@ -102,6 +103,39 @@ def run(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
     )
     click.echo(f"  store {uri}")
     click.echo(f"  browse: vlmflow ui --workdir {workdir}   (MLflow UI on http://127.0.0.1:5000, Prefect UI on :4200)")
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@workdir_option
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+def plan(spec: str, workdir: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Show what `run SPEC` would do, without running it: stages cached or to run, row counts,
+    mixtures, steps, parameters, memory per worker and compute (exit 2 if a stage cannot fit)."""
+    from vlmflow.plan import build_plan, check, render
+
+    recipe = _load(spec, overrides)
+    result = build_plan(recipe, _workdir(recipe, workdir))
+    click.echo(json.dumps(result, indent=2) if as_json else render(result))
+    _exit_on_plan_errors(spec, overrides, check(result))
+
+
+def _checked_plan(spec: str, overrides: tuple[str, ...], recipe: Recipe, workdir: Path) -> dict:
+    from vlmflow.plan import build_plan, check
+
+    result = build_plan(recipe, workdir)
+    _exit_on_plan_errors(spec, overrides, check(result, running=True))
+    return result
+
+
+def _exit_on_plan_errors(spec: str, overrides: tuple[str, ...], errors: list) -> None:
+    from vlmflow.specs.loader import located
+
+    for error in errors:
+        click.echo(str(located(spec, overrides, error.field, error.message)), err=True)
+    if errors:
+        sys.exit(2)
 
 
 def _print_latest(workdir: Path) -> None:
@@ -279,6 +313,26 @@ def export(run: str, out: Path, fmt: str, workdir: Path | None) -> None:
     click.echo(f"exported {folder} -> {out} (LlavaForConditionalGeneration)")
     for note in notes:
         click.echo(f"note: {note}")
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="default: DIR/compare.csv")  # fmt: skip
+@workdir_option
+def compare(runs: tuple[str, ...], csv_path: Path | None, workdir: Path | None) -> None:
+    """Print a markdown table of every evaluation metric of RUNS (run ids, run folders or
+    summary.json files), one column per run, and write it as CSV."""
+    from vlmflow.components.evaluate.compare import compare as compare_runs
+    from vlmflow.components.evaluate.compare import markdown
+
+    workdir = _workdir(None, workdir)
+    table = compare_runs(list(runs), workdir)
+    click.echo(markdown(table))
+    csv_path = csv_path or workdir / "compare.csv"
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    table.write_csv(csv_path)
+    click.echo(f"\nwrote {csv_path}")
 
 
 def main() -> None:

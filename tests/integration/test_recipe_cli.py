@@ -72,6 +72,8 @@ def test_cold_run_computes_every_stage_and_accounts_for_rows(cold):
     tokenizer = workdir / "artifacts" / "tokenizer" / by_name["tokenizer"]["artifact_digest"] / "tokenizer.json"
     assert "<image>" in tokenizer.read_text()
     assert (workdir / "runs" / summary["run_id"] / "resolved_spec.yaml").exists()
+    saved = json.loads((workdir / "runs" / summary["run_id"] / "plan.json").read_text())
+    assert [e["digest"] for e in saved["stages"]] == [s["artifact_digest"] for s in summary["stages"]]
     assert "ingest" in result.stdout and "computed" in result.stdout
 
 
@@ -95,7 +97,23 @@ def test_mlflow_run_tree_has_a_child_per_stage_with_lineage(cold):
     assert by_stage["ingest"].data.params["sources.0.kind"] == "synthetic-shapes"
     artifacts = {a.path for a in client.list_artifacts(by_stage["ingest"].info.run_id)}
     assert {"sample_grid.png", "quarantine.parquet", "quarantine_summary.json"} <= artifacts
-    assert "resolved_spec.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"resolved_spec.yaml", "plan.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_plan_knows_the_run_digests_and_what_is_cached(cold, tmp_path):
+    workdir, _ = cold
+    result = vlmflow("plan", str(SPEC), "--workdir", str(workdir), "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    ran = stages(summary_of(workdir))
+    assert [(e["stage"], e["status"], e["digest"]) for e in plan["stages"]] == [
+        (name, "cached", entry["artifact_digest"]) for name, entry in ran.items()
+    ]
+    assert [e["rows_out"] for e in plan["stages"]] == [entry["rows_out"] for entry in ran.values()]
+    fresh = json.loads(vlmflow("plan", str(SPEC), "--workdir", str(tmp_path), "--json").stdout)
+    assert [e["status"] for e in fresh["stages"]] == ["runs"] * 3
+    assert fresh["stages"][0]["rows_in"] == 512 and not fresh["stages"][0]["rows_exact"]  # from the source listing
+    assert [e["digest"] for e in fresh["stages"]] == [e["digest"] for e in plan["stages"]]
 
 
 def test_second_run_reports_every_stage_cached(cold):

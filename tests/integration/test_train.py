@@ -65,6 +65,9 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == list(range(1, 13))
     assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(child.data.metrics)
     assert child.data.metrics["mixture/dedup-qa/count"] == mix["counts"][1]
+    # The plan's memory per worker against the busiest worker's measured peak resident memory.
+    planned, measured = child.data.metrics["plan_memory_gb"] * 1024, child.data.metrics["worker_rss_peak_mb"]
+    assert 0.75 <= planned / measured <= 1.25, (planned, measured)
     assert (
         child.data.metrics["params_trainable"] > 0
         and child.data.params["stage.trainable"] == '["vision", "connector", "language"]'

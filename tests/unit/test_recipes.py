@@ -45,6 +45,7 @@ def test_default_recipe_is_the_tiny_llava_15():
     default = load_recipe(RECIPES / "shapes-tiny.yaml")
     twin = load_recipe(RECIPES / "llava-1.5-tiny.yaml")
     assert default.model == twin.model and default.stages == twin.stages and default.data == twin.data
+    assert default.evaluate == twin.evaluate and {t.kind for t in default.evaluate} >= {"vqa", "captioning"}
 
 
 TRAINING = (

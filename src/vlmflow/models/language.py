@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from vlmflow.errors import UserError
 from vlmflow.specs.model import HfCausalLm, TinyLlama, TinyTextEncoder
 
 
-def build_language(spec: TinyLlama | HfCausalLm, vocab_size: int, special: dict[str, int]) -> PreTrainedModel:
+def build_language(
+    spec: TinyLlama | HfCausalLm, vocab_size: int, special: dict[str, int], load_weights: bool = True
+) -> PreTrainedModel:
+    """load_weights=False builds a local model from its config.json alone (shapes for `vlmflow plan`)."""
     if isinstance(spec, TinyLlama):
         config = LlamaConfig(
             vocab_size=vocab_size,
@@ -29,7 +32,12 @@ def build_language(spec: TinyLlama | HfCausalLm, vocab_size: int, special: dict[
         return LlamaForCausalLM(config)
     if not (spec.path / "config.json").is_file():
         raise UserError(f"model.language.path: {spec.path} is not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(str(spec.path), local_files_only=True, dtype=torch.float32)
+    if load_weights:
+        model = AutoModelForCausalLM.from_pretrained(str(spec.path), local_files_only=True, dtype=torch.float32)
+    else:
+        config = AutoConfig.from_pretrained(str(spec.path), local_files_only=True)
+        config.vocab_size = max(config.vocab_size, vocab_size)  # shapes only: no embeddings to resize
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if model.get_input_embeddings().num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size)
     return model

@@ -45,7 +45,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy; positions labelled IGNORE (prompt, image, padding) do not count."""
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
     targets = labels[:, 1:].reshape(-1)
-    if (targets != IGNORE).sum() == 0:
+    if not targets.is_meta and (targets != IGNORE).sum() == 0:
         return logits.sum() * 0.0
     return F.cross_entropy(shifted.float(), targets, ignore_index=IGNORE)
 

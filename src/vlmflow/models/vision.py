@@ -76,21 +76,26 @@ def tiny_config(spec: TinyVit) -> CLIPVisionConfig | SiglipVisionConfig:
     return SiglipVisionConfig(**common, vision_use_head=False)
 
 
-def build_vision(spec: TinyVit | HfVision | NoVision) -> nn.Module:
+def build_vision(spec: TinyVit | HfVision | NoVision, load_weights: bool = True) -> nn.Module:
     if isinstance(spec, NoVision):
         return PatchTower(spec.image_size, spec.patch_size)
     if isinstance(spec, TinyVit):
         config = tiny_config(spec)
         model = CLIPVisionModel(config) if spec.family == "clip" else SiglipVisionModel(config)
         return HfVisionTower(model, spec.feature_layer, spec.select, has_cls=spec.family == "clip")
-    return load_hf_vision(spec)
+    return load_hf_vision(spec, load_weights)
 
 
-def load_hf_vision(spec: HfVision) -> HfVisionTower:
+def load_hf_vision(spec: HfVision, load_weights: bool = True) -> HfVisionTower:
+    """load_weights=False builds the tower from its config.json alone (shapes for `vlmflow plan`)."""
     if not (spec.path / "config.json").is_file():
         raise UserError(f"model.vision.path: {spec.path} is not a Hugging Face model folder (no config.json)")
     cls = CLIPVisionModel if spec.kind == "hf-clip-vision" else SiglipVisionModel
-    model = cls.from_pretrained(str(spec.path), local_files_only=True)
+    if load_weights:
+        model = cls.from_pretrained(str(spec.path), local_files_only=True)
+    else:
+        config_cls = CLIPVisionConfig if spec.kind == "hf-clip-vision" else SiglipVisionConfig
+        model = cls(config_cls.from_pretrained(str(spec.path), local_files_only=True))
     return HfVisionTower(model, spec.feature_layer, spec.select, has_cls=spec.kind == "hf-clip-vision")
 
 

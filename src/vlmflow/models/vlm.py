@@ -38,11 +38,12 @@ class Vocab:
 
 
 class VLM(nn.Module):
-    def __init__(self, spec: ModelSpec, vocab: Vocab):
+    def __init__(self, spec: ModelSpec, vocab: Vocab, load_weights: bool = True):
         super().__init__()
         self.spec, self.vocab = spec, vocab
-        self.vision = build_vision(spec.vision)
-        self.language = build_language(spec.language, vocab.size, vocab.special) if spec.language else None
+        self.vision = build_vision(spec.vision, load_weights)
+        language = spec.language
+        self.language = build_language(language, vocab.size, vocab.special, load_weights) if language else None
         self.connector = None
         if spec.connector is not None and self.language is not None:
             width = self.language.get_input_embeddings().embedding_dim
@@ -81,13 +82,14 @@ class VLM(nn.Module):
         embed = self.language.get_input_embeddings()
         is_image = input_ids == self.vocab.image_id
         embeds = embed(input_ids.masked_fill(is_image, self.vocab.pad_id))
-        if is_image.any():
+        if input_ids.is_meta or is_image.any():  # meta: shapes only (vlmflow plan), assume the image is there
             tokens = self.image_tokens(pixels).to(embeds.dtype)
             expected = tokens.shape[0] * tokens.shape[1]
-            if int(is_image.sum()) != expected:
+            if not input_ids.is_meta and int(is_image.sum()) != expected:
                 raise ValueError(f"{int(is_image.sum())} <image> positions for {expected} image tokens")
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), tokens)
-        return self.language(inputs_embeds=embeds, attention_mask=attention_mask).logits
+        mask = None if input_ids.is_meta else attention_mask  # HF reads a mask's values to pick the kernel
+        return self.language(inputs_embeds=embeds, attention_mask=mask).logits
 
     # -- objectives -------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], kinds: list[str]) -> dict[str, torch.Tensor]:
@@ -127,8 +129,10 @@ class VLM(nn.Module):
         usable_text = ~same.all(dim=1)  # every text in the batch identical: no negative exists
         head = self.heads["match"]
         positive = head(states, mask, features)
-        wrong_text = head(states[neg_text], mask[neg_text], features)[usable_text]
-        wrong_image = head(states, mask, features[neg_image])[usable_text]
+        wrong_text = head(states[neg_text], mask[neg_text], features)
+        wrong_image = head(states, mask, features[neg_image])
+        if not usable_text.is_meta:  # meta (vlmflow plan): every row has a negative, the upper bound
+            wrong_text, wrong_image = wrong_text[usable_text], wrong_image[usable_text]
         logits = torch.cat([positive, wrong_text, wrong_image])
         labels = torch.cat(
             [

@@ -41,8 +41,9 @@ def new_run_id() -> str:
 
 
 class RecipeRun:
-    def __init__(self, recipe: Recipe, workdir: Path, spec_path: str):
+    def __init__(self, recipe: Recipe, workdir: Path, spec_path: str, plan: dict | None = None):
         self.recipe = recipe
+        self.plan = plan
         self.workdir = workdir.resolve()
         self.store = ArtifactStore(self.workdir / "artifacts")
         self.run_id = new_run_id()
@@ -65,6 +66,11 @@ class RecipeRun:
     def __enter__(self) -> RecipeRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "resolved_spec.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
+        if self.plan is None:
+            from vlmflow.plan import build_plan
+
+            self.plan = build_plan(self.recipe, self.workdir)
+        atomic_write_text(self.run_dir / "plan.json", json.dumps(self.plan, indent=2))
         latest = self.workdir / "runs" / "latest"
         tmp_link = latest.with_name(f".latest-{self.run_id}")
         tmp_link.symlink_to(self.run_id)
@@ -79,7 +85,7 @@ class RecipeRun:
         self.tracker.log(
             self.parent_run, params={"seed": str(self.recipe.seed), "spec_path": self.summary["spec_path"]}
         )
-        self.tracker.log_files(self.parent_run, [self.run_dir / "resolved_spec.yaml"])
+        self.tracker.log_files(self.parent_run, [self.run_dir / "resolved_spec.yaml", self.run_dir / "plan.json"])
         self.summary.update(mlflow_run_id=self.parent_run, mlflow_tracking_uri=uri)
         self._save()
         return self
@@ -146,15 +152,22 @@ class RecipeRun:
         rows = {k: float(stats.get(k) or 0) for k in ("rows_in", "rows_out", "rows_quarantined", "seconds")}
         seconds = stats.get("seconds") or 0.0
         rows["rows_per_s"] = rows["rows_in"] / seconds if seconds else 0.0
-        self.tracker.log(
-            child, params=flatten(stage.spec(self.recipe)), tags=tags, metrics={**rows, **stats["metrics"]}
-        )
+        metrics = {**rows, **self._planned(stage.name), **stats["metrics"]}
+        self.tracker.log(child, params=flatten(stage.spec(self.recipe)), tags=tags, metrics=metrics)
         self._log_outputs(child, path, stats, status)
         self.tracker.finish(child, status != "failed")
         entry["mlflow_run_id"] = child
         self.summary["stages"].append(entry)
         self._save()
         return child
+
+    def _planned(self, name: str) -> dict[str, float]:
+        """What the plan predicted for a training stage, beside what it measured (worker_rss_*)."""
+        entry = next((e for e in (self.plan or {}).get("stages", []) if e["stage"] == name), {})
+        train = entry.get("train") or {}
+        if "memory" not in train:
+            return {}
+        return {"plan_memory_gb": train["memory"]["total_gb"], "plan_flops_per_step": float(train["flops_per_step"])}
 
     def _log_outputs(self, child: str, path: Path, stats: dict, status: str) -> None:
         """Artifacts (keeping their sub-folders), a per-step history, and a registered model."""

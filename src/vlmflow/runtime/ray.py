@@ -1,4 +1,5 @@
-"""Ray, written once: start or join a cluster, and map a function over units of work.
+"""Ray, written once: start or join a cluster, map a function over units of work, and map
+batches over a pool of actors that hold a model (evaluation).
 
 One unit of work is one task (an ingest unit is one shard). Tasks retry when a worker
 dies (`max_retries`), so a killed worker does not change a stage's output; results come
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import ray
+from ray.util import ActorPool
 
 from vlmflow.progress import Progress
 from vlmflow.specs.recipe import RaySpec
@@ -69,3 +71,59 @@ def map_units(
                     on_result(index, results[index])
                 bar.update()
     return results
+
+
+_pool: dict[str, Any] = {}  # the actors kept by the last map_on_actors(keep=True): key, actors
+
+
+def map_on_actors(
+    actor_class: type,
+    init_args: tuple,
+    method: str,
+    batches: Sequence[Any],
+    *,
+    desc: str,
+    num_actors: int = 1,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    progress: str = "auto",
+    keep: bool = False,
+) -> list[Any]:
+    """Call `method(batch)` for every batch on a pool of actors that each build their state once
+    (`actor_class(*init_args)`: a model, a tokenizer); results in input order.
+
+    keep=True keeps the actors for the next call with the same class, arguments and resources
+    (several evaluation tasks of one model load it once); any other call releases them first.
+    """
+    if not batches:
+        return []
+    key = repr(
+        (actor_class.__qualname__, init_args, num_actors, num_cpus, num_gpus, ray.get_runtime_context().get_job_id())
+    )
+    if _pool.get("key") != key:
+        release_actors()
+        remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=1, max_task_retries=2)(actor_class)
+        _pool.update(key=key, actors=[remote.remote(*init_args) for _ in range(max(1, num_actors))])
+    pool = ActorPool(list(_pool["actors"]))
+    results: list[Any] = []
+    try:
+        with Progress(desc, len(batches), mode=progress) as bar:
+            for result in pool.map(lambda actor, batch: getattr(actor, method).remote(batch), list(batches)):
+                results.append(result)
+                bar.update()
+    except BaseException:
+        release_actors()
+        raise
+    if not keep:
+        release_actors()
+    return results
+
+
+def release_actors() -> None:
+    """Kill the actors a map_on_actors(keep=True) kept."""
+    for actor in _pool.pop("actors", []):
+        try:
+            ray.kill(actor)
+        except Exception:  # a Ray that was shut down took the actor with it
+            log.debug("actor already gone")
+    _pool.clear()

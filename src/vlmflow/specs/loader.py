@@ -223,3 +223,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for index, assignment in enumerate(overrides):
         apply_override(marked, assignment, index)
     return validate(marked, spec_path)
+
+
+def located(path: str | Path, overrides: list[str] | tuple[str, ...], loc: Loc, message: str) -> SpecProblem:
+    """A problem found after loading (e.g. by `vlmflow plan`), placed at its field in the spec."""
+    marked = parse_yaml(Path(path).read_text(encoding="utf-8"), str(path))
+    for index, assignment in enumerate(overrides):
+        apply_override(marked, assignment, index)
+    (source, line, col), dotted = locate(marked, loc, False, True)
+    return SpecProblem(source, line, col, dotted, message)

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from vlmflow.specs.base import SpecPath, StrictModel
 from vlmflow.specs.data import DataSpec
+from vlmflow.specs.evaluate import GENERATIVE, EvalTask
 from vlmflow.specs.instruct import InstructSpec
 from vlmflow.specs.model import ModelSpec
 from vlmflow.specs.train import TrainRuntime, TrainStageSpec
@@ -67,6 +68,7 @@ class Recipe(StrictModel):
     instruct: InstructSpec | None = Field(None, description="LLaVA-style synthetic instruction data (instruct stage)")
     model: ModelSpec | None = None
     stages: list[TrainStageSpec] = Field(default_factory=list)
+    evaluate: list[EvalTask] = Field(default_factory=list, description="evaluation tasks, run after training")
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
 
     def data_artifacts(self) -> list[str]:
@@ -112,6 +114,38 @@ def cross_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
         if recipe.model is not None:
             problems += _model_checks(recipe.model, stage, loc)
         seen.append(stage.name)
+    return problems + _evaluate_checks(recipe)
+
+
+def _evaluate_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Each task names a trained stage, a data artifact of the recipe and what its model can do."""
+    problems: list[tuple[tuple, str]] = []
+    names, stages = [], [s.name for s in recipe.stages]
+    for i, task in enumerate(recipe.evaluate):
+        loc = ("evaluate", i)
+        if task.name in names:
+            problems.append(((*loc, "name"), f"task name {task.name!r} is used twice"))
+        names.append(task.name)
+        if not stages:
+            problems.append(((*loc,), "evaluation needs a training stage (stages: is empty)"))
+        elif task.model is not None and task.model not in stages:
+            problems.append(((*loc, "model"), f"{task.model!r} is not a training stage: {', '.join(stages)}"))
+        if task.data.kind == "held-out" and task.data.artifact not in recipe.data_artifacts():
+            known = ", ".join(recipe.data_artifacts())
+            message = f"unknown data artifact {task.data.artifact!r}; this recipe produces: {known}"
+            problems.append(((*loc, "data", "artifact"), message))
+        model = recipe.model
+        if model is None:
+            continue
+        if task.kind in GENERATIVE and model.language is None:
+            problems.append(((*loc, "kind"), f"{task.kind} generates text: it needs model.language"))
+        if task.kind == "retrieval" and model.text is None:
+            problems.append(((*loc, "kind"), "retrieval ranks embeddings: it needs model.text"))
+        if task.kind == "zero-shot-classification":
+            method = task.method if task.method != "auto" else ("embedding" if model.text else "likelihood")
+            part = "text" if method == "embedding" else "language"
+            if getattr(model, part) is None:
+                problems.append(((*loc, "method"), f"{method} ranking needs model.{part}"))
     return problems
 
 

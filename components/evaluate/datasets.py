@@ -1,0 +1,294 @@
+"""Evaluation items from a held-out split of a data artifact or from user files.
+
+Every task reads `Item`s: an image plus what the task scores against (`references`: caption
+references, human answers, the class label, or the correct option key). User files are
+checked record by record: a malformed file or record is a `UserError` naming the file and
+the record; a record whose image is missing or unreadable goes to the quarantine with a
+reason (nothing is silently dropped).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from PIL import Image, UnidentifiedImageError
+
+from vlmflow.components.train.data import IMAGE_EXTS, ShardSamples
+from vlmflow.errors import UserError
+
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    image: bytes
+    references: tuple[str, ...]  # captions | human answers | (class label,) | (correct option key,)
+    question: str = ""
+    options: tuple[tuple[str, str], ...] = ()  # (key, text) of a multiple-choice question
+
+
+@dataclass
+class Loaded:
+    items: list[Item] = field(default_factory=list)
+    quarantine: list[dict[str, str]] = field(default_factory=list)  # id, source, reason
+    limit: int | None = None
+
+    def full(self) -> bool:
+        return self.limit is not None and len(self.items) >= self.limit
+
+    def add(self, item: Item) -> None:
+        if not self.full():
+            self.items.append(item)
+
+    def reject(self, id_: str, source: str, reason: str) -> None:
+        if not self.full():
+            self.quarantine.append({"id": id_, "source": source, "reason": reason})
+
+    def quarantine_frame(self) -> pl.DataFrame:
+        schema = {"id": pl.String, "source": pl.String, "reason": pl.String}
+        return pl.DataFrame(self.quarantine, schema=schema, orient="row")
+
+
+# ------------------------------------------------------------------------------ held-out split
+
+
+def held_out(samples: ShardSamples, kind: str, limit: int, source: str) -> Loaded:
+    """Items of a task kind from a data artifact's held-out samples (synthetic shapes: truth known)."""
+    loaded = Loaded(limit=limit)
+    records = []
+    for i in range(len(samples)):
+        if loaded.full():
+            break
+        key, image, record = samples.read(i)
+        if kind in ("captioning", "retrieval"):
+            truth = (record.get("truth") or {}).get("caption")
+            refs = [truth] if truth else [c for c in record.get("captions") or [] if c]
+            _add_or_reject(loaded, key, source, image, refs, "no-caption")
+        elif kind == "zero-shot-classification":
+            label = record.get("label")
+            _add_or_reject(loaded, key, source, image, [label] if label else [], "no-label")
+        elif kind == "vqa":
+            pairs = record.get("qa") or []
+            if not pairs:
+                loaded.reject(key, source, "no-qa")
+            for j, qa in enumerate(pairs):
+                loaded.add(Item(f"{key}/{j}", image, (qa["answer"],), qa["question"]))
+        else:
+            records.append((key, image, record))
+    if kind == "multiple-choice":
+        _choices_from_qa(loaded, records, source)
+    return loaded
+
+
+def _add_or_reject(loaded: Loaded, key: str, source: str, image: bytes, refs: list[str], reason: str) -> None:
+    if refs:
+        loaded.add(Item(key, image, tuple(refs)))
+    else:
+        loaded.reject(key, source, reason)
+
+
+def _choices_from_qa(loaded: Loaded, records: list[tuple[str, bytes, dict]], source: str) -> None:
+    """One multiple-choice question per sample from its VQA pairs: the true answer plus up to three
+    distractors drawn from the answers of the same kind of question ("What color", "How many")."""
+    pools: dict[str, set[str]] = defaultdict(set)
+    for _, _, record in records:
+        for qa in record.get("qa") or []:
+            pools[_family(qa["question"])].add(qa["answer"])
+    for key, image, record in records:
+        rng = np.random.default_rng(zlib.crc32(key.encode()))
+        usable = [qa for qa in record.get("qa") or [] if len(pools[_family(qa["question"])]) > 1]
+        if not usable:
+            loaded.reject(key, source, "no-qa-with-alternatives")
+            continue
+        qa = usable[int(rng.integers(len(usable)))]
+        others = sorted(pools[_family(qa["question"])] - {qa["answer"]})
+        chosen = [qa["answer"], *rng.choice(others, size=min(3, len(others)), replace=False).tolist()]
+        order = rng.permutation(len(chosen))
+        options = tuple((LETTERS[i], chosen[j]) for i, j in enumerate(order))
+        answer = LETTERS[int(np.flatnonzero(order == 0)[0])]
+        loaded.add(Item(key, image, (answer,), qa["question"], options))
+
+
+def _family(question: str) -> str:
+    return " ".join(question.lower().split()[:2])
+
+
+# ---------------------------------------------------------------------------------- user files
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+
+
+def _list_of_records(data: Any, path: Path, name: str) -> list[dict]:
+    if not isinstance(data, dict) or not isinstance(data.get(name), list):
+        raise UserError(f"{path}: expected a JSON object with a {name!r} list")
+    for i, record in enumerate(data[name]):
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: {name}[{i}]: expected an object, got {type(record).__name__}")
+    return data[name]
+
+
+def _field(record: dict, key: str, types: type | tuple, path: Path, where: str) -> Any:
+    value = record.get(key)
+    if value is None or not isinstance(value, types) or isinstance(value, bool):
+        got = "missing" if value is None else f"a {type(value).__name__}"
+        raise UserError(f"{path}: {where}: field {key!r} is {got}")
+    return value
+
+
+def image_bytes(path: Path) -> tuple[bytes | None, str | None]:
+    """(bytes, None) for a readable image, else (None, reason)."""
+    if not path.is_file():
+        return None, "missing-image-file"
+    data = path.read_bytes()
+    if not data:
+        return None, "zero-byte-image"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None, "unreadable-image"
+    return data, None
+
+
+def coco_captions(annotations: Path, images: Path, limit: int) -> Loaded:
+    data = read_json(annotations)
+    files: dict[Any, str] = {}
+    for i, record in enumerate(_list_of_records(data, annotations, "images")):
+        where = f"images[{i}]"
+        files[_field(record, "id", (int, str), annotations, where)] = _field(
+            record, "file_name", str, annotations, where
+        )
+    refs: dict[Any, list[str]] = defaultdict(list)
+    for i, record in enumerate(_list_of_records(data, annotations, "annotations")):
+        where = f"annotations[{i}]"
+        image_id = _field(record, "image_id", (int, str), annotations, where)
+        if image_id not in files:
+            raise UserError(f"{annotations}: {where}: image_id {image_id!r} is not in images")
+        refs[image_id].append(_field(record, "caption", str, annotations, where))
+    loaded = Loaded(limit=limit)
+    for image_id, name in files.items():
+        if loaded.full():
+            break
+        captions = [c for c in refs.get(image_id, []) if c.strip()]
+        data_, reason = image_bytes(images / name)
+        if not captions:
+            loaded.reject(str(image_id), str(annotations), "no-caption")
+        elif reason:
+            loaded.reject(str(image_id), str(images / name), reason)
+        else:
+            loaded.add(Item(str(image_id), data_, tuple(captions)))
+    return loaded
+
+
+def vqav2(questions: Path, annotations: Path, images: Path, pattern: str, limit: int) -> Loaded:
+    answers: dict[Any, list[str]] = {}
+    for i, record in enumerate(_list_of_records(read_json(annotations), annotations, "annotations")):
+        where = f"annotations[{i}]"
+        qid = _field(record, "question_id", (int, str), annotations, where)
+        listed = _field(record, "answers", list, annotations, where)
+        answers[qid] = [_field(a, "answer", str, annotations, f"{where}.answers[{j}]") if isinstance(a, dict)
+                        else _field({"answer": a}, "answer", str, annotations, f"{where}.answers[{j}]")
+                        for j, a in enumerate(listed)]  # fmt: skip
+    loaded = Loaded(limit=limit)
+    for i, record in enumerate(_list_of_records(read_json(questions), questions, "questions")):
+        if loaded.full():
+            break
+        where = f"questions[{i}]"
+        qid = _field(record, "question_id", (int, str), questions, where)
+        image_id = _field(record, "image_id", (int, str), questions, where)
+        question = _field(record, "question", str, questions, where)
+        if not answers.get(qid):
+            loaded.reject(str(qid), str(annotations), "no-answers")
+            continue
+        try:
+            name = pattern.format(image_id=image_id)
+        except (ValueError, KeyError, IndexError) as exc:
+            raise UserError(f"image_pattern {pattern!r} cannot name image {image_id!r}: {exc}") from None
+        data, reason = image_bytes(images / name)
+        if reason:
+            loaded.reject(str(qid), str(images / name), reason)
+        else:
+            loaded.add(Item(str(qid), data, tuple(answers[qid]), question))
+    return loaded
+
+
+def image_folder(root: Path, limit: int) -> tuple[Loaded, list[str]]:
+    """Items from ROOT/CLASS/IMAGE files, taken round-robin over the classes (so a limit keeps
+    every class); returns the class names (sorted folder names) too."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise UserError(f"{root}: an image-folder classification set needs at least two class sub-folders")
+    files = {c: sorted(p for p in (root / c).iterdir() if p.is_file() and not p.name.startswith(".")) for c in classes}
+    loaded = Loaded(limit=limit)
+    for rank in range(max(len(v) for v in files.values())):
+        for name in classes:
+            if rank >= len(files[name]) or loaded.full():
+                continue
+            path = files[name][rank]
+            if path.suffix.lower().lstrip(".") not in IMAGE_EXTS:
+                loaded.reject(f"{name}/{path.name}", str(path), "not-an-image-file")
+                continue
+            data, reason = image_bytes(path)
+            if reason:
+                loaded.reject(f"{name}/{path.name}", str(path), reason)
+            else:
+                loaded.add(Item(f"{name}/{path.name}", data, (name,)))
+    return loaded, classes
+
+
+def choice_jsonl(path: Path, images: Path, limit: int) -> Loaded:
+    loaded = Loaded(limit=limit)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read: {exc}") from None
+    for number, line in enumerate(lines, 1):
+        if loaded.full():
+            break
+        if not line.strip():
+            continue
+        where = f"line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}:{exc.colno}: not valid JSON: {exc.msg}") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: {where}: expected a JSON object")
+        options = _options(_field(record, "options", (dict, list), path, where), path, where)
+        answer = str(_field(record, "answer", (str, int), path, where)).strip()
+        if answer not in dict(options):
+            known = ", ".join(k for k, _ in options)
+            raise UserError(f"{path}: {where}: answer {answer!r} is not an option key ({known})")
+        id_ = str(record.get("id", number))
+        image_path = images / _field(record, "image", str, path, where)
+        data, reason = image_bytes(image_path)
+        if reason:
+            loaded.reject(id_, str(image_path), reason)
+        else:
+            loaded.add(Item(id_, data, (answer,), _field(record, "question", str, path, where), options))
+    return loaded
+
+
+def _options(raw: dict | list, path: Path, where: str) -> tuple[tuple[str, str], ...]:
+    pairs = list(raw.items()) if isinstance(raw, dict) else list(zip(LETTERS, raw, strict=False))
+    if isinstance(raw, list) and len(raw) > len(LETTERS):
+        raise UserError(f"{path}: {where}: at most {len(LETTERS)} options")
+    if len(pairs) < 2 or not all(isinstance(v, str) and v.strip() for _, v in pairs):
+        raise UserError(f"{path}: {where}: options must hold at least two non-empty texts")
+    return tuple((str(k), v) for k, v in pairs)

@@ -1,0 +1,199 @@
+"""An evaluation task of the recipe as a stage (`eval-NAME`): read its items, run the model
+on a Ray actor pool (each actor loads the model once; batches of generation, likelihoods or
+embeddings), score, and write what MLflow shows.
+
+Inputs: `model` (a training stage: its `model/` folder) and, for held-out data, `data` (a data
+artifact). Output folder: `metrics.json`, `predictions.parquet` (one row per item),
+`quarantine.parquet` (id, source, reason for every item that could not be scored) and
+`examples.png`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from vlmflow.components.evaluate import datasets, scoring
+from vlmflow.components.evaluate.datasets import Item, Loaded
+from vlmflow.components.evaluate.examples import write_examples
+from vlmflow.components.evaluate.generate import Decoding
+from vlmflow.components.evaluate.worker import EvalWorker
+from vlmflow.components.ingest import fingerprint
+from vlmflow.components.train.data import ShardSamples, build_index
+from vlmflow.components.train.stage import stage_name as train_stage_name
+from vlmflow.errors import UserError
+from vlmflow.runtime.ray import map_on_actors
+from vlmflow.specs.evaluate import EvalTask, ZeroShotTask
+from vlmflow.specs.recipe import Recipe
+from vlmflow.stage import Stage, StageContext, StageResult
+
+VERSION = "1"
+ARTIFACTS = ["metrics.json", "predictions.parquet", "quarantine.parquet", "examples.png"]
+
+
+def stage_name(task: EvalTask) -> str:
+    return f"eval-{task.name}"
+
+
+def stage_for(recipe: Recipe, index: int) -> Stage:
+    return Stage(
+        name=stage_name(recipe.evaluate[index]),
+        version=VERSION,
+        spec=lambda r: stage_spec(r, index),
+        run=lambda ctx: run(ctx, index),
+    )
+
+
+def stage_spec(recipe: Recipe, index: int) -> dict:
+    task = recipe.evaluate[index]
+    files = {k: fingerprint(v) for k, v in task.data if isinstance(v, Path)}
+    return {"seed": recipe.seed, "task": task.model_dump(mode="json"), "files": files}
+
+
+def stage_inputs(recipe: Recipe, task: EvalTask) -> dict[str, str]:
+    """Input name -> upstream stage: the training stage it evaluates and, for held-out data, the artifact."""
+    model = train_stage_name(next(s for s in recipe.stages if s.name == (task.model or recipe.stages[-1].name)))
+    return {"model": model} | ({"data": task.data.artifact} if task.data.kind == "held-out" else {})
+
+
+def load_items(task: EvalTask, ctx: StageContext) -> tuple[Loaded, list[str]]:
+    """The task's items (and class names for classification)."""
+    data, limit = task.data, task.samples
+    classes: list[str] = list(getattr(task, "classes", None) or [])
+    if data.kind == "held-out":
+        index = build_index(ctx.inputs["data"].path, ctx.store.root)
+        rows = index.filter(pl.col("split") == data.split).with_columns(format=pl.lit("caption"))
+        if rows.height == 0:
+            raise UserError(f"evaluate {task.name}: data artifact {data.artifact!r} has no {data.split!r} split")
+        loaded = datasets.held_out(ShardSamples(rows, ctx.store.root), task.kind, limit, data.artifact)
+    elif data.kind == "coco-captions":
+        loaded = datasets.coco_captions(data.annotations, data.images, limit)
+    elif data.kind == "vqav2":
+        loaded = datasets.vqav2(data.questions, data.annotations, data.images, data.image_pattern, limit)
+    elif data.kind == "image-folder":
+        loaded, found = datasets.image_folder(data.path, limit)
+        classes = classes or found
+    else:
+        loaded = datasets.choice_jsonl(data.path, data.images, limit)
+    if task.kind == "zero-shot-classification":
+        classes = classes or sorted({item.references[0] for item in loaded.items})
+        keep = [item for item in loaded.items if item.references[0] in classes]
+        for item in loaded.items:
+            if item.references[0] not in classes:
+                loaded.quarantine.append({"id": item.id, "source": "classes", "reason": "label-not-in-classes"})
+        loaded.items = keep
+    return loaded, classes
+
+
+def prompt_of(task: EvalTask, item: Item) -> str:
+    if task.kind == "captioning":
+        return task.prompt
+    if task.kind == "multiple-choice":
+        options = "\n".join(f"{key}. {text}" for key, text in item.options)
+        return task.template.format(question=item.question, options=options)
+    return item.question
+
+
+def batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@dataclass(frozen=True)
+class Runner:
+    """Runs jobs on the task's actor pool; `keep` leaves the actors up for the next task."""
+
+    folder: Path
+    name: str
+    actors: int
+    progress: str
+    keep: bool
+
+    def __call__(self, jobs: list[tuple[str, object]]) -> list:
+        return map_on_actors(EvalWorker, (str(self.folder),), "run", jobs, desc=f"eval {self.name}",
+                             num_actors=self.actors, progress=self.progress, keep=self.keep)  # fmt: skip
+
+
+def keeps_actors(recipe: Recipe, index: int) -> bool:
+    """The next task evaluates the same model on as many actors: it reuses this task's actors."""
+    if index + 1 >= len(recipe.evaluate):
+        return False
+    task, after = recipe.evaluate[index], recipe.evaluate[index + 1]
+    return stage_inputs(recipe, task)["model"] == stage_inputs(recipe, after)["model"] and task.actors == after.actors
+
+
+def generate_all(task: EvalTask, items: list[Item], runner: Runner, seed: int) -> list[str]:
+    g = task.generation
+    decoding = asdict(Decoding(g.strategy, g.max_new_tokens, g.num_beams, g.temperature, g.top_p, seed))
+    jobs = [
+        ("generate", {"images": [i.image for i in chunk], "prompts": [prompt_of(task, i) for i in chunk],
+                      "decoding": decoding})
+        for chunk in batches(items, task.batch_size)
+    ]  # fmt: skip
+    return [text for result in runner(jobs) for text in result]
+
+
+def embed_all(task: EvalTask, items: list[Item], texts: list[str], runner: Runner) -> np.ndarray:
+    """Similarity [n_items, n_texts] of normalised image and text embeddings."""
+    text_jobs = [("embed_texts", chunk) for chunk in batches(texts, max(task.batch_size, 64))]
+    image_jobs = [("embed_images", [i.image for i in chunk]) for chunk in batches(items, task.batch_size)]
+    results = runner(text_jobs + image_jobs)
+    text = np.concatenate(results[: len(text_jobs)])
+    image = np.concatenate(results[len(text_jobs) :])
+    return image @ text.T
+
+
+def classify(task: ZeroShotTask, recipe: Recipe, items: list[Item], classes: list[str], runner: Runner) -> np.ndarray:
+    """Scores [n_items, n_classes]: each class's prompts averaged (a template ensemble)."""
+    method = task.method if task.method != "auto" else ("embedding" if recipe.model.text else "likelihood")
+    texts = [t.format(c) for c in classes for t in task.templates]
+    k = len(task.templates)
+    if method == "embedding":
+        return embed_all(task, items, texts, runner).reshape(len(items), len(classes), k).mean(axis=2)
+    jobs = [
+        ("answer_logprobs", {"images": [i.image for i in chunk], "prompts": [task.prompt] * len(chunk),
+                             "answers": texts})
+        for chunk in batches(items, task.batch_size)
+    ]  # fmt: skip
+    scores = np.array([row for result in runner(jobs) for row in result])
+    return scores.reshape(len(items), len(classes), k).mean(axis=2)
+
+
+def evaluate(task: EvalTask, recipe: Recipe, loaded: Loaded, classes: list[str], runner: Runner) -> scoring.Scored:
+    items = loaded.items
+    if task.kind == "zero-shot-classification":
+        return scoring.classification(items, classes, classify(task, recipe, items, classes, runner))
+    if task.kind == "retrieval":
+        texts, _ = scoring.retrieval_texts(items)
+        return scoring.retrieval(items, embed_all(task, items, texts, runner), task.ks)
+    predictions = generate_all(task, items, runner, recipe.seed)
+    score = {"captioning": scoring.captioning, "vqa": scoring.vqa, "multiple-choice": scoring.multiple_choice}
+    return score[task.kind](items, predictions)
+
+
+def run(ctx: StageContext, index: int) -> StageResult:
+    recipe = ctx.recipe
+    task = recipe.evaluate[index]
+    folder = ctx.inputs["model"].path / "model"
+    loaded, classes = load_items(task, ctx)
+    if not loaded.items:
+        reasons = sorted({q["reason"] for q in loaded.quarantine}) or ["no items"]
+        raise UserError(f"evaluate {task.name}: nothing to score ({', '.join(reasons)})")
+    runner = Runner(folder, task.name, task.actors, ctx.progress, keeps_actors(recipe, index))
+    metrics, rows = evaluate(task, recipe, loaded, classes, runner)
+    (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    pl.DataFrame(rows).write_parquet(ctx.out / "predictions.parquet")
+    loaded.quarantine_frame().write_parquet(ctx.out / "quarantine.parquet")
+    write_examples(loaded.items, rows, ctx.out / "examples.png", task.examples)
+    n_out, n_bad = len(loaded.items), len(loaded.quarantine)
+    return StageResult(
+        rows_in=n_out + n_bad,
+        rows_out=n_out,
+        rows_quarantined=n_bad,
+        metrics={f"eval_{k}": float(v) for k, v in metrics.items()},
+        artifacts=list(ARTIFACTS),
+        details={"task": task.kind, "model": str(folder), "classes": classes},
+    )

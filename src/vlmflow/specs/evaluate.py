@@ -1,0 +1,142 @@
+"""The `evaluate:` list: evaluation tasks (keyed by `kind:`), each with its model, data and generation.
+
+A task's model is a training stage of the recipe (default: the last one). Its data is the
+held-out split of a data artifact of the recipe (synthetic shapes: truth known) or a user
+file: COCO captions JSON, VQAv2 questions + annotations JSON, an image folder with one
+sub-folder per class, or multiple-choice JSONL.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from vlmflow.specs.base import ExistingDir, ExistingFile, StrictModel
+from vlmflow.specs.data import NAME_PATTERN
+
+
+class HeldOutData(StrictModel):
+    """The held-out split of a data artifact of this recipe (ingest, dedup or instruct)."""
+
+    kind: Literal["held-out"]
+    artifact: str = Field("dedup", description="the data artifact; default dedup")
+    split: Literal["val", "test"] = "test"
+
+
+class CocoCaptionsData(StrictModel):
+    """COCO captions JSON: `images` [{id, file_name}] and `annotations` [{image_id, caption}]."""
+
+    kind: Literal["coco-captions"]
+    annotations: ExistingFile
+    images: ExistingDir
+
+
+class VqaData(StrictModel):
+    """VQAv2-style `questions` [{question_id, image_id, question}] and `annotations`
+    [{question_id, answers: [{answer}]}] JSON; image files named by `image_pattern`."""
+
+    kind: Literal["vqav2"]
+    questions: ExistingFile
+    annotations: ExistingFile
+    images: ExistingDir
+    image_pattern: str = Field("COCO_val2014_{image_id:012d}.jpg", description="file name of an image id")
+
+
+class ImageFolderClasses(StrictModel):
+    """Classification images: one sub-folder per class, named after it."""
+
+    kind: Literal["image-folder"]
+    path: ExistingDir
+
+
+class ChoiceJsonl(StrictModel):
+    """One question per line: {"id", "image", "question", "options": {"A": ..} or [..], "answer": "A"}."""
+
+    kind: Literal["multiple-choice-jsonl"]
+    path: ExistingFile
+    images: ExistingDir
+
+
+class Generation(StrictModel):
+    """How answers and captions are generated (batched, left-padded, with a KV cache)."""
+
+    strategy: Literal["greedy", "beam", "sample"] = "greedy"
+    max_new_tokens: int = Field(16, ge=1, le=512)
+    num_beams: int = Field(3, ge=1, le=16, description="beam strategy only")
+    temperature: float = Field(1.0, gt=0, description="sample strategy only")
+    top_p: float = Field(1.0, gt=0, le=1, description="sample strategy only")
+
+
+class TaskBase(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN, description="the stage is eval-NAME")
+    model: str | None = Field(None, description="a training stage; default: the last one")
+    samples: int = Field(128, ge=1, description="evaluate at most this many items (in dataset order)")
+    batch_size: int = Field(16, ge=1, description="items per batch on an actor")
+    actors: int = Field(1, ge=1, description="Ray actors, each holding the model once")
+    examples: int = Field(8, ge=0, le=64, description="items rendered into examples.png")
+
+
+HeldOutOr = Field(default_factory=lambda: HeldOutData(kind="held-out"), discriminator="kind")
+
+
+class ZeroShotTask(TaskBase):
+    """Top-1/top-5 accuracy over class names put through prompt templates (averaged: an ensemble).
+    Dual encoders rank by embedding similarity; generative VLMs by the likelihood of each class text."""
+
+    kind: Literal["zero-shot-classification"]
+    data: Annotated[HeldOutData | ImageFolderClasses, HeldOutOr]
+    classes: list[str] | None = Field(None, min_length=2, description="default: the labels found in the data")
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1)
+    prompt: str = Field("What is in the image?", description="the user turn (likelihood ranking)")
+    method: Literal["auto", "embedding", "likelihood"] = Field("auto", description="auto: embedding if it can")
+
+    @field_validator("templates")
+    @classmethod
+    def _one_slot(cls, templates: list[str]) -> list[str]:
+        bad = [t for t in templates if t.count("{}") != 1 or t.count("{") != 1 or t.count("}") != 1]
+        if bad:
+            raise ValueError(f"template {bad[0]!r} must hold exactly one {{}} for the class name")
+        return templates
+
+
+class RetrievalTask(TaskBase):
+    """Image->text and text->image Recall@K (several captions per image, as COCO/Flickr)."""
+
+    kind: Literal["retrieval"]
+    data: Annotated[HeldOutData | CocoCaptionsData, HeldOutOr]
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+
+
+class CaptioningTask(TaskBase):
+    """BLEU-1..4 and CIDEr-D (COCO PTB tokenisation, as pycocoevalcap)."""
+
+    kind: Literal["captioning"]
+    data: Annotated[HeldOutData | CocoCaptionsData, HeldOutOr]
+    prompt: str = "Describe the image."
+    generation: Generation = Field(default_factory=lambda: Generation(max_new_tokens=24))
+
+
+class VqaTask(TaskBase):
+    """VQAv2 soft accuracy and exact match."""
+
+    kind: Literal["vqa"]
+    data: Annotated[HeldOutData | VqaData, HeldOutOr]
+    generation: Generation = Field(default_factory=lambda: Generation(max_new_tokens=8))
+
+
+class MultipleChoiceTask(TaskBase):
+    """Accuracy of the option extracted from the generated answer, and the extraction failure rate."""
+
+    kind: Literal["multiple-choice"]
+    data: Annotated[HeldOutData | ChoiceJsonl, HeldOutOr]
+    template: str = Field(
+        "{question}\n{options}\nAnswer with the option's letter.", description="fields: question, options"
+    )
+    generation: Generation = Field(default_factory=lambda: Generation(max_new_tokens=8))
+
+
+EvalTask = Annotated[
+    ZeroShotTask | RetrievalTask | CaptioningTask | VqaTask | MultipleChoiceTask, Field(discriminator="kind")
+]
+GENERATIVE = ("captioning", "vqa", "multiple-choice")

@@ -1,0 +1,55 @@
+"""The evaluate section through the CLI (real Ray actors, Prefect, MLflow): every task kind of a
+tiny recipe trained for two steps, then `vlmflow compare` on two runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from mlflow.tracking import MlflowClient
+from test_recipe_cli import stages, summary_of, vlmflow
+
+SPEC = Path(__file__).with_name("eval-tiny.yaml")
+KINDS = ["shapes-zs", "shapes-zs-lm", "shapes-retrieval", "shapes-captions", "shapes-vqa", "shapes-mc"]
+pytestmark = pytest.mark.slow
+
+
+def test_evaluate_section_runs_every_task_and_compare_tables_two_runs(tmp_path):
+    first = vlmflow("run", str(SPEC), "--workdir", str(tmp_path), "--set", "stages.0.max_steps=2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    summary = summary_of(tmp_path)
+    by_name = stages(summary)
+    assert [n for n in by_name if n.startswith("eval-")] == [f"eval-{k}" for k in KINDS]
+    for name in KINDS:
+        entry = by_name[f"eval-{name}"]
+        assert entry["status"] == "computed" and entry["rows_in"] == entry["rows_out"] + entry["rows_quarantined"]
+        assert entry["input_digests"]["model"] == by_name["train-pretrain"]["artifact_digest"]
+        folder = Path(entry["artifact_path"])
+        predictions = pl.read_parquet(folder / "predictions.parquet")
+        assert predictions.height == entry["rows_out"] > 0
+        assert (folder / "examples.png").stat().st_size > 0
+    vqa = json.loads((Path(by_name["eval-shapes-vqa"]["artifact_path"]) / "metrics.json").read_text())
+    assert {"vqa_accuracy", "vqa_accuracy_baseline", "exact_match", "exact_match_baseline"} <= set(vqa)
+    assert "shapes-vqa: exact_match" in first.stdout.replace("eval-shapes-vqa", "shapes-vqa")
+    client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
+    child = client.get_run(by_name["eval-shapes-mc"]["mlflow_run_id"])
+    assert {"eval_accuracy", "eval_accuracy_chance", "eval_extraction_failure_rate"} <= set(child.data.metrics)
+    logged = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"predictions.parquet", "examples.png", "quarantine.parquet", "metrics.json"} <= logged
+
+    second = vlmflow("run", str(SPEC), "--workdir", str(tmp_path), "--set", "stages.0.max_steps=2",
+                     "--set", "evaluate.3.generation.strategy=sample")  # fmt: skip
+    assert second.returncode == 0, second.stdout + second.stderr
+    again = stages(summary_of(tmp_path))
+    assert again["train-pretrain"]["status"] == "cached" and again["eval-shapes-captions"]["status"] == "computed"
+    assert again["eval-shapes-vqa"]["status"] == "cached"
+    csv = tmp_path / "table.csv"
+    table = vlmflow("compare", summary["run_id"], "latest", "--workdir", str(tmp_path), "--csv", str(csv))
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.startswith(f"| task | metric | {summary['run_id']} |")
+    assert "| shapes-retrieval | i2t_r1 |" in table.stdout
+    frame = pl.read_csv(csv)
+    assert frame.columns[:2] == ["task", "metric"] and frame.width == 4
+    assert set(frame["task"]) == set(KINDS)

@@ -1,0 +1,105 @@
+"""`vlmflow plan` and the pre-flight check of `vlmflow run`, through the CLI.
+
+The full-size LLaVA-1.5 is planned from the published config.json files alone (no weights):
+its parameter counts must match the published sizes and its stage 2 must fit the published
+8 x 80 GB setup. A tiny recipe that cannot fit its declared memory, or whose mixture asks
+for more rows than its data has, stops before any stage runs, at the field to change.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_recipe_cli import REPO, vlmflow
+
+CONFIGS = REPO / "tests" / "data" / "configs"
+RECIPES = REPO / "specs" / "recipes"
+FULL_SIZE = [
+    "--set", f"model.vision.path={CONFIGS / 'clip-vit-large-patch14-336'}",
+    "--set", f"model.language.path={CONFIGS / 'vicuna-7b-v1.5'}",
+    "--set", f"tokenizer.path={CONFIGS / 'vicuna-7b-v1.5'}",
+    "--set", "instruct.generator={kind: offline}",
+]  # fmt: skip
+
+
+def plan_json(spec: str, workdir, *extra: str) -> dict:
+    result = vlmflow("plan", str(RECIPES / spec), "--workdir", str(workdir), "--json", *extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def training(plan: dict) -> dict[str, dict]:
+    return {e["stage"]: e["train"] for e in plan["stages"] if "train" in e}
+
+
+def test_full_size_llava_15_matches_the_published_sizes_and_setup(tmp_path):
+    """One plan under DDP: it cannot fit 80 GB, and its fixes include the published FSDP setup."""
+    args = ["plan", str(RECIPES / "llava-1.5.yaml"), "--workdir", str(tmp_path), "--json", *FULL_SIZE]
+    result = vlmflow(*args, "--set", "runtime.train.strategy=ddp")
+    assert result.returncode == 2
+    plan = json.loads(result.stdout)
+    assert plan["device"]["kind"] == "gpu" and plan["device"]["memory_per_worker_gb"] == 80
+    align, instruct = training(plan).values()
+    params = instruct["trace"]["params"]
+    assert 6.6e9 < params["language_total"] < 6.9e9  # Vicuna-7B (LLaMA-2 7B: 6.74B)
+    assert 0.29e9 < params["vision_total"] < 0.31e9  # CLIP ViT-L/14-336 vision tower: 0.30B
+    assert 20e6 < params["connector_total"] < 22e6  # 2-layer MLP 1024 -> 4096 -> 4096: 21M
+    assert align["trace"]["params"]["trainable"] == params["connector_total"]  # stage 1: projector only
+    assert params["trainable"] == params["connector_total"] + params["language_total"]
+    assert instruct["trace"]["image_tokens"] == 576  # (336 / 14)^2 patches, CLS dropped
+    assert instruct["memory"]["optimizer_gb"] == pytest.approx(8 * params["trainable"] / 2**30, rel=1e-6)
+    # ~6 FLOPs per parameter per token for the trained LM (4 without weight gradients: frozen tower).
+    tokens = 128 * instruct["trace"]["sequence"]
+    assert 5 * params["language_total"] * tokens < instruct["flops_per_step"] < 7 * params["total"] * tokens
+    assert align["fits"] and not instruct["fits"] and instruct["memory"]["total_gb"] > 120
+    fsdp = next(f for f in instruct["fixes"] if f["change"] == "runtime.train.strategy: fsdp")
+    assert fsdp["fits"] and 60 < fsdp["need_gb"] <= 80  # the published 8 x 80 GB, optimizer sharded
+    errors = [line for line in result.stderr.splitlines() if "llava-1.5.yaml:" in line]
+    assert len(errors) == 1 and ": stages.1.micro_batch_size: train-instruct needs about" in errors[0]
+    assert "more than the 80.00 GiB it may use (runtime.train.memory_per_worker_gb)" in errors[0]
+    assert "Would fit: " in errors[0] and "runtime.train.strategy: fsdp" in errors[0]
+
+
+def test_run_stops_before_any_stage_when_a_stage_cannot_fit(tmp_path):
+    result = vlmflow(
+        "run", str(RECIPES / "shapes-tiny.yaml"), "--workdir", str(tmp_path),
+        "--set", "runtime.train.memory_per_worker_gb=0.66",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    line = (RECIPES / "shapes-tiny.yaml").read_text().splitlines().index("    micro_batch_size: 16") + 1
+    assert f"shapes-tiny.yaml:{line}:23: stages.0.micro_batch_size: train-align needs about" in result.stderr
+    assert "Would fit: micro_batch_size: " in result.stderr
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "runs").exists()
+
+
+def test_run_stops_when_a_local_ray_could_never_place_the_workers(tmp_path):
+    result = vlmflow(
+        "run", str(RECIPES / "shapes-tiny.yaml"), "--workdir", str(tmp_path), "--set", "runtime.ray.num_cpus=1",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "runtime.train.num_workers: the training workers need 2 CPU, but the local Ray has 1 CPU" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_mixture_asking_for_more_rows_than_exist_is_located(tmp_path):
+    result = vlmflow(
+        "plan", str(RECIPES / "shapes-tiny.yaml"), "--workdir", str(tmp_path),
+        "--set", "stages.1.data.mixture.1={data: dedup, format: qa, count: 5000}",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        "--set[0]:1:1: stages.1.data.mixture.1.count: 5000 samples of dedup/qa per epoch, but it has 2048"
+        in result.stderr
+    )
+
+
+def test_tiny_plan_counts_rows_steps_and_mixture_from_the_sources(tmp_path):
+    plan = plan_json("shapes-tiny.yaml", tmp_path)
+    assert {e["status"] for e in plan["stages"]} == {"runs"}
+    align, instruct = training(plan).values()
+    assert align["mixture"]["counts"] == [2048] and align["steps"] == 150
+    assert instruct["mixture"]["labels"] == ["instruct/conversations", "dedup/qa"]
+    assert instruct["mixture"]["counts"] == [683, 2048]  # weights 1 : 3, before splits and dedup
+    assert instruct["fits"] and instruct["memory"]["total_gb"] < 1.0
+    assert plan["device"]["kind"] == "cpu" and plan["device"]["tflops_per_worker"] > 0
