@@ -18,8 +18,10 @@ from mlflow.tracking import MlflowClient
 from test_recipe_cli import REPO, VLMFLOW, _env, stages, summary_of, vlmflow
 
 SPEC = REPO / "specs" / "recipes" / "shapes-tiny.yaml"
+# A short run of the default recipe; its evaluate section has its own tests.
 SHORT = ["--set", "stages.0.max_steps=4", "--set", "stages.1.max_steps=12", "--set", "stages.1.checkpoint_every=4",
-         "--set", "stages.0.eval_samples=4", "--set", "stages.1.eval_samples=8"]  # fmt: skip
+         "--set", "stages.0.eval_samples=4", "--set", "stages.1.eval_samples=8",
+         "--set", "evaluate=[]"]  # fmt: skip
 pytestmark = pytest.mark.slow
 
 

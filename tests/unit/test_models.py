@@ -139,6 +139,18 @@ def test_lm_loss_ignores_masked_positions():
     assert obj.lm_loss(changed, labels).item() == pytest.approx(loss.item(), rel=1e-6)
 
 
+def test_lm_loss_weighs_every_sample_alike_whatever_its_answer_length():
+    torch.manual_seed(3)
+    logits = torch.randn(3, 5, 10)
+    ignore = obj.IGNORE
+    labels = torch.tensor([[ignore, 1, ignore, ignore, ignore], [ignore, 2, 3, 4, 5], [ignore] * 5])
+    short = F.cross_entropy(logits[0, :1], torch.tensor([1]))
+    long = F.cross_entropy(logits[1, :4], torch.tensor([2, 3, 4, 5]))
+    # the third sample has nothing to learn and does not count
+    assert obj.lm_loss(logits, labels).item() == pytest.approx((short + long).item() / 2, rel=1e-6)
+    assert obj.lm_loss(logits, torch.full((3, 5), ignore)).item() == 0.0
+
+
 def test_hardest_negatives_skip_identical_captions():
     similarity = torch.tensor([[0.9, 0.8, 0.1], [0.2, 0.9, 0.3], [0.95, 0.1, 0.9]])
     same = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])

@@ -42,12 +42,20 @@ def itm_loss(match_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy; positions labelled IGNORE (prompt, image, padding) do not count."""
-    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
-    targets = labels[:, 1:].reshape(-1)
-    if not targets.is_meta and (targets != IGNORE).sum() == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(shifted.float(), targets, ignore_index=IGNORE)
+    """Next-token cross-entropy; positions labelled IGNORE (prompt, image, padding) do not count.
+
+    Averaged per sample, then over the samples that have answer tokens: a one-word VQA answer
+    weighs as much as a long conversation, so a mixture's shares are its samples' shares (a
+    token average would let long conversations drown short answers)."""
+    batch, length = labels.shape[0], labels.shape[1] - 1
+    targets = labels[:, 1:]
+    tokens = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(batch, length)
+    counted = (targets != IGNORE).sum(dim=1)
+    per_sample = tokens.sum(dim=1) / counted.clamp(min=1)
+    has_answer = (counted > 0).to(per_sample.dtype)
+    return (per_sample * has_answer).sum() / has_answer.sum().clamp(min=1)
 
 
 class ContrastiveHead(nn.Module):
