@@ -3,8 +3,9 @@
 Contrastive stages: image->text and text->image Recall@1 against chance (a retrieved
 caption counts when its text equals the true one, since synthetic captions repeat).
 Matching: ITM accuracy on true pairs and pairs with a different caption (chance 0.5).
-Language stages: greedy answers to the held-out VQA questions, exact match, against the
-majority answer per question (the best a model blind to the image can do).
+Language stages: greedy answers to the held-out VQA questions (batched, as the evaluate
+stage generates), exact match, against the majority answer per question (the best a model
+blind to the image can do).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 
+from vlmflow.components.evaluate.generate import Decoding, generate
 from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, pick_caption, preprocess
 from vlmflow.models.objectives import contrastive_logits
 from vlmflow.models.vlm import VLM
+
+BATCH = 64
 
 
 def held_out(samples: ShardSamples, limit: int) -> list[int]:
@@ -77,16 +81,15 @@ def greedy(model: VLM, ids: list[int], pixels: torch.Tensor, eos: int, max_new: 
 def vqa_metrics(
     model: VLM, samples: ShardSamples, positions: list[int], codec: TextCodec, image: ImageSpec, limit: int
 ) -> dict:
-    answers: list[tuple[str, str, str]] = []  # question, truth, prediction
-    eos = codec.special["<eos>"]
+    asked: list[tuple[str, str, np.ndarray]] = []  # question, truth, pixels
     for i in positions:
         _, data, record = samples.read(i)
-        pixels = torch.from_numpy(preprocess(data, image)).unsqueeze(0)
-        for qa in record.get("qa") or []:
-            predicted = codec.tokenizer.decode(greedy(model, codec.prompt(qa["question"]), pixels, eos, max_new=12))
-            answers.append((qa["question"], normalise(qa["answer"]), normalise(predicted)))
-        if len(answers) >= limit:
+        pixels = preprocess(data, image)
+        asked += [(qa["question"], normalise(qa["answer"]), pixels) for qa in record.get("qa") or []]
+        if len(asked) >= limit:
             break
+    predicted = answer(model, codec, [codec.prompt(q) for q, _, _ in asked], [p for _, _, p in asked], 12)
+    answers = [(q, truth, normalise(p)) for (q, truth, _), p in zip(asked, predicted, strict=True)]
     if not answers:
         return {}
     by_question: dict[str, Counter] = defaultdict(Counter)
@@ -104,18 +107,27 @@ def vqa_metrics(
     return metrics
 
 
-@torch.no_grad()
 def caption_metrics(
     model: VLM, samples: ShardSamples, positions: list[int], codec: TextCodec, image: ImageSpec, prompt: str
 ) -> dict:
-    exact = 0
-    for i in positions:
-        _, data, record = samples.read(i)
-        pixels = torch.from_numpy(preprocess(data, image)).unsqueeze(0)
-        predicted = codec.tokenizer.decode(greedy(model, codec.prompt(prompt), pixels, codec.special["<eos>"], 24))
-        truth = (record.get("truth") or {}).get("caption") or pick_caption(record, 0) or ""
-        exact += normalise(predicted) == normalise(truth)
+    records = [samples.read(i) for i in positions]
+    pixels = [preprocess(data, image) for _, data, _ in records]
+    predicted = answer(model, codec, [codec.prompt(prompt)] * len(records), pixels, 24)
+    truths = [(record.get("truth") or {}).get("caption") or pick_caption(record, 0) or "" for _, _, record in records]
+    exact = sum(normalise(p) == normalise(t) for p, t in zip(predicted, truths, strict=True))
     return {"eval_caption_exact": exact / len(positions)} if positions else {}
+
+
+def answer(model: VLM, codec: TextCodec, prompts: list[list[int]], pixels: list[np.ndarray], max_new: int) -> list[str]:
+    """Greedy answers, generated in batches (left-padded, KV cache; as the evaluate stage does)."""
+    out: list[str] = []
+    for start in range(0, len(prompts), BATCH):
+        images = torch.from_numpy(np.stack(pixels[start : start + BATCH]))
+        ids = generate(
+            model, prompts[start : start + BATCH], images, codec.special["<eos>"], Decoding("greedy", max_new)
+        )
+        out += [codec.tokenizer.decode(row) for row in ids]
+    return out
 
 
 def normalise(text: str) -> str:

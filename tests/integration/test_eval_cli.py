@@ -1,5 +1,5 @@
 """The evaluate section through the CLI (real Ray actors, Prefect, MLflow): every task kind of a
-tiny recipe trained for two steps, then `vlmflow compare` on two runs."""
+tiny recipe trained for two steps, then `vlmflow compare`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ KINDS = ["shapes-zs", "shapes-zs-lm", "shapes-retrieval", "shapes-captions", "sh
 pytestmark = pytest.mark.slow
 
 
-def test_evaluate_section_runs_every_task_and_compare_tables_two_runs(tmp_path):
+def test_evaluate_section_runs_every_task_and_compare_tables_the_runs(tmp_path):
     first = vlmflow("run", str(SPEC), "--workdir", str(tmp_path), "--set", "stages.0.max_steps=2")
     assert first.returncode == 0, first.stdout + first.stderr
     summary = summary_of(tmp_path)
@@ -39,13 +39,9 @@ def test_evaluate_section_runs_every_task_and_compare_tables_two_runs(tmp_path):
     logged = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"predictions.parquet", "examples.png", "quarantine.parquet", "metrics.json"} <= logged
 
-    second = vlmflow("run", str(SPEC), "--workdir", str(tmp_path), "--set", "stages.0.max_steps=2",
-                     "--set", "evaluate.3.generation.strategy=sample")  # fmt: skip
-    assert second.returncode == 0, second.stdout + second.stderr
-    again = stages(summary_of(tmp_path))
-    assert again["train-pretrain"]["status"] == "cached" and again["eval-shapes-captions"]["status"] == "computed"
-    assert again["eval-shapes-vqa"]["status"] == "cached"
     csv = tmp_path / "table.csv"
+    # Two references to runs (an id and the latest folder) give two columns; one CLI run keeps
+    # the test short (caching across runs is tested in test_recipe_cli).
     table = vlmflow("compare", summary["run_id"], "latest", "--workdir", str(tmp_path), "--csv", str(csv))
     assert table.returncode == 0, table.stderr
     assert table.stdout.startswith(f"| task | metric | {summary['run_id']} |")
