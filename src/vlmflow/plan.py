@@ -38,7 +38,7 @@ GIB = float(1 << 30)
 # starts (Python, torch, transformers, Ray, gloo) and about 0.1 GiB more once the first
 # steps ran (allocator, oneDNN, thread pools); measured on the tiny twins (worker_rss_* metrics).
 CPU_WORKER_RUNTIME = int(0.65 * GIB)
-GPU_WORKER_RUNTIME = int(1.0 * GIB)  # CUDA context and kernels, typical for one process
+GPU_WORKER_RUNTIME = int(1.0 * GIB)  # assumed: CUDA context and kernels (no GPU measured it yet)
 GPU_TFLOPS = 100.0
 
 

@@ -1,4 +1,5 @@
-"""`vlmflow plan` and the pre-flight check of `vlmflow run`, through the CLI.
+"""`vlmflow plan` and the pre-flight check of `vlmflow run` (through the CLI where the exit and
+the printed errors are the point; in process otherwise).
 
 The full-size LLaVA-1.5 is planned from the published config.json files alone (no weights):
 its parameter counts must match the published sizes and its stage 2 must fit the published
@@ -12,6 +13,10 @@ import json
 
 import pytest
 from test_recipe_cli import REPO, vlmflow
+
+from vlmflow.plan import build_plan, check, render
+from vlmflow.specs import load_recipe
+from vlmflow.specs.loader import located
 
 CONFIGS = REPO / "tests" / "data" / "configs"
 RECIPES = REPO / "specs" / "recipes"
@@ -61,41 +66,32 @@ def test_full_size_llava_15_matches_the_published_sizes_and_setup(tmp_path):
     assert "Would fit: " in errors[0] and "runtime.train.strategy: fsdp" in errors[0]
 
 
-def test_run_stops_before_any_stage_when_a_stage_cannot_fit(tmp_path):
+def test_run_stops_before_any_stage_when_a_stage_cannot_fit_or_be_placed(tmp_path):
     result = vlmflow(
         "run", str(RECIPES / "shapes-tiny.yaml"), "--workdir", str(tmp_path),
-        "--set", "runtime.train.memory_per_worker_gb=0.66",
+        "--set", "runtime.train.memory_per_worker_gb=0.66", "--set", "runtime.ray.num_cpus=1",
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     line = (RECIPES / "shapes-tiny.yaml").read_text().splitlines().index("    micro_batch_size: 16") + 1
     assert f"shapes-tiny.yaml:{line}:23: stages.0.micro_batch_size: train-align needs about" in result.stderr
     assert "Would fit: micro_batch_size: " in result.stderr
+    assert "runtime.train.num_workers: the training workers need 2 CPU, but the local Ray has 1 CPU" in result.stderr
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "runs").exists()
 
 
-def test_run_stops_when_a_local_ray_could_never_place_the_workers(tmp_path):
-    result = vlmflow(
-        "run", str(RECIPES / "shapes-tiny.yaml"), "--workdir", str(tmp_path), "--set", "runtime.ray.num_cpus=1",
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert "runtime.train.num_workers: the training workers need 2 CPU, but the local Ray has 1 CPU" in result.stderr
-    assert not (tmp_path / "runs").exists()
-
-
 def test_a_mixture_asking_for_more_rows_than_exist_is_located(tmp_path):
-    result = vlmflow(
-        "plan", str(RECIPES / "shapes-tiny.yaml"), "--workdir", str(tmp_path),
-        "--set", "stages.1.data.mixture.1={data: dedup, format: qa, count: 5000}",
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert (
-        "--set[0]:1:1: stages.1.data.mixture.1.count: 5000 samples of dedup/qa per epoch, but it has 2048"
-        in result.stderr
+    overrides = ["stages.1.data.mixture.1={data: dedup, format: qa, count: 5000}"]
+    spec = RECIPES / "shapes-tiny.yaml"
+    (error,) = check(build_plan(load_recipe(spec, overrides), tmp_path))
+    problem = str(located(spec, overrides, error.field, error.message))
+    assert problem == (
+        "--set[0]:1:1: stages.1.data.mixture.1.count: 5000 samples of dedup/qa per epoch, but it has 2048; "
+        "lower the count (or total), or set replacement: true"
     )
 
 
 def test_tiny_plan_counts_rows_steps_and_mixture_from_the_sources(tmp_path):
-    plan = plan_json("shapes-tiny.yaml", tmp_path)
+    plan = build_plan(load_recipe(RECIPES / "shapes-tiny.yaml"), tmp_path)
     assert {e["status"] for e in plan["stages"]} == {"runs"}
     align, instruct = training(plan).values()
     assert align["mixture"]["counts"] == [2048] and align["steps"] == 150
@@ -103,3 +99,4 @@ def test_tiny_plan_counts_rows_steps_and_mixture_from_the_sources(tmp_path):
     assert instruct["mixture"]["counts"] == [683, 2048]  # weights 1 : 3, before splits and dedup
     assert instruct["fits"] and instruct["memory"]["total_gb"] < 1.0
     assert plan["device"]["kind"] == "cpu" and plan["device"]["tflops_per_worker"] > 0
+    assert "train-instruct" in render(plan) and "[fits]" in render(plan)
