@@ -31,7 +31,7 @@ from vlmflow.specs.recipe import Recipe
 from vlmflow.specs.train import TrainStageSpec
 from vlmflow.stage import Stage, StageContext, StageResult
 
-VERSION = "1"
+VERSION = "2"  # 2: data mixtures (train_rows.parquet, mixture.json), LM loss averaged per sample
 EVAL_SPLITS = ("val", "test")
 
 

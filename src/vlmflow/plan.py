@@ -242,8 +242,9 @@ def fixes(recipe: Recipe, index: int, vocab: Vocab, image: int, trace: Trace, de
 def _mixture(spec: TrainStageSpec, index: int, store: ArtifactStore, digests: dict, rows: dict):
     """(resolved counts, where they come from, a located problem or None)."""
     name = stage_name(spec)
-    if store.is_complete(name, digests[name]):
-        return json.loads((store.path(name, digests[name]) / "mixture.json").read_text()), "stage artifact", None
+    resolved = store.path(name, digests[name]) / "mixture.json"
+    if store.is_complete(name, digests[name]) and resolved.is_file():
+        return json.loads(resolved.read_text()), "stage artifact", None
     available, source = [], "artifact manifests (train split)"
     for component in spec.components():
         artifact = component.data
