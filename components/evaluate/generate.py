@@ -39,19 +39,6 @@ def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
     return ids, mask
 
 
-def prompt_embeds(model: VLM, ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-    """Token embeddings with the `<image>` positions replaced, in order, by the image tokens."""
-    embed = model.language.get_input_embeddings()
-    is_image = ids == model.vocab.image_id
-    embeds = embed(ids.masked_fill(is_image, model.vocab.pad_id))
-    if is_image.any():
-        tokens = model.image_tokens(pixels).to(embeds.dtype)
-        # rows without image tokens (pixels still given) are skipped by keeping only the rows that have them
-        rows = is_image.any(dim=1)
-        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), tokens[rows[: len(tokens)]])
-    return embeds
-
-
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
@@ -68,7 +55,7 @@ def generate(
     ids, mask = left_pad(prompts, model.vocab.pad_id)
     generator = torch.Generator().manual_seed(options.seed)
     out = model.language(
-        inputs_embeds=prompt_embeds(model, ids, pixels),
+        inputs_embeds=model.input_embeddings(ids, pixels),
         attention_mask=mask,
         position_ids=_positions(mask),
         use_cache=True,
@@ -114,7 +101,7 @@ def _beam(model: VLM, prompt: list[int], pixels: torch.Tensor, eos: int, options
     beams = options.num_beams
     ids = torch.tensor([prompt])
     mask = torch.ones_like(ids)
-    out = model.language(inputs_embeds=prompt_embeds(model, ids, pixels), attention_mask=mask, use_cache=True)
+    out = model.language(inputs_embeds=model.input_embeddings(ids, pixels), attention_mask=mask, use_cache=True)
     cache = out.past_key_values
     cache.batch_repeat_interleave(beams)
     logits = out.logits[:, -1].repeat(beams, 1)
@@ -169,7 +156,7 @@ def answer_logprobs(
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-    logits = model.language(inputs_embeds=prompt_embeds(model, ids, pixels), attention_mask=mask).logits
+    logits = model.language(inputs_embeds=model.input_embeddings(ids, pixels), attention_mask=mask).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     totals = []
     for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):

@@ -78,16 +78,26 @@ class VLM(nn.Module):
         return states, self.heads["contrastive"].text_proj(pooled)
 
     # -- language model with spliced image tokens --------------------------------------------
-    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    def input_embeddings(self, input_ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the `<image>` positions replaced, in order, by the image tokens of
+        the rows that have them (training, held-out checks and evaluation all splice this way)."""
         embed = self.language.get_input_embeddings()
         is_image = input_ids == self.vocab.image_id
         embeds = embed(input_ids.masked_fill(is_image, self.vocab.pad_id))
         if input_ids.is_meta or is_image.any():  # meta: shapes only (vlmflow plan), assume the image is there
             tokens = self.image_tokens(pixels).to(embeds.dtype)
-            expected = tokens.shape[0] * tokens.shape[1]
-            if not input_ids.is_meta and int(is_image.sum()) != expected:
-                raise ValueError(f"{int(is_image.sum())} <image> positions for {expected} image tokens")
+            if not input_ids.is_meta:
+                has_image = is_image.any(dim=1)
+                if not bool(has_image.all()):
+                    tokens = tokens[has_image[: len(tokens)]]
+                expected = tokens.shape[0] * tokens.shape[1]
+                if int(is_image.sum()) != expected:
+                    raise ValueError(f"{int(is_image.sum())} <image> positions for {expected} image tokens")
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), tokens)
+        return embeds
+
+    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        embeds = self.input_embeddings(input_ids, pixels)
         mask = None if input_ids.is_meta else attention_mask  # HF reads a mask's values to pick the kernel
         return self.language(inputs_embeds=embeds, attention_mask=mask).logits
 
