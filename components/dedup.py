@@ -169,7 +169,7 @@ def _find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
 
 def stage_spec(recipe: Recipe) -> dict:
     assert recipe.data.dedup is not None
-    return recipe.data.dedup.model_dump(mode="json")
+    return recipe.data.dedup.model_dump(mode="json", exclude={"partitions"})  # how the join is split: same output
 
 
 def run(ctx: StageContext) -> StageResult:

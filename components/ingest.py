@@ -111,11 +111,12 @@ def manifest_row(key: str, shard: str, split: str, ctx: SourceContext, row: RawR
     }
 
 
-def process_unit(work: tuple, filters: list, out_dir: str, shard_prefix: str) -> dict:
-    """Read, check, filter and shard one unit; write its manifest and quarantine rows."""
+def process_unit(work: tuple, filters: list, out_dir: str, shard_prefix: str, name: str | None = None) -> dict:
+    """Read, check, filter and shard one unit; write its manifest and quarantine rows (files
+    named `name`, default SOURCE-INDEX)."""
     spec, ctx, unit = work
     out = Path(out_dir)
-    name = unit_name(unit)
+    name = name or unit_name(unit)
     shard_rel = f"{shard_prefix}/{name}.tar"
     samples, manifest, quarantine, seen = [], [], [], set()
     for item in SOURCES.get(spec.kind).read(spec, ctx, unit):

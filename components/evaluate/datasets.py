@@ -9,6 +9,8 @@ reason (nothing is silently dropped).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import zlib
@@ -132,6 +134,8 @@ def read_json(path: Path) -> Any:
         raise UserError(f"{path}: cannot read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply") from None
 
 
 def _list_of_records(data: Any, path: Path, name: str) -> list[dict]:
@@ -153,9 +157,12 @@ def _field(record: dict, key: str, types: type | tuple, path: Path, where: str) 
 
 def image_bytes(path: Path) -> tuple[bytes | None, str | None]:
     """(bytes, None) for a readable image, else (None, reason)."""
-    if not path.is_file():
-        return None, "missing-image-file"
-    data = path.read_bytes()
+    try:
+        if not path.is_file():
+            return None, "missing-image-file"
+        data = path.read_bytes()
+    except OSError:  # a name longer than the OS allows, no permission
+        return None, "unreadable-image"
     if not data:
         return None, "zero-byte-image"
     try:
@@ -218,7 +225,7 @@ def vqav2(questions: Path, annotations: Path, images: Path, pattern: str, limit:
             continue
         try:
             name = pattern.format(image_id=image_id)
-        except (ValueError, KeyError, IndexError) as exc:
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
             raise UserError(f"image_pattern {pattern!r} cannot name image {image_id!r}: {exc}") from None
         data, reason = image_bytes(images / name)
         if reason:
@@ -268,6 +275,8 @@ def choice_jsonl(path: Path, images: Path, limit: int) -> Loaded:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{number}:{exc.colno}: not valid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}:1: JSON nested too deeply") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}: {where}: expected a JSON object")
         options = _options(_field(record, "options", (dict, list), path, where), path, where)
@@ -283,6 +292,59 @@ def choice_jsonl(path: Path, images: Path, limit: int) -> Loaded:
         else:
             loaded.add(Item(id_, data, (answer,), _field(record, "question", str, path, where), options))
     return loaded
+
+
+TSV_COLUMNS = ("index", "question", "answer", "image")
+
+
+def choice_tsv(path: Path, limit: int) -> Loaded:
+    """MMBench TSV rows: the hint (when given) goes before the question; options are the letter
+    columns a row fills; a row whose image does not decode goes to the quarantine."""
+    loaded = Loaded(limit=limit)
+    try:
+        frame = pl.read_csv(path, separator="\t", infer_schema=False, quote_char=None, truncate_ragged_lines=False)
+    except (OSError, pl.exceptions.PolarsError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read as TSV: {str(exc).splitlines()[0]}") from None
+    missing = [c for c in TSV_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(frame.columns)})")
+    letters = [c for c in LETTERS if c in frame.columns]
+    for number, row in enumerate(frame.iter_rows(named=True), 2):  # line 1 is the header
+        if loaded.full():
+            break
+        where = f"line {number}"
+        options = tuple((k, row[k].strip()) for k in letters if row[k] and row[k].strip() and row[k] != "nan")
+        if len(options) < 2:
+            raise UserError(f"{path}: {where}: options must hold at least two non-empty texts")
+        answer = (row["answer"] or "").strip()
+        if answer not in dict(options):
+            raise UserError(f"{path}: {where}: answer {answer!r} is not an option key ({', '.join(dict(options))})")
+        question = (row["question"] or "").strip()
+        hint = (row.get("hint") or "").strip()
+        if hint and hint != "nan":
+            question = f"{hint}\n{question}"
+        id_ = str(row["index"])
+        data, reason = _base64_image(row["image"] or "")
+        if reason:
+            loaded.reject(id_, f"{path}:{number}", reason)
+        else:
+            loaded.add(Item(id_, data, (answer,), question, options))
+    return loaded
+
+
+def _base64_image(text: str) -> tuple[bytes | None, str | None]:
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None, "unreadable-image"
+    if not data:
+        return None, "zero-byte-image"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None, "unreadable-image"
+    return data, None
 
 
 def _options(raw: dict | list, path: Path, where: str) -> tuple[tuple[str, str], ...]:

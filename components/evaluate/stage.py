@@ -51,7 +51,8 @@ def stage_for(recipe: Recipe, index: int) -> Stage:
 def stage_spec(recipe: Recipe, index: int) -> dict:
     task = recipe.evaluate[index]
     files = {k: fingerprint(v) for k, v in task.data if isinstance(v, Path)}
-    return {"seed": recipe.seed, "task": task.model_dump(mode="json"), "files": files}
+    task_spec = task.model_dump(mode="json", exclude={"actors"})  # how many actors share the batches: same output
+    return {"seed": recipe.seed, "task": task_spec, "files": files}
 
 
 def stage_inputs(recipe: Recipe, task: EvalTask) -> dict[str, str]:
@@ -77,6 +78,8 @@ def load_items(task: EvalTask, ctx: StageContext) -> tuple[Loaded, list[str]]:
     elif data.kind == "image-folder":
         loaded, found = datasets.image_folder(data.path, limit)
         classes = classes or found
+    elif data.kind == "multiple-choice-tsv":
+        loaded = datasets.choice_tsv(data.path, limit)
     else:
         loaded = datasets.choice_jsonl(data.path, data.images, limit)
     if task.kind == "zero-shot-classification":

@@ -8,6 +8,10 @@ A reader has two halves:
   every row of the unit, either as a RawRow (image bytes + text) or as a Rejected row with
   its reason (a missing image file is `Rejected(key, "missing-image-file", detail)`).
   Nothing may be dropped silently.
+A reader may also offer, for incremental refreshes (components/refresh.py):
+- `items(spec, ctx) -> list[tuple]`: the rows `plan` cuts into units, in order, each a small
+  picklable tuple whose second element is its key (a unit's payload is a list of them);
+- `item_files(spec, item) -> list[Path]`: the files `read` opens for that item.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class SourceReader:
     kind: str
     plan: Callable[[Any, SourceContext], list[Unit]]
     read: Callable[[Any, SourceContext, Unit], Iterator[RawRow | Rejected]]
+    items: Callable[[Any, SourceContext], list[tuple]] | None = None
+    item_files: Callable[[Any, tuple], list[Path]] | None = None
 
 
 SOURCES: Registry[SourceReader] = Registry("source")
@@ -86,6 +92,8 @@ def read_file_bytes(path: Path) -> tuple[bytes | None, str | None]:
         return None, f"no such file: {path}"
     except (IsADirectoryError, PermissionError, OSError) as exc:
         return None, f"cannot read {path}: {exc.strerror or exc}"
+    except ValueError as exc:  # a NUL byte in the name
+        return None, f"cannot read {str(path)!r}: {exc}"
 
 
 def unique_keys(keys: Iterable[str]) -> list[str]:
@@ -114,5 +122,7 @@ def load_json(path: Path) -> Any:
         raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text: {exc}") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply") from None
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None

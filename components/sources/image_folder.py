@@ -115,6 +115,9 @@ def _read_jsonl(path: Path, table: _Captions) -> None:
         except json.JSONDecodeError as exc:
             table.bad_lines.append((number, f"{path.name} line {number}: invalid JSON: {exc.msg}"))
             continue
+        except RecursionError:
+            table.bad_lines.append((number, f"{path.name} line {number}: JSON nested too deeply"))
+            continue
         if not isinstance(record, dict):
             table.bad_lines.append((number, f"{path.name} line {number}: expected an object"))
             continue
@@ -141,7 +144,9 @@ def _caption_table(spec: ImageFolderSource) -> _Captions | None:
     return table
 
 
-def plan(spec: ImageFolderSource, ctx: SourceContext) -> list[Unit]:
+def items(spec: ImageFolderSource, ctx: SourceContext) -> list[tuple]:
+    """Every row of the source, in order: ("row", key, file, captions or None for the sidecar) or
+    ("rejected", key, reason, detail). `plan` cuts them into units; refreshes reuse them one by one."""
     table = _caption_table(spec)
     files = set(_images_on_disk(spec.path, _extensions(spec)))
     if table is not None:
@@ -162,9 +167,20 @@ def plan(spec: ImageFolderSource, ctx: SourceContext) -> list[Unit]:
             items.append(("row", key, rel, table.by_file.get(rel, [])))
     for key, (_, detail) in zip(keys[len(ordered) :], table.bad_lines if table else [], strict=True):
         items.append(("rejected", key, MALFORMED, detail))
-    if spec.limit is not None:
-        items = items[: spec.limit]
-    return [Unit(ctx.name, i, part, len(part)) for i, part in enumerate(chunk(items, ctx.shard_size))]
+    return items[: spec.limit] if spec.limit is not None else items
+
+
+def item_files(spec: ImageFolderSource, item: tuple) -> list[Path]:
+    """The files `read` opens for one item: the image, and its sidecar .txt when it has no listed captions."""
+    if item[0] != "row":
+        return []
+    image = spec.path / item[2]
+    return [image, image.with_suffix(".txt")] if item[3] is None else [image]
+
+
+def plan(spec: ImageFolderSource, ctx: SourceContext) -> list[Unit]:
+    rows = items(spec, ctx)
+    return [Unit(ctx.name, i, part, len(part)) for i, part in enumerate(chunk(rows, ctx.shard_size))]
 
 
 def _sidecar_captions(image: Path) -> tuple[list[str] | None, str | None]:
@@ -201,4 +217,4 @@ def read(spec: ImageFolderSource, ctx: SourceContext, unit: Unit) -> Iterator[Ra
         yield RawRow(key=key, image=image, captions=list(captions), label=label, extra={"path": rel})
 
 
-SOURCES.register("image-folder", SourceReader("image-folder", plan, read))
+SOURCES.register("image-folder", SourceReader("image-folder", plan, read, items, item_files))

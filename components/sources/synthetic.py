@@ -10,6 +10,7 @@ answers are true of the scene, and a class label (the shape of the largest objec
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,6 +112,35 @@ def groups(objects: list[SceneObject]) -> list[tuple[str, str, int]]:
 
 def caption(scene_groups: list[tuple[str, str, int]]) -> str:
     return "an image with " + _join([_phrase(n, c, s) for c, s, n in scene_groups]) + "."
+
+
+def parse_caption(text: str) -> list[tuple[str, str, int]] | None:
+    """The (color, shape, count) groups a caption in `caption()`'s form states, or None when the
+    text is not in that form (a generated caption that does not parse is not a true one)."""
+    text = " ".join(text.lower().split()).rstrip(".").strip()
+    prefix = "an image with "
+    if not text.startswith(prefix):
+        return None
+    found = []
+    for phrase in re.split(r", | and ", text[len(prefix) :]):
+        match = re.fullmatch(r"(\w+) (\w+) (\w+)", phrase)
+        if match is None:
+            return None
+        number, color, shape = match.groups()
+        count = 1 if number in ("a", "an") else NUMBER_WORDS.index(number) if number in NUMBER_WORDS else 0
+        plural = shape.endswith("s") and shape[:-1] in SHAPES
+        shape = shape[:-1] if plural else shape
+        if color not in COLORS or shape not in SHAPES or count < 1 or plural != (count > 1):
+            return None
+        found.append((color, shape, count))
+    return found
+
+
+def describes(text: str, objects: list[dict]) -> bool:
+    """Scene-graph check: the caption states exactly the scene's (color, shape, count) groups, in any order."""
+    stated = parse_caption(text)
+    truth = Counter((o["color"], o["shape"]) for o in objects)
+    return stated is not None and sorted(stated) == sorted((c, s, n) for (c, s), n in truth.items())
 
 
 def corrupt(rng: np.random.Generator, scene_groups: list[tuple[str, str, int]]) -> tuple[str, list]:

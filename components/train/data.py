@@ -31,6 +31,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 INDEX_SCHEMA = {
     "key": pl.String,
     "split": pl.String,
+    "source": pl.String,
     "shard": pl.String,
     "image_offset": pl.Int64,
     "image_size": pl.Int64,
@@ -40,12 +41,13 @@ INDEX_SCHEMA = {
     "n_qa": pl.Int64,
     "n_turns": pl.Int64,
 }
+LISTED = ("split", "source")  # index columns read from the manifest (the rest from the shards)
 FORMAT_COLUMN = {"caption": "n_captions", "qa": "n_qa", "conversations": "n_turns"}
 
 
 def build_index(data_dir: Path, store_root: Path) -> pl.DataFrame:
     """One row per manifest sample: where its image and JSON bytes are. Verifies shard sha256s."""
-    manifest = pl.read_parquet(data_dir / "manifest.parquet", columns=["key", "shard", "split"])
+    manifest = pl.read_parquet(data_dir / "manifest.parquet", columns=["key", "shard", "split", "source"])
     shards = pl.read_parquet(data_dir / "shards.parquet", columns=["shard", "sha256"])
     sha = dict(zip(shards["shard"], shards["sha256"], strict=True))
     wanted = set(manifest["key"].to_list())
@@ -57,8 +59,8 @@ def build_index(data_dir: Path, store_root: Path) -> pl.DataFrame:
         if file_sha256(path) != sha[shard]:
             raise ShardCorrupt(f"{path}: sha256 does not match {data_dir / 'shards.parquet'}")
         rows += _members(path, shard, wanted)
-    located = pl.DataFrame(rows, schema={k: v for k, v in INDEX_SCHEMA.items() if k != "split"}, orient="row")
-    index = manifest.select("key", "split").join(located, on="key", how="left")
+    located = pl.DataFrame(rows, schema={k: v for k, v in INDEX_SCHEMA.items() if k not in LISTED}, orient="row")
+    index = manifest.select("key", *LISTED).join(located, on="key", how="left")
     missing = index.filter(pl.col("image_offset").is_null() | pl.col("json_offset").is_null())
     if missing.height:
         raise ShardCorrupt(
@@ -83,7 +85,7 @@ def _members(path: Path, shard: str, wanted: set[str]) -> list[dict]:
                 row["n_turns"] = sum(t.get("role") == "assistant" for t in record.get("conversations") or [])
             elif ext in IMAGE_EXTS:
                 row["image_offset"], row["image_size"] = member.offset_data, member.size
-    return [{k: r.get(k) for k in INDEX_SCHEMA if k != "split"} for r in found.values()]
+    return [{k: r.get(k) for k in INDEX_SCHEMA if k not in LISTED} for r in found.values()]
 
 
 def read_member(path: Path, offset: int, size: int) -> bytes:

@@ -71,22 +71,37 @@ def data_inputs(spec: TrainStageSpec) -> dict[str, str]:
 
 def mixture_rows(indexes: dict[str, pl.DataFrame], spec: TrainStageSpec) -> list[pl.DataFrame]:
     """Each component's training rows (split train, usable in its format), tagged with it."""
-    return [
-        split_rows(indexes[c.data], "train", c.format or spec.format).with_columns(
-            data=pl.lit(c.data), component=pl.lit(j)
-        )
-        for j, c in enumerate(spec.components())
-    ]
+    parts = []
+    for j, c in enumerate(spec.components()):
+        rows = split_rows(indexes[c.data], "train", c.format or spec.format)
+        if c.sources is not None:
+            rows = rows.filter(pl.col("source").is_in(c.sources))
+        parts.append(rows.with_columns(data=pl.lit(c.data), component=pl.lit(j)))
+    return parts
 
 
-def accounting(indexes: dict[str, pl.DataFrame], table: pl.DataFrame, used: np.ndarray) -> pl.DataFrame:
+def sources_read(spec: TrainStageSpec) -> dict[str, list[str] | None]:
+    """Data artifact -> the sources its components read (None: all)."""
+    read: dict[str, list[str] | None] = {}
+    for c in spec.components():
+        if c.data in read and (read[c.data] is None or c.sources is None):
+            read[c.data] = None
+        else:
+            read[c.data] = sorted(set(read.get(c.data) or []) | set(c.sources)) if c.sources else None
+    return read
+
+
+def accounting(
+    indexes: dict[str, pl.DataFrame], table: pl.DataFrame, used: np.ndarray, sources: dict[str, list[str] | None]
+) -> pl.DataFrame:
     """Every input row no optimizer step trains on (data, key, reason)."""
     drawn = table[used].select("data", "key").unique()
     usable = table.select("data", "key", "format").group_by("data", "key").agg(pl.col("format").unique())
     frames = []
     for name, index in indexes.items():
+        wanted = sources.get(name)
         rows = (
-            index.select("key", "split")
+            index.select("key", "split", "source")
             .with_columns(data=pl.lit(name))
             .join(drawn, on=["data", "key"], how="anti")
             .join(usable, on=["data", "key"], how="left")
@@ -98,6 +113,8 @@ def accounting(indexes: dict[str, pl.DataFrame], table: pl.DataFrame, used: np.n
                 "key",
                 pl.when(pl.col("split") != "train")
                 .then(pl.format("held out: split {}", pl.col("split")))
+                .when(pl.lit(wanted is not None) & ~pl.col("source").is_in(wanted or []))
+                .then(pl.format("source {} is not among the stage's sources", pl.col("source")))
                 .when(pl.col("format").is_null())
                 .then(pl.lit(f"nothing to train on for format {formats}"))
                 .otherwise(pl.lit("not drawn by the mixture in any step"))
@@ -137,7 +154,7 @@ def run(ctx: StageContext, index_in_recipe: int) -> StageResult:
         resolved,
     )
     used = mixture.used_positions(resolved, recipe.seed, spec.batch_size, config.total_steps)
-    unused = accounting(indexes, table, used)
+    unused = accounting(indexes, table, used, sources_read(spec))
     unused.write_parquet(ctx.out / "unused.parquet")
     fit(config, recipe, f"{stage_name(spec)}-{ctx.digest[:12]}", ctx.out / "ray")
     metrics = summarise(ctx.out) | mixture_metrics(resolved) | memory_of(ctx.out)
@@ -170,6 +187,7 @@ def run(ctx: StageContext, index_in_recipe: int) -> StageResult:
         artifacts=[
             "model/model.safetensors",
             "model/vlmflow_model.json",
+            "model/tokenizer.json",  # the registered version is a complete model folder
             "history.jsonl",
             "parameters.json",
             "eval.json",

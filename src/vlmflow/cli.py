@@ -1,5 +1,5 @@
-"""`vlmflow validate | plan | run | lineage | status | ui | export | compare | mock-llm`. User mistakes print one
-clear message (exit 2), never a traceback."""
+"""`vlmflow validate | plan | run | evaluate | refresh | schedule | deploy | lineage | status | ui | export | compare |
+mock-llm`. User mistakes print one clear message (exit 2), never a traceback."""
 
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ def validate(spec: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"  dedup: {'off' if dedup is None else f'exact={dedup.exact} near={dedup.near}'}")
     click.echo(f"  tokenizer: {recipe.tokenizer.kind if recipe.tokenizer else 'none'}")
     click.echo(f"  shard size: {recipe.data.shard_size}")
+    click.echo(f"  schedule: {recipe.schedule.describe() if recipe.schedule else 'none'}")
 
 
 def _prefect_env(workdir: Path) -> None:
@@ -170,8 +171,13 @@ def _summary(workdir: Path, run_id: str | None) -> dict:
 @cli.command()
 @click.argument("run_id", required=False)
 @workdir_option
-def lineage(run_id: str | None, workdir: Path | None) -> None:
-    """Print the stage DAG of RUN_ID (default: the latest run) with digests and row counts."""
+@click.option("--versions", "show_versions", is_flag=True, help="the manifest versions made by data refreshes")
+def lineage(run_id: str | None, workdir: Path | None, show_versions: bool) -> None:
+    """Print the stage DAG of RUN_ID (default: the latest run) with digests and row counts;
+    with --versions, each recipe's manifest versions, each linked to the one before."""
+    if show_versions:
+        _print_versions(_workdir(None, workdir))
+        return
     summary = _summary(_workdir(None, workdir), run_id)
     click.echo(
         f"run {summary['run_id']}  recipe {summary['recipe']}  spec {summary['spec_digest']}  {summary['status']}"
@@ -184,6 +190,144 @@ def lineage(run_id: str | None, workdir: Path | None) -> None:
             f"      {s['status']}: rows {s['rows_in']} -> {s['rows_out']} (+{s['rows_quarantined']} quarantined)"
             f"  mlflow {s.get('mlflow_run_id')}"
         )
+
+
+def _print_versions(workdir: Path) -> None:
+    from vlmflow import versions
+
+    found = versions.recipes(workdir)
+    if not found:
+        raise UserError(f"no manifest versions in {workdir / 'versions'}: run `vlmflow refresh` or `vlmflow schedule`")
+    for recipe in found:
+        click.echo(f"recipe {recipe}")
+        for line in versions.render(versions.read_versions(workdir, recipe)):
+            click.echo(line)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--model", "model", required=True, metavar="REF",
+              help="models:/NAME/VERSION, a model folder, a stage or run folder, a run id or a checkpoint")  # fmt: skip
+@workdir_option
+@set_option
+def evaluate(spec: str, model: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Run the evaluate: section of SPEC on MODEL (not the recipe's training), tracked as a run."""
+    recipe = _load(spec, overrides)
+    if not recipe.evaluate:
+        raise UserError(f"{spec}: the recipe has no evaluate: tasks")
+    workdir = _workdir(recipe, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _prefect_env(workdir)
+    from vlmflow.flows.evaluate import evaluate_flow
+
+    try:
+        summary = evaluate_flow(recipe, workdir, spec, model)
+    except UserError:
+        _print_latest(workdir)
+        raise
+    _print_summary(summary)
+    click.echo(f"\nsummary: {workdir / 'runs' / summary['run_id'] / 'summary.json'}")
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@workdir_option
+@set_option
+def refresh(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Refresh SPEC's data once, now: the data stages only (ingest, dedup, tokenizer, instruct);
+    ingest reads only new or changed source files, and a stage reruns only when its input changed."""
+    recipe = _load(spec, overrides)
+    workdir = _workdir(recipe, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _prefect_env(workdir)
+    from vlmflow.flows.data_refresh import data_refresh_flow
+    from vlmflow.versions import render
+
+    summary = data_refresh_flow(str(Path(spec).resolve()), str(workdir.resolve()), list(overrides))
+    _print_summary(summary)
+    click.echo("\nmanifest version:")
+    for line in render([summary["manifest_version"]]):
+        click.echo(line)
+
+
+SERVER_WAIT_S = 60.0
+
+
+def _wait_for_server(api_url: str, seconds: float) -> None:
+    """Wait for the Prefect server to answer (it may be starting beside this command)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise UserError(f"no Prefect server answers at {api_url} (PREFECT_API_URL) after {seconds:.0f} s")
+        time.sleep(0.5)
+
+
+def _scheduled(spec: str, overrides: tuple[str, ...], workdir: Path | None) -> tuple[Recipe, Path]:
+    """The recipe (with a schedule: section) and its workdir; a Prefect server is required."""
+    recipe = _load(spec, overrides)
+    if recipe.schedule is None:
+        from vlmflow.specs.loader import located
+
+        message = "no schedule: section (e.g. schedule: {interval: 1h} or --set schedule.cron='0 3 * * *')"
+        click.echo(str(located(spec, overrides, ("schedule",), message)), err=True)
+        sys.exit(2)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UserError(
+            "scheduling needs a Prefect server: start one (prefect server start) and set "
+            "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api"
+        )
+    _wait_for_server(os.environ["PREFECT_API_URL"].rstrip("/"), SERVER_WAIT_S)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    workdir = _workdir(recipe, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return recipe, workdir
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@workdir_option
+@set_option
+def schedule(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Serve SPEC's `schedule:` (cron or interval; flow data-refresh by default) from this process:
+    the Prefect server (PREFECT_API_URL) creates the runs on time and this process executes them,
+    one at a time, until Ctrl-C (which pauses the schedule)."""
+    from vlmflow.runtime.schedule import deployment, serve
+
+    recipe, workdir = _scheduled(spec, overrides, workdir)
+    assert recipe.schedule is not None
+    name = recipe.schedule.deployment_name(recipe.name)
+    click.echo(f"serving {name}: {recipe.schedule.describe()}, workdir {workdir}; Ctrl-C stops")
+    serve(deployment(recipe, spec, workdir, overrides))
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--pool", required=True, help="a Prefect work pool (e.g. prefect work-pool create NAME --type process)")
+@workdir_option
+@set_option
+def deploy(spec: str, pool: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Create (or update) a deployment of SPEC's `schedule:` on the Prefect server's work pool POOL.
+    A worker of the pool runs it: `prefect worker start --pool POOL` where vlmflow is installed and
+    SPEC, its data and the workdir are at the same paths."""
+    from vlmflow.runtime import schedule as scheduled
+
+    recipe, workdir = _scheduled(spec, overrides, workdir)
+    assert recipe.schedule is not None
+    found = scheduled.deploy(scheduled.deployment(recipe, spec, workdir, overrides), pool)
+    flow_name = "vlmflow-data-refresh" if recipe.schedule.flow == "data-refresh" else "vlmflow-scheduled-recipe"
+    name = recipe.schedule.deployment_name(recipe.name)
+    click.echo(f"deployment {flow_name}/{name} ({found}) on work pool {pool!r}: {recipe.schedule.describe()}")
+    click.echo(f"  run it with a worker: prefect worker start --pool {pool}")
+    click.echo(f"  or now: prefect deployment run '{flow_name}/{name}'")
 
 
 @cli.command()

@@ -26,7 +26,7 @@ from vlmflow.components.ingest import plan_units
 from vlmflow.components.train import mixture
 from vlmflow.components.train.stage import stage_name, vocab_of
 from vlmflow.errors import UserError
-from vlmflow.graph import recipe_graph
+from vlmflow.graph import artifact_stage, recipe_graph
 from vlmflow.models.estimate import Trace, footprint, trace_stage
 from vlmflow.models.vision import image_spec
 from vlmflow.models.vlm import Vocab
@@ -50,17 +50,26 @@ class PlanError(Exception):
         self.field, self.message = field, message
 
 
+def stage_digests(recipe: Recipe) -> dict[str, str]:
+    """Every stage's digest, in graph order (the artifact a run would reuse or build), computed
+    as `vlmflow run` does: from the stage's spec, its inputs' digests and its version."""
+    digests: dict[str, str] = {}
+    for node in recipe_graph(recipe):
+        stage = node.stage
+        inputs = [digests[node.inputs[k]] for k in sorted(node.inputs)]
+        digests[stage.name] = stage_digest(stage.name, stage.spec(recipe), inputs, stage.version)
+    return digests
+
+
 def build_plan(recipe: Recipe, workdir: Path) -> dict:
     store = ArtifactStore(workdir.resolve() / "artifacts")
     device = device_of(recipe) | {"workers": workers_of(recipe)}
-    digests: dict[str, str] = {}
+    digests = stage_digests(recipe)
     rows: dict[str, int | None] = {}
     stages = []
     for node in recipe_graph(recipe):
         stage = node.stage
-        inputs = [digests[node.inputs[k]] for k in sorted(node.inputs)]
-        digest = stage_digest(stage.name, stage.spec(recipe), inputs, stage.version)
-        digests[stage.name] = digest
+        digest = digests[stage.name]
         entry: dict = {"stage": stage.name, "digest": digest, "inputs": dict(node.inputs)}
         if store.is_complete(stage.name, digest):
             stats = store.stats(stage.name, digest)
@@ -247,10 +256,15 @@ def _mixture(spec: TrainStageSpec, index: int, store: ArtifactStore, digests: di
         return json.loads(resolved.read_text()), "stage artifact", None
     available, source = [], "artifact manifests (train split)"
     for component in spec.components():
-        artifact = component.data
+        artifact = artifact_stage(component.data)
         if store.is_complete(artifact, digests[artifact]):
-            manifest = pl.read_parquet(store.path(artifact, digests[artifact]) / "manifest.parquet", columns=["split"])
-            available.append(manifest.filter(pl.col("split") == "train").height)
+            manifest = pl.read_parquet(
+                store.path(artifact, digests[artifact]) / "manifest.parquet", columns=["split", "source"]
+            )
+            train = manifest.filter(pl.col("split") == "train")
+            if component.sources is not None:
+                train = train.filter(pl.col("source").is_in(component.sources))
+            available.append(train.height)
         elif rows.get(artifact) is not None:
             available.append(rows[artifact])
             source = "estimated from the sources (all rows, before splits and filters)"

@@ -16,11 +16,32 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from vlmflow.errors import UserError
+
 MAX_PARAM = 500
 
 
 def tracking_uri(workdir: Path, configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
+
+
+def download_model(uri: str, tracking: str, destination: Path) -> Path:
+    """A registered model version (models:/NAME/VERSION) copied from the tracking server's
+    artifact store into `destination`; a clear error when the registry does not have it.
+    (No global MLflow state: the registry is asked for the version's source, which is fetched.)"""
+    import mlflow.artifacts
+
+    name, _, version = uri.removeprefix("models:/").rpartition("/")
+    try:
+        source = MlflowClient(tracking_uri=tracking, registry_uri=tracking).get_model_version_download_uri(
+            name, version
+        )
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(destination), tracking_uri=tracking
+        )
+    except Exception as exc:  # MlflowException (no such model or version), an unreachable server
+        raise UserError(f"cannot load {uri} from {tracking}: {str(exc).splitlines()[0]}") from None
+    return Path(local)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:

@@ -49,3 +49,15 @@ def test_evaluate_section_runs_every_task_and_compare_tables_the_runs(tmp_path):
     frame = pl.read_csv(csv)
     assert frame.columns[:2] == ["task", "metric"] and frame.width == 4
     assert set(frame["task"]) == set(KINDS)
+
+    # The same task on the registered model (models:/NAME/VERSION: the last stage registers the
+    # recipe's model), through `vlmflow evaluate`: the same numbers as inside the recipe run.
+    task = "evaluate=[{kind: retrieval, name: shapes-retrieval, samples: 32}]"
+    again = vlmflow("evaluate", str(SPEC), "--workdir", str(tmp_path), "--model", "models:/eval-tiny/1", "--set", task)
+    assert again.returncode == 0, again.stdout + again.stderr
+    imported = stages(summary_of(tmp_path))
+    assert imported["model"]["status"] == "computed" and "train-pretrain" not in imported
+    retrieval = by_name["eval-shapes-retrieval"]
+    assert imported["eval-shapes-retrieval"]["input_digests"]["model"] == imported["model"]["artifact_digest"]
+    ours = json.loads((Path(imported["eval-shapes-retrieval"]["artifact_path"]) / "metrics.json").read_text())
+    assert ours == json.loads((Path(retrieval["artifact_path"]) / "metrics.json").read_text())

@@ -1,6 +1,8 @@
 """The instruct stage inside a real recipe run (Prefect task, Ray tasks, MLflow child run) against the
-mock server: metrics and the sample artifact land in MLflow, the API key nowhere; a second run
-finds the stage cached."""
+mock server: metrics and the sample artifact land in MLflow; a second run finds the stage cached.
+The API key is nowhere: not in any file under the test's folder (workdir: MLflow's sqlite and
+artifacts, Prefect's database, summaries, logs), not in the params, tags or metric names of any
+MLflow run, not in any run's artifacts, not in what the CLI printed."""
 
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ pytestmark = pytest.mark.slow
 SECRET = "sk-recipe-run-secret-42"
 
 
-def _run(workdir: Path, recipe: dict) -> dict:
-    """`vlmflow run` on the recipe (written as YAML), as a user runs it."""
+def _run(workdir: Path, recipe: dict) -> tuple[dict, str]:
+    """`vlmflow run` on the recipe (written as YAML), as a user runs it: (summary, what it printed)."""
     spec = workdir / "recipe.yaml"
     spec.write_text(yaml.safe_dump(recipe))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
@@ -30,7 +32,24 @@ def _run(workdir: Path, recipe: dict) -> dict:
     command = [sys.executable, "-m", "vlmflow.cli", "run", str(spec), "--workdir", str(workdir / "work")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads((workdir / "work" / "runs" / "latest" / "summary.json").read_text())
+    summary = json.loads((workdir / "work" / "runs" / "latest" / "summary.json").read_text())
+    return summary, result.stdout + result.stderr
+
+
+def _files_holding(root: Path, secret: bytes, chunk: int = 1 << 20) -> list[Path]:
+    """Every file under `root` whose bytes contain `secret` (read in overlapping chunks: any size)."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.is_symlink():
+            continue
+        tail = b""
+        with path.open("rb") as handle:
+            while block := handle.read(chunk):
+                if secret in tail + block:
+                    found.append(path)
+                    break
+                tail = block[-len(secret) :]
+    return found
 
 
 def test_instruct_in_a_recipe_run_is_tracked_and_cached(tmp_path):
@@ -43,9 +62,9 @@ def test_instruct_in_a_recipe_run_is_tracked_and_cached(tmp_path):
             "instruct": {"generator": generator, "sample_conversations": 5},
             "runtime": {"ray": {"num_cpus": 2}, "progress": "log"},
         }
-        first = _run(tmp_path, recipe)
+        first, printed_first = _run(tmp_path, recipe)
         requests = mock.server.stats["requests"]
-        second = _run(tmp_path, recipe)
+        second, printed_second = _run(tmp_path, recipe)
         assert mock.server.stats["requests"] == requests  # the stage is cached: no request at all
 
     stages = {s["name"]: s for s in first["stages"]}
@@ -67,8 +86,21 @@ def test_instruct_in_a_recipe_run_is_tracked_and_cached(tmp_path):
     downloaded = client.download_artifacts(run.info.run_id, "sample_conversations.json", str(tmp_path / "dl"))
     samples = json.loads(Path(downloaded).read_text())
     assert len(samples) == 5 and samples[0]["conversations"][0]["from"] == "human"
-    everything = json.dumps([run.data.params, run.data.tags, metrics]) + json.dumps(samples)
-    assert SECRET not in everything
-    for path in (tmp_path / "work").rglob("*"):
-        if path.is_file() and path.stat().st_size < 5_000_000 and "prefect" not in path.parts:
-            assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in json.dumps(samples)
+
+    # the key is nowhere: every MLflow run (parent and children, both runs), their artifacts,
+    # every file under the test's folder (workdir included) and the CLI's output
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {first["mlflow_run_id"], second["mlflow_run_id"], run.info.run_id} <= {r.info.run_id for r in runs}
+    for found in runs:
+        recorded = [found.data.params, found.data.tags, sorted(found.data.metrics), found.info.run_name]
+        assert SECRET not in json.dumps(recorded), found.info.run_id
+        client.download_artifacts(found.info.run_id, "", str(tmp_path / "artifacts" / found.info.run_id))
+    scanned = [p for p in tmp_path.rglob("*") if p.is_file()]
+    names = {p.name for p in scanned}
+    assert {"summary.json", "mlflow.db", "sample_conversations.json"} <= names, sorted(names)[:50]
+    assert any("prefect" in p.relative_to(tmp_path).parts for p in scanned)  # Prefect's database is scanned too
+    control = tmp_path / "control.bin"  # the scan finds a key even across its read chunks
+    control.write_bytes(b"x" * ((1 << 20) - 5) + SECRET.encode())
+    assert _files_holding(tmp_path, SECRET.encode()) == [control]
+    assert SECRET not in printed_first + printed_second

@@ -4,6 +4,7 @@ and the comparison table."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 
@@ -138,6 +139,31 @@ def test_choice_jsonl_parse_and_errors(tmp_path):
     path.write_text(json.dumps(lines[0]) + "\n{oops\n")
     with pytest.raises(UserError, match=r"mc.jsonl:2:2: not valid JSON"):
         datasets.choice_jsonl(path, tmp_path, 10)
+
+
+def test_mmbench_tsv_parse_hint_quarantine_and_errors(tmp_path):
+    good = base64.b64encode(png()).decode()
+    header = "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage"
+    rows = [
+        f"7\tWhich colour?\tLook at the square.\tred\tblue\tgreen\t\tA\tcolour\t{good}",
+        f"8\tWhich shape?\tnan\tcircle\tsquare\tnan\tnan\tB\tshape\t{good}",
+        "9\tBroken?\t\tyes\tno\t\t\tA\tx\tnot-base64!",
+    ]
+    path = tmp_path / "mmbench.tsv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    loaded = datasets.choice_tsv(path, 10)
+    first, second = loaded.items
+    assert first.id == "7" and first.question == "Look at the square.\nWhich colour?"
+    assert first.options == (("A", "red"), ("B", "blue"), ("C", "green")) and first.references == ("A",)
+    assert second.question == "Which shape?" and second.options == (("A", "circle"), ("B", "square"))
+    assert first.image == png()
+    assert loaded.quarantine == [{"id": "9", "source": f"{path}:4", "reason": "unreadable-image"}]
+    path.write_text("\n".join([header, rows[0].replace("\tA\tcolour", "\tD\tcolour")]) + "\n")
+    with pytest.raises(UserError, match=r"mmbench.tsv: line 2: answer 'D' is not an option key \(A, B, C\)"):
+        datasets.choice_tsv(path, 10)
+    path.write_text("index\tquestion\tA\tB\n1\tq\tx\ty\n")
+    with pytest.raises(UserError, match=r"mmbench.tsv: missing column\(s\) answer, image"):
+        datasets.choice_tsv(path, 10)
 
 
 def test_held_out_multiple_choice_options_hold_the_answer():

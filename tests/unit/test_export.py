@@ -81,3 +81,20 @@ def test_architectures_llava_cannot_hold_are_refused_with_the_reason(tmp_path, c
     with pytest.raises(UserError, match=reason):
         export_hf(folder, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_registered_version_downloads_as_a_model_folder_and_a_missing_one_is_a_clear_error(tmp_path):
+    """Real MLflow on sqlite: register a model folder the way a run does, fetch it back by models:/."""
+    from vlmflow.tracking import Tracker, download_model, tracking_uri
+
+    _, folder = saved_model(tmp_path, {"kind": "mlp", "layers": 2})
+    uri = tracking_uri(tmp_path, None)
+    tracker = Tracker(uri, "exp", tmp_path / "mlartifacts")
+    run = tracker.start("train-x", {})
+    tracker.client.log_artifacts(run, str(folder), "model")
+    version = tracker.register_model(run, "tiny", "model", {})
+    local = download_model(f"models:/tiny/{version}", uri, tmp_path / "fetched")
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in folder.iterdir())
+    read_model_folder(local)  # a complete model folder
+    with pytest.raises(UserError, match=r"cannot load models:/tiny/7 from sqlite:"):
+        download_model("models:/tiny/7", uri, tmp_path / "nothing")

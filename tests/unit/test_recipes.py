@@ -22,6 +22,8 @@ def test_every_literature_recipe_has_a_tiny_twin_with_the_same_stages(name):
         [o.kind for o in s.objectives] for s in tiny.stages
     ]
     assert [s.lora is None for s in full.stages] == [s.lora is None for s in tiny.stages]
+    assert [s.artifacts() for s in full.stages] == [s.artifacts() for s in tiny.stages]
+    assert (full.capfilt is None) == (tiny.capfilt is None)
     full_parts = {k: getattr(v, "kind", None) for k, v in full.model}
     tiny_parts = {k: getattr(v, "kind", None) for k, v in tiny.model}
     assert full_parts["connector"] == tiny_parts["connector"]

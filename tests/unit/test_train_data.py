@@ -27,7 +27,7 @@ from vlmflow.components.train.data import (
     worker_micro_batches,
 )
 from vlmflow.components.train.loop import lr_factor
-from vlmflow.components.train.stage import accounting, mixture_rows
+from vlmflow.components.train.stage import accounting, mixture_rows, sources_read
 from vlmflow.models.objectives import IGNORE
 from vlmflow.specs.data import SyntheticShapesSource
 from vlmflow.specs.recipe import BpeTokenizer
@@ -47,7 +47,7 @@ def artifact(tmp_path):
         samples = [{"__key__": r.key, "png": r.image, "json": {"captions": r.captions, **r.extra}} for r in part]
         sha, _ = write_shard(tmp_path / "store" / rel, samples)
         shards.append({"shard": rel, "sha256": sha})
-        manifest += [{"key": r.key, "shard": rel, "split": r.split or "train"} for r in part]
+        manifest += [{"key": r.key, "shard": rel, "split": r.split or "train", "source": "shapes"} for r in part]
     pl.DataFrame(manifest).write_parquet(data / "manifest.parquet")
     pl.DataFrame(shards).write_parquet(data / "shards.parquet")
     return data, tmp_path / "store", rows
@@ -94,7 +94,7 @@ def account(index, stage: TrainStageSpec, steps: int):
     resolved = mixture.resolve(stage, [p.height for p in parts])
     table = pl.concat(parts)
     used = mixture.used_positions(resolved, 0, stage.batch_size, steps)
-    return table, used, accounting({"dedup": index}, table, used)
+    return table, used, accounting({"dedup": index}, table, used, sources_read(stage))
 
 
 def test_accounting_puts_every_row_in_training_or_unused_with_a_reason(artifact):

@@ -41,8 +41,19 @@ def new_run_id() -> str:
 
 
 class RecipeRun:
-    def __init__(self, recipe: Recipe, workdir: Path, spec_path: str, plan: dict | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        workdir: Path,
+        spec_path: str,
+        plan: dict | None = None,
+        flow: str = "recipe",
+        tags: dict[str, str] | None = None,
+    ):
+        """flow: which flow runs (`recipe`, `data-refresh`); tags: extra MLflow tags of every run."""
         self.recipe = recipe
+        self.flow = flow
+        self.extra_tags = tags or {}
         self.plan = plan
         self.workdir = workdir.resolve()
         self.store = ArtifactStore(self.workdir / "artifacts")
@@ -52,6 +63,7 @@ class RecipeRun:
         self.summary: dict[str, Any] = {
             "run_id": self.run_id,
             "recipe": recipe.name,
+            "flow": flow,
             "spec_path": spec_path,
             "spec_digest": digest_of(self.resolved),
             "workdir": str(self.workdir),
@@ -81,7 +93,8 @@ class RecipeRun:
         self.tracker = Tracker(
             uri, self.recipe.runtime.mlflow.experiment or self.recipe.name, self.workdir / "mlartifacts"
         )
-        self.parent_run = self.tracker.start(self.recipe.name, self._tags())
+        name = self.recipe.name if self.flow == "recipe" else f"{self.recipe.name} {self.flow}"
+        self.parent_run = self.tracker.start(name, self._tags())
         self.tracker.log(
             self.parent_run, params={"seed": str(self.recipe.seed), "spec_path": self.summary["spec_path"]}
         )
@@ -109,6 +122,8 @@ class RecipeRun:
             "vlmflow.run_id": self.run_id,
             "vlmflow.spec_digest": self.summary["spec_digest"],
             "prefect.flow_run_id": self.summary.get("prefect_flow_run_id") or "",
+            "vlmflow.flow": self.flow,
+            **self.extra_tags,
         }
 
     def _totals(self) -> dict[str, float]:

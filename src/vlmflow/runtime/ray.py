@@ -1,5 +1,5 @@
 """Ray, written once: start or join a cluster, map a function over units of work, and map
-batches over a pool of actors that hold a model (evaluation).
+batches over a pool of actors that hold a model (evaluation; CapFilt through Ray Data).
 
 One unit of work is one task (an ingest unit is one shard). Tasks retry when a worker
 dies (`max_retries`), so a killed worker does not change a stage's output; results come
@@ -8,6 +8,7 @@ back in input order whatever order the tasks finish in.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -127,3 +128,59 @@ def release_actors() -> None:
         except Exception:  # a Ray that was shut down took the actor with it
             log.debug("actor already gone")
     _pool.clear()
+
+
+def map_jobs_on_ray_data(
+    actor_class: type,
+    init_args: tuple,
+    jobs: Sequence[dict],
+    *,
+    desc: str,
+    num_actors: int = 1,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    progress: str = "auto",
+    on_result: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Ray Data `map_batches` over an actor pool: every job (a JSON-able dict: one batch of work)
+    is one row, answered by `actor_class(*init_args)(row)` as a JSON-able dict; results in input order.
+
+    A job is self-contained (its images, texts and seeds), so a retried job, on a restarted
+    actor after one was killed, computes the same answer: Ray Data restarts actors and retries
+    their tasks by default.
+    """
+    if not jobs:
+        return []
+    context = ray.data.DataContext.get_current()
+    saved = context.execution_options.preserve_order, context.enable_progress_bars
+    context.execution_options.preserve_order, context.enable_progress_bars = True, False
+    try:
+        rows = ray.data.from_items([{"job": json.dumps(job)} for job in jobs], override_num_blocks=len(jobs))
+        answered = rows.map_batches(
+            _JsonRows,
+            fn_constructor_args=(actor_class, init_args),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=max(1, num_actors)),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+        )
+        results: list[dict] = []
+        with Progress(desc, len(jobs), mode=progress) as bar:
+            for row in answered.iter_rows():
+                results.append(json.loads(row["result"]))
+                if on_result is not None:
+                    on_result(len(results) - 1)
+                bar.update()
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = saved
+    return results
+
+
+class _JsonRows:
+    """Adapts a job-answering class to Ray Data's batch format (columns of JSON strings)."""
+
+    def __init__(self, actor_class: type, init_args: tuple):
+        self.actor = actor_class(*init_args)
+
+    def __call__(self, batch: dict) -> dict:
+        return {"result": [json.dumps(self.actor(json.loads(job))) for job in batch["job"]]}

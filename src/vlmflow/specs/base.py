@@ -17,7 +17,10 @@ class StrictModel(BaseModel):
 def _resolve(value: Path, info: ValidationInfo) -> Path:
     context = info.context or {}
     spec_dir = Path(context.get("spec_dir", Path.cwd()))
-    resolved = (spec_dir / value.expanduser()).resolve()
+    try:
+        resolved = (spec_dir / value.expanduser()).resolve()
+    except RuntimeError as exc:  # `~user` of an unknown user, a symlink loop
+        raise ValueError(f"cannot resolve path {str(value)[:200]!r}: {exc}") from None
     outside = not resolved.is_relative_to(spec_dir.resolve())
     if outside and not context.get("allow_outside_paths", False):
         raise ValueError(

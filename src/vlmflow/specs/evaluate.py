@@ -3,7 +3,7 @@
 A task's model is a training stage of the recipe (default: the last one). Its data is the
 held-out split of a data artifact of the recipe (synthetic shapes: truth known) or a user
 file: COCO captions JSON, VQAv2 questions + annotations JSON, an image folder with one
-sub-folder per class, or multiple-choice JSONL.
+sub-folder per class, or multiple-choice JSONL or MMBench-style TSV.
 """
 
 from __future__ import annotations
@@ -48,6 +48,14 @@ class ImageFolderClasses(StrictModel):
 
     kind: Literal["image-folder"]
     path: ExistingDir
+
+
+class ChoiceTsv(StrictModel):
+    """MMBench-style TSV: columns index, question, hint (optional), A, B, C, D (the options a row
+    has), answer (a letter) and image (base64 bytes), as VLMEvalKit distributes MMBench."""
+
+    kind: Literal["multiple-choice-tsv"]
+    path: ExistingFile
 
 
 class ChoiceJsonl(StrictModel):
@@ -129,7 +137,7 @@ class MultipleChoiceTask(TaskBase):
     """Accuracy of the option extracted from the generated answer, and the extraction failure rate."""
 
     kind: Literal["multiple-choice"]
-    data: Annotated[HeldOutData | ChoiceJsonl, HeldOutOr]
+    data: Annotated[HeldOutData | ChoiceJsonl | ChoiceTsv, HeldOutOr]
     template: str = Field(
         "{question}\n{options}\nAnswer with the option's letter.", description="fields: question, options"
     )

@@ -82,11 +82,16 @@ def parse_yaml(text: str, source: str) -> Marked:
         raise SpecError([SpecProblem(source, line, col, "", f"YAML syntax error: {message}")]) from None
     except yaml.YAMLError as exc:
         raise SpecError([SpecProblem(source, 1, 1, "", f"YAML error: {exc}")]) from None
+    except RecursionError:
+        raise SpecError([SpecProblem(source, 1, 1, "", "YAML nested too deeply")]) from None
     if node is None:
         raise SpecError([SpecProblem(source, 1, 1, "", "the spec is empty")])
     marks: dict[Loc, tuple[str, int, int]] = {}
     key_marks: dict[Loc, tuple[str, int, int]] = {}
-    data = _construct(node, (), source, marks, key_marks)
+    try:
+        data = _construct(node, (), source, marks, key_marks)
+    except RecursionError:
+        raise SpecError([SpecProblem(source, 1, 1, "", "YAML nested too deeply")]) from None
     if not isinstance(data, dict):
         raise SpecError([SpecProblem(source, 1, 1, "", "the spec must be a mapping at the top level")])
     return Marked(data, marks, key_marks)
@@ -98,7 +103,7 @@ def apply_override(marked: Marked, assignment: str, index: int) -> None:
     if "=" not in assignment:
         raise SpecError([SpecProblem(source, 1, 1, "", f"expected KEY=VALUE, got {assignment!r}")])
     dotted, raw = assignment.split("=", 1)
-    parts: list[str | int] = [int(p) if p.isdigit() else p for p in dotted.strip().split(".")]
+    parts: list[str | int] = [int(p) if p.isascii() and p.isdigit() else p for p in dotted.strip().split(".")]
     if not all(str(p) for p in parts):
         raise SpecError([SpecProblem(source, 1, 1, dotted, "empty path component")])
     try:
@@ -184,7 +189,8 @@ def validate(marked: Marked, spec_path: Path) -> Recipe:
                 loc = (*loc, err.get("ctx", {}).get("discriminator", "'kind'").strip("'"))
             kind = err["type"]
             field_error = kind in ("extra_forbidden", "missing") or loc != tuple(err["loc"])
-            (source, line, col), dotted = locate(marked, loc, kind == "extra_forbidden", field_error)
+            at_key = kind == "extra_forbidden" or loc[-1:] == ("[key]",)  # a bad key of a free-form mapping
+            (source, line, col), dotted = locate(marked, loc, at_key, field_error)
             problems.append(SpecProblem(source, line, col, dotted, _message(err)))
         raise SpecError(_sorted(problems)) from None
     problems = []

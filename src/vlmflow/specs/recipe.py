@@ -7,10 +7,12 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from vlmflow.specs.base import SpecPath, StrictModel
+from vlmflow.specs.capfilt import CapfiltSpec
 from vlmflow.specs.data import DataSpec
 from vlmflow.specs.evaluate import GENERATIVE, EvalTask
 from vlmflow.specs.instruct import InstructSpec
 from vlmflow.specs.model import ModelSpec
+from vlmflow.specs.schedule import ScheduleSpec
 from vlmflow.specs.train import TrainRuntime, TrainStageSpec
 
 DEFAULT_SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<image>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -68,13 +70,18 @@ class Recipe(StrictModel):
     instruct: InstructSpec | None = Field(None, description="LLaVA-style synthetic instruction data (instruct stage)")
     model: ModelSpec | None = None
     stages: list[TrainStageSpec] = Field(default_factory=list)
+    capfilt: CapfiltSpec | None = Field(
+        None, description="BLIP CapFilt: caption and filter noisy pairs (artifact capfilt)"
+    )
     evaluate: list[EvalTask] = Field(default_factory=list, description="evaluation tasks, run after training")
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    schedule: ScheduleSpec | None = Field(None, description="when `vlmflow schedule` / `vlmflow deploy` run a flow")
 
     def data_artifacts(self) -> list[str]:
         """The data stages this recipe produces, which training stages may name as `data:`."""
         produced = ["ingest"] + (["dedup"] if self.data.dedup is not None else [])
-        return produced + (["instruct"] if self.instruct is not None else [])
+        produced += ["instruct"] if self.instruct is not None else []
+        return produced + (["capfilt"] if self.capfilt is not None else [])
 
 
 OBJECTIVE_NEEDS = {"lm": "language", "itc": "text", "siglip": "text", "itm": "text"}
@@ -101,6 +108,7 @@ def cross_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
                 problems.append(
                     ((*loc, *field), f"unknown data artifact {name!r}; this recipe produces: {', '.join(known)}")
                 )
+        problems += _source_checks(recipe, [(field, c.sources) for field, c in _components(stage, loc)])
         if stage.init_from not in (None, "previous", *seen):
             problems.append(((*loc, "init_from"), f"{stage.init_from!r} is not an earlier stage"))
         if stage.batch_size % (workers * stage.micro_batch_size):
@@ -114,7 +122,57 @@ def cross_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
         if recipe.model is not None:
             problems += _model_checks(recipe.model, stage, loc)
         seen.append(stage.name)
-    return problems + _evaluate_checks(recipe)
+    return problems + _capfilt_checks(recipe) + _evaluate_checks(recipe)
+
+
+def _source_checks(recipe: Recipe, fields: list[tuple[tuple, list[str] | None]]) -> list[tuple[tuple, str]]:
+    names = [s.name for s in recipe.data.sources]
+    return [
+        ((*field, "sources", j), f"unknown source {name!r}; data.sources has: {', '.join(names)}")
+        for field, sources in fields
+        for j, name in enumerate(sources or [])
+        if name not in names
+    ]
+
+
+def _components(stage: TrainStageSpec, loc: tuple) -> list[tuple[tuple, object]]:
+    if isinstance(stage.data, str):
+        return []
+    return [((*loc, "data", "mixture", j), c) for j, c in enumerate(stage.data.mixture)]
+
+
+def _capfilt_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """CapFilt reads an earlier data artifact with models that can caption and match; the
+    stages it uses are trained before the first stage that reads its output."""
+    spec = recipe.capfilt
+    if spec is None:
+        return []
+    problems: list[tuple[tuple, str]] = []
+    known = [a for a in recipe.data_artifacts() if a != "capfilt"]
+    if spec.data not in known:
+        message = f"unknown data artifact {spec.data!r}; CapFilt can read: {', '.join(known)}"
+        problems.append((("capfilt", "data"), message))
+    problems += _source_checks(recipe, [(("capfilt",), spec.sources)])
+    stages = [s.name for s in recipe.stages]
+    readers = [i for i, s in enumerate(recipe.stages) if "capfilt" in s.artifacts()]
+    roles = [("captioner", spec.captioner.model if spec.captioner else None, "language")]
+    roles.append(("filter", spec.filter.model, "text"))
+    for role, ref, part in roles:
+        if ref is None:
+            continue
+        loc = ("capfilt", role, "model")
+        if ref.stage is not None:
+            if ref.stage not in stages:
+                problems.append(((*loc, "stage"), f"{ref.stage!r} is not a training stage: {', '.join(stages)}"))
+            elif readers and stages.index(ref.stage) >= readers[0]:
+                reader = stages[readers[0]]
+                message = f"stage {ref.stage!r} must come before {reader!r}, which trains on the capfilt output"
+                problems.append(((*loc, "stage"), message))
+            elif recipe.model is not None and getattr(recipe.model, part) is None:
+                problems.append(((*loc, "stage"), f"the {role} needs model.{part}"))
+        elif ref.parts() is not None and part not in ref.parts():
+            problems.append(((*loc, "path"), f"the model in {ref.path} has no {part} part; the {role} needs one"))
+    return problems
 
 
 def _evaluate_checks(recipe: Recipe) -> list[tuple[tuple, str]]:

@@ -74,11 +74,14 @@ class MixtureComponent(StrictModel):
     """One part of a stage's data mixture: an artifact's training rows in one format, drawn by
     weight (share of the mixture) or by a fixed count per epoch."""
 
-    data: str = Field(description="the data artifact: ingest, dedup or instruct")
+    data: str = Field(description="the data artifact: ingest, dedup, instruct or capfilt")
     format: Format | None = Field(None, description="default: the stage's format")
     weight: float | None = Field(None, gt=0, description="share of the mixture (default 1 unless count is set)")
     count: int | None = Field(None, ge=1, description="samples drawn per epoch")
     replacement: bool = Field(False, description="draw with replacement (a count may exceed the rows)")
+    sources: list[str] | None = Field(
+        None, min_length=1, description="only rows of these data.sources (e.g. a clean subset); default: all"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MixtureComponent:

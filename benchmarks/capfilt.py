@@ -1,0 +1,145 @@
+"""CapFilt throughput: the caption and filter stages' Ray Data actor pools (1 and 2 actors)
+vs a plain single-process loop over the same jobs (same model, same batches, one torch
+thread), on blip-tiny's model built from its config (random weights: throughput does not
+depend on training) and synthetic shapes written to a shard. The captions and scores of every
+variant must be identical (sampling is seeded per batch), or the run fails.
+
+The Ray figures are given twice: with the start of the actors and the model load (what a stage
+pays, once), and steady (from the first answered batch to the last). `--images` sets how much
+work amortises the start.
+
+    .venv/bin/python benchmarks/capfilt.py [--images 2048] [--batch-size 32] [--k 1] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+import ray
+import torch
+
+from vlmflow.components.capfilt.worker import CapfiltWorker
+from vlmflow.components.shards import write_shard
+from vlmflow.components.sources.synthetic import make_row
+from vlmflow.components.tokenize import train_bpe
+from vlmflow.components.train.data import build_index
+from vlmflow.components.train.setup import model_config, write_model_folder
+from vlmflow.models.vision import image_spec
+from vlmflow.models.vlm import VLM, Vocab
+from vlmflow.runtime.ray import map_jobs_on_ray_data
+from vlmflow.specs import load_recipe
+from vlmflow.specs.data import SyntheticShapesSource
+from vlmflow.specs.recipe import BpeTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(root: Path, images: int) -> tuple[Path, pl.DataFrame]:
+    """A model folder of blip-tiny's model (random weights) and an indexed shard of shapes."""
+    recipe = load_recipe(REPO / "specs" / "recipes" / "blip-tiny.yaml")
+    spec = SyntheticShapesSource(kind="synthetic-shapes", count=images, image_size=64, max_objects=2, caption_noise=0.3)
+    rows = [make_row(spec, 7, i) for i in range(images)]
+    tokenizer = train_bpe([c for r in rows for c in r.captions] + ["Describe the image."], BpeTokenizer(kind="bpe"))
+    tokenizer_file = root / "tokenizer.json"
+    tokenizer.save(str(tokenizer_file))
+    special = {t: tokenizer.token_to_id(t) for t in BpeTokenizer(kind="bpe").special_tokens}
+    vocab = Vocab(tokenizer.get_vocab_size(), special)
+    torch.manual_seed(0)
+    model = VLM(recipe.model, vocab)
+    config = model_config(recipe.model, vocab, image_spec(recipe.model.vision), model.num_image_tokens)
+    write_model_folder(root / "model", model.state_dict(), config, tokenizer_file)
+    data = root / "data"
+    data.mkdir()
+    rel = "data/shapes.tar"
+    sha, _ = write_shard(root / rel, [{"__key__": r.key, "png": r.image, "json": {"captions": r.captions, **r.extra}}
+                                      for r in rows])  # fmt: skip
+    pl.DataFrame({"key": [r.key for r in rows], "shard": rel, "split": "train", "source": "shapes"}).write_parquet(
+        data / "manifest.parquet"
+    )
+    pl.DataFrame({"shard": [rel], "sha256": [sha]}).write_parquet(data / "shards.parquet")
+    return root / "model", build_index(data, root)
+
+
+def jobs_of(index: pl.DataFrame, batch: int, k: int, op: str) -> list[dict]:
+    jobs = []
+    for i, start in enumerate(range(0, index.height, batch)):
+        part = index.slice(start, batch)
+        where = [list(r) for r in part.select("shard", "image_offset", "image_size").iter_rows()]
+        if op == "caption":
+            records = [list(r) for r in part.select("shard", "json_offset", "json_size").iter_rows()]
+            decoding = {"strategy": "sample", "top_p": 0.9, "max_new_tokens": 24, "seed": i}
+            jobs.append({"op": op, "images": where, "records": records, "prompt": "Describe the image.", "k": k,
+                         "decoding": decoding})  # fmt: skip
+        else:
+            texts = [["an image with a red circle.", "an image with two blue squares."]] * part.height
+            jobs.append({"op": op, "images": where, "texts": texts})
+    return jobs
+
+
+def plain(folder: Path, root: Path, jobs: list[dict]) -> tuple[list[dict], float]:
+    started = time.perf_counter()
+    worker = CapfiltWorker(str(folder), str(root), 1)
+    answers = [worker(job) for job in jobs]
+    return answers, time.perf_counter() - started
+
+
+def pooled(folder: Path, root: Path, jobs: list[dict], actors: int) -> tuple[list[dict], float, float]:
+    """(answers, seconds in all, seconds from the first answer to the last)."""
+    arrivals: list[float] = []
+    started = time.perf_counter()
+    answers = map_jobs_on_ray_data(CapfiltWorker, (str(folder), str(root), 1), jobs, desc="bench",
+                                   num_actors=actors, progress="log",
+                                   on_result=lambda _: arrivals.append(time.perf_counter()))  # fmt: skip
+    return answers, time.perf_counter() - started, arrivals[-1] - arrivals[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--k", type=int, default=1, help="captions per image")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "capfilt.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    results: dict = {"images": args.images, "batch_size": args.batch_size, "k": args.k, "stages": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folder, index = build(root, args.images)
+        for op in ("caption", "score"):
+            jobs = jobs_of(index, args.batch_size, args.k, op)
+            reference, plain_s = plain(folder, root, jobs)
+            row = {"plain_images_per_s": round(args.images / plain_s, 1)}
+            for actors in (1, 2):
+                answers, seconds, steady = pooled(folder, root, jobs, actors)
+                if answers != reference:
+                    raise SystemExit(f"{op}: {actors} actor(s) answered differently from the plain loop")
+                after_first = args.images - min(args.batch_size, args.images)  # images answered after the first batch
+                row[f"ray_{actors}_images_per_s"] = round(args.images / seconds, 1)
+                row[f"ratio_{actors}"] = round(plain_s / seconds, 2)
+                row[f"ray_{actors}_steady_images_per_s"] = round(after_first / steady, 1)
+                row[f"steady_ratio_{actors}"] = round(after_first / steady / (args.images / plain_s), 2)
+            results["stages"]["caption" if op == "caption" else "filter"] = row
+    ray.shutdown()
+    results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    results["ratio"] = results["stages"]["caption"]["ratio_2"]
+    print("| stage | plain loop img/s | Ray Data, 1 actor: img/s (ratio) | 2 actors | 1 actor, steady | 2, steady |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, row in results["stages"].items():
+        cells = [f"{row[f'ray_{a}{s}_images_per_s']} ({row[f'{t}ratio_{a}']}x)"
+                 for s, t in (("", ""), ("_steady", "steady_")) for a in (1, 2)]  # fmt: skip
+        print(f"| {name} | {row['plain_images_per_s']} | " + " | ".join(cells) + " |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out} (same captions and scores from every variant)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Incremental ingest for the `data-refresh` flow: units content-addressed by what they read.
+
+A refresh lists the sources again. For a source whose reader offers `items` (image-folder), every
+listed row keeps the unit it had in the previous manifest version; new rows go to new units
+appended after them (`shard_size` rows each); a unit that lost or changed rows is rebuilt with
+the rows it still has; a unit whose rows are all gone disappears, and so do its rows. Other
+sources keep `plan`'s units, and a unit is reused while its payload and its source's files
+(size, mtime) are unchanged.
+
+A unit's digest = hash(source spec, filters, seed, component versions, its rows and the size and
+mtime of every file they read). Its shard, manifest and quarantine rows are built once, in
+DIR/artifacts/ingest-units/UNIT/, and every manifest version holding that unit references them
+there (no copies). A version's digest is the hash of its units: a refresh that finds nothing new
+has the same digest as the last one, so every downstream stage is cached.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from vlmflow.artifacts import ArtifactStore, digest_of
+from vlmflow.components import ingest, report
+from vlmflow.components.sources.base import SOURCES, SourceContext, Unit
+from vlmflow.runtime.ray import map_units
+from vlmflow.specs.data import source_name
+from vlmflow.specs.recipe import Recipe
+from vlmflow.stage import Stage, StageContext, StageResult
+
+VERSION = "r1"
+UNITS = "ingest-units"  # the store's folder of content-addressed units
+UNITS_SCHEMA = {"source": pl.String, "unit": pl.String, "rows": pl.Int64, "keys": pl.List(pl.String)}
+
+
+def file_state(path: Path) -> list | None:
+    """[path, size, mtime_ns] of a file, None when it is absent (a missing file is a state too)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def assign(keys: list[str], previous: list[list[str]], shard_size: int) -> list[list[int]]:
+    """Rows (indices into `keys`, in listing order) per unit: the previous units' rows that are
+    still listed, in the previous units' order (a unit left empty is dropped), then the new rows
+    in units of `shard_size`."""
+    position = {key: i for i, key in enumerate(keys)}
+    groups, placed = [], set()
+    for unit in previous:
+        kept = sorted(position[k] for k in unit if k in position and position[k] not in placed)
+        placed.update(kept)
+        if kept:
+            groups.append(kept)
+    new = [i for i in range(len(keys)) if i not in placed]
+    return groups + [new[i : i + shard_size] for i in range(0, len(new), shard_size)]
+
+
+@dataclass(frozen=True)
+class PlannedUnit:
+    source: str
+    digest: str
+    work: tuple  # (source spec, SourceContext, Unit): what ingest.process_unit reads
+    keys: list[str] = field(default_factory=list)  # the source's row keys in it ([]: not item-level)
+
+
+def _base(recipe: Recipe, spec: object) -> dict:
+    return {
+        "version": VERSION,
+        "ingest": ingest.VERSION,
+        "seed": recipe.seed,
+        "filters": [f.model_dump(mode="json") for f in recipe.data.filters],
+        "source": spec.model_dump(mode="json"),
+    }
+
+
+def plan_units(recipe: Recipe, previous: dict[str, list[list[str]]]) -> list[PlannedUnit]:
+    """The units of this refresh, given the previous version's units (source -> row keys per unit)."""
+    units = []
+    for index, spec in enumerate(recipe.data.sources):
+        ctx = SourceContext(source_name(spec, index), recipe.seed, recipe.data.shard_size)
+        reader, base = SOURCES.get(spec.kind), _base(recipe, spec)
+        if reader.items is None or reader.item_files is None:
+            files = {k: ingest.fingerprint(v) for k, v in spec if isinstance(v, Path)}
+            for unit in reader.plan(spec, ctx):
+                digest = digest_of({**base, "files": files, "payload": unit.payload})
+                units.append(PlannedUnit(ctx.name, digest, (spec, ctx, unit)))
+            continue
+        items = reader.items(spec, ctx)
+        groups = assign([item[1] for item in items], previous.get(ctx.name, []), ctx.shard_size)
+        for i, group in enumerate(groups):
+            payload = [items[j] for j in group]
+            states = [[list(item), [file_state(f) for f in reader.item_files(spec, item)]] for item in payload]
+            digest = digest_of({**base, "items": states})
+            unit = Unit(ctx.name, i, payload, len(payload))
+            units.append(PlannedUnit(ctx.name, digest, (spec, ctx, unit), [item[1] for item in payload]))
+    return units
+
+
+def previous_units(version_dir: Path | None) -> dict[str, list[list[str]]]:
+    """source -> row keys per unit, from a manifest version's units.parquet ({} without one)."""
+    if version_dir is None or not (version_dir / "units.parquet").is_file():
+        return {}
+    found: dict[str, list[list[str]]] = {}
+    for source, keys in pl.read_parquet(version_dir / "units.parquet", columns=["source", "keys"]).iter_rows():
+        found.setdefault(source, []).append(keys)
+    return found
+
+
+def build_unit(job: tuple, filters: list, store_root: str) -> int:
+    """Ingest one unit into ingest-units/UNIT/ (atomic: built in UNIT.partial, then renamed).
+    Returns the rows it read, 0 when another run built it first."""
+    work, digest = job
+    store = ArtifactStore(Path(store_root))
+    with ingest_lock(store, digest):
+        if store.is_complete(UNITS, digest):
+            return 0
+        out = store.partial(UNITS, digest)
+        result = ingest.process_unit(work, filters, str(out), f"{UNITS}/{digest}/shards", name=work[1].name)
+        store.commit(UNITS, digest, result)
+    return result["rows"]
+
+
+@contextmanager
+def ingest_lock(store: ArtifactStore, digest: str) -> Iterator[None]:
+    """Two refreshes that need the same new unit build it once."""
+    path = store.root / UNITS / f"{digest}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _unit_frames(store: ArtifactStore, unit: PlannedUnit) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    folder = store.path(UNITS, unit.digest) / "units"
+    return (
+        pl.read_parquet(folder / f"{unit.source}.manifest.parquet"),
+        pl.read_parquet(folder / f"{unit.source}.quarantine.parquet"),
+        json.loads((folder / f"{unit.source}.shard.json").read_text()),
+    )
+
+
+@dataclass
+class Refresh:
+    """One refresh of a recipe's data: its units and the manifest version it follows."""
+
+    recipe: Recipe
+    store: ArtifactStore
+    units: list[PlannedUnit]
+    previous: str | None  # the previous manifest version's digest
+    previous_dir: Path | None
+    built: dict = field(default_factory=dict)  # units built and rows read, when this refresh built the version
+
+    @classmethod
+    def plan(cls, recipe: Recipe, store: ArtifactStore, previous: str | None) -> Refresh:
+        found = store.path("ingest", previous) if previous and store.is_complete("ingest", previous) else None
+        return cls(recipe, store, plan_units(recipe, previous_units(found)), previous if found else None, found)
+
+    def plan_summary(self) -> dict:
+        """What this refresh will do, before it runs (saved as the run's plan.json)."""
+        todo = [u for u in self.units if not self.store.is_complete(UNITS, u.digest)]
+        return {
+            "recipe": self.recipe.name,
+            "flow": "data-refresh",
+            "previous_manifest": self.previous,
+            "units": len(self.units),
+            "units_to_build": len(todo),
+            "rows_to_read": sum(u.work[2].rows for u in todo),
+            "stages": [],
+        }
+
+    def spec(self, recipe: Recipe) -> dict:
+        return {
+            "seed": recipe.seed,
+            "sources": [s.model_dump(mode="json") for s in recipe.data.sources],
+            "filters": [f.model_dump(mode="json") for f in recipe.data.filters],
+            "shard_size": recipe.data.shard_size,
+            "units": len(self.units),
+            "units_digest": digest_of([u.digest for u in self.units]),
+        }
+
+    @property
+    def stage(self) -> Stage:
+        return Stage(name="ingest", version=VERSION, spec=self.spec, run=self.run)
+
+    def run(self, ctx: StageContext) -> StageResult:
+        started, store = time.monotonic(), ctx.store
+        todo = [u for u in self.units if not store.is_complete(UNITS, u.digest)]
+        jobs = [(u.work, u.digest) for u in todo]
+        args = (list(ctx.recipe.data.filters), str(store.root))
+        read = map_units(build_unit, jobs, desc="ingest: new units", args=args, progress=ctx.progress)
+        frames = [_unit_frames(store, u) for u in self.units]
+        manifest = pl.concat([f[0] for f in frames] or [pl.DataFrame(schema=ingest.MANIFEST_SCHEMA)])
+        quarantine = pl.concat([f[1] for f in frames] or [pl.DataFrame(schema=ingest.QUARANTINE_SCHEMA)])
+        manifest, quarantine = ingest._drop_repeated_keys(manifest, quarantine)
+        shards = pl.DataFrame([f[2] for f in frames], schema=ingest_shards_schema(), orient="row")
+        shards = shards.filter(pl.col("samples") > 0)
+        rows = [f[0].height + f[1].height for f in frames]
+        units = pl.DataFrame(
+            [[u.source, u.digest, n, u.keys] for u, n in zip(self.units, rows, strict=True)],
+            schema=UNITS_SCHEMA,
+            orient="row",
+        )
+        for name, frame in (("manifest", manifest), ("quarantine", quarantine), ("shards", shards), ("units", units)):
+            frame.write_parquet(ctx.out / f"{name}.parquet", statistics=False)
+        report.write_quarantine_summary(quarantine, ctx.out / "quarantine_summary.json")
+        report.write_sample_grid(manifest, lambda rel: store.root / rel, ctx.out / "sample_grid.png")
+        self.built = {"units_built": sum(n > 0 for n in read), "rows_ingested": sum(read)}  # 0: built by another run
+        metrics = {
+            **self.outcome(manifest),
+            "shards": shards.height,
+            "images_per_s": sum(read) / max(time.monotonic() - started, 1e-9),
+        }
+        return StageResult(
+            rows_in=manifest.height + quarantine.height,
+            rows_out=manifest.height,
+            rows_quarantined=quarantine.height,
+            metrics=metrics,
+            artifacts=["quarantine.parquet", "quarantine_summary.json", "sample_grid.png", "shards.parquet"],
+            details={"previous_manifest": self.previous},
+        )
+
+    def outcome(self, manifest: pl.DataFrame) -> dict[str, int]:
+        """What this refresh did: units built (0 when the version was cached) and reused, rows read,
+        and manifest rows added, removed and moved (their shard changed) since the previous version."""
+        built = self.built.get("units_built", 0)
+        units = {"units": len(self.units), "units_built": built, "units_reused": len(self.units) - built}
+        return {**units, "rows_ingested": self.built.get("rows_ingested", 0), **self.changes(manifest)}
+
+    def changes(self, manifest: pl.DataFrame) -> dict[str, int]:
+        if self.previous_dir is None:
+            return {"rows_added": manifest.height, "rows_removed": 0, "rows_moved": 0}
+        old = pl.read_parquet(self.previous_dir / "manifest.parquet", columns=["key", "shard"])
+        both = manifest.select("key", "shard").join(old, on="key", how="full", suffix="_old", coalesce=True)
+        return {
+            "rows_added": both.filter(pl.col("shard_old").is_null()).height,
+            "rows_removed": both.filter(pl.col("shard").is_null()).height,
+            "rows_moved": both.filter(pl.col("shard") != pl.col("shard_old")).height,
+        }
+
+
+def ingest_shards_schema() -> dict:
+    return {"shard": pl.String, "sha256": pl.String, "bytes": pl.Int64, "samples": pl.Int64}

@@ -1,0 +1,103 @@
+"""The `capfilt:` section: BLIP's captioning and filtering of noisy image-text pairs.
+
+A captioner writes k synthetic captions per image; a filter (ITM head probability and/or
+ITC cosine similarity) scores the web caption and the synthetic ones and keeps the pairs
+above its thresholds. Both models are a training stage of the recipe, a registered MLflow
+model version or a local model folder written by a training stage.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from vlmflow.specs.base import ExistingDir, StrictModel
+
+MODEL_CONFIG = "vlmflow_model.json"  # what a training stage's model/ folder holds (components/train/setup.py)
+
+
+class ModelRef(StrictModel):
+    """Exactly one of: `stage` (a training stage of this recipe), `uri` (models:/NAME/VERSION),
+    `path` (a model folder written by a training stage: vlmflow_model.json + model.safetensors)."""
+
+    stage: str | None = None
+    uri: str | None = Field(None, pattern=r"^models:/[^/]+/[0-9]+$", description="a pinned registered version")
+    path: ExistingDir | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelRef:
+        given = [name for name in ("stage", "uri", "path") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of stage, uri, path (got {', '.join(given) or 'none'})")
+        if self.path is not None and not (self.path / MODEL_CONFIG).is_file():
+            raise ValueError(
+                f"{self.path} is not a vlmflow model folder (no {MODEL_CONFIG}); give the model/ folder of a "
+                "training stage's artifact, or a registered version as uri: models:/NAME/VERSION"
+            )
+        return self
+
+    def parts(self) -> set[str] | None:
+        """The model parts of a local folder (None when the reference is not a folder)."""
+        if self.path is None:
+            return None
+        model = json.loads((self.path / MODEL_CONFIG).read_text()).get("model", {})
+        return {part for part in ("language", "text") if model.get(part)}
+
+
+class CaptionerSpec(StrictModel):
+    model: ModelRef
+    prompt: str | None = Field(None, description="default: the captioner stage's prompt, else 'Describe the image.'")
+    strategy: Literal["sample", "greedy", "beam"] = Field("sample", description="BLIP: nucleus sampling")
+    top_p: float = Field(0.9, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    num_beams: int = Field(3, ge=1)
+    k: int = Field(1, ge=1, le=32, description="synthetic captions per image")
+    max_new_tokens: int = Field(32, ge=1, le=512)
+
+
+class FilterSpec(StrictModel):
+    """A pair is kept when it passes every threshold given."""
+
+    model: ModelRef
+    itm: float | None = Field(0.5, ge=0, le=1, description="keep when P(match) from the ITM head >= itm")
+    itc: float | None = Field(None, ge=0, le=1, description="keep when the ITC cosine similarity >= itc")
+
+    @model_validator(mode="after")
+    def _check(self) -> FilterSpec:
+        if self.itm is None and self.itc is None:
+            raise ValueError("give a threshold: itm, itc or both")
+        return self
+
+
+class CapfiltResources(StrictModel):
+    actors: int = Field(1, ge=1, description="Ray actors, each loading the model once")
+    cpus_per_actor: float = Field(1, gt=0)
+    gpus_per_actor: float = Field(0, ge=0)
+    batch_size: int = Field(32, ge=1, description="images per batch")
+
+
+class CapfiltSpec(StrictModel):
+    """Caption (optional) and filter the training rows of a data artifact; the output artifact
+    `capfilt` holds every image with at least one kept caption, usable as a stage's `data:`."""
+
+    data: str = Field("dedup", description="the data artifact to bootstrap: ingest, dedup or instruct")
+    sources: list[str] | None = Field(
+        None, min_length=1, description="the web sources to caption and filter (default: all); rows of other "
+        "sources (clean, human-annotated data) pass unchanged"
+    )  # fmt: skip
+    captioner: CaptionerSpec | None = Field(None, description="none: filter the web captions only")
+    filter: FilterSpec
+    apply_to: list[Literal["web", "synthetic"]] = Field(
+        default_factory=lambda: ["web", "synthetic"], min_length=1, description="which captions the filter judges"
+    )
+    resources: CapfiltResources = Field(default_factory=CapfiltResources)
+
+    @model_validator(mode="after")
+    def _check(self) -> CapfiltSpec:
+        if len(set(self.apply_to)) != len(self.apply_to):
+            raise ValueError("apply_to lists an origin twice")
+        if "synthetic" in self.apply_to and self.captioner is None:
+            raise ValueError("apply_to has synthetic, but there is no captioner to write synthetic captions")
+        return self

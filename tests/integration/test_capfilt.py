@@ -1,0 +1,154 @@
+"""CapFilt through the CLI (real Ray Data actor pools, Prefect, MLflow), then its stages again
+in process: a killed actor mid-stage changes no byte of the output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import psutil
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+from test_recipe_cli import stages, summary_of, vlmflow
+
+from vlmflow.artifacts import ArtifactStore, file_sha256
+from vlmflow.components.capfilt import stage as capfilt
+from vlmflow.components.train.data import build_index
+from vlmflow.runtime.ray import init_ray
+from vlmflow.specs.loader import load_recipe
+from vlmflow.stage import StageContext, StageOutput
+
+SPEC = Path(__file__).with_name("capfilt-tiny.yaml")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, dict]:
+    workdir = tmp_path_factory.mktemp("capfilt")
+    result = vlmflow("run", str(SPEC), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir, summary_of(workdir)
+
+
+def test_capfilt_accounts_for_every_pair_and_logs_its_report(run):
+    workdir, summary = run
+    by_name = stages(summary)
+    caption, filtered = by_name["capfilt-caption"], by_name["capfilt-filter"]
+    assert caption["input_digests"]["captioner"] == by_name["train-pretrain"]["artifact_digest"]
+    folder = Path(filtered["artifact_path"])
+    pairs = pl.read_parquet(folder / "pairs.parquet")
+    ingest = pl.read_parquet(Path(by_name["ingest"]["artifact_path"]) / "manifest.parquet")
+    web_train = ingest.filter((pl.col("source") == "web") & (pl.col("split") == "train"))
+    # Every web training image has its web caption and k=2 synthetic ones, each judged.
+    assert pairs.height == 3 * web_train.height == filtered["rows_in"]
+    assert pairs.group_by("origin").len().sort("origin").rows() == [("synthetic", 2 * web_train.height),
+                                                                    ("web", web_train.height)]  # fmt: skip
+    assert pairs["judged"].all() and pairs["kept"].to_list() == (pairs["itm"] >= 0.5).to_list()
+    quarantine = pl.read_parquet(folder / "quarantine.parquet")
+    removed = pairs.filter(~pl.col("kept"))
+    assert quarantine.filter(pl.col("reason").str.starts_with("capfilt:itm=")).height == removed.height
+    for row, reason in zip(removed.iter_rows(named=True), quarantine["reason"], strict=False):
+        assert reason == f"capfilt:itm={row['itm']:.2f}<0.50"
+    # Output: every image of the input is in the new manifest or quarantined as left without a caption.
+    manifest = pl.read_parquet(folder / "manifest.parquet")
+    emptied = quarantine.filter(pl.col("reason") == "capfilt:no-caption-kept")["key"].to_list()
+    assert sorted(manifest["key"].to_list() + emptied) == sorted(ingest["key"].to_list())
+    kept = pairs.filter(pl.col("kept")).group_by("key", maintain_order=True).agg("caption")
+    index = build_index(folder, workdir / "artifacts")  # checks every output shard's sha256
+    assert index.height == manifest.height
+    expected = dict(zip(kept["key"].to_list(), kept["caption"].to_list(), strict=True))
+    got = dict(zip(manifest["key"].to_list(), manifest["captions"].to_list(), strict=True))
+    assert all(got[k] == v for k, v in expected.items())
+    clean = manifest.filter(pl.col("source") == "clean")
+    assert (
+        clean.height == 48
+        and clean["captions"].to_list() == ingest.filter(pl.col("source") == "clean")["captions"].to_list()
+    )  # other sources pass unchanged
+
+    client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
+    child = client.get_run(filtered["mlflow_run_id"])
+    noise = web_train["caption_corrupted"].mean()
+    assert child.data.metrics["web_noise_before"] == pytest.approx(noise)
+    assert {"filter_precision", "filter_recall", "filter_f1", "kept_web", "removed_synthetic"} <= set(
+        child.data.metrics
+    )
+    assert "synthetic_caption_accuracy" in client.get_run(caption["mlflow_run_id"]).data.metrics
+    logged = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"pairs.parquet", "quarantine.parquet", "scores.png", "examples.png", "report.json"} <= logged
+
+
+def _rerun(workdir: Path, summary: dict, stage, recipe, out: Path, kill: bool) -> float | None:
+    """Run one CapFilt stage in process into `out`; with `kill`, SIGKILL one of its Ray Data
+    actors once it has answered a batch. Returns when the kill happened (None: no kill)."""
+    by_name = stages(summary)
+    inputs = {
+        key: StageOutput(up, by_name[up]["artifact_digest"], Path(by_name[up]["artifact_path"]), {})
+        for key, up in {"data": "ingest", "captioner": "train-pretrain", "filter": "train-pretrain",
+                        "captions": "capfilt-caption"}.items()
+    }  # fmt: skip
+    out.mkdir(parents=True)
+    ctx = StageContext(recipe, ArtifactStore(workdir / "artifacts"), out, "rerun", inputs, "log")
+    killed: list[float] = []
+    done = threading.Event()
+
+    def killer() -> None:
+        while not done.is_set() and not killed:
+            alive = [p for p in psutil.process_iter(["cmdline"]) if "MapWorker" in " ".join(p.info["cmdline"] or [])]
+            if len(alive) == 2:
+                time.sleep(1.0)  # let them answer a batch or two
+                os.kill(alive[0].pid, signal.SIGKILL)
+                killed.append(time.monotonic())
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    if kill:
+        thread.start()
+    try:
+        stage.run(ctx)
+    finally:
+        finished = time.monotonic()
+        done.set()
+    if kill:
+        thread.join()
+        assert killed and killed[0] < finished, "the actor was not killed while the stage ran"
+    return killed[0] if killed else None
+
+
+def test_a_killed_actor_changes_no_byte_of_captions_or_filtered_shards(run, tmp_path):
+    """Each stage again, in process, with one of its two actors SIGKILLed mid-stage: Ray Data
+    restarts it and retries its batch; the output equals the CLI run's."""
+    workdir, summary = run
+    by_name = stages(summary)
+    recipe = load_recipe(SPEC)
+    init_ray(recipe.runtime.ray)
+    try:
+        _rerun(workdir, summary, capfilt.CAPTION_STAGE, recipe, tmp_path / "caption", kill=True)
+        _rerun(workdir, summary, capfilt.FILTER_STAGE, recipe, tmp_path / "filter", kill=True)
+    finally:
+        ray.shutdown()
+    reference = Path(by_name["capfilt-caption"]["artifact_path"])
+    assert pl.read_parquet(tmp_path / "caption" / "captions.parquet").equals(
+        pl.read_parquet(reference / "captions.parquet")
+    )
+    plain, killed = Path(by_name["capfilt-filter"]["artifact_path"]), tmp_path / "filter"
+    shards = sorted(p.name for p in (plain / "shards").iterdir())
+    assert shards and shards == sorted(p.name for p in (killed / "shards").iterdir())
+    assert [file_sha256(plain / "shards" / s) for s in shards] == [file_sha256(killed / "shards" / s) for s in shards]
+    for name in ("pairs.parquet", "quarantine.parquet"):
+        assert pl.read_parquet(plain / name).equals(pl.read_parquet(killed / name)), name
+    columns = [c for c in pl.read_parquet_schema(plain / "manifest.parquet") if c != "shard"]  # shard: under the digest
+    assert pl.read_parquet(plain / "manifest.parquet", columns=columns).equals(
+        pl.read_parquet(killed / "manifest.parquet", columns=columns)
+    )
+    decided = pl.read_parquet(killed / "pairs.parquet")
+    assert 0 < decided["kept"].sum() < decided.height  # both decisions exercised
+    report = json.loads((killed / "report.json").read_text())
+    assert report["kept_web"] + report["removed_web"] + report["kept_synthetic"] + report["removed_synthetic"] == (
+        decided.height
+    )

@@ -1,0 +1,187 @@
+"""CapFilt's pure parts: the spec and its errors, the scene-graph check of a caption, the
+filter's decisions, its precision/recall against known truth, the pairs it judges, and
+where its stages sit in the recipe graph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from vlmflow.components.capfilt.stage import candidate_pairs, decide, detection, quality
+from vlmflow.components.sources.synthetic import describes, parse_caption
+from vlmflow.errors import SpecError
+from vlmflow.graph import recipe_graph
+from vlmflow.specs import load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+BLIP = REPO / "specs" / "recipes" / "blip-tiny.yaml"
+
+
+def problems(overrides: list[str], spec: Path = BLIP) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        load_recipe(spec, overrides)
+    return [str(p) for p in info.value.problems]
+
+
+def line_of(needle: str, spec: Path = BLIP) -> int:
+    return next(i for i, line in enumerate(spec.read_text().splitlines(), 1) if needle in line)
+
+
+# ------------------------------------------------------------------------------ spec
+
+
+def test_blip_tiny_bootstraps_in_the_order_blip_does():
+    recipe = load_recipe(BLIP)
+    nodes = {n.stage.name: n.inputs for n in recipe_graph(recipe)}
+    order = list(nodes)
+    assert order.index("train-filter") < order.index("capfilt-caption") < order.index("capfilt-filter")
+    assert order.index("capfilt-filter") == order.index("train-retrain") - 1
+    assert nodes["capfilt-caption"] == {"data": "dedup", "captioner": "train-captioner"}
+    assert nodes["capfilt-filter"] == {"data": "dedup", "captions": "capfilt-caption", "filter": "train-filter"}
+    assert nodes["train-retrain"]["data"] == "capfilt-filter"
+    assert recipe.stages[1].data.mixture[0].sources == ["coco"]
+
+
+def test_a_threshold_outside_zero_one_is_an_error_at_its_line(tmp_path):
+    spec = tmp_path / "blip.yaml"
+    spec.write_text(BLIP.read_text().replace("itm: 0.5", "itm: 1.5"))
+    (problem,) = problems([], spec)
+    line = line_of("itm: 1.5", spec)
+    column = spec.read_text().splitlines()[line - 1].index("1.5") + 1  # at the value
+    assert problem.startswith(f"{spec}:{line}:{column}: capfilt.filter.itm: ")
+    assert "less than or equal to 1" in problem
+    (override,) = problems(["capfilt.filter.itc=-0.2"])
+    assert override.startswith("--set[0]:1:1: capfilt.filter.itc: ")
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "message"),
+    [
+        ("capfilt.captioner.model.stage=nope", "capfilt.captioner.model.stage", "'nope' is not a training stage"),
+        ("capfilt.filter.model.stage=retrain", "capfilt.filter.model.stage", "must come before 'retrain'"),
+        ("capfilt.sources=[webb]", "capfilt.sources.0", "unknown source 'webb'"),
+        ("capfilt.data=capfilt", "capfilt.data", "unknown data artifact 'capfilt'"),
+        ("capfilt.captioner=null", "capfilt", "no captioner to write synthetic captions"),
+        ("capfilt.filter.itm=null", "capfilt.filter", "give a threshold"),
+        ("stages.1.data.mixture.0.sources=[cocoa]", "stages.1.data.mixture.0.sources.0", "unknown source 'cocoa'"),
+    ],
+)
+def test_capfilt_mistakes_are_located(override, field, message):
+    found = problems([override])
+    assert any(f": {field}: " in p and message in p for p in found), found
+
+
+def test_a_model_folder_of_the_wrong_kind_is_refused_at_validate_time(tmp_path):
+    hf = tmp_path / "hf-blip"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    found = problems([f"capfilt.filter.model={{path: {hf}}}", "runtime.allow_outside_paths=true"])
+    assert any("capfilt.filter.model" in p and "not a vlmflow model folder" in p for p in found), found
+    missing = problems([f"capfilt.filter.model={{path: {tmp_path / 'gone'}}}", "runtime.allow_outside_paths=true"])
+    assert any("path does not exist" in p for p in missing), missing
+    both = problems(["capfilt.filter.model={stage: filter, uri: models:/blip/1}"])
+    assert any("exactly one of stage, uri, path" in p for p in both), both
+
+
+def test_a_model_folder_without_the_part_its_role_needs_is_refused(tmp_path):
+    folder = tmp_path / "lm-only"
+    folder.mkdir()
+    (folder / "vlmflow_model.json").write_text(json.dumps({"model": {"language": {"kind": "tiny-llama"}}}))
+    found = problems([f"capfilt.filter.model={{path: {folder}}}", "runtime.allow_outside_paths=true"])
+    assert any("capfilt.filter.model.path" in p and "no text part" in p for p in found), found
+
+
+# ------------------------------------------------------------------------------ scene-graph check
+
+
+def test_caption_parsing_reads_counts_colors_and_shapes():
+    assert parse_caption("an image with two red circles and a blue square.") == [
+        ("red", "circle", 2),
+        ("blue", "square", 1),
+    ]
+    assert parse_caption("An image with an orange   triangle") == [("orange", "triangle", 1)]
+    for text in ("an image with a", "a red circle.", "an image with two red circle.", "an image with a red circles"):
+        assert parse_caption(text) is None, text
+
+
+def test_a_caption_describes_a_scene_only_when_every_group_matches():
+    objects = [{"color": "red", "shape": "circle"}] * 2 + [{"color": "blue", "shape": "square"}]
+    assert describes("an image with a blue square and two red circles.", objects)
+    assert not describes("an image with two red circles.", objects)  # a group missing
+    assert not describes("an image with a red circle and a blue square.", objects)  # wrong count
+    assert not describes("an image with two green circles and a blue square.", objects)  # wrong color
+
+
+# ------------------------------------------------------------------------------ decisions and quality
+
+
+def spec_with(itm: str, itc: str):
+    return load_recipe(BLIP, [f"capfilt.filter.itm={itm}", f"capfilt.filter.itc={itc}"]).capfilt
+
+
+def test_decisions_need_every_given_threshold():
+    both = spec_with("0.5", "0.2")
+    assert decide(0.7, 0.3, both) == (True, None)
+    assert decide(0.5, 0.2, both) == (True, None)  # at the threshold: kept
+    assert decide(0.49, 0.3, both) == (False, "capfilt:itm=0.49<0.50")
+    assert decide(0.1, 0.1, both) == (False, "capfilt:itm=0.10<0.50,itc=0.10<0.20")
+    assert decide(0.0, 0.9, spec_with("null", "0.8")) == (True, None)
+
+
+def test_detection_precision_recall_f1_by_hand():
+    bad = np.array([True, True, True, False, False, False, False, False])
+    removed = np.array([True, True, False, True, False, False, False, False])
+    out = detection(bad, removed, "filter")
+    assert out["filter_precision"] == pytest.approx(2 / 3)
+    assert out["filter_recall"] == pytest.approx(2 / 3)
+    assert out["filter_f1"] == pytest.approx(2 / 3)
+    none = detection(np.zeros(3, bool), np.zeros(3, bool), "x")
+    assert none == {"x_precision": 1.0, "x_recall": 1.0, "x_f1": 1.0}
+
+
+def test_candidate_pairs_put_web_captions_first_and_truth_on_the_shown_one():
+    rows = pl.DataFrame({"key": ["b", "a"]})
+    manifest = pl.DataFrame(
+        {
+            "key": ["a", "b", "c"],
+            "source": ["web"] * 3,
+            "captions": [["a one", "a two"], ["b one"], ["c one"]],
+            "caption_corrupted": [True, False, None],
+        }
+    )
+    synthetic = pl.DataFrame(
+        {"key": ["a", "b", "b"], "index": [0, 0, 1], "caption": ["sa", "sb0", "sb1"], "correct": [True, False, None]},
+        schema_overrides={"index": pl.Int32},
+    )
+    pairs = candidate_pairs(rows, manifest, synthetic)
+    assert pairs.select("key", "origin", "index", "caption").rows() == [
+        ("b", "web", 0, "b one"),
+        ("b", "synthetic", 0, "sb0"),
+        ("b", "synthetic", 1, "sb1"),
+        ("a", "web", 0, "a one"),
+        ("a", "web", 1, "a two"),
+        ("a", "synthetic", 0, "sa"),
+    ]
+    assert pairs["corrupted"].to_list() == [False, None, None, True, None, None]
+    assert pairs["correct"].to_list() == [None, False, None, None, None, True]
+
+
+def test_quality_counts_per_origin_and_scores_the_filter_on_known_truth():
+    pairs = pl.DataFrame(
+        {
+            "origin": ["web"] * 4 + ["synthetic"] * 3,
+            "judged": [True] * 7,
+            "kept": [False, True, True, False, True, False, True],
+            "corrupted": [True, True, False, False, None, None, None],
+            "correct": [None] * 4 + [True, False, True],
+        }
+    )
+    out = quality(pairs)
+    assert (out["kept_web"], out["removed_web"], out["kept_synthetic"], out["removed_synthetic"]) == (2, 2, 2, 1)
+    assert out["filter_precision"] == 0.5 and out["filter_recall"] == 0.5
+    assert out["web_noise_before"] == 0.5 and out["web_noise_after"] == 0.5
+    assert out["filter_synthetic_precision"] == 1.0 and out["filter_synthetic_recall"] == 1.0
