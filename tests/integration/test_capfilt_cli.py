@@ -1,5 +1,5 @@
-"""CapFilt through the CLI (real Ray Data actor pools, Prefect, MLflow), then its stages again
-in process: a killed actor mid-stage changes no byte of the output."""
+"""CapFilt through the CLI (real Ray Data actor pools, Prefect, MLflow) with a model folder given
+by path, then its stages again in process: a killed actor mid-stage changes no byte of the output."""
 
 from __future__ import annotations
 
@@ -14,33 +14,67 @@ import polars as pl
 import psutil
 import pytest
 import ray
+import torch
 from mlflow.tracking import MlflowClient
 from test_recipe_cli import stages, summary_of, vlmflow
 
 from vlmflow.artifacts import ArtifactStore, file_sha256
 from vlmflow.components.capfilt import stage as capfilt
+from vlmflow.components.sources.synthetic import make_row
+from vlmflow.components.tokenize import train_bpe
 from vlmflow.components.train.data import build_index
+from vlmflow.components.train.setup import model_config, write_model_folder
+from vlmflow.models.vision import image_spec
+from vlmflow.models.vlm import VLM, Vocab
 from vlmflow.runtime.ray import init_ray
+from vlmflow.specs.data import SyntheticShapesSource
 from vlmflow.specs.loader import load_recipe
+from vlmflow.specs.model import ModelSpec
+from vlmflow.specs.recipe import BpeTokenizer
 from vlmflow.stage import StageContext, StageOutput
 
-SPEC = Path(__file__).with_name("capfilt-tiny.yaml")
 pytestmark = pytest.mark.slow
+MODEL = {
+    "vision": {"kind": "tiny-vit", "family": "clip", "image_size": 32, "patch_size": 16, "hidden_size": 32,
+               "layers": 1, "heads": 2},
+    "connector": {"kind": "mlp", "layers": 2},
+    "language": {"kind": "tiny-llama", "hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64},
+    "text": {"kind": "tiny-text", "hidden_size": 32, "layers": 1, "heads": 2, "max_length": 24},
+    "embed_dim": 32,
+}  # fmt: skip
+
+
+def write_model(folder: Path) -> None:
+    """A BLIP-like model folder (captioning LM, ITC, ITM) with random weights and a BPE tokenizer."""
+    rows = [make_row(SyntheticShapesSource(kind="synthetic-shapes", count=64), 1, i) for i in range(64)]
+    tokenizer = train_bpe([r.captions[0] for r in rows], BpeTokenizer(kind="bpe", vocab_size=400))
+    tokenizer.save(str(folder.parent / "tokenizer.json"))
+    special = {t: tokenizer.token_to_id(t) for t in BpeTokenizer(kind="bpe").special_tokens}
+    spec, vocab = ModelSpec.model_validate(MODEL), Vocab(tokenizer.get_vocab_size(), special)
+    torch.manual_seed(0)
+    model = VLM(spec, vocab)
+    config = model_config(spec, vocab, image_spec(spec.vision), model.num_image_tokens)
+    write_model_folder(folder, model.state_dict(), config, folder.parent / "tokenizer.json")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, dict]:
-    workdir = tmp_path_factory.mktemp("capfilt")
-    result = vlmflow("run", str(SPEC), "--workdir", str(workdir))
+def run(tmp_path_factory) -> tuple[Path, dict, Path]:
+    root = tmp_path_factory.mktemp("capfilt")
+    spec = root / "capfilt-tiny.yaml"
+    spec.write_text(Path(__file__).with_name("capfilt-tiny.yaml").read_text())
+    write_model(root / "model")
+    workdir = root / "work"
+    result = vlmflow("run", str(spec), "--workdir", str(workdir))
     assert result.returncode == 0, result.stdout + result.stderr
-    return workdir, summary_of(workdir)
+    return workdir, summary_of(workdir), spec
 
 
 def test_capfilt_accounts_for_every_pair_and_logs_its_report(run):
-    workdir, summary = run
+    workdir, summary, _ = run
     by_name = stages(summary)
     caption, filtered = by_name["capfilt-caption"], by_name["capfilt-filter"]
-    assert caption["input_digests"]["captioner"] == by_name["train-pretrain"]["artifact_digest"]
+    assert list(by_name) == ["ingest", "capfilt-caption", "capfilt-filter"]  # the models are a folder
+    assert caption["input_digests"] == {"data": by_name["ingest"]["artifact_digest"]}
     folder = Path(filtered["artifact_path"])
     pairs = pl.read_parquet(folder / "pairs.parquet")
     ingest = pl.read_parquet(Path(by_name["ingest"]["artifact_path"]) / "manifest.parquet")
@@ -89,9 +123,8 @@ def _rerun(workdir: Path, summary: dict, stage, recipe, out: Path, kill: bool) -
     by_name = stages(summary)
     inputs = {
         key: StageOutput(up, by_name[up]["artifact_digest"], Path(by_name[up]["artifact_path"]), {})
-        for key, up in {"data": "ingest", "captioner": "train-pretrain", "filter": "train-pretrain",
-                        "captions": "capfilt-caption"}.items()
-    }  # fmt: skip
+        for key, up in {"data": "ingest", "captions": "capfilt-caption"}.items()
+    }
     out.mkdir(parents=True)
     ctx = StageContext(recipe, ArtifactStore(workdir / "artifacts"), out, "rerun", inputs, "log")
     killed: list[float] = []
@@ -123,9 +156,9 @@ def _rerun(workdir: Path, summary: dict, stage, recipe, out: Path, kill: bool) -
 def test_a_killed_actor_changes_no_byte_of_captions_or_filtered_shards(run, tmp_path):
     """Each stage again, in process, with one of its two actors SIGKILLed mid-stage: Ray Data
     restarts it and retries its batch; the output equals the CLI run's."""
-    workdir, summary = run
+    workdir, summary, spec = run
     by_name = stages(summary)
-    recipe = load_recipe(SPEC)
+    recipe = load_recipe(spec)
     init_ray(recipe.runtime.ray)
     try:
         _rerun(workdir, summary, capfilt.CAPTION_STAGE, recipe, tmp_path / "caption", kill=True)

@@ -1,5 +1,5 @@
 """The instruct stage inside a real recipe run (Prefect task, Ray tasks, MLflow child run) against the
-mock server: metrics and the sample artifact land in MLflow; a second run finds the stage cached.
+mock server: metrics and the sample artifact land in MLflow (a rerun making no request is the stage test's).
 The API key is nowhere: not in any file under the test's folder (workdir: MLflow's sqlite and
 artifacts, Prefect's database, summaries, logs), not in the params, tags or metric names of any
 MLflow run, not in any run's artifacts, not in what the CLI printed."""
@@ -52,7 +52,7 @@ def _files_holding(root: Path, secret: bytes, chunk: int = 1 << 20) -> list[Path
     return found
 
 
-def test_instruct_in_a_recipe_run_is_tracked_and_cached(tmp_path):
+def test_instruct_in_a_recipe_run_is_tracked_and_leaks_no_key(tmp_path):
     with running_mock(MockConfig(fault_rate=0.05, retry_after_s=0.1, slow_s=2.0, api_key=SECRET)) as mock:
         generator = {"kind": "openai-compatible", "base_url": mock.base_url, "model": "mock-llm"}
         generator.update(api_key_env="LLM_KEY", concurrency=8, timeout_s=1.0, backoff_base_s=0.05)
@@ -62,15 +62,12 @@ def test_instruct_in_a_recipe_run_is_tracked_and_cached(tmp_path):
             "instruct": {"generator": generator, "sample_conversations": 5},
             "runtime": {"ray": {"num_cpus": 2}, "progress": "log"},
         }
+        # One run: a rerun making no request is tested on the stage itself (test_instruct_mock.py).
         first, printed_first = _run(tmp_path, recipe)
-        requests = mock.server.stats["requests"]
-        second, printed_second = _run(tmp_path, recipe)
-        assert mock.server.stats["requests"] == requests  # the stage is cached: no request at all
 
     stages = {s["name"]: s for s in first["stages"]}
     assert stages["instruct"]["status"] == "computed"
     assert stages["instruct"]["rows_in"] == stages["instruct"]["rows_out"] == stages["dedup"]["rows_out"]
-    assert {s["name"]: s["status"] for s in second["stages"]}["instruct"] == "cached"
 
     client = MlflowClient(first["mlflow_tracking_uri"])
     run = client.get_run(stages["instruct"]["mlflow_run_id"])
@@ -88,10 +85,10 @@ def test_instruct_in_a_recipe_run_is_tracked_and_cached(tmp_path):
     assert len(samples) == 5 and samples[0]["conversations"][0]["from"] == "human"
     assert SECRET not in json.dumps(samples)
 
-    # the key is nowhere: every MLflow run (parent and children, both runs), their artifacts,
+    # the key is nowhere: every MLflow run (parent and children), their artifacts,
     # every file under the test's folder (workdir included) and the CLI's output
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert {first["mlflow_run_id"], second["mlflow_run_id"], run.info.run_id} <= {r.info.run_id for r in runs}
+    assert {first["mlflow_run_id"], run.info.run_id} <= {r.info.run_id for r in runs}
     for found in runs:
         recorded = [found.data.params, found.data.tags, sorted(found.data.metrics), found.info.run_name]
         assert SECRET not in json.dumps(recorded), found.info.run_id
@@ -103,4 +100,4 @@ def test_instruct_in_a_recipe_run_is_tracked_and_cached(tmp_path):
     control = tmp_path / "control.bin"  # the scan finds a key even across its read chunks
     control.write_bytes(b"x" * ((1 << 20) - 5) + SECRET.encode())
     assert _files_holding(tmp_path, SECRET.encode()) == [control]
-    assert SECRET not in printed_first + printed_second
+    assert SECRET not in printed_first
