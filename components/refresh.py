@@ -16,17 +16,14 @@ has the same digest as the last one, so every downstream stage is cached.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from vlmflow.artifacts import ArtifactStore, digest_of
+from vlmflow.artifacts import ArtifactStore, digest_of, file_lock
 from vlmflow.components import ingest, report
 from vlmflow.components.sources.base import SOURCES, SourceContext, Unit
 from vlmflow.runtime.ray import map_units
@@ -119,26 +116,13 @@ def build_unit(job: tuple, filters: list, store_root: str) -> int:
     Returns the rows it read, 0 when another run built it first."""
     work, digest = job
     store = ArtifactStore(Path(store_root))
-    with ingest_lock(store, digest):
+    with file_lock(store.root / UNITS / f"{digest}.lock"):  # two refreshes build a new unit once
         if store.is_complete(UNITS, digest):
             return 0
         out = store.partial(UNITS, digest)
         result = ingest.process_unit(work, filters, str(out), f"{UNITS}/{digest}/shards", name=work[1].name)
         store.commit(UNITS, digest, result)
     return result["rows"]
-
-
-@contextmanager
-def ingest_lock(store: ArtifactStore, digest: str) -> Iterator[None]:
-    """Two refreshes that need the same new unit build it once."""
-    path = store.root / UNITS / f"{digest}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _unit_frames(store: ArtifactStore, unit: PlannedUnit) -> tuple[pl.DataFrame, pl.DataFrame, dict]:

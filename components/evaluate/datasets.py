@@ -163,6 +163,11 @@ def image_bytes(path: Path) -> tuple[bytes | None, str | None]:
         data = path.read_bytes()
     except OSError:  # a name longer than the OS allows, no permission
         return None, "unreadable-image"
+    return verified(data)
+
+
+def verified(data: bytes) -> tuple[bytes | None, str | None]:
+    """(bytes, None) when they decode as an image, else (None, reason)."""
     if not data:
         return None, "zero-byte-image"
     try:
@@ -337,14 +342,7 @@ def _base64_image(text: str) -> tuple[bytes | None, str | None]:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return None, "unreadable-image"
-    if not data:
-        return None, "zero-byte-image"
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None, "unreadable-image"
-    return data, None
+    return verified(data)
 
 
 def _options(raw: dict | list, path: Path, where: str) -> tuple[tuple[str, str], ...]:

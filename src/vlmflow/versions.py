@@ -8,12 +8,11 @@ refresh that found nothing new repeats the number (its stages were cached).
 
 from __future__ import annotations
 
-import fcntl
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from vlmflow.artifacts import atomic_write_text
+from vlmflow.artifacts import atomic_write_text, file_lock
 
 FIELDS = ("rows_added", "rows_removed", "rows_moved", "units", "units_built", "units_reused", "rows_ingested")
 
@@ -44,8 +43,7 @@ def record(workdir: Path, summary: dict, outcome: dict) -> dict:
     ingest = next(s for s in summary["stages"] if s["name"] == "ingest")
     path = log_path(workdir, summary["recipe"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(path.with_suffix(".lock")):
         before = read_versions(workdir, summary["recipe"])
         last = before[-1] if before else None
         changed = last is None or last["manifest"] != ingest["artifact_digest"]
@@ -65,7 +63,6 @@ def record(workdir: Path, summary: dict, outcome: dict) -> dict:
         }
         text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in [*before, entry])
         atomic_write_text(path, text)
-        fcntl.flock(lock, fcntl.LOCK_UN)
     return entry
 
 

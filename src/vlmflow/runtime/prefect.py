@@ -9,13 +9,11 @@ computes the stage's digest, reuses a finished artifact (`cached`) or builds it
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import secrets
 import time
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from vlmflow import __version__
-from vlmflow.artifacts import ArtifactStore, atomic_write_text, digest_of, stage_digest
+from vlmflow.artifacts import ArtifactStore, atomic_write_text, digest_of, file_lock, stage_digest
 from vlmflow.runtime.ray import init_ray
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import Stage, StageContext, StageOutput
@@ -206,23 +204,11 @@ class RecipeRun:
         self._save()
 
 
-@contextmanager
-def _locked(path: Path) -> Any:
-    """Serialise two runs building the same artifact; the second then finds it cached."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 @task(cache_policy=NO_CACHE, persist_result=False)
 def stage_task(run: RecipeRun, stage: Stage, inputs: dict[str, StageOutput]) -> StageOutput:
     store = run.store
     digest = stage_digest(stage.name, stage.spec(run.recipe), [inputs[k].digest for k in sorted(inputs)], stage.version)
-    with _locked(store.root / stage.name / f"{digest}.lock"):
+    with file_lock(store.root / stage.name / f"{digest}.lock"):  # a second run then finds it cached
         if store.is_complete(stage.name, digest):
             status, stats = "cached", store.stats(stage.name, digest)
             log.info("%s: cached (%s)", stage.name, digest)
