@@ -115,6 +115,24 @@ def test_accounting_puts_every_row_in_training_or_unused_with_a_reason(artifact)
     ]
 
 
+def test_a_component_reads_only_its_sources_and_the_others_are_accounted_for(artifact):
+    data, root, _rows = artifact
+    index = build_index(data, root)
+    clean_keys = index["key"].to_list()[::2]
+    index = index.with_columns(
+        source=pl.when(pl.col("key").is_in(clean_keys)).then(pl.lit("clean")).otherwise(pl.lit("web"))
+    )
+    mix = {"mixture": [{"data": "dedup", "sources": ["clean"]}]}
+    stage = TrainStageSpec(name="s", trainable=["connector"], objectives=[{"kind": "lm"}], data=mix, batch_size=2)
+    table, _used, unused = account(index, stage, 100)
+    assert set(table["source"]) == {"clean"} and table.height > 0
+    assert table.height == index.filter((pl.col("source") == "clean") & (pl.col("split") == "train")).height
+    web_train = index.filter((pl.col("source") == "web") & (pl.col("split") == "train"))
+    reasons = dict(zip(unused["key"], unused["reason"], strict=True))
+    assert all(reasons[k] == "source web is not among the stage's sources" for k in web_train["key"])
+    assert table.height + unused.height == index.height
+
+
 def test_chat_labels_cover_only_answers(codec):
     turns = [
         {"role": "user", "content": "<image>\nWhat color is the circle?"},
