@@ -9,14 +9,20 @@ Everything else cannot be expressed by that class and is refused with the reason
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.image_utils import PILImageResampling
 
 from vlmflow.components.train.setup import (
     CHECKPOINT_CONFIG,
@@ -62,6 +68,63 @@ def llava_config(model: VLM) -> LlavaConfig:
         projector_hidden_act="gelu" if connector.kind == "mlp" else "linear",
         image_seq_length=model.num_image_tokens,
         multimodal_projector_bias=True,
+    )
+
+
+# vlmflow's chat format (TextCodec.chat): <bos> then per user turn <|user|>, the image tokens and
+# "\n" before the first user text, the text, <|assistant|>; per assistant turn its text and <eos>.
+# Contents may be strings (a "<image>" in them is moved to the front, as in training) or
+# lists of {"type": "image"} / {"type": "text", "text": ...} items (lmms-eval, HF pipelines).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(image_placed=false) %}"
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'].replace('<image>', '') | trim %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join(' ') | trim %}{% endif %}"
+    "{% if message['role'] == 'user' %}<|user|>"
+    "{% if not ns.image_placed %}<image>\n{% set ns.image_placed = true %}{% endif %}"
+    "{{ text }}<|assistant|>"
+    "{% elif message['role'] == 'assistant' %}{{ text }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def llava_processor(model: VLM, config: dict, tokenizer_file: Path) -> LlavaProcessor:
+    """A LlavaProcessor that prepares inputs exactly as vlmflow does: the tokenizer with its
+    special tokens and chat template, and a CLIPImageProcessor doing vlmflow's preprocessing
+    (RGB, bicubic resize to the square size, no crop, rescale to [0, 1], normalise)."""
+    image = config["image"]
+    size = int(image["size"])
+    images = CLIPImageProcessor(
+        do_resize=True,
+        size={"height": size, "width": size},
+        resample=PILImageResampling.BICUBIC,
+        do_center_crop=False,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(image["mean"]),
+        image_std=list(image["std"]),
+        do_convert_rgb=True,
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_file),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",  # batched generation
+    )
+    vision = model.vision
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="default" if vision.drop_cls else "full",
+        num_additional_image_tokens=1 if vision.has_cls else 0,
+        chat_template=CHAT_TEMPLATE,
+        image_token="<image>",
     )
 
 
@@ -132,9 +195,11 @@ def export_hf(model_folder: Path, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     llava.save_pretrained(str(out))
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    if (model_folder / TOKENIZER_FILE).is_file():
-        shutil.copyfile(model_folder / TOKENIZER_FILE, out / TOKENIZER_FILE)
     notes = []
+    if (model_folder / TOKENIZER_FILE).is_file():
+        llava_processor(model, config, model_folder / TOKENIZER_FILE).save_pretrained(str(out))
+    else:
+        notes.append("the model folder has no tokenizer.json: no processor was written (AutoProcessor will fail)")
     if model.text is not None:
         notes.append("the text encoder and itc/itm heads are not part of LLaVA and were left out")
     return notes

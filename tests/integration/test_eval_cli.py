@@ -4,12 +4,24 @@ tiny recipe trained for two steps, then `vlmflow compare`."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import polars as pl
+import psutil
 import pytest
+import ray
 from mlflow.tracking import MlflowClient
 from test_recipe_cli import stages, summary_of, vlmflow
+
+from vlmflow.artifacts import ArtifactStore
+from vlmflow.components.evaluate import stage as evaluate
+from vlmflow.runtime.ray import init_ray
+from vlmflow.specs import load_recipe
+from vlmflow.stage import StageContext, StageOutput
 
 SPEC = Path(__file__).with_name("eval-tiny.yaml")
 KINDS = ["shapes-zs", "shapes-zs-lm", "shapes-retrieval", "shapes-captions", "shapes-vqa", "shapes-mc"]
@@ -17,6 +29,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_evaluate_section_runs_every_task_and_compare_tables_the_runs(tmp_path):
+    """One run of every task kind, `vlmflow compare`, `vlmflow evaluate --model`, and a task rerun
+    with its Ray actor killed mid-stage (the same predictions)."""
     first = vlmflow("run", str(SPEC), "--workdir", str(tmp_path), "--set", "stages.0.max_steps=2")
     assert first.returncode == 0, first.stdout + first.stderr
     summary = summary_of(tmp_path)
@@ -61,3 +75,46 @@ def test_evaluate_section_runs_every_task_and_compare_tables_the_runs(tmp_path):
     assert imported["eval-shapes-retrieval"]["input_digests"]["model"] == imported["model"]["artifact_digest"]
     ours = json.loads((Path(imported["eval-shapes-retrieval"]["artifact_path"]) / "metrics.json").read_text())
     assert ours == json.loads((Path(retrieval["artifact_path"]) / "metrics.json").read_text())
+
+    _check_a_killed_actor_changes_no_prediction(tmp_path, summary)
+
+
+def _check_a_killed_actor_changes_no_prediction(workdir: Path, summary: dict) -> None:
+    """The captioning task again, in process, its actor SIGKILLed as soon as it exists: Ray
+    restarts it and retries its batches; predictions and metrics equal the CLI run's."""
+    by_name = stages(summary)
+    recipe = load_recipe(SPEC, ["stages.0.max_steps=2"])
+    index = next(i for i, t in enumerate(recipe.evaluate) if t.kind == "captioning")
+    reference = Path(by_name[f"eval-{recipe.evaluate[index].name}"]["artifact_path"])
+    inputs = {
+        key: StageOutput(name, by_name[name]["artifact_digest"], Path(by_name[name]["artifact_path"]), {})
+        for key, name in {"model": "train-pretrain", "data": "dedup"}.items()
+    }
+    out = workdir / "killed-eval"
+    out.mkdir()
+    ctx = StageContext(recipe, ArtifactStore(workdir / "artifacts"), out, "rerun", inputs, "log")
+    killed: list[float] = []
+    done = threading.Event()
+
+    def killer() -> None:
+        while not done.is_set() and not killed:
+            for proc in psutil.process_iter(["cmdline"]):
+                if "EvalWorker" in " ".join(proc.info["cmdline"] or []):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(time.monotonic())
+                    break
+            time.sleep(0.05)
+
+    init_ray(recipe.runtime.ray)
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        evaluate.stage_for(recipe, index).run(ctx)
+    finally:
+        finished = time.monotonic()
+        done.set()
+        thread.join()
+        ray.shutdown()
+    assert killed and killed[0] < finished, "the actor was not killed while the stage ran"
+    assert pl.read_parquet(out / "predictions.parquet").equals(pl.read_parquet(reference / "predictions.parquet"))
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())

@@ -99,7 +99,9 @@ def test_mlflow_run_tree_has_a_child_per_stage_with_lineage(cold):
     assert by_stage["ingest"].data.params["sources.0.kind"] == "synthetic-shapes"
     artifacts = {a.path for a in client.list_artifacts(by_stage["ingest"].info.run_id)}
     assert {"sample_grid.png", "quarantine.parquet", "quarantine_summary.json"} <= artifacts
-    assert {"resolved_spec.yaml", "plan.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"resolved_spec.yaml", "environment.json", "plan.json"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
 
 
 def test_plan_knows_the_run_digests_and_what_is_cached(cold, tmp_path):

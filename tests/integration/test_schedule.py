@@ -10,15 +10,9 @@ shards.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -26,73 +20,22 @@ import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from live_servers import BIN, free_port, prefect_env, prefect_server, start, stop, wait
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from vlmflow.cli import cli
 
 SPEC = Path(__file__).with_name("refresh-tiny.yaml")
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _images(folder: Path, start: int, count: int) -> None:
+def _images(folder: Path, first: int, count: int) -> None:
     folder.mkdir(exist_ok=True)
-    for i in range(start, start + count):
+    for i in range(first, first + count):
         pixels = np.random.default_rng(i).integers(0, 255, (24, 24, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"img{i:03d}.png")
         (folder / f"img{i:03d}.txt").write_text(f"a random picture number {i}\n")
-
-
-def _env(home: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
-    unused = ("LATE_RUNS", "FOREMAN", "TRIGGERS", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "EVENT_PERSISTER")
-    quiet = {f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false" for s in (*unused, "EVENT_LOGGER", "TASK_RUN_RECORDER")}
-    return {
-        **env,
-        **quiet,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",  # the server schedules runs within 1 s
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # the served process looks for due runs every second
-    }
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 15) -> None:
-    """SIGINT (a served process pauses its schedule), then its whole process group is killed."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _wait(what: str, check: object, procs: list[tuple[subprocess.Popen, Path]], timeout: float) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        for proc, log in procs:
-            assert proc.poll() is None, f"{log.name} exited while waiting for {what}:\n{log.read_text()[-4000:]}"
-        time.sleep(0.25)
-    logs = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for _, log in procs)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
 
 
 def _versions(workdir: Path) -> list[dict]:
@@ -104,32 +47,31 @@ def test_scheduled_refresh_ingests_only_new_files(tmp_path):
     spec = tmp_path / "refresh-tiny.yaml"
     shutil.copy(SPEC, spec)
     _images(tmp_path / "imgs", 0, 6)
-    workdir, port = tmp_path / "work", _free_port()
-    env = _env(tmp_path / "prefect-home", port)
+    workdir, port = tmp_path / "work", free_port()
+    env = prefect_env(tmp_path / "prefect-home", port)
     server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
-    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    server = _start(command, env, server_log)
+    server = start(prefect_server(port), env, server_log)
     command = [str(BIN / "vlmflow"), "schedule", str(spec), "--workdir", str(workdir)]
-    serving = _start(command, env, serve_log)  # it waits for the server to answer
+    serving = start(command, env, serve_log)  # it waits for the server to answer
     pool = None
     try:
         procs = [(server, server_log), (serving, serve_log)]
-        first = _wait("the first refresh", lambda: _versions(workdir), procs, 300)[0]
+        first = wait("the first refresh", lambda: _versions(workdir), procs, 300)[0]
         _images(tmp_path / "new", 6, 3)  # appear at once: a refresh never lists part of them
         (tmp_path / "new").rename(tmp_path / "imgs" / "new")
         command = [str(BIN / "prefect"), "work-pool", "create", "refresh-pool", "--type", "process"]
         pool = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        later = _wait("a refresh with the new files", lambda: _with_rows(workdir, 9), procs, 240)
+        later = wait("a refresh with the new files", lambda: _with_rows(workdir, 9), procs, 240)
         finished = f"http://127.0.0.1:{port}/api/flow_runs/{later['prefect_flow_run_id']}"
-        _wait("that flow run to complete", lambda: _completed(finished), procs, 60)
-        _stop(serving)  # Ctrl-C: the served schedule is paused (a refresh in flight is interrupted)
+        wait("that flow run to complete", lambda: _completed(finished), procs, 60)
+        stop(serving)  # Ctrl-C: the served schedule is paused (a refresh in flight is interrupted)
         assert pool.wait(120) == 0, pool.stdout.read()
         _check_deploy(env, spec, workdir, port)
     finally:
         if pool is not None and pool.poll() is None:
             pool.kill()
-        _stop(serving)
-        _stop(server)
+        stop(serving)
+        stop(server)
 
     assert (first["version"], first["rows"], first["units_built"], first["rows_ingested"]) == (1, 6, 2, 6)
     assert (later["version"], later["previous"]) == (2, first["manifest"])

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
 from vlmflow.components.export import export_hf, export_problems
-from vlmflow.components.train.setup import model_config, read_model_folder, write_model_folder
+from vlmflow.components.tokenize import train_bpe
+from vlmflow.components.train.data import ImageSpec, TextCodec, preprocess
+from vlmflow.components.train.setup import CONFIG_FILE, model_config, read_model_folder, write_model_folder
 from vlmflow.errors import UserError
 from vlmflow.models.vision import image_spec
 from vlmflow.models.vlm import VLM, Vocab
 from vlmflow.specs.model import ModelSpec
+from vlmflow.specs.recipe import DEFAULT_SPECIAL_TOKENS, BpeTokenizer
 
 SPECIAL = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, "<image>": 4, "<|user|>": 6, "<|assistant|>": 7}
 VOCAB = Vocab(120, SPECIAL)
 
 
-def saved_model(tmp_path, connector: dict, vision: dict | None = None) -> tuple[VLM, object]:
+def saved_model(
+    tmp_path, connector: dict, vision: dict | None = None, vocab: Vocab = VOCAB, tokenizer: Path | None = None
+) -> tuple[VLM, Path]:
     spec = ModelSpec.model_validate(
         {
             "vision": vision or {"kind": "tiny-vit", "image_size": 32, "patch_size": 8, "hidden_size": 32},
@@ -26,13 +37,13 @@ def saved_model(tmp_path, connector: dict, vision: dict | None = None) -> tuple[
         }
     )
     torch.manual_seed(0)
-    model = VLM(spec, VOCAB)
+    model = VLM(spec, vocab)
     with torch.no_grad():  # non-trivial biases so a wrong mapping shows
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     folder = tmp_path / "model"
-    config = model_config(spec, VOCAB, image_spec(spec.vision), model.num_image_tokens)
-    write_model_folder(folder, model.state_dict(), config, None)
+    config = model_config(spec, vocab, image_spec(spec.vision), model.num_image_tokens)
+    write_model_folder(folder, model.state_dict(), config, tokenizer)
     return model, folder
 
 
@@ -65,6 +76,58 @@ def test_exported_llava_gives_the_same_logits(tmp_path, connector, vision):
     assert all(
         torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values(), strict=True)
     )
+
+
+@pytest.mark.parametrize(
+    "vision",
+    [
+        {"kind": "tiny-vit", "image_size": 32, "patch_size": 8, "hidden_size": 32},
+        {"kind": "tiny-vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "select": "all"},
+        {"kind": "tiny-vit", "family": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32},
+    ],
+)
+def test_exported_processor_prepares_inputs_exactly_as_vlmflow_does(tmp_path, vision):
+    """AutoProcessor on the export (what lmms-eval's llava_hf loads): the chat template and the
+    image-token expansion give vlmflow's token ids, the image processor its pixels, and the HF
+    model its logits on them."""
+    texts = ["a red circle and two blue squares.", "How many circles are there? two", "What color is it?"] * 40
+    tokenizer = train_bpe(texts, BpeTokenizer(kind="bpe", vocab_size=300, min_frequency=2))
+    tokenizer_file = tmp_path / "tokenizer.json"
+    tokenizer.save(str(tokenizer_file))
+    vocab = Vocab(tokenizer.get_vocab_size(), {t: tokenizer.token_to_id(t) for t in DEFAULT_SPECIAL_TOKENS})
+    model, folder = saved_model(tmp_path, {"kind": "mlp", "layers": 2}, vision, vocab, tokenizer_file)
+    export_hf(folder, tmp_path / "hf")
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"))
+    assert isinstance(processor, LlavaProcessor)
+
+    codec = TextCodec(tokenizer_file, vocab.special, model.num_image_tokens, max_text=64)
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)  # not square: resized
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    picture = Image.open(io.BytesIO(buffer.getvalue()))
+    question = "What color is the circle?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=picture, text=prompt, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == codec.prompt(question)
+    expected = preprocess(buffer.getvalue(), ImageSpec.of(json.loads((folder / CONFIG_FILE).read_text())["image"]))
+    assert np.abs(inputs["pixel_values"][0].numpy() - expected).max() < 1e-5
+
+    turns = [
+        {"role": "user", "content": "<image>\nHow many circles are there?"},
+        {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "What color is it?"},
+    ]
+    text = processor.apply_chat_template(turns)
+    assert processor(images=picture, text=text)["input_ids"][0] == codec.chat(turns)[0]
+
+    llava = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+    model.eval()
+    with torch.no_grad():
+        theirs = llava(**inputs).logits
+        ids = torch.tensor([codec.prompt(question)])
+        ours = model.lm_logits(ids, torch.ones_like(ids), torch.from_numpy(expected)[None])
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
 
 @pytest.mark.parametrize(

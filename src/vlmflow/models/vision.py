@@ -28,6 +28,7 @@ class HfVisionTower(nn.Module):
         super().__init__()
         self.model = model
         self.feature_layer = feature_layer
+        self.has_cls = has_cls
         self.drop_cls = has_cls and select == "patch"
         config = model.config
         self.image_size = config.image_size

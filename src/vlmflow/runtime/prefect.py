@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 
 from vlmflow import __version__
 from vlmflow.artifacts import ArtifactStore, atomic_write_text, digest_of, file_lock, stage_digest
+from vlmflow.runtime.environment import environment
 from vlmflow.runtime.ray import init_ray
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import Stage, StageContext, StageOutput
@@ -76,6 +77,7 @@ class RecipeRun:
     def __enter__(self) -> RecipeRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "resolved_spec.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
+        atomic_write_text(self.run_dir / "environment.json", json.dumps(environment(), indent=2))
         if self.plan is None:
             from vlmflow.plan import build_plan
 
@@ -86,7 +88,7 @@ class RecipeRun:
         tmp_link.symlink_to(self.run_id)
         os.replace(tmp_link, latest)
         self.summary["prefect_flow_run_id"] = str(flow_run.id) if flow_run.id else None
-        self.summary["ray"] = init_ray(self.recipe.runtime.ray)
+        self.summary["ray"] = init_ray(self.recipe.runtime.ray, self.run_dir / "code")
         uri = tracking_uri(self.workdir, self.recipe.runtime.mlflow.tracking_uri)
         self.tracker = Tracker(
             uri, self.recipe.runtime.mlflow.experiment or self.recipe.name, self.workdir / "mlartifacts"
@@ -96,7 +98,8 @@ class RecipeRun:
         self.tracker.log(
             self.parent_run, params={"seed": str(self.recipe.seed), "spec_path": self.summary["spec_path"]}
         )
-        self.tracker.log_files(self.parent_run, [self.run_dir / "resolved_spec.yaml", self.run_dir / "plan.json"])
+        saved = ("resolved_spec.yaml", "environment.json", "plan.json")
+        self.tracker.log_files(self.parent_run, [self.run_dir / name for name in saved])
         self.summary.update(mlflow_run_id=self.parent_run, mlflow_tracking_uri=uri)
         self._save()
         return self

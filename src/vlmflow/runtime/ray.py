@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import ray
@@ -24,16 +27,26 @@ log = logging.getLogger("vlmflow")
 T = TypeVar("T")
 
 
-def init_ray(spec: RaySpec) -> str:
-    """Join `spec.address` / $RAY_ADDRESS, else start a local Ray. Returns a description."""
+def init_ray(spec: RaySpec, staging: Path | None = None) -> str:
+    """Join `spec.address` / $RAY_ADDRESS, else start a local Ray. Returns a description.
+
+    On a cluster the driver's own vlmflow code travels with the job (a Ray runtime_env
+    `py_modules` entry staged under `staging`): the workers import this code, not whatever
+    version they may have installed, so they need only the pinned third-party wheels."""
     if ray.is_initialized():
         return "ray: already initialised"
     address = spec.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    env: dict[str, Any] = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     if address:
+        shipped = ""
+        if spec.ship_code:
+            package = stage_package(Path(staging or tempfile.mkdtemp(prefix="vlmflow-code-")))
+            env["py_modules"] = [str(package)]
+            shipped = f", vlmflow code shipped from {package}"
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-        return f"ray: joined cluster at {address}"
+        return f"ray: joined cluster at {address}{shipped}"
     ray.init(
+        address="local",  # a new local Ray, even where `ray start` runs a cluster on this machine
         num_cpus=spec.num_cpus,
         include_dashboard=spec.include_dashboard,
         runtime_env=env,
@@ -42,6 +55,26 @@ def init_ray(spec: RaySpec) -> str:
         logging_level=logging.WARNING,
     )
     return f"ray: local, {int(ray.cluster_resources().get('CPU', 0))} CPUs"
+
+
+def stage_package(staging: Path) -> Path:
+    """Copy the importable vlmflow package, with its `components` and `flows` sub-packages
+    (separate folders in a source checkout), into `staging/vlmflow`; returns that folder."""
+    import vlmflow
+    import vlmflow.components
+    import vlmflow.flows
+
+    target = staging / "vlmflow"
+    if target.exists():
+        shutil.rmtree(target)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    root = Path(vlmflow.__path__[0])
+    shutil.copytree(root, target, ignore=skip)
+    for module in (vlmflow.components, vlmflow.flows):
+        folder = Path(module.__path__[0])
+        if not folder.is_relative_to(root):
+            shutil.copytree(folder, target / module.__name__.split(".")[-1], ignore=skip)
+    return target
 
 
 def map_units(

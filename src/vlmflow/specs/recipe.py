@@ -43,6 +43,9 @@ class RaySpec(StrictModel):
     address: str | None = Field(None, description="join this cluster; default: $RAY_ADDRESS or a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; default: all")
     include_dashboard: bool = False
+    ship_code: bool = Field(
+        True, description="on a cluster, send this vlmflow code to the workers (runtime_env py_modules)"
+    )
 
 
 class MlflowSpec(StrictModel):

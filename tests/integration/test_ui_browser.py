@@ -1,0 +1,60 @@
+"""`vlmflow ui` looked at in a real browser: headless Chromium renders the MLflow UI (a React app
+that fetches the runs from the server) and the recipe's run and its stage runs must be listed.
+
+Needs Debian's Chromium (`apt-get install chromium`); without it the test is skipped (CI does
+not install a browser). The screenshot it takes is the one in docs/mlflow-ui.png.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from live_servers import clean_env, free_port, start, stop, wait
+from test_recipe_cli import REPO, VLMFLOW, stages, summary_of
+
+SPEC = Path(__file__).with_name("data-tiny.yaml")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium)")]
+
+
+def _chromium(url: str, *args: str) -> str:
+    command = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--window-size=1500,900", "--virtual-time-budget=20000", *args, url]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_mlflow_ui_lists_the_recipe_run_and_its_stage_runs(tmp_path):
+    workdir = tmp_path / "work"
+    result = subprocess.run([*VLMFLOW, "run", str(SPEC), "--workdir", str(workdir)],
+                            capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = summary_of(workdir)
+    port, prefect_port = free_port(), free_port()
+    log = tmp_path / "ui.log"
+    command = [sys.executable, "-m", "vlmflow.cli", "ui", "--workdir", str(workdir), "--port", str(port),
+               "--prefect-port", str(prefect_port)]  # fmt: skip
+    ui = start(command, clean_env(), log)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait("the MLflow UI", lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200, [(ui, log)], 120)
+        experiments = httpx.post(f"{base}/ajax-api/2.0/mlflow/experiments/search", json={"max_results": 10}).json()
+        experiment = next(e for e in experiments["experiments"] if e["name"] == "data-tiny")["experiment_id"]
+        page = f"{base}/#/experiments/{experiment}"
+        dom = _chromium(page, "--dump-dom")
+        assert summary["recipe"] in dom, dom[-2000:]  # the parent run's name
+        children = _chromium(f"{page}?searchFilter=tags.vlmflow.run_id%3D%27{summary['run_id']}%27", "--dump-dom")
+        for name in stages(summary):
+            assert f">{name}<" in children, name
+        shot = tmp_path / "mlflow-ui.png"
+        _chromium(page, f"--screenshot={shot}")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+        print(f"screenshot: {shot}")
+    finally:
+        stop(ui)
