@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+
 BIN = Path(sys.executable).parent
 
 
@@ -70,7 +72,7 @@ def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
 def wait(what: str, check: Callable[[], object], procs: list[tuple[subprocess.Popen, Path]], timeout: float) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):  # a server not listening yet
+        with contextlib.suppress(OSError, httpx.TransportError):  # a server not listening yet
             found = check()
             if found:
                 return found

@@ -46,14 +46,15 @@ def test_mlflow_ui_lists_the_recipe_run_and_its_stage_runs(tmp_path):
         wait("the MLflow UI", lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200, [(ui, log)], 120)
         experiments = httpx.post(f"{base}/ajax-api/2.0/mlflow/experiments/search", json={"max_results": 10}).json()
         experiment = next(e for e in experiments["experiments"] if e["name"] == "data-tiny")["experiment_id"]
-        page = f"{base}/#/experiments/{experiment}"
-        dom = _chromium(page, "--dump-dom")
-        assert summary["recipe"] in dom, dom[-2000:]  # the parent run's name
-        children = _chromium(f"{page}?searchFilter=tags.vlmflow.run_id%3D%27{summary['run_id']}%27", "--dump-dom")
+        runs = _chromium(f"{base}/#/experiments/{experiment}/runs", "--dump-dom")  # the runs table
+        assert f">{summary['recipe']}<" in runs and ">4<" in runs, runs[-2000:]  # 1 parent run (+3 children)
+        run_page = f"{base}/#/experiments/{experiment}/runs/{summary['mlflow_run_id']}"
+        page = _chromium(run_page, "--dump-dom")
+        assert "Child runs" in page and summary["run_id"] in page, page[-2000:]
         for name in stages(summary):
-            assert f">{name}<" in children, name
+            assert f">{name}<" in page, name
         shot = tmp_path / "mlflow-ui.png"
-        _chromium(page, f"--screenshot={shot}")
+        _chromium(run_page, f"--screenshot={shot}")
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
         print(f"screenshot: {shot}")
     finally:
