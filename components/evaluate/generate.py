@@ -6,6 +6,8 @@ rows is read from one position; position ids count real tokens only, so a padded
 what it would alone. The `<image>` placeholder id is never generated (it is not text).
 Strategies: greedy, sampling (temperature, nucleus top-p; seeded) and beam search (per row,
 length-normalised log-probability as the final ranking, as HF's default length_penalty=1).
+Everything runs on the model's device; sampling draws on the CPU from the seed, so a sampled
+caption does not depend on the device beyond the logits' own rounding.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def generate(
         return []
     if options.strategy == "beam" and options.num_beams > 1:
         return [_beam(model, p, pixels[i : i + 1], eos, options) for i, p in enumerate(prompts)]
-    ids, mask = left_pad(prompts, model.vocab.pad_id)
+    device = pixels.device
+    ids, mask = (t.to(device) for t in left_pad(prompts, model.vocab.pad_id))
     generator = torch.Generator().manual_seed(options.seed)
     out = model.language(
         inputs_embeds=model.input_embeddings(ids, pixels),
@@ -65,15 +68,16 @@ def generate(
     for _ in range(options.max_new_tokens):
         logits = out.logits[:, -1].float()
         logits[:, model.vocab.image_id] = float("-inf")
-        token = _pick(logits, options, generator)
+        token = _pick(logits, options, generator).to(device)
+        picked = token.tolist()
         for row in torch.nonzero(~done).flatten().tolist():
-            if int(token[row]) == eos:
+            if picked[row] == eos:
                 done[row] = True
             else:
-                produced[row].append(int(token[row]))
+                produced[row].append(picked[row])
         if bool(done.all()):
             break
-        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=device)], dim=1)
         out = model.language(
             inputs_embeds=model.language.get_input_embeddings()(token.unsqueeze(1)),
             attention_mask=mask,
@@ -87,7 +91,7 @@ def generate(
 def _pick(logits: torch.Tensor, options: Decoding, generator: torch.Generator) -> torch.Tensor:
     if options.strategy != "sample":
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / options.temperature, dim=-1)
+    probs = torch.softmax(logits.cpu() / options.temperature, dim=-1)
     if options.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > options.top_p  # keep the first token always
@@ -98,14 +102,14 @@ def _pick(logits: torch.Tensor, options: Decoding, generator: torch.Generator) -
 
 def _beam(model: VLM, prompt: list[int], pixels: torch.Tensor, eos: int, options: Decoding) -> list[int]:
     """Beam search for one prompt: `num_beams` rows share the cache, reordered after every step."""
-    beams = options.num_beams
-    ids = torch.tensor([prompt])
+    beams, device = options.num_beams, pixels.device
+    ids = torch.tensor([prompt], device=device)
     mask = torch.ones_like(ids)
     out = model.language(inputs_embeds=model.input_embeddings(ids, pixels), attention_mask=mask, use_cache=True)
     cache = out.past_key_values
     cache.batch_repeat_interleave(beams)
     logits = out.logits[:, -1].repeat(beams, 1)
-    scores = torch.tensor([0.0] + [float("-inf")] * (beams - 1))  # all beams start as the same one
+    scores = torch.tensor([0.0] + [float("-inf")] * (beams - 1), device=device)  # all beams start as one
     alive: list[list[int]] = [[] for _ in range(beams)]
     finished: list[tuple[float, list[int]]] = []
     for step in range(options.max_new_tokens):
@@ -129,10 +133,10 @@ def _beam(model: VLM, prompt: list[int], pixels: torch.Tensor, eos: int, options
         if len(finished) >= beams and max(s for s, _ in finished) >= best_alive:
             break
         alive = [alive[r] + [t] for r, t in zip(keep_rows, keep_tokens, strict=True)]
-        scores = torch.tensor(keep_scores)
-        cache.reorder_cache(torch.tensor(keep_rows))
-        mask = torch.ones(beams, len(prompt) + step + 1, dtype=torch.long)
-        tokens = torch.tensor(keep_tokens).unsqueeze(1)
+        scores = torch.tensor(keep_scores, device=device)
+        cache.reorder_cache(torch.tensor(keep_rows, device=device))
+        mask = torch.ones(beams, len(prompt) + step + 1, dtype=torch.long, device=device)
+        tokens = torch.tensor(keep_tokens, device=device).unsqueeze(1)
         out = model.language(
             inputs_embeds=model.language.get_input_embeddings()(tokens),
             attention_mask=mask,
@@ -156,6 +160,7 @@ def answer_logprobs(
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
+    ids, mask = ids.to(pixels.device), mask.to(pixels.device)
     logits = model.language(inputs_embeds=model.input_embeddings(ids, pixels), attention_mask=mask).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     totals = []

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import ray
 
 from vlmflow.components.evaluate import datasets, scoring
 from vlmflow.components.evaluate.datasets import Item, Loaded
@@ -114,10 +115,22 @@ class Runner:
     actors: int
     progress: str
     keep: bool
+    gpus: float = 0
 
     def __call__(self, jobs: list[tuple[str, object]]) -> list:
-        return map_on_actors(EvalWorker, (str(self.folder),), "run", jobs, desc=f"eval {self.name}",
-                             num_actors=self.actors, progress=self.progress, keep=self.keep)  # fmt: skip
+        device = "cuda" if self.gpus > 0 else "cpu"
+        return map_on_actors(EvalWorker, (str(self.folder), 1, device), "run", jobs, desc=f"eval {self.name}",
+                             num_actors=self.actors, num_gpus=self.gpus, progress=self.progress,
+                             keep=self.keep)  # fmt: skip
+
+
+def check_gpus(task: EvalTask) -> None:
+    """A task asking for GPUs the Ray cluster does not have would wait forever: say so instead."""
+    if task.gpus <= 0:
+        return
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if have < task.gpus:
+        raise UserError(f"evaluate {task.name}: gpus: {task.gpus:g} per actor, the Ray cluster has {have:g} GPUs")
 
 
 def keeps_actors(recipe: Recipe, index: int) -> bool:
@@ -125,7 +138,8 @@ def keeps_actors(recipe: Recipe, index: int) -> bool:
     if index + 1 >= len(recipe.evaluate):
         return False
     task, after = recipe.evaluate[index], recipe.evaluate[index + 1]
-    return stage_inputs(recipe, task)["model"] == stage_inputs(recipe, after)["model"] and task.actors == after.actors
+    same_model = stage_inputs(recipe, task)["model"] == stage_inputs(recipe, after)["model"]
+    return same_model and (task.actors, task.gpus) == (after.actors, after.gpus)
 
 
 def generate_all(task: EvalTask, items: list[Item], runner: Runner, seed: int) -> list[str]:
@@ -185,7 +199,8 @@ def run(ctx: StageContext, index: int) -> StageResult:
     if not loaded.items:
         reasons = sorted({q["reason"] for q in loaded.quarantine}) or ["no items"]
         raise UserError(f"evaluate {task.name}: nothing to score ({', '.join(reasons)})")
-    runner = Runner(folder, task.name, task.actors, ctx.progress, keeps_actors(recipe, index))
+    check_gpus(task)
+    runner = Runner(folder, task.name, task.actors, ctx.progress, keeps_actors(recipe, index), task.gpus)
     metrics, rows = evaluate(task, recipe, loaded, classes, runner)
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     pl.DataFrame(rows).write_parquet(ctx.out / "predictions.parquet")

@@ -20,11 +20,12 @@ MAX_PROMPT_TEXT = 256  # text tokens of a prompt (image tokens come on top)
 
 
 class EvalWorker:
-    def __init__(self, model_folder: str, threads: int = 1):
+    def __init__(self, model_folder: str, threads: int = 1, device: str = "cpu"):
         torch.set_num_threads(threads)
         folder = Path(model_folder)
+        self.device = torch.device(device)
         self.model, config = read_model_folder(folder)
-        self.model.eval()
+        self.model.to(self.device).eval()
         self.image = ImageSpec.of(config["image"])
         self.special = config["vocab"]["special"]
         self.codec = TextCodec(folder / TOKENIZER_FILE, self.special, self.model.num_image_tokens, MAX_PROMPT_TEXT)
@@ -37,7 +38,7 @@ class EvalWorker:
         return getattr(self, op)(payload)
 
     def pixels(self, images: list[bytes]) -> torch.Tensor:
-        return torch.from_numpy(np.stack([preprocess(data, self.image) for data in images]))
+        return torch.from_numpy(np.stack([preprocess(data, self.image) for data in images])).to(self.device)
 
     def generate(self, batch: dict) -> list[str]:
         """batch: {"images": [bytes], "prompts": [str], "decoding": Decoding as a dict}."""
@@ -61,7 +62,7 @@ class EvalWorker:
     @torch.no_grad()
     def embed_images(self, images: list[bytes]) -> np.ndarray:
         _, embedding = self.model.embed_image(self.pixels(images))
-        return torch.nn.functional.normalize(embedding, dim=-1).numpy()
+        return torch.nn.functional.normalize(embedding, dim=-1).cpu().numpy()
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
@@ -69,8 +70,8 @@ class EvalWorker:
         ids, mask = pad_rows(
             [self.codec.ids(t)[:length] or [self.special["<pad>"]] for t in texts], self.special["<pad>"]
         )
-        _, embedding = self.model.embed_text(ids, mask)
-        return torch.nn.functional.normalize(embedding, dim=-1).numpy()
+        _, embedding = self.model.embed_text(ids.to(self.device), mask.to(self.device))
+        return torch.nn.functional.normalize(embedding, dim=-1).cpu().numpy()
 
     def can_embed(self) -> bool:
         return self.model.text is not None

@@ -5,6 +5,7 @@ and the comparison table."""
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 
@@ -235,6 +236,36 @@ def test_answer_logprobs_batched_equal_single_and_rank_the_likely_answer(model):
     assert np.allclose(batched, single, atol=1e-5)
     assert int(np.argmax(batched[:2])) == 1
     assert batched[1] == pytest.approx(float(torch.log_softmax(logits, -1)[likely]), abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_generation_and_likelihoods_on_cuda_equal_the_cpu(model):
+    """The same greedy and beam tokens and likelihoods on the GPU (an evaluation task's `gpus`)."""
+    n = model.num_image_tokens
+    prompts = [[1, 6, *[4] * n, 30 + i, 7] for i in range(3)]
+    pixels = torch.randn(3, 3, 64, 64)
+    cpu = [generate(model, prompts, pixels, 2, Decoding(s, 6)) for s in ("greedy", "beam")]
+    cpu_logp = answer_logprobs(model, prompts, [[40], [41, 42], [43]], pixels)
+    gpu_model = copy.deepcopy(model).to("cuda")
+    gpu = [generate(gpu_model, prompts, pixels.cuda(), 2, Decoding(s, 6)) for s in ("greedy", "beam")]
+    assert gpu == cpu
+    assert np.allclose(answer_logprobs(gpu_model, prompts, [[40], [41, 42], [43]], pixels.cuda()), cpu_logp, atol=1e-3)
+
+
+def test_a_task_asking_for_gpus_the_cluster_lacks_is_a_clear_error():
+    import ray
+
+    from vlmflow.components.evaluate.stage import check_gpus
+    from vlmflow.specs.evaluate import VqaTask
+
+    task = VqaTask(kind="vqa", name="vqa", gpus=1)
+    check_gpus(task.model_copy(update={"gpus": 0}))  # nothing asked, nothing checked
+    ray.init(num_cpus=1, include_dashboard=False, address="local")
+    try:
+        with pytest.raises(UserError, match=r"evaluate vqa: gpus: 1 per actor, the Ray cluster has 0 GPUs"):
+            check_gpus(task)
+    finally:
+        ray.shutdown()
 
 
 # ------------------------------------------------------------------------------ scoring

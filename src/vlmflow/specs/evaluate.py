@@ -82,6 +82,7 @@ class TaskBase(StrictModel):
     samples: int = Field(128, ge=1, description="evaluate at most this many items (in dataset order)")
     batch_size: int = Field(16, ge=1, description="items per batch on an actor")
     actors: int = Field(1, ge=1, description="Ray actors, each holding the model once")
+    gpus: float = Field(0, ge=0, le=8, description="GPUs per actor (0.5: two actors share one); > 0 runs on CUDA")
     examples: int = Field(8, ge=0, le=64, description="items rendered into examples.png")
 
 
