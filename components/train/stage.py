@@ -31,7 +31,8 @@ from vlmflow.specs.recipe import Recipe
 from vlmflow.specs.train import TrainStageSpec
 from vlmflow.stage import Stage, StageContext, StageResult
 
-VERSION = "2"  # 2: data mixtures (train_rows.parquet, mixture.json), LM loss averaged per sample
+# 2: data mixtures (train_rows.parquet, mixture.json), LM loss averaged per sample; 3: ITM negatives sampled
+VERSION = "3"
 EVAL_SPLITS = ("val", "test")
 
 

@@ -159,6 +159,28 @@ def test_hardest_negatives_skip_identical_captions():
     assert neg_image.tolist() == [2, 2, 1]  # text 2: images 0 and 1 allowed, 0.3 > 0.1
 
 
+def test_sampled_negatives_follow_similarity_and_skip_identical_captions():
+    similarity = torch.tensor([[5.0, 4.0, 0.0, 4.0], [0.0, 5.0, 0.0, 0.0], [1.0, 1.0, 5.0, 9.0], [1.0, 1.0, 1.0, 1.0]])
+    same = torch.eye(4, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True  # texts 0 and 1 are the same caption
+    draws = [obj.sampled_negatives(similarity, same, torch.Generator().manual_seed(s)) for s in range(200)]
+    texts = torch.stack([t for t, _ in draws])
+    images = torch.stack([i for _, i in draws])
+    assert not (texts[:, 0] == 0).any() and not (texts[:, 0] == 1).any()  # own and identical captions never
+    assert not (images[:, 1] == 0).any() and not (images[:, 1] == 1).any()
+    assert (texts[:, 0] == 3).float().mean() > 0.9  # softmax weight e^4 / (e^4 + e^0)
+    assert (texts[:, 2] == 3).float().mean() > 0.9
+    assert set(texts[:, 3].tolist()) == {0, 1, 2}  # uniform over the others, not always the argmax
+    again = obj.sampled_negatives(similarity, same, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(again, draws[0], strict=True))
+
+
+def test_sampled_negatives_when_every_caption_is_identical():
+    same = torch.ones(3, 3, dtype=torch.bool)
+    neg_text, neg_image = obj.sampled_negatives(torch.zeros(3, 3), same)
+    assert neg_text.shape == neg_image.shape == (3,)  # any index: the caller drops these rows
+
+
 def test_all_objectives_together_give_finite_gradients():
     model = VLM(model_spec({"kind": "mlp"}, text=True), VOCAB)
     batch = lm_batch(model, batch=4)

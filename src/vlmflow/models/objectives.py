@@ -37,6 +37,23 @@ def hardest_negatives(similarity: torch.Tensor, same_text: torch.Tensor) -> tupl
     return blocked.argmax(dim=1), blocked.argmax(dim=0)
 
 
+def sampled_negatives(
+    similarity: torch.Tensor, same_text: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP's ITM negatives: for each image a text drawn from softmax(similarity) over the texts
+    that are not its own (nor an identical caption), and for each text such an image. Hard but
+    not always the hardest: on noisy pairs the most similar other caption is often a true one.
+    Rows with no candidate (every text identical) get an arbitrary index; the caller drops them."""
+    blocked = similarity.float().masked_fill(same_text, float("-inf"))
+    return _draw(blocked, generator), _draw(blocked.T, generator)
+
+
+def _draw(blocked: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    none = torch.isinf(blocked).all(dim=1, keepdim=True)
+    weights = torch.softmax(blocked.masked_fill(none, 0.0), dim=1)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
 def itm_loss(match_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(match_logits, labels)
 

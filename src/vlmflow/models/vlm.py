@@ -130,12 +130,16 @@ class VLM(nn.Module):
         return losses
 
     def _itm(self, features, image, states, text, batch) -> torch.Tensor:  # noqa: ANN001
-        """Positives, plus one hard negative text per image and one hard negative image per text."""
+        """Positives, plus one hard negative text per image and one hard negative image per text, drawn
+        (as in BLIP) from the softmax of their ITC similarity."""
         mask, ids = batch["text_mask"], batch["text_ids"]
         with torch.no_grad():
             similarity = obj.contrastive_logits(image, text, self.heads["contrastive"].log_scale)
             same = (ids.unsqueeze(1) == ids.unsqueeze(0)).all(dim=-1)
-            neg_text, neg_image = obj.hardest_negatives(similarity, same)
+            if similarity.is_meta:  # vlmflow plan: shapes only, and multinomial has no meta kernel
+                neg_text, neg_image = obj.hardest_negatives(similarity, same)
+            else:  # drawn from the global generator, which the training loop reseeds every step
+                neg_text, neg_image = obj.sampled_negatives(similarity, same)
         usable_text = ~same.all(dim=1)  # every text in the batch identical: no negative exists
         head = self.heads["match"]
         positive = head(states, mask, features)
