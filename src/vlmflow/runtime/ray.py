@@ -36,7 +36,10 @@ def init_ray(spec: RaySpec, staging: Path | None = None) -> str:
     if ray.is_initialized():
         return "ray: already initialised"
     address = spec.address or os.environ.get("RAY_ADDRESS")
-    env: dict[str, Any] = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    # Ray Train's print patch logs a worker's print and, where stdout is wrapped, prints it too:
+    # every training progress line came out twice.
+    quiet = {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env: dict[str, Any] = {"env_vars": quiet}
     if address:
         shipped = ""
         if spec.ship_code:
