@@ -48,6 +48,11 @@ def prefect_env(home: Path, port: int, task_runs: bool = False) -> dict[str, str
     }
 
 
+def answers(url: str) -> bool:
+    """The server at `url` is up (for `wait`: a refused connection counts as not yet)."""
+    return httpx.get(url, timeout=5).status_code == 200
+
+
 def prefect_server(port: int) -> list[str]:
     return [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
 

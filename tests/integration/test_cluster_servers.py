@@ -24,10 +24,10 @@ from pathlib import Path
 import httpx
 import nbformat
 import pytest
-from live_servers import BIN, clean_env, free_port, prefect_env, prefect_server, start, stop, wait
+from live_servers import BIN, answers, clean_env, free_port, prefect_env, prefect_server, start, stop, wait
 from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
-from test_recipe_cli import REPO, VLMFLOW, stages
+from test_recipe_cli import REPO, VLMFLOW, stages, vlmflow
 
 SPEC = Path(__file__).with_name("cluster-tiny.yaml")
 DATA_STAGES = ("ingest", "dedup", "tokenizer")
@@ -75,10 +75,6 @@ def _alive_nodes(dashboard: int, count: int) -> list[str]:
     return nodes if len(nodes) == count else []
 
 
-def _up(url: str) -> bool:
-    return httpx.get(url, timeout=5).status_code == 200
-
-
 def _files(folder: Path) -> dict[str, str]:
     """sha256 of every file of a stage artifact but _SUCCESS (it holds the build's timings)."""
     return {
@@ -114,13 +110,12 @@ def test_tiny_recipe_on_a_two_node_cluster_with_shared_servers(tmp_path, monkeyp
     ]
     try:
         # Meanwhile the reference run: a local Ray, ephemeral Prefect, sqlite MLflow.
-        local = subprocess.run([*VLMFLOW, "run", str(SPEC), "--workdir", str(tmp_path / "local")],
-                               capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=600)  # fmt: skip
+        local = vlmflow("run", str(SPEC), "--workdir", str(tmp_path / "local"))
         assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
         wait("the Ray head", lambda: _alive_nodes(dashboard, 1), procs, 120)
         nodes = _add_worker_node(head, dashboard, node_env, logs["worker"], procs)
-        wait("the MLflow server", lambda: _up(f"http://127.0.0.1:{mlflow_port}/health"), procs, 120)
-        wait("the Prefect server", lambda: _up(f"http://127.0.0.1:{prefect_port}/api/health"), procs, 120)
+        wait("the MLflow server", lambda: answers(f"http://127.0.0.1:{mlflow_port}/health"), procs, 120)
+        wait("the Prefect server", lambda: answers(f"http://127.0.0.1:{prefect_port}/api/health"), procs, 120)
 
         env = {
             **prefect,

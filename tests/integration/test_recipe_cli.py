@@ -17,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from live_servers import clean_env
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO
@@ -29,8 +30,7 @@ pytestmark = pytest.mark.slow
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
-    return {**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return {**clean_env(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
 def vlmflow(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

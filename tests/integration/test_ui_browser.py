@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_servers import clean_env, free_port, start, stop, wait
-from test_recipe_cli import REPO, VLMFLOW, stages, summary_of
+from live_servers import answers, clean_env, free_port, start, stop, wait
+from test_recipe_cli import stages, summary_of, vlmflow
 
 SPEC = Path(__file__).with_name("data-tiny.yaml")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -32,8 +32,7 @@ def _chromium(url: str, *args: str) -> str:
 
 def test_mlflow_ui_lists_the_recipe_run_and_its_stage_runs(tmp_path):
     workdir = tmp_path / "work"
-    result = subprocess.run([*VLMFLOW, "run", str(SPEC), "--workdir", str(workdir)],
-                            capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=600)  # fmt: skip
+    result = vlmflow("run", str(SPEC), "--workdir", str(workdir))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = summary_of(workdir)
     port, prefect_port = free_port(), free_port()
@@ -43,7 +42,7 @@ def test_mlflow_ui_lists_the_recipe_run_and_its_stage_runs(tmp_path):
     ui = start(command, clean_env(), log)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait("the MLflow UI", lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200, [(ui, log)], 120)
+        wait("the MLflow UI", lambda: answers(f"{base}/health"), [(ui, log)], 120)
         experiments = httpx.post(f"{base}/ajax-api/2.0/mlflow/experiments/search", json={"max_results": 10}).json()
         experiment = next(e for e in experiments["experiments"] if e["name"] == "data-tiny")["experiment_id"]
         runs = _chromium(f"{base}/#/experiments/{experiment}/runs", "--dump-dom")  # the runs table
