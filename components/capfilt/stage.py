@@ -16,6 +16,10 @@ images on an actor pool (components/capfilt/worker.py):
 
 Rows outside the scope (held-out splits, sources not listed in `capfilt.sources`) pass
 through unchanged.
+
+Bootstrap rounds (`capfilt.rounds`): round r >= 2 trains the model stages further on round
+r-1's output (`train-NAME-rR`, the stage's own settings) and runs `capfilt-caption-rR` and
+`capfilt-filter-rR` on the same input data; the last round's filter writes the `capfilt` artifact.
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ from vlmflow.components.ingest import QUARANTINE_SCHEMA, fingerprint
 from vlmflow.components.shards import write_shard
 from vlmflow.components.train.data import build_index, read_member
 from vlmflow.components.train.stage import stage_name as train_stage_name
+from vlmflow.components.train.stage import train_stage
 from vlmflow.errors import UserError
 from vlmflow.progress import Progress
 from vlmflow.runtime.ray import map_jobs_on_ray_data
 from vlmflow.specs.capfilt import CapfiltSpec, ModelRef
 from vlmflow.specs.recipe import Recipe
+from vlmflow.specs.train import TrainStageSpec
 from vlmflow.stage import Stage, StageContext, StageResult
 from vlmflow.tracking import download_model, tracking_uri
 
@@ -64,27 +70,67 @@ PAIR_SCHEMA = {
 # ------------------------------------------------------------------------------ graph and digests
 
 
-def model_input(ref: ModelRef | None, recipe: Recipe) -> str | None:
-    """The training stage a model reference reads (None: a registered version or a folder)."""
+def caption_name(round_: int) -> str:
+    return CAPTION if round_ == 1 else f"{CAPTION}-r{round_}"
+
+
+def filter_name(round_: int) -> str:
+    return FILTER if round_ == 1 else f"{FILTER}-r{round_}"
+
+
+def output_stage(spec: CapfiltSpec) -> str:
+    """The stage that writes the `capfilt` data artifact: the last round's filter."""
+    return filter_name(spec.rounds)
+
+
+def round_stage_name(name: str, round_: int) -> str:
+    """The recipe's training stage `name` as trained for bootstrap round `round_` (1: the stage itself)."""
+    return name if round_ == 1 else f"{name}-r{round_}"
+
+
+def round_train_spec(recipe: Recipe, name: str, round_: int) -> TrainStageSpec:
+    """Stage `name` trained further for round `round_` >= 2: on the previous round's output (every
+    source's training rows: the kept web pairs and the clean data), from the previous round's model."""
+    base = next(s for s in recipe.stages if s.name == name)
+    update = {"name": round_stage_name(name, round_), "data": "capfilt"}
+    update["init_from"] = round_stage_name(name, round_ - 1)
+    if recipe.capfilt.round_steps is not None:
+        update |= {"max_steps": recipe.capfilt.round_steps, "epochs": 1}
+    return base.model_copy(update=update)
+
+
+def model_input(ref: ModelRef | None, round_: int = 1) -> str | None:
+    """The training stage a model reference reads in a round (None: a registered version or a folder)."""
     if ref is None or ref.stage is None:
         return None
-    return train_stage_name(next(s for s in recipe.stages if s.name == ref.stage))
+    return train_stage_name(round_stage_name(ref.stage, round_))
 
 
-def graph_inputs(recipe: Recipe, data: dict[str, str]) -> list[tuple[Stage, dict[str, str]]]:
-    """(stage, input name -> upstream stage) of CapFilt's stages, in order."""
+def graph_inputs(recipe: Recipe, data: dict[str, str], tokenizer: str) -> list[tuple[Stage, dict, tuple | None]]:
+    """(stage, input name -> upstream stage, (train spec, field) for a training stage) of CapFilt's
+    stages in order: caption and filter, then per further round the retrained models, caption, filter."""
     spec = recipe.capfilt
-    nodes = []
-    filter_inputs = {"data": data[spec.data]}
-    if spec.captioner is not None:
-        inputs = {"data": data[spec.data]}
-        if captioner := model_input(spec.captioner.model, recipe):
-            inputs["captioner"] = captioner
-        nodes.append((CAPTION_STAGE, inputs))
-        filter_inputs["captions"] = CAPTION
-    if judge := model_input(spec.filter.model, recipe):
-        filter_inputs["filter"] = judge
-    nodes.append((FILTER_STAGE, filter_inputs))
+    nodes: list[tuple[Stage, dict, tuple | None]] = []
+    for round_ in range(1, spec.rounds + 1):
+        if round_ > 1:
+            for name in spec.model_stages():
+                train = round_train_spec(recipe, name, round_)
+                field = ("stages", [s.name for s in recipe.stages].index(name))  # what it inherits its settings from
+                stage = train_stage(train, lambda r, n=name, k=round_: round_train_spec(r, n, k), field)
+                inputs = {"tokenizer": tokenizer, "data": filter_name(round_ - 1)}
+                inputs["init"] = train_stage_name(train.init_from)
+                nodes.append((stage, inputs, (train, field)))
+        caption, filtered = round_stages(round_)
+        filter_inputs = {"data": data[spec.data]}
+        if spec.captioner is not None:
+            inputs = {"data": data[spec.data]}
+            if captioner := model_input(spec.captioner.model, round_):
+                inputs["captioner"] = captioner
+            nodes.append((caption, inputs, None))
+            filter_inputs["captions"] = caption.name
+        if judge := model_input(spec.filter.model, round_):
+            filter_inputs["filter"] = judge
+        nodes.append((filtered, filter_inputs, None))
     return nodes
 
 
@@ -178,7 +224,7 @@ def _drop_download(ctx: StageContext) -> None:
 # ------------------------------------------------------------------------------ caption
 
 
-def run_caption(ctx: StageContext) -> StageResult:
+def run_caption(ctx: StageContext, round_: int = 1) -> StageResult:
     recipe = ctx.recipe
     spec = recipe.capfilt
     captioner = spec.captioner
@@ -193,7 +239,7 @@ def run_caption(ctx: StageContext) -> StageResult:
     ]  # fmt: skip
     folder = model_folder(captioner.model, ctx, "captioner")
     try:
-        answers = run_jobs(jobs, folder, ctx, "capfilt caption")
+        answers = run_jobs(jobs, folder, ctx, "capfilt caption" + _round_label(round_))
     finally:
         _drop_download(ctx)
     keys = rows["key"].to_list()
@@ -272,7 +318,7 @@ def decide(itm: float | None, itc: float | None, spec: CapfiltSpec) -> tuple[boo
     return not failed, ("capfilt:" + ",".join(failed)) if failed else None
 
 
-def judge(pairs: pl.DataFrame, rows: pl.DataFrame, ctx: StageContext, folder: Path) -> pl.DataFrame:
+def judge(pairs: pl.DataFrame, rows: pl.DataFrame, ctx: StageContext, folder: Path, label: str) -> pl.DataFrame:
     """Scores and decisions for the pairs whose origin is in apply_to; the others are kept as they are."""
     spec = ctx.recipe.capfilt
     judged = pairs["origin"].is_in(spec.apply_to)
@@ -283,7 +329,7 @@ def judge(pairs: pl.DataFrame, rows: pl.DataFrame, ctx: StageContext, folder: Pa
         {"op": "score", "images": _where(part, "image"), "texts": [by_key[k] for k in part["key"]]}
         for part in batches(wanted, spec.resources.batch_size)
     ]
-    answers = run_jobs(jobs, folder, ctx, "capfilt filter")
+    answers = run_jobs(jobs, folder, ctx, "capfilt filter" + label)
     itm = [v for a in answers for group in a["itm"] for v in group]
     itc = [v for a in answers for group in a["itc"] for v in group]
     scored = [decide(m, c, spec) for m, c in zip(itm, itc, strict=True)]
@@ -344,7 +390,7 @@ def _write_one_shard(unit: dict, root: Path, out: Path) -> tuple[str, str, int]:
     return unit["name"], sha, size
 
 
-def run_filter(ctx: StageContext) -> StageResult:
+def run_filter(ctx: StageContext, round_: int = 1) -> StageResult:
     recipe = ctx.recipe
     spec = recipe.capfilt
     data = ctx.inputs["data"].path
@@ -356,7 +402,7 @@ def run_filter(ctx: StageContext) -> StageResult:
     captions = pl.read_parquet(ctx.inputs["captions"].path / "captions.parquet") if "captions" in ctx.inputs else None
     folder = model_folder(spec.filter.model, ctx, "filter")
     try:
-        pairs = judge(candidate_pairs(rows, manifest, captions), rows, ctx, folder)
+        pairs = judge(candidate_pairs(rows, manifest, captions), rows, ctx, folder, _round_label(round_))
     finally:
         _drop_download(ctx)
     pairs.write_parquet(ctx.out / "pairs.parquet")
@@ -371,8 +417,9 @@ def run_filter(ctx: StageContext) -> StageResult:
     )
     judged_keys = set(rows["key"].to_list())
     out_index = index.filter(~pl.col("key").is_in(judged_keys) | pl.col("key").is_in(kept["key"].to_list()))
-    out_manifest = _output_manifest(manifest, out_index, kept, ctx)
-    shard_rows = _write_shards(out_index, out_manifest, pairs, ctx)
+    prefix = ctx.store.relative(ctx.store.path(filter_name(round_), ctx.digest)) + "/shards/"
+    out_manifest = _output_manifest(manifest, out_index, kept, ctx, prefix)
+    shard_rows = _write_shards(out_index, out_manifest, pairs, ctx, prefix)
 
     removed = pairs.filter(~pl.col("kept")).select(
         pl.format("{}#{}{}", "key", "origin", "index").alias("key"),
@@ -411,15 +458,16 @@ def run_filter(ctx: StageContext) -> StageResult:
     )
 
 
-def _output_manifest(manifest: pl.DataFrame, out_index: pl.DataFrame, kept: pl.DataFrame, ctx: StageContext):
+def _output_manifest(
+    manifest: pl.DataFrame, out_index: pl.DataFrame, kept: pl.DataFrame, ctx: StageContext, prefix: str
+) -> pl.DataFrame:
     """The input's manifest rows of the output images, captions replaced where CapFilt judged them."""
     size = ctx.recipe.data.shard_size
-    prefix = ctx.store.relative(ctx.store.path(FILTER, ctx.digest)) + "/shards"
     position = out_index.select("key").with_row_index("position")
     rows = manifest.join(position, on="key").sort("position").join(kept, on="key", how="left")
     captions = pl.coalesce("kept_captions", "captions")
     return rows.with_columns(
-        shard=pl.format(prefix + "/capfilt-{}.tar", (pl.col("position") // size).cast(pl.String).str.zfill(6)),
+        shard=pl.format(prefix + "capfilt-{}.tar", (pl.col("position") // size).cast(pl.String).str.zfill(6)),
         captions=captions,
         caption=captions.list.first(),
         n_captions=captions.list.len().cast(pl.Int32),
@@ -430,7 +478,9 @@ def _output_manifest(manifest: pl.DataFrame, out_index: pl.DataFrame, kept: pl.D
     ).select(manifest.columns)
 
 
-def _write_shards(out_index: pl.DataFrame, out_manifest: pl.DataFrame, pairs: pl.DataFrame, ctx: StageContext):
+def _write_shards(
+    out_index: pl.DataFrame, out_manifest: pl.DataFrame, pairs: pl.DataFrame, ctx: StageContext, prefix: str
+) -> pl.DataFrame:
     judged = pairs.group_by("key", maintain_order=True).agg(
         pl.struct("caption", "origin", "itm", "itc", "kept").alias("capfilt")
     )
@@ -442,7 +492,6 @@ def _write_shards(out_index: pl.DataFrame, out_manifest: pl.DataFrame, pairs: pl
         update = {"captions": r["captions"]} | ({"capfilt": capfilt[r["key"]]} if r["key"] in capfilt else {})
         sample = {k: r[k] for k in ("key", "shard", "image_offset", "image_size", "json_offset", "json_size", "ext")}
         units.setdefault(name, {"name": name, "samples": []})["samples"].append(sample | {"update": update})
-    prefix = ctx.store.relative(ctx.store.path(FILTER, ctx.digest)) + "/shards/"
     written = []  # copying bytes: the driver does it (Ray workers would first import the model code)
     with Progress("capfilt shards", len(units), mode=ctx.progress) as bar:
         for unit in units.values():
@@ -456,5 +505,16 @@ def _write_shards(out_index: pl.DataFrame, out_manifest: pl.DataFrame, pairs: pl
     )  # fmt: skip
 
 
-CAPTION_STAGE = Stage(name=CAPTION, version=VERSION, spec=caption_spec, run=run_caption)
-FILTER_STAGE = Stage(name=FILTER, version=VERSION, spec=filter_spec, run=run_filter)
+def _round_label(round_: int) -> str:
+    return "" if round_ == 1 else f" (round {round_})"
+
+
+def round_stages(round_: int) -> tuple[Stage, Stage]:
+    """The caption and filter stages of a bootstrap round (round 1: capfilt-caption, capfilt-filter)."""
+    extra = {} if round_ == 1 else {"round": round_}
+    caption = Stage(caption_name(round_), VERSION, lambda r: caption_spec(r) | extra, lambda c: run_caption(c, round_))
+    filtered = Stage(filter_name(round_), VERSION, lambda r: filter_spec(r) | extra, lambda c: run_filter(c, round_))
+    return caption, filtered
+
+
+CAPTION_STAGE, FILTER_STAGE = round_stages(1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,21 +37,35 @@ VERSION = "3"
 EVAL_SPLITS = ("val", "test")
 
 
-def stage_name(spec: TrainStageSpec) -> str:
-    return f"train-{spec.name}"
+def stage_name(spec: TrainStageSpec | str) -> str:
+    """The stage of a training stage spec (or of the stage with that name)."""
+    return f"train-{spec if isinstance(spec, str) else spec.name}"
 
 
 def stage_for(recipe: Recipe, index: int) -> Stage:
-    spec = recipe.stages[index]
-    return Stage(
-        name=stage_name(spec),
-        version=VERSION,
-        spec=lambda r: stage_spec(r, index),
-        run=lambda ctx: run(ctx, index),
+    """The recipe's training stage `stages[index]`; the last one registers its model."""
+    return train_stage(
+        recipe.stages[index],
+        lambda r: r.stages[index],
+        ("stages", index),
+        register=index == len(recipe.stages) - 1,
     )
 
 
-def stage_spec(recipe: Recipe, index: int) -> dict:
+def train_stage(
+    spec: TrainStageSpec, spec_of: Callable[[Recipe], TrainStageSpec], field: tuple, register: bool = False
+) -> Stage:
+    """A training stage whose spec `spec_of` reads from the recipe (a stage of `stages:`, or one
+    CapFilt derives for a bootstrap round); `field` (stages, N) locates the settings it runs with."""
+    return Stage(
+        name=stage_name(spec),
+        version=VERSION,
+        spec=lambda r: stage_spec(r, spec_of(r)),
+        run=lambda ctx: run(ctx, spec_of(ctx.recipe), field, register),
+    )
+
+
+def stage_spec(recipe: Recipe, spec: TrainStageSpec) -> dict:
     train = recipe.runtime.train
     model = recipe.model.model_dump(mode="json")
     local = {part: fingerprint(getattr(recipe.model, part).path) for part in ("vision", "language")
@@ -59,7 +74,7 @@ def stage_spec(recipe: Recipe, index: int) -> dict:
         "seed": recipe.seed,
         "model": model,
         "local_weights": local,
-        "stage": recipe.stages[index].model_dump(mode="json"),
+        "stage": spec.model_dump(mode="json"),
         "workers": {"num_workers": train.num_workers, "use_gpu": train.use_gpu, "strategy": train.strategy},
     }
 
@@ -125,17 +140,16 @@ def accounting(
     return pl.concat(frames)
 
 
-def run(ctx: StageContext, index_in_recipe: int) -> StageResult:
+def run(ctx: StageContext, spec: TrainStageSpec, field: tuple, register: bool) -> StageResult:
     recipe = ctx.recipe
-    spec = recipe.stages[index_in_recipe]
-    where = f"stages[{index_in_recipe}] ({spec.name})"
+    where = f"{field[0]}[{field[1]}] ({spec.name})"  # stages[1] (captioner), stages[1] (captioner-r2)
     indexes = {name: build_index(ctx.inputs[key].path, ctx.store.root) for key, name in data_inputs(spec).items()}
     parts = mixture_rows(indexes, spec)
     try:
         resolved = mixture.resolve(spec, [p.height for p in parts])
     except mixture.MixtureError as exc:
-        field = ".".join(str(f) for f in ("stages", index_in_recipe, *exc.field))
-        raise UserError(f"{field}: {exc.message}") from None
+        located = ".".join(str(f) for f in (*field, *exc.field))
+        raise UserError(f"{located}: {exc.message}") from None
     if resolved.total < spec.batch_size:
         raise UserError(
             f"{where}: batch_size {spec.batch_size} is larger than the {resolved.total} training samples "
@@ -168,7 +182,7 @@ def run(ctx: StageContext, index_in_recipe: int) -> StageResult:
         "steps": config.total_steps,
         "mixture": resolved.as_dict(),
     }
-    if index_in_recipe == len(recipe.stages) - 1:
+    if register:
         data_digest = ",".join(f"{name}={ctx.inputs[key].digest}" for key, name in data_inputs(spec).items())
         details["register_model"] = {
             "name": recipe.name,

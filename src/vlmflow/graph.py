@@ -15,6 +15,7 @@ from vlmflow.components.instruct import stage as instruct
 from vlmflow.components.train.stage import data_inputs, stage_for
 from vlmflow.errors import UserError
 from vlmflow.specs.recipe import Recipe
+from vlmflow.specs.train import TrainStageSpec
 from vlmflow.stage import Stage
 
 
@@ -22,11 +23,13 @@ from vlmflow.stage import Stage
 class Node:
     stage: Stage
     inputs: dict[str, str]  # input name -> the upstream stage's name
+    train: TrainStageSpec | None = None  # a training stage's spec (also for those CapFilt's rounds derive)
+    field: tuple = ()  # where the training stage is in the spec: ("stages", 2) or ("capfilt", "rounds")
 
 
-def artifact_stage(artifact: str) -> str:
+def artifact_stage(artifact: str, recipe: Recipe) -> str:
     """The stage that writes a data artifact a training stage names in `data:`."""
-    return capfilt.FILTER if artifact == "capfilt" else artifact
+    return capfilt.output_stage(recipe.capfilt) if artifact == "capfilt" else artifact
 
 
 def recipe_graph(recipe: Recipe) -> list[Node]:
@@ -48,31 +51,38 @@ def recipe_graph(recipe: Recipe) -> list[Node]:
     capfilt_pending = recipe.capfilt is not None
     for i, spec in enumerate(recipe.stages):
         if capfilt_pending and "capfilt" in spec.artifacts():  # its models are trained by now (cross_checks)
-            nodes += [Node(stage, inputs) for stage, inputs in capfilt.graph_inputs(recipe, data)]
-            data["capfilt"], capfilt_pending = capfilt.FILTER, False
+            nodes += _capfilt_nodes(recipe, data)
+            data["capfilt"], capfilt_pending = capfilt.output_stage(recipe.capfilt), False
         stage = stage_for(recipe, i)
         inputs = {"tokenizer": tokenize.STAGE.name} | {key: data[name] for key, name in data_inputs(spec).items()}
         start = list(trained.values())[-1] if spec.init_from == "previous" and trained else trained.get(spec.init_from)
         if start is not None:
             inputs["init"] = start
-        nodes.append(Node(stage, inputs))
+        nodes.append(Node(stage, inputs, spec, ("stages", i)))
         trained[spec.name] = stage.name
     if capfilt_pending:
-        nodes += [Node(stage, inputs) for stage, inputs in capfilt.graph_inputs(recipe, data)]
+        nodes += _capfilt_nodes(recipe, data)
     for i, task in enumerate(recipe.evaluate):
         nodes.append(Node(evaluate.stage_for(recipe, i), _eval_inputs(recipe, task)))
     return nodes
 
 
+def _capfilt_nodes(recipe: Recipe, data: dict[str, str]) -> list[Node]:
+    return [
+        Node(stage, inputs, *(train or ()))
+        for stage, inputs, train in capfilt.graph_inputs(recipe, data, tokenize.STAGE.name)
+    ]
+
+
 def _eval_inputs(recipe: Recipe, task: object) -> dict[str, str]:
     inputs = evaluate.stage_inputs(recipe, task)
-    return inputs | ({"data": artifact_stage(inputs["data"])} if "data" in inputs else {})
+    return inputs | ({"data": artifact_stage(inputs["data"], recipe)} if "data" in inputs else {})
 
 
 def evaluate_graph(recipe: Recipe, model: Stage) -> list[Node]:
     """`vlmflow evaluate --model`: the data stages the evaluation reads, the imported model, and the
     recipe's evaluation tasks, every one reading that model instead of a training stage."""
-    needed = {artifact_stage(t.data.artifact) for t in recipe.evaluate if t.data.kind == "held-out"}
+    needed = {artifact_stage(t.data.artifact, recipe) for t in recipe.evaluate if t.data.kind == "held-out"}
     graph = recipe_graph(recipe)
     if needed & {n.stage.name for n in graph if n.stage.name.startswith(("train-", "capfilt-"))}:
         raise UserError("vlmflow evaluate --model reads data artifacts that need no training; this recipe's "

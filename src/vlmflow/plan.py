@@ -67,7 +67,8 @@ def build_plan(recipe: Recipe, workdir: Path) -> dict:
     digests = stage_digests(recipe)
     rows: dict[str, int | None] = {}
     stages = []
-    for node in recipe_graph(recipe):
+    graph = recipe_graph(recipe)
+    for node in graph:
         stage = node.stage
         digest = digests[stage.name]
         entry: dict = {"stage": stage.name, "digest": digest, "inputs": dict(node.inputs)}
@@ -79,9 +80,9 @@ def build_plan(recipe: Recipe, workdir: Path) -> dict:
             entry["rows_out"] = entry["rows_in"] if stage.name in ("ingest", "instruct") else None
         rows[stage.name] = entry["rows_out"] if entry["rows_out"] is not None else entry["rows_in"]
         stages.append(entry)
-    for i, spec in enumerate(recipe.stages):
-        entry = next(e for e in stages if e["stage"] == stage_name(spec))
-        entry["train"] = train_plan(recipe, i, store, digests, rows, device)
+    for node, entry in zip(graph, stages, strict=True):
+        if node.train is not None:
+            entry["train"] = train_plan(recipe, node.train, node.field, store, digests, rows, device)
     return {"recipe": recipe.name, "workdir": str(workdir.resolve()), "device": device, "stages": stages}
 
 
@@ -172,11 +173,13 @@ def plan_vocab(recipe: Recipe, store: ArtifactStore, digests: dict[str, str]) ->
     return Vocab(size, special), source
 
 
-def train_plan(recipe: Recipe, index: int, store: ArtifactStore, digests: dict, rows: dict, device: dict) -> dict:
-    spec = recipe.stages[index]
+def train_plan(
+    recipe: Recipe, spec: TrainStageSpec, field: tuple, store: ArtifactStore, digests: dict, rows: dict, device: dict
+) -> dict:
+    """`field` (stages, N): where the stage's settings are (a CapFilt round's stage inherits its stage's)."""
     train = recipe.runtime.train
-    out: dict = {}
-    out["mixture"], out["mixture_source"], out["problem"] = _mixture(spec, index, store, digests, rows)
+    out: dict = {"field": list(field)}
+    out["mixture"], out["mixture_source"], out["problem"] = _mixture(recipe, spec, field, store, digests, rows)
     try:
         vocab, out["vocab_source"] = plan_vocab(recipe, store, digests)
         image = image_spec(recipe.model.vision)["size"]
@@ -198,7 +201,7 @@ def train_plan(recipe: Recipe, index: int, store: ArtifactStore, digests: dict, 
     limit = device["memory_per_worker_gb"]
     out["fits"] = None if limit is None else need["total_gb"] <= limit
     if out["fits"] is False:
-        out["fixes"] = fixes(recipe, index, vocab, image, trace, device)
+        out["fixes"] = fixes(recipe, spec, vocab, image, trace, device)
     return out
 
 
@@ -219,9 +222,9 @@ def memory_need(trace: Trace, spec: TrainStageSpec, recipe: Recipe, device: dict
     return gb
 
 
-def fixes(recipe: Recipe, index: int, vocab: Vocab, image: int, trace: Trace, device: dict) -> list[dict]:
+def fixes(recipe: Recipe, spec: TrainStageSpec, vocab: Vocab, image: int, trace: Trace, device: dict) -> list[dict]:
     """Changes that bring the stage under its memory, smallest change first, each with its need."""
-    spec, train = recipe.stages[index], recipe.runtime.train
+    train = recipe.runtime.train
     limit = device["memory_per_worker_gb"]
     found = []
     per_worker = spec.batch_size // train.num_workers
@@ -248,7 +251,7 @@ def fixes(recipe: Recipe, index: int, vocab: Vocab, image: int, trace: Trace, de
     return sorted(found, key=lambda f: (not f["fits"], f["need_gb"]))
 
 
-def _mixture(spec: TrainStageSpec, index: int, store: ArtifactStore, digests: dict, rows: dict):
+def _mixture(recipe: Recipe, spec: TrainStageSpec, field: tuple, store: ArtifactStore, digests: dict, rows: dict):
     """(resolved counts, where they come from, a located problem or None)."""
     name = stage_name(spec)
     resolved = store.path(name, digests[name]) / "mixture.json"
@@ -256,7 +259,7 @@ def _mixture(spec: TrainStageSpec, index: int, store: ArtifactStore, digests: di
         return json.loads(resolved.read_text()), "stage artifact", None
     available, source = [], "artifact manifests (train split)"
     for component in spec.components():
-        artifact = artifact_stage(component.data)
+        artifact = artifact_stage(component.data, recipe)
         if store.is_complete(artifact, digests[artifact]):
             manifest = pl.read_parquet(
                 store.path(artifact, digests[artifact]) / "manifest.parquet", columns=["split", "source"]
@@ -273,7 +276,7 @@ def _mixture(spec: TrainStageSpec, index: int, store: ArtifactStore, digests: di
     try:
         return mixture.resolve(spec, available).as_dict(), source, None
     except mixture.MixtureError as exc:
-        return None, source, {"field": ["stages", index, *exc.field], "message": exc.message}
+        return None, source, {"field": [*field, *exc.field], "message": exc.message}
 
 
 def check(plan: dict, running: bool = False) -> list[PlanError]:
@@ -290,12 +293,12 @@ def check(plan: dict, running: bool = False) -> list[PlanError]:
                 f"the training workers need {wanted}, but the local Ray has {have}: lower num_workers "
                 "(or cpus_per_worker), or run on a cluster (runtime.ray.address or RAY_ADDRESS)"
             )))  # fmt: skip
-    for i, entry in enumerate(e for e in plan["stages"] if "train" in e):
+    for entry in (e for e in plan["stages"] if "train" in e):
         train = entry["train"]
         if train["problem"]:
             errors.append(PlanError(tuple(train["problem"]["field"]), train["problem"]["message"]))
         if train.get("fits") is False:
-            errors.append(PlanError(("stages", i, "micro_batch_size"), memory_message(entry, plan["device"])))
+            errors.append(PlanError((*train["field"], "micro_batch_size"), memory_message(entry, plan["device"])))
     return errors
 
 

@@ -15,6 +15,7 @@ from vlmflow.components.capfilt.stage import candidate_pairs, decide, detection,
 from vlmflow.components.sources.synthetic import describes, parse_caption
 from vlmflow.errors import SpecError
 from vlmflow.graph import recipe_graph
+from vlmflow.plan import stage_digests
 from vlmflow.specs import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,3 +186,58 @@ def test_quality_counts_per_origin_and_scores_the_filter_on_known_truth():
     assert out["filter_precision"] == 0.5 and out["filter_recall"] == 0.5
     assert out["web_noise_before"] == 0.5 and out["web_noise_after"] == 0.5
     assert out["filter_synthetic_precision"] == 1.0 and out["filter_synthetic_recall"] == 1.0
+
+
+# ------------------------------------------------------------------------------ bootstrap rounds
+
+
+def test_rounds_retrain_the_models_on_the_previous_round_and_judge_the_input_again():
+    one = load_recipe(BLIP)
+    three = load_recipe(BLIP, ["capfilt.rounds=3", "capfilt.round_steps=50"])
+    nodes = {n.stage.name: n for n in recipe_graph(three)}
+    order = list(nodes)
+    tail = order[order.index("capfilt-filter") + 1 : order.index("train-retrain")]
+    assert tail == ["train-captioner-r2", "train-filter-r2", "capfilt-caption-r2", "capfilt-filter-r2",
+                    "train-captioner-r3", "train-filter-r3", "capfilt-caption-r3", "capfilt-filter-r3"]  # fmt: skip
+    assert nodes["train-filter-r3"].inputs == {"tokenizer": "tokenizer", "data": "capfilt-filter-r2",
+                                               "init": "train-filter-r2"}  # fmt: skip
+    assert nodes["capfilt-caption-r2"].inputs == {"data": "dedup", "captioner": "train-captioner-r2"}
+    assert nodes["capfilt-filter-r3"].inputs["filter"] == "train-filter-r3"
+    assert nodes["train-retrain"].inputs["data"] == "capfilt-filter-r3"  # the capfilt artifact: the last round
+    retrained = nodes["train-captioner-r2"].train
+    captioner = one.stages[1]
+    assert (retrained.name, retrained.data, retrained.init_from, retrained.max_steps) == (
+        "captioner-r2",
+        "capfilt",
+        "captioner",
+        50,
+    )
+    assert retrained.objectives == captioner.objectives and retrained.trainable == captioner.trainable
+    assert nodes["train-captioner-r2"].field == ("stages", 1)  # its settings are stages[1]'s
+    # Round 1 does not depend on how many rounds follow: its artifacts stay cached.
+    before, after = stage_digests(one), stage_digests(three)
+    assert all(after[name] == before[name] for name in order[: order.index("capfilt-filter") + 1])
+    assert len(set(after.values())) == len(after)
+
+
+def test_one_stage_as_captioner_and_filter_is_retrained_once_per_round():
+    recipe = load_recipe(BLIP, ["capfilt.rounds=2", "capfilt.captioner.model.stage=pretrain",
+                                "capfilt.filter.model.stage=pretrain"])  # fmt: skip
+    names = [n.stage.name for n in recipe_graph(recipe)]
+    assert [n for n in names if n.endswith("-r2")] == ["train-pretrain-r2", "capfilt-caption-r2", "capfilt-filter-r2"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "message"),
+    [
+        (["capfilt.round_steps=10"], "capfilt", "round_steps is for rounds >= 2"),
+        (["capfilt.rounds=0"], "capfilt.rounds", "greater than or equal to 1"),
+        (["capfilt.rounds=2", "stages.3.name=filter-r2"], "capfilt.rounds",
+         "round 2 trains a stage named 'filter-r2', as a stage of stages: is"),
+        (["capfilt.rounds=2", "capfilt.filter.model={uri: models:/blip/3}"], "capfilt",
+         "the filter model is not a training stage of this recipe"),
+    ],
+)  # fmt: skip
+def test_round_mistakes_are_located(overrides, field, message):
+    found = problems(overrides)
+    assert any(f": {field}: " in p and message in p for p in found), found

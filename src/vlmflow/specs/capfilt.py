@@ -93,6 +93,13 @@ class CapfiltSpec(StrictModel):
         default_factory=lambda: ["web", "synthetic"], min_length=1, description="which captions the filter judges"
     )
     resources: CapfiltResources = Field(default_factory=CapfiltResources)
+    rounds: int = Field(
+        1, ge=1, le=10, description="bootstrap rounds: after round r the captioner and filter stages are trained "
+        "further on round r's output (stages NAME-rR+1), then caption and filter the data again"
+    )  # fmt: skip
+    round_steps: int | None = Field(
+        None, ge=1, description="optimizer steps of each retraining in rounds >= 2 (default: the stage's own)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CapfiltSpec:
@@ -100,4 +107,19 @@ class CapfiltSpec(StrictModel):
             raise ValueError("apply_to lists an origin twice")
         if "synthetic" in self.apply_to and self.captioner is None:
             raise ValueError("apply_to has synthetic, but there is no captioner to write synthetic captions")
+        if self.round_steps is not None and self.rounds == 1:
+            raise ValueError("round_steps is for rounds >= 2 (rounds is 1)")
+        if self.rounds > 1:
+            refs = [("captioner", self.captioner.model if self.captioner else None), ("filter", self.filter.model)]
+            fixed = [role for role, ref in refs if ref is not None and ref.stage is None]
+            if fixed:
+                raise ValueError(
+                    f"rounds: {self.rounds} retrains the models, but the {' and '.join(fixed)} model is not a "
+                    "training stage of this recipe (give model: {stage: NAME})"
+                )
         return self
+
+    def model_stages(self) -> list[str]:
+        """The training stages whose models CapFilt uses (captioner first), each once."""
+        refs = [self.captioner.model if self.captioner else None, self.filter.model]
+        return list(dict.fromkeys(ref.stage for ref in refs if ref is not None and ref.stage is not None))
