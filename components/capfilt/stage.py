@@ -42,13 +42,14 @@ from vlmflow.components.train.stage import train_stage
 from vlmflow.errors import UserError
 from vlmflow.progress import Progress
 from vlmflow.runtime.ray import map_jobs_on_ray_data
-from vlmflow.specs.capfilt import CapfiltSpec, ModelRef
+from vlmflow.specs.capfilt import CapfiltSpec, ModelRef, hf_architecture
 from vlmflow.specs.recipe import Recipe
 from vlmflow.specs.train import TrainStageSpec
 from vlmflow.stage import Stage, StageContext, StageResult
 from vlmflow.tracking import download_model, tracking_uri
 
-VERSION = "1"
+CAPTION_VERSION = "1"
+FILTER_VERSION = "2"  # 2: empty synthetic captions removed unscored (capfilt:empty-caption)
 CAPTION, FILTER = "capfilt-caption", "capfilt-filter"
 DEFAULT_PROMPT = "Describe the image."
 PAIR_SCHEMA = {
@@ -163,10 +164,12 @@ def filter_spec(recipe: Recipe) -> dict:
     }
 
 
-def prompt_of(recipe: Recipe) -> str:
+def prompt_of(recipe: Recipe) -> str | None:
     captioner = recipe.capfilt.captioner
     if captioner.prompt is not None:
         return captioner.prompt
+    if captioner.model.path is not None and hf_architecture(captioner.model.path):
+        return None  # BLIP captions without a prefix
     stage = next((s for s in recipe.stages if s.name == captioner.model.stage), None)
     return stage.prompt if stage is not None else DEFAULT_PROMPT
 
@@ -319,9 +322,11 @@ def decide(itm: float | None, itc: float | None, spec: CapfiltSpec) -> tuple[boo
 
 
 def judge(pairs: pl.DataFrame, rows: pl.DataFrame, ctx: StageContext, folder: Path, label: str) -> pl.DataFrame:
-    """Scores and decisions for the pairs whose origin is in apply_to; the others are kept as they are."""
+    """Scores and decisions for the pairs whose origin is in apply_to; the others are kept as they are,
+    but for empty synthetic captions (removed, reason capfilt:empty-caption)."""
     spec = ctx.recipe.capfilt
-    judged = pairs["origin"].is_in(spec.apply_to)
+    empty = (pairs["origin"] == "synthetic") & (pairs["caption"].str.strip_chars() == "")
+    judged = pairs["origin"].is_in(spec.apply_to) & ~empty
     texts = pairs.filter(judged).group_by("key", maintain_order=True).agg("caption")
     by_key = dict(zip(texts["key"].to_list(), texts["caption"].to_list(), strict=True))
     wanted = rows.filter(pl.col("key").is_in(list(by_key)))
@@ -341,8 +346,8 @@ def judge(pairs: pl.DataFrame, rows: pl.DataFrame, ctx: StageContext, folder: Pa
     passed = pairs.filter(~judged).with_columns(
         itm=pl.lit(None, dtype=pl.Float64),
         itc=pl.lit(None, dtype=pl.Float64),
-        kept=pl.lit(True),
-        reason=pl.lit(None, dtype=pl.String),
+        kept=~empty.filter(~judged),  # a captioner that wrote nothing: removed unscored
+        reason=pl.when(empty.filter(~judged)).then(pl.lit("capfilt:empty-caption")),
         judged=pl.lit(False),
     )
     order = pairs.select("key", "origin", "index").with_row_index("position")
@@ -512,8 +517,12 @@ def _round_label(round_: int) -> str:
 def round_stages(round_: int) -> tuple[Stage, Stage]:
     """The caption and filter stages of a bootstrap round (round 1: capfilt-caption, capfilt-filter)."""
     extra = {} if round_ == 1 else {"round": round_}
-    caption = Stage(caption_name(round_), VERSION, lambda r: caption_spec(r) | extra, lambda c: run_caption(c, round_))
-    filtered = Stage(filter_name(round_), VERSION, lambda r: filter_spec(r) | extra, lambda c: run_filter(c, round_))
+    caption = Stage(
+        caption_name(round_), CAPTION_VERSION, lambda r: caption_spec(r) | extra, lambda c: run_caption(c, round_)
+    )
+    filtered = Stage(
+        filter_name(round_), FILTER_VERSION, lambda r: filter_spec(r) | extra, lambda c: run_filter(c, round_)
+    )
     return caption, filtered
 
 

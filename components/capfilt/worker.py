@@ -14,15 +14,20 @@ from pathlib import Path
 
 import torch
 
+from vlmflow.components.capfilt.hf import HfBlip
 from vlmflow.components.evaluate.generate import Decoding
 from vlmflow.components.evaluate.worker import EvalWorker
 from vlmflow.components.sources.synthetic import describes
 from vlmflow.components.train.data import pad_rows, read_member
+from vlmflow.specs.capfilt import hf_architecture
 
 
 class CapfiltWorker:
+    """model_folder: a vlmflow model folder, or a Hugging Face BLIP folder (components/capfilt/hf.py)."""
+
     def __init__(self, model_folder: str, store_root: str, threads: int = 1):
-        self.worker = EvalWorker(model_folder, threads)
+        hf = hf_architecture(Path(model_folder)) is not None
+        self.worker = HfBlip(model_folder, threads) if hf else EvalWorker(model_folder, threads)
         self.root = Path(store_root)
 
     def __call__(self, job: dict) -> dict:
@@ -44,8 +49,11 @@ class CapfiltWorker:
         per_draw = []
         for j in range(job["k"]):
             options = asdict(decoding) | {"seed": decoding.seed + 7919 * j}
-            per_draw.append(self.worker.generate({"images": images, "prompts": [job["prompt"]] * len(images),
-                                                  "decoding": options}))  # fmt: skip
+            if isinstance(self.worker, HfBlip):
+                per_draw.append(self.worker.generate(images, job["prompt"], Decoding(**options)))
+            else:
+                batch = {"images": images, "prompts": [job["prompt"]] * len(images), "decoding": options}
+                per_draw.append(self.worker.generate(batch))
         captions = [[" ".join(draw[i].split()) for draw in per_draw] for i in range(len(images))]
         correct = []
         for where, texts in zip(job["records"], captions, strict=True):
@@ -57,13 +65,16 @@ class CapfiltWorker:
     def score(self, job: dict) -> dict:
         """job: images ([shard, offset, size]) and texts (a list per image). Returns, per image and
         text, P(match) from the ITM head and the cosine similarity of the ITC embeddings."""
-        model, codec = self.worker.model, self.worker.codec
-        if model.text is None:
-            raise ValueError("the filter model has no text encoder and matching head (train it with itc/itm)")
         owner = [i for i, texts in enumerate(job["texts"]) for _ in texts]
         flat = [t for texts in job["texts"] for t in texts]
         if not flat:
             return {"itm": [[] for _ in job["texts"]], "itc": [[] for _ in job["texts"]]}
+        if isinstance(self.worker, HfBlip):
+            itm, itc = self.worker.score([self.read(w) for w in job["images"]], job["texts"])
+            return {"itm": _per_image(itm, job["texts"]), "itc": _per_image(itc, job["texts"])}
+        model, codec = self.worker.model, self.worker.codec
+        if model.text is None:
+            raise ValueError("the filter model has no text encoder and matching head (train it with itc/itm)")
         features, image = model.embed_image(self.worker.pixels([self.read(w) for w in job["images"]]))
         pad, length = self.worker.special["<pad>"], model.spec.text.max_length
         ids, mask = pad_rows([codec.ids(t)[:length] or [pad] for t in flat], pad)

@@ -1,5 +1,6 @@
-"""CapFilt through the CLI (real Ray Data actor pools, Prefect, MLflow) with a model folder given
-by path, then its stages again in process: a killed actor mid-stage changes no byte of the output."""
+"""CapFilt through the CLI (real Ray Data actor pools, Prefect, MLflow) with models given by path
+(a Hugging Face BLIP captioner, a vlmflow filter), then its stages again in process: a killed actor
+mid-stage changes no byte of the output."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from test_recipe_cli import stages, summary_of, vlmflow
 
+from tests.hf_blip import write_blip
 from vlmflow.artifacts import ArtifactStore, file_sha256
 from vlmflow.components.capfilt import stage as capfilt
 from vlmflow.components.sources.synthetic import make_row
@@ -63,6 +65,7 @@ def run(tmp_path_factory) -> tuple[Path, dict, Path]:
     spec = root / "capfilt-tiny.yaml"
     spec.write_text(Path(__file__).with_name("capfilt-tiny.yaml").read_text())
     write_model(root / "model")
+    write_blip(root / "blip", "BlipForConditionalGeneration")
     workdir = root / "work"
     result = vlmflow("run", str(spec), "--workdir", str(workdir))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -83,12 +86,17 @@ def test_capfilt_accounts_for_every_pair_and_logs_its_report(run):
     assert pairs.height == 3 * web_train.height == filtered["rows_in"]
     assert pairs.group_by("origin").len().sort("origin").rows() == [("synthetic", 2 * web_train.height),
                                                                     ("web", web_train.height)]  # fmt: skip
-    assert pairs["judged"].all() and pairs["kept"].to_list() == (pairs["itm"] >= 0.5).to_list()
+    # The random captioner writes some empty captions: removed unscored, with their reason.
+    empty = pairs.filter(pl.col("reason") == "capfilt:empty-caption")
+    assert (empty["origin"] == "synthetic").all() and (empty["caption"].str.strip_chars() == "").all()
+    scored = pairs.filter(pl.col("judged"))
+    assert scored.height + empty.height == pairs.height and not empty["kept"].any()
+    assert scored["kept"].to_list() == (scored["itm"] >= 0.5).to_list()
     quarantine = pl.read_parquet(folder / "quarantine.parquet")
-    removed = pairs.filter(~pl.col("kept"))
-    assert quarantine.filter(pl.col("reason").str.starts_with("capfilt:itm=")).height == removed.height
-    for row, reason in zip(removed.iter_rows(named=True), quarantine["reason"], strict=False):
-        assert reason == f"capfilt:itm={row['itm']:.2f}<0.50"
+    assert quarantine.filter(pl.col("reason") == "capfilt:empty-caption").height == empty.height
+    removed = scored.filter(~pl.col("kept"))
+    by_score = quarantine.filter(pl.col("reason").str.starts_with("capfilt:itm="))
+    assert by_score["reason"].to_list() == [f"capfilt:itm={itm:.2f}<0.50" for itm in removed["itm"]]
     # Output: every image of the input is in the new manifest or quarantined as left without a caption.
     manifest = pl.read_parquet(folder / "manifest.parquet")
     emptied = quarantine.filter(pl.col("reason") == "capfilt:no-caption-kept")["key"].to_list()

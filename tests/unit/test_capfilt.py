@@ -79,9 +79,13 @@ def test_capfilt_mistakes_are_located(override, field, message):
 def test_a_model_folder_of_the_wrong_kind_is_refused_at_validate_time(tmp_path):
     hf = tmp_path / "hf-blip"
     hf.mkdir()
-    (hf / "config.json").write_text("{}")
+    (hf / "config.json").write_text('{"model_type": "clip", "architectures": ["CLIPModel"]}')
     found = problems([f"capfilt.filter.model={{path: {hf}}}", "runtime.allow_outside_paths=true"])
-    assert any("capfilt.filter.model" in p and "not a vlmflow model folder" in p for p in found), found
+    assert any(
+        "capfilt.filter.model" in p
+        and "not a vlmflow model folder (no vlmflow_model.json) nor a Hugging Face BLIP folder" in p
+        for p in found
+    ), found
     missing = problems([f"capfilt.filter.model={{path: {tmp_path / 'gone'}}}", "runtime.allow_outside_paths=true"])
     assert any("path does not exist" in p for p in missing), missing
     both = problems(["capfilt.filter.model={stage: filter, uri: models:/blip/1}"])

@@ -9,6 +9,7 @@ model version or a local model folder written by a training stage.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -18,9 +19,25 @@ from vlmflow.specs.base import ExistingDir, StrictModel
 MODEL_CONFIG = "vlmflow_model.json"  # what a training stage's model/ folder holds (components/train/setup.py)
 
 
+HF_BLIP = {"BlipForConditionalGeneration": "language", "BlipForImageTextRetrieval": "text"}  # -> the part it has
+
+
+def hf_architecture(folder: Path) -> str | None:
+    """The BLIP architecture a Hugging Face folder's config.json names (None: not such a folder)."""
+    config = folder / "config.json"
+    try:
+        data = json.loads(config.read_text()) if config.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    found = [a for a in data.get("architectures") or [] if a in HF_BLIP] if isinstance(data, dict) else []
+    return found[0] if found and data.get("model_type") == "blip" else None
+
+
 class ModelRef(StrictModel):
     """Exactly one of: `stage` (a training stage of this recipe), `uri` (models:/NAME/VERSION),
-    `path` (a model folder written by a training stage: vlmflow_model.json + model.safetensors)."""
+    `path` (a model folder written by a training stage: vlmflow_model.json + model.safetensors;
+    or a Hugging Face BLIP folder: BlipForConditionalGeneration captions, BlipForImageTextRetrieval
+    filters)."""
 
     stage: str | None = None
     uri: str | None = Field(None, pattern=r"^models:/[^/]+/[0-9]+$", description="a pinned registered version")
@@ -31,24 +48,32 @@ class ModelRef(StrictModel):
         given = [name for name in ("stage", "uri", "path") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of stage, uri, path (got {', '.join(given) or 'none'})")
-        if self.path is not None and not (self.path / MODEL_CONFIG).is_file():
+        if self.path is not None and not (self.path / MODEL_CONFIG).is_file() and not hf_architecture(self.path):
             raise ValueError(
-                f"{self.path} is not a vlmflow model folder (no {MODEL_CONFIG}); give the model/ folder of a "
-                "training stage's artifact, or a registered version as uri: models:/NAME/VERSION"
+                f"{self.path} is not a vlmflow model folder (no {MODEL_CONFIG}) nor a Hugging Face BLIP folder "
+                f"(config.json with model_type blip and architectures {' or '.join(HF_BLIP)}); give the model/ "
+                "folder of a training stage's artifact, a BLIP folder, or a registered version as uri: "
+                "models:/NAME/VERSION"
             )
         return self
 
     def parts(self) -> set[str] | None:
-        """The model parts of a local folder (None when the reference is not a folder)."""
+        """The model parts of a local folder (None when the reference is not a folder): language
+        (it can caption), text (a text encoder and matching head: it can filter)."""
         if self.path is None:
             return None
+        if architecture := hf_architecture(self.path):
+            return {HF_BLIP[architecture]}
         model = json.loads((self.path / MODEL_CONFIG).read_text()).get("model", {})
         return {part for part in ("language", "text") if model.get(part)}
 
 
 class CaptionerSpec(StrictModel):
     model: ModelRef
-    prompt: str | None = Field(None, description="default: the captioner stage's prompt, else 'Describe the image.'")
+    prompt: str | None = Field(
+        None, description="default: the captioner stage's prompt, else 'Describe the image.'; for a Hugging Face "
+        "BLIP folder: none (a caption prefix such as 'a picture of' when given)"
+    )  # fmt: skip
     strategy: Literal["sample", "greedy", "beam"] = Field("sample", description="BLIP: nucleus sampling")
     top_p: float = Field(0.9, gt=0, le=1)
     temperature: float = Field(1.0, gt=0)

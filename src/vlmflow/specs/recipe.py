@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from vlmflow.specs.base import SpecPath, StrictModel
-from vlmflow.specs.capfilt import CapfiltSpec
+from vlmflow.specs.capfilt import HF_BLIP, CapfiltSpec, hf_architecture
 from vlmflow.specs.data import DataSpec
 from vlmflow.specs.evaluate import GENERATIVE, EvalTask
 from vlmflow.specs.instruct import InstructSpec
@@ -174,7 +174,12 @@ def _capfilt_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
             elif recipe.model is not None and getattr(recipe.model, part) is None:
                 problems.append(((*loc, "stage"), f"the {role} needs model.{part}"))
         elif ref.parts() is not None and part not in ref.parts():
-            problems.append(((*loc, "path"), f"the model in {ref.path} has no {part} part; the {role} needs one"))
+            if architecture := hf_architecture(ref.path):
+                wanted = next(a for a, p in HF_BLIP.items() if p == part)
+                message = f"the model in {ref.path} is a {architecture}; the {role} needs a {wanted}"
+            else:
+                message = f"the model in {ref.path} has no {part} part; the {role} needs one"
+            problems.append(((*loc, "path"), message))
     derived = [f"{name}-r{r}" for name in spec.model_stages() for r in range(2, spec.rounds + 1)]
     if taken := [name for name in derived if name in stages]:
         message = f"round {taken[0].rsplit('-r', 1)[1]} trains a stage named {taken[0]!r}, as a stage of stages: is"
