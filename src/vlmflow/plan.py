@@ -66,6 +66,7 @@ def build_plan(recipe: Recipe, workdir: Path) -> dict:
     device = device_of(recipe) | {"workers": workers_of(recipe)}
     digests = stage_digests(recipe)
     rows: dict[str, int | None] = {}
+    by_source = source_rows(recipe)
     stages = []
     graph = recipe_graph(recipe)
     for node in graph:
@@ -76,24 +77,42 @@ def build_plan(recipe: Recipe, workdir: Path) -> dict:
             stats = store.stats(stage.name, digest)
             entry.update(status="cached", rows_in=stats["rows_in"], rows_out=stats["rows_out"], rows_exact=True)
         else:
-            entry.update(status="runs", rows_in=_rows_in(recipe, stage.name, node.inputs, rows), rows_exact=False)
+            estimate = _rows_in(recipe, stage.name, node.inputs, rows, by_source)
+            entry.update(status="runs", rows_in=estimate, rows_exact=False)
             entry["rows_out"] = entry["rows_in"] if stage.name in ("ingest", "instruct") else None
         rows[stage.name] = entry["rows_out"] if entry["rows_out"] is not None else entry["rows_in"]
+        if stage.name.startswith("capfilt-filter") and entry["status"] == "runs":
+            rows[stage.name] = rows.get(node.inputs["data"])  # its images (at most its input's): pairs are rows_in
         stages.append(entry)
     for node, entry in zip(graph, stages, strict=True):
         if node.train is not None:
-            entry["train"] = train_plan(recipe, node.train, node.field, store, digests, rows, device)
+            entry["train"] = train_plan(recipe, node.train, node.field, store, digests, rows, device, by_source)
     return {"recipe": recipe.name, "workdir": str(workdir.resolve()), "device": device, "stages": stages}
 
 
-def _rows_in(recipe: Recipe, name: str, inputs: dict[str, str], rows: dict) -> int | None:
+def source_rows(recipe: Recipe) -> dict[str, int]:
+    """Rows per data source from the sources' listings (before splits and filters)."""
+    found: dict[str, int] = {}
+    for _, ctx, unit in plan_units(recipe):
+        found[ctx.name] = found.get(ctx.name, 0) + unit.rows
+    return found
+
+
+def _rows_in(recipe: Recipe, name: str, inputs: dict[str, str], rows: dict, by_source: dict) -> int | None:
+    """A stage's input rows, estimated: what `rows_in` of its run counts (CapFilt: the images of
+    its sources it captions; the pairs, web and k synthetic per image, it judges)."""
     if name == "ingest":
-        return sum(unit[2].rows for unit in plan_units(recipe))
+        return sum(by_source.values())
     if name == "tokenizer":
         return None  # texts, known once listed
+    if name.startswith("capfilt-"):
+        spec = recipe.capfilt
+        scope = sum(by_source.get(s, 0) for s in spec.sources) if spec.sources else rows.get(inputs["data"])
+        per_image = 1 + (spec.captioner.k if spec.captioner and "captions" in inputs else 0)
+        return None if scope is None else scope * (1 if name.startswith("capfilt-caption") else per_image)
     data = [rows.get(up) for key, up in inputs.items() if key not in ("tokenizer", "init")]
     if not name.startswith("train-"):
-        data = data[-1:]  # a data stage reads the most processed artifact it is given
+        data = [rows.get(inputs["data"])] if "data" in inputs else data[-1:]  # the most processed artifact
     return sum(data) if data and None not in data else None
 
 
@@ -174,12 +193,20 @@ def plan_vocab(recipe: Recipe, store: ArtifactStore, digests: dict[str, str]) ->
 
 
 def train_plan(
-    recipe: Recipe, spec: TrainStageSpec, field: tuple, store: ArtifactStore, digests: dict, rows: dict, device: dict
+    recipe: Recipe,
+    spec: TrainStageSpec,
+    field: tuple,
+    store: ArtifactStore,
+    digests: dict,
+    rows: dict,
+    device: dict,
+    by_source: dict,
 ) -> dict:
     """`field` (stages, N): where the stage's settings are (a CapFilt round's stage inherits its stage's)."""
     train = recipe.runtime.train
     out: dict = {"field": list(field)}
-    out["mixture"], out["mixture_source"], out["problem"] = _mixture(recipe, spec, field, store, digests, rows)
+    mixed = _mixture(recipe, spec, field, store, digests, rows, by_source)
+    out["mixture"], out["mixture_source"], out["problem"] = mixed
     try:
         vocab, out["vocab_source"] = plan_vocab(recipe, store, digests)
         image = image_spec(recipe.model.vision)["size"]
@@ -251,7 +278,9 @@ def fixes(recipe: Recipe, spec: TrainStageSpec, vocab: Vocab, image: int, trace:
     return sorted(found, key=lambda f: (not f["fits"], f["need_gb"]))
 
 
-def _mixture(recipe: Recipe, spec: TrainStageSpec, field: tuple, store: ArtifactStore, digests: dict, rows: dict):
+def _mixture(
+    recipe: Recipe, spec: TrainStageSpec, field: tuple, store: ArtifactStore, digests: dict, rows: dict, by_source: dict
+):
     """(resolved counts, where they come from, a located problem or None)."""
     name = stage_name(spec)
     resolved = store.path(name, digests[name]) / "mixture.json"
@@ -269,7 +298,8 @@ def _mixture(recipe: Recipe, spec: TrainStageSpec, field: tuple, store: Artifact
                 train = train.filter(pl.col("source").is_in(component.sources))
             available.append(train.height)
         elif rows.get(artifact) is not None:
-            available.append(rows[artifact])
+            subset = sum(by_source.get(s, 0) for s in component.sources) if component.sources else None
+            available.append(rows[artifact] if subset is None else min(subset, rows[artifact]))
             source = "estimated from the sources (all rows, before splits and filters)"
         else:
             return None, "unknown until the data stages run", None

@@ -100,3 +100,13 @@ def test_tiny_plan_counts_rows_steps_and_mixture_from_the_sources(tmp_path):
     assert instruct["fits"] and instruct["memory"]["total_gb"] < 1.0
     assert plan["device"]["kind"] == "cpu" and plan["device"]["tflops_per_worker"] > 0
     assert "train-instruct" in render(plan) and "[fits]" in render(plan)
+
+
+def test_blip_plan_estimates_source_subsets_and_capfilt_pairs(tmp_path):
+    plan = build_plan(load_recipe(RECIPES / "blip-tiny.yaml"), tmp_path)
+    rows = {e["stage"]: e["rows_in"] for e in plan["stages"]}
+    train = training(plan)
+    assert train["train-captioner"]["mixture"]["counts"] == [512]  # sources: [coco] of 2048 web + 512 coco
+    assert rows["capfilt-caption"] == 2048  # capfilt.sources: [web]
+    assert rows["capfilt-filter"] == 2048 * 3  # each image's web caption and k=2 synthetic ones
+    assert rows["train-retrain"] == 2560  # the capfilt artifact's images, not its pairs
