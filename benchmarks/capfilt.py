@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "capfilt.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     results: dict = {"images": args.images, "batch_size": args.batch_size, "k": args.k, "stages": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

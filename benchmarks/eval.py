@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     items = questions(args.questions)
     with resolve_model(args.model, args.workdir) as folder:
-        ray.init(num_cpus=args.actors, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=args.actors, include_dashboard=False, logging_level="WARNING")
         batched, ray_seconds = ray_pool(folder, items, args.max_new_tokens, args.batch_size, args.actors)
         ray.shutdown()
         plain, plain_seconds = plain_loop(folder, items, args.max_new_tokens, args.plain_threads)

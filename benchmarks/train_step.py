@@ -112,7 +112,7 @@ def main() -> None:
     recipe = load_recipe(args.spec)
     artifacts = data_stages(args.spec, args.workdir)
     store = args.workdir / "artifacts"
-    ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
     rows = []
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as tmp:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -166,6 +167,9 @@ def release_actors() -> None:
     _pool.clear()
 
 
+BLOCKS_PER_ACTOR = 8
+
+
 def map_jobs_on_ray_data(
     actor_class: type,
     init_args: tuple,
@@ -184,18 +188,23 @@ def map_jobs_on_ray_data(
     A job is self-contained (its images, texts and seeds), so a retried job, on a restarted
     actor after one was killed, computes the same answer: Ray Data restarts actors and retries
     their tasks by default.
+
+    Consecutive jobs share a block (about BLOCKS_PER_ACTOR blocks per actor): each block costs Ray
+    Data ~10 ms of scheduling, as much as a small job's work (benchmarks/capfilt.py).
     """
     if not jobs:
         return []
+    per_block = max(1, math.ceil(len(jobs) / (BLOCKS_PER_ACTOR * max(1, num_actors))))
     context = ray.data.DataContext.get_current()
     saved = context.execution_options.preserve_order, context.enable_progress_bars
     context.execution_options.preserve_order, context.enable_progress_bars = True, False
     try:
-        rows = ray.data.from_items([{"job": json.dumps(job)} for job in jobs], override_num_blocks=len(jobs))
+        blocks = math.ceil(len(jobs) / per_block)
+        rows = ray.data.from_items([{"job": json.dumps(job)} for job in jobs], override_num_blocks=blocks)
         answered = rows.map_batches(
             _JsonRows,
             fn_constructor_args=(actor_class, init_args),
-            batch_size=1,
+            batch_size=per_block,
             compute=ray.data.ActorPoolStrategy(size=max(1, num_actors)),
             num_cpus=num_cpus,
             num_gpus=num_gpus,
