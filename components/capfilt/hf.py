@@ -24,19 +24,20 @@ from vlmflow.specs.capfilt import HF_BLIP, hf_architecture
 class HfBlip:
     """One BLIP model folder: `generate` for a captioning model, `score` for a retrieval model."""
 
-    def __init__(self, folder: str | Path, threads: int = 1):
+    def __init__(self, folder: str | Path, threads: int = 1, device: str = "cpu"):
         torch.set_num_threads(threads)
+        self.device = torch.device(device)
         self.architecture = hf_architecture(Path(folder))
         if self.architecture is None:
             raise ValueError(f"{folder} is not a BLIP folder ({', '.join(HF_BLIP)})")
         model_class = getattr(transformers, self.architecture)
-        self.model = model_class.from_pretrained(folder, local_files_only=True).eval()
+        self.model = model_class.from_pretrained(folder, local_files_only=True).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.images = BlipImageProcessorPil.from_pretrained(folder, local_files_only=True)
 
     def pixels(self, images: list[bytes]) -> torch.Tensor:
         decoded = [to_rgb(Image.open(io.BytesIO(data))) for data in images]
-        return self.images(images=decoded, return_tensors="pt")["pixel_values"]
+        return self.images(images=decoded, return_tensors="pt")["pixel_values"].to(self.device)
 
     @torch.no_grad()
     def generate(self, images: list[bytes], prompt: str | None, decoding: Decoding) -> list[str]:
@@ -46,13 +47,16 @@ class HfBlip:
         inputs = {"pixel_values": self.pixels(images)}
         if prompt:
             tokens = self.tokenizer([prompt] * len(images), return_tensors="pt")  # generate drops the [SEP]
-            inputs |= {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+            inputs |= {
+                "input_ids": tokens["input_ids"].to(self.device),
+                "attention_mask": tokens["attention_mask"].to(self.device),
+            }
         options: dict = {"max_new_tokens": decoding.max_new_tokens, "num_beams": 1, "do_sample": False}
         if decoding.strategy == "sample":
             options |= {"do_sample": True, "top_p": decoding.top_p, "top_k": 0, "temperature": decoding.temperature}
         elif decoding.strategy == "beam":
             options["num_beams"] = decoding.num_beams
-        torch.manual_seed(decoding.seed)  # the batch's seed: a retried batch samples the same captions
+        torch.manual_seed(decoding.seed)  # the batch's seed (CPU and CUDA): a retry samples the same captions
         ids = self.model.generate(**inputs, **options)
         return [" ".join(t.split()) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
@@ -62,10 +66,12 @@ class HfBlip:
         if self.architecture != "BlipForImageTextRetrieval":
             raise ValueError(f"the filter is a {self.architecture}, not a BlipForImageTextRetrieval")
         model = self.model
-        owner = torch.tensor([i for i, group in enumerate(texts) for _ in group])
-        tokens = self.tokenizer([t for group in texts for t in group], padding=True, return_tensors="pt")
+        owner = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)
+        tokens = self.tokenizer([t for group in texts for t in group], padding=True, return_tensors="pt").to(
+            self.device
+        )
         image_embeds = model.vision_model(pixel_values=self.pixels(images)).last_hidden_state[owner]
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         matched = model.text_encoder(
             input_ids=tokens["input_ids"],
             attention_mask=tokens["attention_mask"],

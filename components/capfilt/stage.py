@@ -41,7 +41,7 @@ from vlmflow.components.train.stage import stage_name as train_stage_name
 from vlmflow.components.train.stage import train_stage
 from vlmflow.errors import UserError
 from vlmflow.progress import Progress
-from vlmflow.runtime.ray import map_jobs_on_ray_data
+from vlmflow.runtime.ray import map_jobs_on_ray_data, require_gpus
 from vlmflow.specs.capfilt import CapfiltSpec, ModelRef, hf_architecture
 from vlmflow.specs.recipe import Recipe
 from vlmflow.specs.train import TrainStageSpec
@@ -207,9 +207,11 @@ def _where(rows: pl.DataFrame, kind: str) -> list[list]:
 
 def run_jobs(jobs: list[dict], folder: Path, ctx: StageContext, desc: str) -> list[dict]:
     resources = ctx.recipe.capfilt.resources
+    require_gpus(resources.gpus_per_actor, "capfilt.resources.gpus_per_actor")
+    device = "cuda" if resources.gpus_per_actor > 0 else "cpu"
     return map_jobs_on_ray_data(
         CapfiltWorker,
-        (str(folder), str(ctx.store.root), max(1, int(resources.cpus_per_actor))),
+        (str(folder), str(ctx.store.root), max(1, int(resources.cpus_per_actor)), device),
         jobs,
         desc=desc,
         num_actors=resources.actors,

@@ -25,9 +25,9 @@ from vlmflow.specs.capfilt import hf_architecture
 class CapfiltWorker:
     """model_folder: a vlmflow model folder, or a Hugging Face BLIP folder (components/capfilt/hf.py)."""
 
-    def __init__(self, model_folder: str, store_root: str, threads: int = 1):
+    def __init__(self, model_folder: str, store_root: str, threads: int = 1, device: str = "cpu"):
         hf = hf_architecture(Path(model_folder)) is not None
-        self.worker = HfBlip(model_folder, threads) if hf else EvalWorker(model_folder, threads)
+        self.worker = HfBlip(model_folder, threads, device) if hf else EvalWorker(model_folder, threads, device)
         self.root = Path(store_root)
 
     def __call__(self, job: dict) -> dict:
@@ -78,8 +78,10 @@ class CapfiltWorker:
         features, image = model.embed_image(self.worker.pixels([self.read(w) for w in job["images"]]))
         pad, length = self.worker.special["<pad>"], model.spec.text.max_length
         ids, mask = pad_rows([codec.ids(t)[:length] or [pad] for t in flat], pad)
+        device = self.worker.device
+        ids, mask = ids.to(device), mask.to(device)
         states, text = model.embed_text(ids, mask)
-        rows = torch.tensor(owner)
+        rows = torch.tensor(owner, device=device)
         itm = torch.softmax(model.heads["match"](states, mask, features[rows]).float(), dim=-1)[:, 1]
         itc = torch.nn.functional.cosine_similarity(image[rows], text, dim=-1)
         return {"itm": _per_image(itm.tolist(), job["texts"]), "itc": _per_image(itc.tolist(), job["texts"])}

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import ray
 
 from vlmflow.components.evaluate import datasets, scoring
 from vlmflow.components.evaluate.datasets import Item, Loaded
@@ -27,7 +26,7 @@ from vlmflow.components.ingest import fingerprint
 from vlmflow.components.train.data import ShardSamples, build_index
 from vlmflow.components.train.stage import stage_name as train_stage_name
 from vlmflow.errors import UserError
-from vlmflow.runtime.ray import map_on_actors
+from vlmflow.runtime.ray import map_on_actors, require_gpus
 from vlmflow.specs.evaluate import EvalTask, ZeroShotTask
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import Stage, StageContext, StageResult
@@ -126,11 +125,7 @@ class Runner:
 
 def check_gpus(task: EvalTask) -> None:
     """A task asking for GPUs the Ray cluster does not have would wait forever: say so instead."""
-    if task.gpus <= 0:
-        return
-    have = ray.cluster_resources().get("GPU", 0.0)
-    if have < task.gpus:
-        raise UserError(f"evaluate {task.name}: gpus: {task.gpus:g} per actor, the Ray cluster has {have:g} GPUs")
+    require_gpus(task.gpus, f"evaluate {task.name}: gpus")
 
 
 def keeps_actors(recipe: Recipe, index: int) -> bool:

@@ -92,3 +92,15 @@ def test_sampled_captions_follow_the_batch_seed_and_a_prompt_is_their_prefix(fol
     assert all(c.startswith("a picture of") and len(c.split()) > 3 for c in prefixed)
     with pytest.raises(ValueError, match="not a BlipForImageTextRetrieval"):
         blip.score(images, [["a red circle"]] * len(images))
+
+
+@pytest.mark.gpu
+def test_scores_and_greedy_captions_on_cuda_equal_the_cpu(folders, rows):
+    images = [r.image for r in rows]
+    texts = [[r.captions[0]] for r in rows]
+    on_cpu, on_gpu = HfBlip(folders["filter"]), HfBlip(folders["filter"], device="cuda")
+    for cpu, gpu in zip(on_cpu.score(images, texts), on_gpu.score(images, texts), strict=True):
+        assert gpu == pytest.approx(cpu, abs=1e-4)
+    greedy = Decoding(strategy="greedy", max_new_tokens=6)
+    captioners = HfBlip(folders["captioner"]), HfBlip(folders["captioner"], device="cuda")
+    assert captioners[0].generate(images, None, greedy) == captioners[1].generate(images, None, greedy)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import ray
 from ray.util import ActorPool
 
+from vlmflow.errors import UserError
 from vlmflow.progress import Progress
 from vlmflow.specs.recipe import RaySpec
 
@@ -168,6 +169,15 @@ def release_actors() -> None:
 
 
 BLOCKS_PER_ACTOR = 8
+
+
+def require_gpus(per_actor: float, what: str) -> None:
+    """Actors asking for GPUs the Ray cluster does not have would wait forever: say so instead."""
+    if per_actor <= 0:
+        return
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if have < per_actor:
+        raise UserError(f"{what}: {per_actor:g} per actor, the Ray cluster has {have:g} GPUs")
 
 
 def map_jobs_on_ray_data(
