@@ -191,6 +191,7 @@ def map_jobs_on_ray_data(
     num_gpus: float = 0,
     progress: str = "auto",
     on_result: Callable[[int], None] | None = None,
+    blocks_per_actor: int | None = BLOCKS_PER_ACTOR,
 ) -> list[dict]:
     """Ray Data `map_batches` over an actor pool: every job (a JSON-able dict: one batch of work)
     is one row, answered by `actor_class(*init_args)(row)` as a JSON-able dict; results in input order.
@@ -199,12 +200,13 @@ def map_jobs_on_ray_data(
     actor after one was killed, computes the same answer: Ray Data restarts actors and retries
     their tasks by default.
 
-    Consecutive jobs share a block (about BLOCKS_PER_ACTOR blocks per actor): each block costs Ray
-    Data ~10 ms of scheduling, as much as a small job's work (benchmarks/capfilt.py).
+    Consecutive jobs share a block (about `blocks_per_actor` blocks per actor; None: a block per
+    job): each block costs Ray Data ~10 ms of scheduling, as much as a small job's work
+    (benchmarks/capfilt.py measures both).
     """
     if not jobs:
         return []
-    per_block = max(1, math.ceil(len(jobs) / (BLOCKS_PER_ACTOR * max(1, num_actors))))
+    per_block = max(1, math.ceil(len(jobs) / (blocks_per_actor * max(1, num_actors)))) if blocks_per_actor else 1
     context = ray.data.DataContext.get_current()
     saved = context.execution_options.preserve_order, context.enable_progress_bars
     context.execution_options.preserve_order, context.enable_progress_bars = True, False
