@@ -49,7 +49,8 @@ from vlmflow.stage import Stage, StageContext, StageResult
 from vlmflow.tracking import download_model, tracking_uri
 
 CAPTION_VERSION = "1"
-FILTER_VERSION = "2"  # 2: empty synthetic captions removed unscored (capfilt:empty-caption)
+# 2: empty synthetic captions removed unscored (capfilt:empty-caption); filter_itm_auc / filter_itc_auc
+FILTER_VERSION = "2"
 CAPTION, FILTER = "capfilt-caption", "capfilt-filter"
 DEFAULT_PROMPT = "Describe the image."
 PAIR_SCHEMA = {
@@ -367,6 +368,11 @@ def quality(pairs: pl.DataFrame) -> dict[str, float]:
     web = pairs.filter((pl.col("origin") == "web") & pl.col("judged") & pl.col("corrupted").is_not_null())
     if web.height:
         metrics |= detection(web["corrupted"].to_numpy(), (~web["kept"]).to_numpy(), "filter")
+        for score in ("itm", "itc"):
+            if score in web.columns and web[score].null_count() == 0:
+                auc = ranking_auc(web["corrupted"].to_numpy(), web[score].to_numpy())
+                if auc is not None:
+                    metrics[f"filter_{score}_auc"] = auc
         metrics["web_noise_before"] = float(web["corrupted"].mean())
         kept = web.filter(pl.col("kept"))
         metrics["web_noise_after"] = float(kept["corrupted"].mean()) if kept.height else 0.0
@@ -374,6 +380,17 @@ def quality(pairs: pl.DataFrame) -> dict[str, float]:
     if synthetic.height:
         metrics |= detection((~synthetic["correct"]).to_numpy(), (~synthetic["kept"]).to_numpy(), "filter_synthetic")
     return metrics
+
+
+def ranking_auc(bad: np.ndarray, score: np.ndarray) -> float | None:
+    """P(a good pair scores above a bad one), ties counting half: how well the score ranks the pairs
+    whatever the threshold (0.5 is chance). None when either class is empty."""
+    good = ~bad.astype(bool)
+    n_good, n_bad = int(good.sum()), int((~good).sum())
+    if not n_good or not n_bad:
+        return None
+    ranks = pl.Series(score).rank("average").to_numpy()
+    return float((ranks[good].sum() - n_good * (n_good + 1) / 2) / (n_good * n_bad))
 
 
 def detection(bad: np.ndarray, removed: np.ndarray, prefix: str) -> dict[str, float]:

@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from vlmflow.components.capfilt.stage import candidate_pairs, decide, detection, quality
+from vlmflow.components.capfilt.stage import candidate_pairs, decide, detection, quality, ranking_auc
 from vlmflow.components.sources.synthetic import describes, parse_caption
 from vlmflow.errors import SpecError
 from vlmflow.graph import recipe_graph
@@ -190,6 +190,29 @@ def test_quality_counts_per_origin_and_scores_the_filter_on_known_truth():
     assert out["filter_precision"] == 0.5 and out["filter_recall"] == 0.5
     assert out["web_noise_before"] == 0.5 and out["web_noise_after"] == 0.5
     assert out["filter_synthetic_precision"] == 1.0 and out["filter_synthetic_recall"] == 1.0
+    assert "filter_itm_auc" not in out  # no scores
+
+
+def test_ranking_auc_of_the_filter_scores():
+    bad = np.array([True, True, False, False])
+    assert ranking_auc(bad, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert ranking_auc(bad, np.array([0.9, 0.8, 0.2, 0.1])) == 0.0
+    assert ranking_auc(bad, np.array([0.5, 0.1, 0.5, 0.9])) == 0.875  # one tie counts half
+    assert ranking_auc(np.array([True, True]), np.array([0.1, 0.2])) is None
+    pairs = pl.DataFrame(
+        {
+            "origin": ["web"] * 4,
+            "judged": [True] * 4,
+            "kept": [False, False, True, True],
+            "corrupted": [True, True, False, False],
+            "correct": [None] * 4,
+            "itm": [0.1, 0.2, 0.8, 0.9],
+            "itc": [0.9, 0.8, 0.2, 0.1],
+        },
+        schema_overrides={"correct": pl.Boolean},
+    )
+    out = quality(pairs)
+    assert out["filter_itm_auc"] == 1.0 and out["filter_itc_auc"] == 0.0
 
 
 # ------------------------------------------------------------------------------ bootstrap rounds

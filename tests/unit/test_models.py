@@ -181,6 +181,53 @@ def test_sampled_negatives_when_every_caption_is_identical():
     assert neg_text.shape == neg_image.shape == (3,)  # any index: the caller drops these rows
 
 
+def test_edited_negatives_differ_from_their_caption_in_one_place():
+    pad = 0
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 9, 7, 8, 0], [5, 6, 7, 8, 10]])
+    mask = (ids != pad).long()
+    edited, edited_mask, usable = obj.edited_negatives(ids, mask, 3, pad, torch.Generator().manual_seed(0))
+    assert edited.shape[0] == edited_mask.shape[0] == usable.shape[0] == 9
+    rows = [r[m.bool()].tolist() for r, m in zip(edited, edited_mask, strict=True)]
+    originals = [[5, 6, 7, 8], [5, 9, 7, 8], [5, 6, 7, 8, 10]]
+    assert usable.all()
+    for k, row in enumerate(rows):
+        caption = originals[k // 3]
+        assert row != caption and set(row) <= {t for o in originals for t in o}  # tokens of the batch only
+        if len(row) == len(caption):  # one token replaced
+            assert sum(a != b for a, b in zip(row, caption, strict=True)) == 1
+        else:  # one token deleted or inserted
+            short, long = sorted((row, caption), key=len)
+            assert len(long) - len(short) == 1 and any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
+    again = obj.edited_negatives(ids, mask, 3, pad, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], edited) and torch.equal(again[2], usable)
+
+
+def test_edited_negatives_unusable_when_every_caption_is_identical():
+    ids = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    edited, _, usable = obj.edited_negatives(ids, torch.ones_like(ids), 2, 0)
+    assert edited.shape == (4, 3) and not usable.any()
+
+
+def test_itm_with_edited_negatives_adds_rows_and_trains_the_text_encoder():
+    torch.manual_seed(0)
+    model = build_stage_model(
+        model_spec({"kind": "mlp"}, text=True),
+        VOCAB,
+        stage(trainable=["text", "heads"], objectives=[{"kind": "itm", "edited_negatives": 2}]),
+        None,
+    )
+    assert model.itm_edited_negatives == 2
+    batch = lm_batch(model, batch=4)
+    loss = model(batch, ["itm"])["itm"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert model.heads["match"].classifier.weight.grad.abs().sum() > 0
+    plain = build_stage_model(model_spec({"kind": "mlp"}, text=True), VOCAB, stage(trainable=["heads"]), None)
+    assert plain.itm_edited_negatives == 0  # off unless a stage asks for it
+    dumped = stage(objectives=[{"kind": "itm"}]).model_dump(mode="json")["objectives"]
+    assert dumped == [{"weight": 1.0, "kind": "itm"}]  # off: the cache key of a stage is as before the option
+
+
 def test_all_objectives_together_give_finite_gradients():
     model = VLM(model_spec({"kind": "mlp"}, text=True), VOCAB)
     batch = lm_batch(model, batch=4)

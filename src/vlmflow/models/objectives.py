@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import torch
@@ -52,6 +53,64 @@ def _draw(blocked: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     none = torch.isinf(blocked).all(dim=1, keepdim=True)
     weights = torch.softmax(blocked.masked_fill(none, 0.0), dim=1)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def edited_negatives(
+    ids: torch.Tensor, mask: torch.Tensor, count: int, pad: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NegCLIP-style hard negative texts (Yuksekgonul et al. 2023), built only from the batch: for
+    each caption and each of `count` draws, another caption of the batch with a different text is
+    drawn, the two token sequences are aligned (difflib) and one of their differences is carried
+    over into the caption: one token replaced by the other caption's aligned token, one token
+    deleted, or the other caption's inserted span inserted. The result differs from the caption
+    in one place, so a matching head must read every token to reject it (an ordinary in-batch
+    negative differs in many). Nothing about the vocabulary or the data is assumed.
+
+    ids, mask: (B, L) token ids padded with `pad`; edits are cut to L tokens. Returns (B * count, L')
+    ids and mask, rows in the order (caption 0 draw 0, caption 0 draw 1, ...), and a (B * count,)
+    bool `usable`: False where the batch had no other text or the edit gave back the caption itself
+    (the caller drops those)."""
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
+    width = ids.shape[1]
+    out, usable = [], []
+    for row in rows:
+        others = [j for j, other in enumerate(rows) if other != row]
+        for _ in range(count):
+            if not others:
+                out.append(row)
+                usable.append(False)
+                continue
+            other = rows[others[_randint(len(others), generator)]]
+            edits = _edits(row, other)
+            edited = edits[_randint(len(edits), generator)] if edits else row
+            out.append(edited[:width] or row)
+            usable.append(edited[:width] != row and bool(edited[:width]))
+    new_width = max(len(r) for r in out)
+    new_ids = torch.full((len(out), new_width), pad, dtype=ids.dtype)
+    new_mask = torch.zeros((len(out), new_width), dtype=mask.dtype)
+    for k, row in enumerate(out):
+        new_ids[k, : len(row)] = torch.tensor(row, dtype=ids.dtype)
+        new_mask[k, : len(row)] = 1
+    return new_ids.to(ids.device), new_mask.to(mask.device), torch.tensor(usable, device=ids.device)
+
+
+def _randint(n: int, generator: torch.Generator | None) -> int:
+    return int(torch.randint(n, (1,), generator=generator))
+
+
+def _edits(row: list[int], other: list[int]) -> list[list[int]]:
+    """Every one-place edit of `row` toward `other` along their alignment."""
+    edits = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=row, b=other, autojunk=False).get_opcodes():
+        if tag == "replace":
+            for k in range(i1, i2):
+                token = other[j1 + min(k - i1, j2 - j1 - 1)]
+                edits.append([*row[:k], token, *row[k + 1 :]])
+        elif tag == "delete":
+            edits.extend(row[:k] + row[k + 1 :] for k in range(i1, i2))
+        elif tag == "insert":
+            edits.append(row[:i1] + other[j1:j2] + row[i1:])
+    return [e for e in edits if e != row]
 
 
 def itm_loss(match_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

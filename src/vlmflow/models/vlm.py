@@ -41,6 +41,7 @@ class VLM(nn.Module):
     def __init__(self, spec: ModelSpec, vocab: Vocab, load_weights: bool = True):
         super().__init__()
         self.spec, self.vocab = spec, vocab
+        self.itm_edited_negatives = 0  # per caption, in the ITM loss; a training stage sets it from its spec
         self.vision = build_vision(spec.vision, load_weights)
         language = spec.language
         self.language = build_language(language, vocab.size, vocab.special, load_weights) if language else None
@@ -147,14 +148,28 @@ class VLM(nn.Module):
         wrong_image = head(states, mask, features[neg_image])
         if not usable_text.is_meta:  # meta (vlmflow plan): every row has a negative, the upper bound
             wrong_text, wrong_image = wrong_text[usable_text], wrong_image[usable_text]
-        logits = torch.cat([positive, wrong_text, wrong_image])
+        negatives = [wrong_text, wrong_image]
+        if self.itm_edited_negatives:
+            negatives.append(self._edited_negatives(ids, mask, features, self.itm_edited_negatives))
+        logits = torch.cat([positive, *negatives])
         labels = torch.cat(
             [
                 torch.ones(len(positive), dtype=torch.long),
-                torch.zeros(len(wrong_text) + len(wrong_image), dtype=torch.long),
+                torch.zeros(sum(len(n) for n in negatives), dtype=torch.long),
             ]
         ).to(logits.device)
         return obj.itm_loss(logits, labels)
+
+    def _edited_negatives(self, ids, mask, features, count: int) -> torch.Tensor:  # noqa: ANN001
+        """Match logits of each image with `count` one-place edits of its caption (objectives.edited_negatives)."""
+        if ids.is_meta:  # vlmflow plan: shapes only; every caption gets `count` edits as wide as the batch
+            edited, edited_mask, usable = ids.repeat_interleave(count, 0), mask.repeat_interleave(count, 0), None
+        else:
+            edited, edited_mask, usable = obj.edited_negatives(ids, mask, count, self.vocab.pad_id)
+        states, _ = self.embed_text(edited, edited_mask)
+        owner = torch.arange(len(ids), device=features.device).repeat_interleave(count)
+        logits = self.heads["match"](states, edited_mask, features[owner])
+        return logits if usable is None else logits[usable]
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,18 @@ class SiglipObjective(Weighted):
 
 
 class ItmObjective(Weighted):
-    """Binary image-text matching; negatives mined from ITC similarities (hardest non-duplicate)."""
+    """Binary image-text matching; per image one negative text and per text one negative image,
+    drawn (as in BLIP) from the softmax of the ITC similarities over the batch."""
 
     kind: Literal["itm"]
+    edited_negatives: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="NegCLIP-style extra negative texts per image: its caption with one place edited toward "
+        "another caption of the batch (a token replaced, deleted or inserted); 0 (BLIP) adds none",
+        exclude_if=lambda count: count == 0,  # off: the stage's spec, hence its cache key, is as before the option
+    )
 
 
 class LmObjective(Weighted):
