@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 from vlmflow.artifacts import file_sha256
 from vlmflow.components.shards import ShardCorrupt
 from vlmflow.errors import UserError
-from vlmflow.models.objectives import IGNORE
+from vlmflow.models.objectives import IGNORE, pad_rows
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 INDEX_SCHEMA = {
@@ -249,13 +249,3 @@ class Collator:
         batch["labels"], _ = pad_rows([c[1] for c in chats], IGNORE)
         batch["text_ids"], batch["text_mask"] = pad_rows([c or [pad] for c in captions], pad)
         return batch
-
-
-def pad_rows(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask

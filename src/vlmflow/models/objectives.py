@@ -85,13 +85,8 @@ def edited_negatives(
             edited = edits[_randint(len(edits), generator)] if edits else row
             out.append(edited[:width] or row)
             usable.append(edited[:width] != row and bool(edited[:width]))
-    new_width = max(len(r) for r in out)
-    new_ids = torch.full((len(out), new_width), pad, dtype=ids.dtype)
-    new_mask = torch.zeros((len(out), new_width), dtype=mask.dtype)
-    for k, row in enumerate(out):
-        new_ids[k, : len(row)] = torch.tensor(row, dtype=ids.dtype)
-        new_mask[k, : len(row)] = 1
-    return new_ids.to(ids.device), new_mask.to(mask.device), torch.tensor(usable, device=ids.device)
+    new_ids, new_mask = pad_rows(out, pad)
+    return new_ids.to(ids), new_mask.to(mask), torch.tensor(usable, device=ids.device)
 
 
 def _randint(n: int, generator: torch.Generator | None) -> int:
@@ -111,6 +106,17 @@ def _edits(row: list[int], other: list[int]) -> list[list[int]]:
         elif tag == "insert":
             edits.append(row[:i1] + other[j1:j2] + row[i1:])
     return [e for e in edits if e != row]
+
+
+def pad_rows(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, L], mask [B, L]) of token rows right-padded with `value` to the longest."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
 
 
 def itm_loss(match_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
