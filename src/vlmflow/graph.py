@@ -24,7 +24,7 @@ class Node:
     stage: Stage
     inputs: dict[str, str]  # input name -> the upstream stage's name
     train: TrainStageSpec | None = None  # a training stage's spec (also for those CapFilt's rounds derive)
-    field: tuple = ()  # where the training stage is in the spec: ("stages", 2) or ("capfilt", "rounds")
+    field: tuple = ()  # the training stage whose settings it runs with: ("stages", 2), also for a round stage
 
 
 def artifact_stage(artifact: str, recipe: Recipe) -> str:
