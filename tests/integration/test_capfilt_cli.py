@@ -88,7 +88,7 @@ def test_capfilt_accounts_for_every_pair_and_logs_its_report(run):
                                                                     ("web", web_train.height)]  # fmt: skip
     # The random captioner writes some empty captions: removed unscored, with their reason.
     empty = pairs.filter(pl.col("reason") == "capfilt:empty-caption")
-    assert (empty["origin"] == "synthetic").all() and (empty["caption"].str.strip_chars() == "").all()
+    assert empty.height and (empty["origin"] == "synthetic").all() and (empty["caption"].str.strip_chars() == "").all()
     scored = pairs.filter(pl.col("judged"))
     assert scored.height + empty.height == pairs.height and not empty["kept"].any()
     assert scored["kept"].to_list() == (scored["itm"] >= 0.5).to_list()
