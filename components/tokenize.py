@@ -16,7 +16,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from vlmflow.components.shards import read_shard, sample_json
 from vlmflow.errors import UserError
-from vlmflow.runtime.ray import map_units
 from vlmflow.specs.recipe import BpeTokenizer, PretrainedTokenizer, Recipe
 from vlmflow.stage import Stage, StageContext, StageResult
 
@@ -81,6 +80,8 @@ def round_trip_rate(tokenizer: Tokenizer, texts: list[str], limit: int = 2000) -
 
 
 def corpus(ctx: StageContext) -> list[str]:
+    from vlmflow.runtime.ray import map_units  # here, so that train_bpe needs no Ray (a GPU test machine has none)
+
     source = ctx.inputs.get("dedup") or ctx.inputs["ingest"]  # the last data stage's manifest
     manifest = pl.read_parquet(source.path / "manifest.parquet", columns=["key", "shard"])
     shards = pl.read_parquet(ctx.inputs["ingest"].path / "shards.parquet")
