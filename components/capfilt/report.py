@@ -13,7 +13,6 @@ from PIL import Image, ImageDraw
 from vlmflow.artifacts import atomic_path
 from vlmflow.components.train.data import read_member
 from vlmflow.images import to_rgb
-from vlmflow.specs.capfilt import CapfiltSpec
 
 BINS, PLOT_W, PLOT_H, PAD = 20, 360, 160, 24
 KEPT, REMOVED, INK = (40, 150, 70), (200, 60, 50), (0, 0, 0)
@@ -26,11 +25,12 @@ def histogram(values: list[float], low: float, high: float) -> list[int]:
     return counts
 
 
-def write_histograms(pairs: pl.DataFrame, spec: CapfiltSpec, path: Path) -> None:
-    """One panel per (score, origin): stacked bars of kept and removed pairs, threshold marked."""
+def write_histograms(pairs: pl.DataFrame, origins: list[str], thresholds: dict[str, float], path: Path) -> None:
+    """One panel per (score, origin): stacked bars of kept and removed pairs, threshold in force marked."""
     panels = []
-    for score, threshold, low in (("itm", spec.filter.itm, 0.0), ("itc", spec.filter.itc, -1.0)):
-        for origin in spec.apply_to:
+    for score, low in (("itm", 0.0), ("itc", -1.0)):
+        threshold = thresholds.get(score)
+        for origin in origins:
             part = pairs.filter((pl.col("origin") == origin) & pl.col("judged"))
             if part.height:
                 panels.append((score, origin, threshold, low, part))

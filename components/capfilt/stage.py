@@ -25,6 +25,7 @@ r-1's output (`train-NAME-rR`, the stage's own settings) and runs `capfilt-capti
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -42,7 +43,7 @@ from vlmflow.components.train.stage import train_stage
 from vlmflow.errors import UserError
 from vlmflow.progress import Progress
 from vlmflow.runtime.ray import map_jobs_on_ray_data, require_gpus
-from vlmflow.specs.capfilt import CapfiltSpec, ModelRef, hf_architecture
+from vlmflow.specs.capfilt import CapfiltSpec, FilterSpec, ModelRef, hf_architecture
 from vlmflow.specs.recipe import Recipe
 from vlmflow.specs.train import TrainStageSpec
 from vlmflow.stage import Stage, StageContext, StageResult
@@ -50,7 +51,8 @@ from vlmflow.tracking import download_model, tracking_uri
 
 CAPTION_VERSION = "1"
 # 2: empty synthetic captions removed unscored (capfilt:empty-caption); filter_itm_auc / filter_itc_auc
-FILTER_VERSION = "2"
+# 3: calibrated thresholds (filter.calibrate); thresholds below 0.01 written in reasons as 1.2e-03
+FILTER_VERSION = "3"
 CAPTION, FILTER = "capfilt-caption", "capfilt-filter"
 DEFAULT_PROMPT = "Describe the image."
 PAIR_SCHEMA = {
@@ -314,33 +316,87 @@ def candidate_pairs(rows: pl.DataFrame, manifest: pl.DataFrame, captions: pl.Dat
     return pairs.sort("position", pl.col("origin") == "synthetic", "index").drop("position")
 
 
-def decide(itm: float | None, itc: float | None, spec: CapfiltSpec) -> tuple[bool, str | None]:
-    """Kept when every given threshold passes; else the reason, e.g. capfilt:itm=0.12<0.50."""
+def given_thresholds(spec: FilterSpec) -> dict[str, float]:
+    """The thresholds the spec gives, by score (itm, itc)."""
+    return {name: value for name in ("itm", "itc") if (value := getattr(spec, name)) is not None}
+
+
+def calibrated_threshold(scores: list[float], keep: float) -> float:
+    """The highest threshold that at least `keep` of the scores pass (a pair passes at score >= threshold)."""
+    ordered = sorted(scores)
+    return ordered[math.floor((1 - keep) * len(ordered) + 1e-9)]
+
+
+def decide(itm: float | None, itc: float | None, thresholds: dict[str, float]) -> tuple[bool, str | None]:
+    """Kept when every threshold passes; else the reason, e.g. capfilt:itm=0.12<0.50 (capfilt:itm=2.1e-04<1.3e-03
+    where the threshold is below 0.01)."""
     failed = []
-    if spec.filter.itm is not None and itm < spec.filter.itm:
-        failed.append(f"itm={itm:.2f}<{spec.filter.itm:.2f}")
-    if spec.filter.itc is not None and itc < spec.filter.itc:
-        failed.append(f"itc={itc:.2f}<{spec.filter.itc:.2f}")
+    for name, score in (("itm", itm), ("itc", itc)):
+        limit = thresholds.get(name)
+        if limit is not None and score < limit:
+            form = ".2f" if abs(limit) >= 0.01 else ".1e"
+            failed.append(f"{name}={score:{form}}<{limit:{form}}")
     return not failed, ("capfilt:" + ",".join(failed)) if failed else None
 
 
-def judge(pairs: pl.DataFrame, rows: pl.DataFrame, ctx: StageContext, folder: Path, label: str) -> pl.DataFrame:
+def held_out_pairs(index: pl.DataFrame, manifest: pl.DataFrame, spec: CapfiltSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The calibration source's held-out (split val) rows and their (image, caption) pairs."""
+    source = spec.filter.calibrate.source
+    rows = index.filter((pl.col("split") == "val") & (pl.col("source") == source))
+    if rows.height == 0:
+        raise UserError(
+            f"capfilt.filter.calibrate.source: data artifact {spec.data!r} has no held-out (split val) rows of "
+            f"source {source!r} to calibrate the thresholds on"
+        )
+    return rows, candidate_pairs(rows, manifest, None).select("key", "source", "index", "caption")
+
+
+def _score_jobs(pairs: pl.DataFrame, rows: pl.DataFrame, batch_size: int) -> list[dict]:
+    """Score jobs for every caption of `pairs`, batched by image in the order of `rows`."""
+    texts = pairs.group_by("key", maintain_order=True).agg("caption")
+    by_key = dict(zip(texts["key"].to_list(), texts["caption"].to_list(), strict=True))
+    wanted = rows.filter(pl.col("key").is_in(list(by_key)))
+    return [
+        {"op": "score", "images": _where(part, "image"), "texts": [by_key[k] for k in part["key"]]}
+        for part in batches(wanted, batch_size)
+    ]
+
+
+def _flat(answers: list[dict], score: str) -> list[float]:
+    return [v for a in answers for group in a[score] for v in group]
+
+
+def judge(
+    pairs: pl.DataFrame,
+    rows: pl.DataFrame,
+    ctx: StageContext,
+    folder: Path,
+    label: str,
+    held: tuple[pl.DataFrame, pl.DataFrame] | None = None,
+) -> tuple[pl.DataFrame, dict[str, float], pl.DataFrame | None]:
     """Scores and decisions for the pairs whose origin is in apply_to; the others are kept as they are,
-    but for empty synthetic captions (removed, reason capfilt:empty-caption)."""
+    but for empty synthetic captions (removed, reason capfilt:empty-caption). held: the held-out
+    clean rows and pairs that calibrate the thresholds (scored in the same actor pool).
+    Returns the pairs, the thresholds in force and the held-out pairs with their scores."""
     spec = ctx.recipe.capfilt
     empty = (pairs["origin"] == "synthetic") & (pairs["caption"].str.strip_chars() == "")
     judged = pairs["origin"].is_in(spec.apply_to) & ~empty
-    texts = pairs.filter(judged).group_by("key", maintain_order=True).agg("caption")
-    by_key = dict(zip(texts["key"].to_list(), texts["caption"].to_list(), strict=True))
-    wanted = rows.filter(pl.col("key").is_in(list(by_key)))
-    jobs = [
-        {"op": "score", "images": _where(part, "image"), "texts": [by_key[k] for k in part["key"]]}
-        for part in batches(wanted, spec.resources.batch_size)
-    ]
-    answers = run_jobs(jobs, folder, ctx, "capfilt filter" + label)
-    itm = [v for a in answers for group in a["itm"] for v in group]
-    itc = [v for a in answers for group in a["itc"] for v in group]
-    scored = [decide(m, c, spec) for m, c in zip(itm, itc, strict=True)]
+    jobs = _score_jobs(pairs.filter(judged), rows, spec.resources.batch_size)
+    held_jobs = _score_jobs(held[1], held[0], spec.resources.batch_size) if held is not None else []
+    answers = run_jobs(jobs + held_jobs, folder, ctx, "capfilt filter" + label)
+    itm, itc = _flat(answers[: len(jobs)], "itm"), _flat(answers[: len(jobs)], "itc")
+    thresholds, calibration = given_thresholds(spec.filter), None
+    if held is not None:
+        extra = answers[len(jobs) :]
+        calibration = held[1].with_columns(
+            itm=pl.Series(_flat(extra, "itm"), dtype=pl.Float64), itc=pl.Series(_flat(extra, "itc"), dtype=pl.Float64)
+        )
+        keep = spec.filter.calibrate.keep
+        thresholds = {name: calibrated_threshold(calibration[name].to_list(), keep) for name in thresholds}
+        calibration = calibration.with_columns(
+            passed=pl.all_horizontal([pl.col(name) >= value for name, value in thresholds.items()])
+        )
+    scored = [decide(m, c, thresholds) for m, c in zip(itm, itc, strict=True)]
     scores = pl.DataFrame(
         {"itm": itm, "itc": itc, "kept": [s[0] for s in scored], "reason": [s[1] for s in scored]},
         schema={"itm": pl.Float64, "itc": pl.Float64, "kept": pl.Boolean, "reason": pl.String},
@@ -355,7 +411,7 @@ def judge(pairs: pl.DataFrame, rows: pl.DataFrame, ctx: StageContext, folder: Pa
     )
     order = pairs.select("key", "origin", "index").with_row_index("position")
     out = pl.concat([judged_rows, passed], how="diagonal").join(order, on=["key", "origin", "index"])
-    return out.sort("position").select(list(PAIR_SCHEMA)).cast(PAIR_SCHEMA)
+    return out.sort("position").select(list(PAIR_SCHEMA)).cast(PAIR_SCHEMA), thresholds, calibration
 
 
 def quality(pairs: pl.DataFrame) -> dict[str, float]:
@@ -424,12 +480,23 @@ def run_filter(ctx: StageContext, round_: int = 1) -> StageResult:
     if rows.height == 0:
         raise UserError(f"capfilt: data artifact {spec.data!r} has no training rows to filter")
     captions = pl.read_parquet(ctx.inputs["captions"].path / "captions.parquet") if "captions" in ctx.inputs else None
+    held = held_out_pairs(index, manifest, spec) if spec.filter.calibrate is not None else None
     folder = model_folder(spec.filter.model, ctx, "filter")
     try:
-        pairs = judge(candidate_pairs(rows, manifest, captions), rows, ctx, folder, _round_label(round_))
+        candidates = candidate_pairs(rows, manifest, captions)
+        pairs, thresholds, calibration = judge(candidates, rows, ctx, folder, _round_label(round_), held)
     finally:
         _drop_download(ctx)
     pairs.write_parquet(ctx.out / "pairs.parquet")
+    artifacts = ["pairs.parquet", "quarantine.parquet", "shards.parquet", "report.json", "scores.png", "examples.png"]
+    metrics = {f"filter_{name}_threshold": value for name, value in thresholds.items()}
+    if calibration is not None:
+        calibration.write_parquet(ctx.out / "calibration.parquet")
+        artifacts.append("calibration.parquet")
+        metrics |= {
+            "calibration_pairs": float(calibration.height),
+            "calibration_kept": float(calibration["passed"].mean()),
+        }
 
     kept = (
         pairs.filter(pl.col("kept"))
@@ -459,10 +526,10 @@ def run_filter(ctx: StageContext, round_: int = 1) -> StageResult:
     out_manifest.write_parquet(ctx.out / "manifest.parquet", statistics=False)
     shard_rows.write_parquet(ctx.out / "shards.parquet", statistics=False)
 
-    metrics = quality(pairs) | {"images_in": float(index.height), "images_out": float(out_manifest.height)}
+    metrics |= quality(pairs) | {"images_in": float(index.height), "images_out": float(out_manifest.height)}
     metrics["pairs_judged"] = float(pairs["judged"].sum())
     (ctx.out / "report.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    report.write_histograms(pairs, spec, ctx.out / "scores.png")
+    report.write_histograms(pairs, spec.apply_to, thresholds, ctx.out / "scores.png")
     report.write_examples(pairs, index, ctx.store.root, ctx.out / "examples.png")
     by_reason = Counter(r.split("=")[0] for r in quarantine["reason"].to_list())
     return StageResult(
@@ -470,14 +537,7 @@ def run_filter(ctx: StageContext, round_: int = 1) -> StageResult:
         rows_out=int(pairs["kept"].sum()),
         rows_quarantined=int((~pairs["kept"]).sum()),
         metrics=metrics,
-        artifacts=[
-            "pairs.parquet",
-            "quarantine.parquet",
-            "shards.parquet",
-            "report.json",
-            "scores.png",
-            "examples.png",
-        ],
+        artifacts=artifacts,
         details={"filter": str(folder), "quarantine_by_reason": dict(by_reason), "images_out": out_manifest.height},
     )
 

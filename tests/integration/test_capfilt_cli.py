@@ -22,6 +22,7 @@ from tests.hf_blip import write_blip
 from tests.tiny_vlm import write_model
 from vlmflow.artifacts import ArtifactStore, file_sha256
 from vlmflow.components.capfilt import stage as capfilt
+from vlmflow.components.capfilt.stage import calibrated_threshold
 from vlmflow.components.train.data import build_index
 from vlmflow.runtime.ray import init_ray
 from vlmflow.specs.loader import load_recipe
@@ -62,12 +63,23 @@ def test_capfilt_accounts_for_every_pair_and_logs_its_report(run):
     assert empty.height and (empty["origin"] == "synthetic").all() and (empty["caption"].str.strip_chars() == "").all()
     scored = pairs.filter(pl.col("judged"))
     assert scored.height + empty.height == pairs.height and not empty["kept"].any()
-    assert scored["kept"].to_list() == (scored["itm"] >= 0.5).to_list()
+    # The threshold is calibrated: the highest that 80% of the held-out clean pairs pass, not the 0.5 given.
+    calibration = pl.read_parquet(folder / "calibration.parquet")
+    held_out = ingest.filter((pl.col("source") == "clean") & (pl.col("split") == "val"))
+    assert sorted(calibration["key"].to_list()) == sorted(held_out["key"].to_list()) and held_out.height >= 8
+    threshold = calibrated_threshold(calibration["itm"].to_list(), 0.8)
+    assert (
+        threshold != 0.5 and (calibration["itm"] >= threshold).mean() >= 0.8 > (calibration["itm"] > threshold).mean()
+    )
+    assert calibration["passed"].to_list() == (calibration["itm"] >= threshold).to_list()
+    assert scored["kept"].to_list() == (scored["itm"] >= threshold).to_list()
     quarantine = pl.read_parquet(folder / "quarantine.parquet")
     assert quarantine.filter(pl.col("reason") == "capfilt:empty-caption").height == empty.height
     removed = scored.filter(~pl.col("kept"))
     by_score = quarantine.filter(pl.col("reason").str.starts_with("capfilt:itm="))
-    assert by_score["reason"].to_list() == [f"capfilt:itm={itm:.2f}<0.50" for itm in removed["itm"]]
+    assert removed.height and by_score["reason"].to_list() == [
+        f"capfilt:itm={itm:.2f}<{threshold:.2f}" for itm in removed["itm"]
+    ]
     # Output: every image of the input is in the new manifest or quarantined as left without a caption.
     manifest = pl.read_parquet(folder / "manifest.parquet")
     emptied = quarantine.filter(pl.col("reason") == "capfilt:no-caption-kept")["key"].to_list()
@@ -80,7 +92,7 @@ def test_capfilt_accounts_for_every_pair_and_logs_its_report(run):
     assert all(got[k] == v for k, v in expected.items())
     clean = manifest.filter(pl.col("source") == "clean")
     assert (
-        clean.height == 48
+        clean.height == 48  # the held-out clean rows too
         and clean["captions"].to_list() == ingest.filter(pl.col("source") == "clean")["captions"].to_list()
     )  # other sources pass unchanged
 
@@ -91,9 +103,18 @@ def test_capfilt_accounts_for_every_pair_and_logs_its_report(run):
     assert {"filter_precision", "filter_recall", "filter_f1", "kept_web", "removed_synthetic"} <= set(
         child.data.metrics
     )
+    assert child.data.metrics["filter_itm_threshold"] == pytest.approx(threshold)
+    assert child.data.metrics["calibration_pairs"] == calibration.height
     assert "synthetic_caption_accuracy" in client.get_run(caption["mlflow_run_id"]).data.metrics
     logged = {a.path for a in client.list_artifacts(child.info.run_id)}
-    assert {"pairs.parquet", "quarantine.parquet", "scores.png", "examples.png", "report.json"} <= logged
+    assert {
+        "pairs.parquet",
+        "quarantine.parquet",
+        "scores.png",
+        "examples.png",
+        "report.json",
+        "calibration.parquet",
+    } <= logged
 
 
 def _rerun(workdir: Path, summary: dict, stage, recipe, out: Path, kill: bool) -> float | None:
@@ -152,7 +173,7 @@ def test_a_killed_actor_changes_no_byte_of_captions_or_filtered_shards(run, tmp_
     shards = sorted(p.name for p in (plain / "shards").iterdir())
     assert shards and shards == sorted(p.name for p in (killed / "shards").iterdir())
     assert [file_sha256(plain / "shards" / s) for s in shards] == [file_sha256(killed / "shards" / s) for s in shards]
-    for name in ("pairs.parquet", "quarantine.parquet"):
+    for name in ("pairs.parquet", "quarantine.parquet", "calibration.parquet"):
         assert pl.read_parquet(plain / name).equals(pl.read_parquet(killed / name)), name
     columns = [c for c in pl.read_parquet_schema(plain / "manifest.parquet") if c != "shard"]  # shard: under the digest
     assert pl.read_parquet(plain / "manifest.parquet", columns=columns).equals(

@@ -82,12 +82,25 @@ class CaptionerSpec(StrictModel):
     max_new_tokens: int = Field(32, ge=1, le=512)
 
 
+class Calibration(StrictModel):
+    """Thresholds set from held-out clean pairs instead of fixed: each threshold given (itm, itc) is
+    replaced by the highest value that `keep` of them pass. A filter's P(match) on images it never
+    saw is often far below 0.5 for true pairs (it was fine-tuned on few clean images, with more
+    negatives than positives), so a fixed 0.5 removes many good pairs."""
+
+    source: str = Field(description="a clean source whose held-out rows (split val) and captions are the truth")
+    keep: float = Field(0.95, gt=0, lt=1, description="the fraction of held-out clean pairs that pass each threshold")
+
+
 class FilterSpec(StrictModel):
     """A pair is kept when it passes every threshold given."""
 
     model: ModelRef
     itm: float | None = Field(0.5, ge=0, le=1, description="keep when P(match) from the ITM head >= itm")
     itc: float | None = Field(None, ge=0, le=1, description="keep when the ITC cosine similarity >= itc")
+    calibrate: Calibration | None = Field(
+        None, description="set the thresholds given from held-out clean pairs (their values are then unused)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FilterSpec:

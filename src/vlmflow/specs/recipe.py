@@ -8,7 +8,7 @@ from pydantic import Field
 
 from vlmflow.specs.base import SpecPath, StrictModel
 from vlmflow.specs.capfilt import HF_BLIP, CapfiltSpec, hf_architecture
-from vlmflow.specs.data import DataSpec
+from vlmflow.specs.data import DataSpec, source_name
 from vlmflow.specs.evaluate import GENERATIVE, EvalTask
 from vlmflow.specs.instruct import InstructSpec
 from vlmflow.specs.model import ModelSpec
@@ -180,11 +180,29 @@ def _capfilt_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
             else:
                 message = f"the model in {ref.path} has no {part} part; the {role} needs one"
             problems.append(((*loc, "path"), message))
+    problems += _calibration_checks(recipe)
     derived = [f"{name}-r{r}" for name in spec.model_stages() for r in range(2, spec.rounds + 1)]
     if taken := [name for name in derived if name in stages]:
         message = f"round {taken[0].rsplit('-r', 1)[1]} trains a stage named {taken[0]!r}, as a stage of stages: is"
         problems.append((("capfilt", "rounds"), message + "; rename that stage"))
     return problems
+
+
+def _calibration_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """The calibration source exists, is not judged itself and has held-out (val) rows."""
+    calibrate, loc = recipe.capfilt.filter.calibrate, ("capfilt", "filter", "calibrate", "source")
+    if calibrate is None:
+        return []
+    names = [source_name(s, i) for i, s in enumerate(recipe.data.sources)]
+    if calibrate.source not in names:
+        return [(loc, f"unknown source {calibrate.source!r}; data.sources has: {', '.join(names)}")]
+    source = recipe.data.sources[names.index(calibrate.source)]
+    if recipe.capfilt.sources is not None and calibrate.source in recipe.capfilt.sources:
+        return [(loc, f"{calibrate.source!r} is in capfilt.sources (judged as web data); calibrate on a clean source")]
+    if source.split != "val" and not getattr(source, "val_fraction", 0):
+        how = "give it val_fraction" if hasattr(source, "val_fraction") else "add a source of it with split: val"
+        return [(loc, f"source {calibrate.source!r} has no held-out rows (split val); {how}")]
+    return []
 
 
 def _evaluate_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
