@@ -106,7 +106,7 @@ def test_blip_plan_estimates_source_subsets_and_capfilt_pairs(tmp_path):
     plan = build_plan(load_recipe(RECIPES / "blip-tiny.yaml"), tmp_path)
     rows = {e["stage"]: e["rows_in"] for e in plan["stages"]}
     train = training(plan)
-    assert train["train-captioner"]["mixture"]["counts"] == [512]  # sources: [coco] of 2048 web + 512 coco
-    assert rows["capfilt-caption"] == 2048  # capfilt.sources: [web]
-    assert rows["capfilt-filter"] == 2048 * 3  # each image's web caption and k=2 synthetic ones
-    assert rows["train-retrain"] == 2560  # the capfilt artifact's images, not its pairs
+    assert train["train-captioner"]["mixture"]["counts"] == [2048]  # sources: [coco] of 8192 web + 2048 coco
+    assert rows["capfilt-caption"] == 8192  # capfilt.sources: [web]
+    assert rows["capfilt-filter"] == 8192 * 3  # each image's web caption and k=2 synthetic ones
+    assert rows["train-retrain"] == 10240  # the capfilt artifact's images, not its pairs

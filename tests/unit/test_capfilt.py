@@ -11,7 +11,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from vlmflow.components.capfilt.stage import candidate_pairs, decide, detection, quality, ranking_auc
+from vlmflow.components.capfilt.stage import (
+    calibrated_threshold,
+    candidate_pairs,
+    decide,
+    detection,
+    given_thresholds,
+    quality,
+    ranking_auc,
+)
 from vlmflow.components.sources.synthetic import describes, parse_caption
 from vlmflow.errors import SpecError
 from vlmflow.graph import recipe_graph
@@ -70,8 +78,14 @@ def test_a_threshold_outside_zero_one_is_an_error_at_its_line(tmp_path):
         ("capfilt.captioner=null", "capfilt", "no captioner to write synthetic captions"),
         ("capfilt.filter.itm=null", "capfilt.filter", "give a threshold"),
         ("stages.1.data.mixture.0.sources=[cocoa]", "stages.1.data.mixture.0.sources.0", "unknown source 'cocoa'"),
+        ("capfilt.filter.calibrate={source: cocoa}", "capfilt.filter.calibrate.source", "unknown source 'cocoa'"),
+        ("capfilt.filter.calibrate={source: web}", "capfilt.filter.calibrate.source",
+         "'web' is in capfilt.sources (judged as web data)"),
+        ("data.sources.1.val_fraction=0", "capfilt.filter.calibrate.source",  # blip-tiny calibrates on coco
+         "source 'coco' has no held-out rows (split val); give it val_fraction"),
+        ("capfilt.filter.calibrate={source: coco, keep: 1}", "capfilt.filter.calibrate.keep", "less than 1"),
     ],
-)
+)  # fmt: skip
 def test_capfilt_mistakes_are_located(override, field, message):
     found = problems([override])
     assert any(f": {field}: " in p and message in p for p in found), found
@@ -130,12 +144,29 @@ def spec_with(itm: str, itc: str):
 
 
 def test_decisions_need_every_given_threshold():
-    both = spec_with("0.5", "0.2")
+    both = given_thresholds(spec_with("0.5", "0.2").filter)
+    assert both == {"itm": 0.5, "itc": 0.2}
     assert decide(0.7, 0.3, both) == (True, None)
     assert decide(0.5, 0.2, both) == (True, None)  # at the threshold: kept
     assert decide(0.49, 0.3, both) == (False, "capfilt:itm=0.49<0.50")
     assert decide(0.1, 0.1, both) == (False, "capfilt:itm=0.10<0.50,itc=0.10<0.20")
-    assert decide(0.0, 0.9, spec_with("null", "0.8")) == (True, None)
+    assert decide(0.0, 0.9, given_thresholds(spec_with("null", "0.8").filter)) == (True, None)
+    # A calibrated threshold can be tiny: its reason keeps two significant digits.
+    assert decide(0.000213, 0.9, {"itm": 0.00127}) == (False, "capfilt:itm=2.1e-04<1.3e-03")
+
+
+def test_a_calibrated_threshold_is_the_highest_that_keep_of_the_clean_pairs_pass():
+    scores = [0.9, 0.1, 0.5, 0.7, 0.3, 0.2, 0.8, 0.4, 0.6, 1.0]
+    assert calibrated_threshold(scores, 0.9) == 0.2  # 9 of 10 pass (0.1 does not); at 0.3 only 8
+    assert calibrated_threshold(scores, 0.95) == 0.1  # 9.5 of 10: all must pass
+    assert calibrated_threshold(scores, 0.5) == 0.6
+    rng = np.random.default_rng(3)
+    for n in (1, 7, 40, 333):
+        values = rng.random(n).tolist()
+        for keep in (0.05, 0.5, 0.8, 0.95, 0.999):
+            t = calibrated_threshold(values, keep)
+            passing = sum(v >= t for v in values)
+            assert passing >= keep * n - 1e-9 and sum(v > t for v in values) < keep * n  # the next value fails
 
 
 def test_detection_precision_recall_f1_by_hand():
