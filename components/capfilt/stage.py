@@ -7,12 +7,14 @@ images on an actor pool (components/capfilt/worker.py):
   data knows its scene).
 - `capfilt-filter` (the `capfilt` data artifact): the filter scores every web and synthetic
   caption named in `apply_to` (ITM probability, ITC cosine) and keeps the pairs above the
-  thresholds. Output: new shards where each image's JSON holds its kept captions (`captions`)
+  thresholds (given, or calibrated on a clean source's held-out pairs: `filter.calibrate`).
+  Output: new shards where each image's JSON holds its kept captions (`captions`)
   and every pair judged (`capfilt`: caption, origin, scores, kept), `manifest.parquet`,
   `shards.parquet`, `pairs.parquet` (one row per pair: origin, scores, decision, reason,
   truth where known), `quarantine.parquet` (every removed pair, reason
   `capfilt:itm=0.12<0.50`, and every image left without a caption), `report.json`,
-  `scores.png` (histograms) and `examples.png` (kept and removed pairs).
+  `scores.png` (histograms), `examples.png` (kept and removed pairs) and, when calibrated,
+  `calibration.parquet` (the held-out pairs, their scores, whether they pass).
 
 Rows outside the scope (held-out splits, sources not listed in `capfilt.sources`) pass
 through unchanged.
