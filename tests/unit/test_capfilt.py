@@ -300,3 +300,21 @@ def test_one_stage_as_captioner_and_filter_is_retrained_once_per_round():
 def test_round_mistakes_are_located(overrides, field, message):
     found = problems(overrides)
     assert any(f": {field}: " in p and message in p for p in found), found
+
+
+def test_an_unnamed_source_is_named_by_its_kind_in_capfilt_sources(tmp_path):
+    spec = tmp_path / "unnamed.yaml"
+    body = """name: unnamed
+data:
+  sources:
+    - {kind: synthetic-shapes, count: 10}
+capfilt:
+  sources: [SOURCE]
+  filter: {model: {uri: models:/filter/1}}
+  apply_to: [web]
+"""
+    spec.write_text(body.replace("SOURCE", "synthetic-shapes"))
+    assert load_recipe(spec).capfilt.sources == ["synthetic-shapes"]
+    spec.write_text(body.replace("SOURCE", "shapes"))
+    (problem,) = problems([], spec)
+    assert problem == f"{spec}:6:13: capfilt.sources.0: unknown source 'shapes'; data.sources has: synthetic-shapes"

@@ -129,7 +129,7 @@ def cross_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
 
 
 def _source_checks(recipe: Recipe, fields: list[tuple[tuple, list[str] | None]]) -> list[tuple[tuple, str]]:
-    names = [s.name for s in recipe.data.sources]
+    names = [source_name(s, i) for i, s in enumerate(recipe.data.sources)]
     return [
         ((*field, "sources", j), f"unknown source {name!r}; data.sources has: {', '.join(names)}")
         for field, sources in fields
