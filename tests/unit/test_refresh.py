@@ -157,13 +157,14 @@ def test_a_version_is_byte_identical_however_it_is_built(tmp_path, monkeypatch):
 
 def test_downstream_stages_read_a_version_that_references_unit_shards(tmp_path, monkeypatch):
     from vlmflow.components import dedup, tokenize
+    from vlmflow.runtime import ray as ray_runtime
 
     _images(tmp_path / "imgs", 0, 5)
     (tmp_path / "imgs" / "copy.png").write_bytes((tmp_path / "imgs" / "img002.png").read_bytes())
     (tmp_path / "imgs" / "copy.txt").write_text("the same picture again\n")
     store = ArtifactStore(tmp_path / "artifacts")
     recipe = _recipe(tmp_path, data={"dedup": {"exact": True, "near": False}}, tokenizer={"kind": "bpe"})
-    monkeypatch.setattr(tokenize, "map_units", _serial)
+    monkeypatch.setattr(ray_runtime, "map_units", _serial)  # tokenize imports it when it runs
     _, digest, folder = _refresh(store, recipe, None, monkeypatch)
     inputs = {"ingest": StageOutput("ingest", digest, folder, store.stats("ingest", digest))}
     for stage in (dedup.STAGE, tokenize.STAGE):
