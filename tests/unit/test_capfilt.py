@@ -49,10 +49,10 @@ def test_blip_tiny_bootstraps_in_the_order_blip_does():
     nodes = {n.stage.name: n.inputs for n in recipe_graph(recipe)}
     order = list(nodes)
     assert order.index("train-filter") < order.index("capfilt-caption") < order.index("capfilt-filter")
-    assert order.index("capfilt-filter-r2") == order.index("train-retrain") - 1  # its second round
+    assert order.index("capfilt-filter-r3") == order.index("train-retrain") - 1  # its third round
     assert nodes["capfilt-caption"] == {"data": "dedup", "captioner": "train-captioner"}
     assert nodes["capfilt-filter"] == {"data": "dedup", "captions": "capfilt-caption", "filter": "train-filter"}
-    assert nodes["train-retrain"]["data"] == "capfilt-filter-r2"
+    assert nodes["train-retrain"]["data"] == "capfilt-filter-r3"
     assert recipe.stages[1].data.mixture[0].sources == ["coco"]
 
 
