@@ -135,6 +135,10 @@ class DataSpec(StrictModel):
     dedup: DedupSpec | None = Field(default_factory=DedupSpec)
     shard_size: int = Field(1000, ge=1, description="samples per WebDataset shard")
 
+    def source_names(self) -> list[str]:
+        """Every source's name, in order (source_name: the kind where none is given)."""
+        return [source_name(source, index) for index, source in enumerate(self.sources)]
+
     @model_validator(mode="after")
     def _unique_names(self) -> DataSpec:
         seen: set[str] = set()

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from vlmflow.specs.base import SpecPath, StrictModel
 from vlmflow.specs.capfilt import HF_BLIP, CapfiltSpec, hf_architecture
-from vlmflow.specs.data import DataSpec, source_name
+from vlmflow.specs.data import DataSpec
 from vlmflow.specs.evaluate import GENERATIVE, EvalTask
 from vlmflow.specs.instruct import InstructSpec
 from vlmflow.specs.model import ModelSpec
@@ -129,7 +129,7 @@ def cross_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
 
 
 def _source_checks(recipe: Recipe, fields: list[tuple[tuple, list[str] | None]]) -> list[tuple[tuple, str]]:
-    names = [source_name(s, i) for i, s in enumerate(recipe.data.sources)]
+    names = recipe.data.source_names()
     return [
         ((*field, "sources", j), f"unknown source {name!r}; data.sources has: {', '.join(names)}")
         for field, sources in fields
@@ -193,7 +193,7 @@ def _calibration_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
     calibrate, loc = recipe.capfilt.filter.calibrate, ("capfilt", "filter", "calibrate", "source")
     if calibrate is None:
         return []
-    names = [source_name(s, i) for i, s in enumerate(recipe.data.sources)]
+    names = recipe.data.source_names()
     if calibrate.source not in names:
         return [(loc, f"unknown source {calibrate.source!r}; data.sources has: {', '.join(names)}")]
     source = recipe.data.sources[names.index(calibrate.source)]
