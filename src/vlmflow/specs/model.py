@@ -168,6 +168,15 @@ class TinyTextEncoder(StrictModel):
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
     max_length: int = Field(64, ge=4)
+    match_layers: int = Field(
+        1,
+        ge=1,
+        le=12,
+        description="layers of the ITM head, where the text states cross-attend to the image (BLIP's image-grounded "
+        "text encoder). With one, the first token asks the image once what the whole caption says; with two or "
+        "more, each word checks its own part of the image and the first token gathers the answers",
+        exclude_if=lambda layers: layers == 1,  # the spec, hence the cache key, of a model without it is as before
+    )
 
 
 class ModelSpec(StrictModel):
