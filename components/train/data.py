@@ -227,19 +227,37 @@ def worker_micro_batches(
     return [mine[i : i + micro] for i in range(0, len(mine), micro)]
 
 
+def mirrored(seed: int, epoch: int, position: int, probability: float) -> bool:
+    """Whether sample `position` is flipped left to right in `epoch` (the same on every worker and retry)."""
+    return bool(np.random.default_rng([seed, epoch, position, 104729]).random() < probability)
+
+
 class Collator:
     """Turns positions into a padded batch for the model (pixels, chat ids/labels in each row's
     format, caption ids)."""
 
-    def __init__(self, samples: ShardSamples, image: ImageSpec, codec: TextCodec, prompt: str, text_length: int | None):
+    def __init__(
+        self,
+        samples: ShardSamples,
+        image: ImageSpec,
+        codec: TextCodec,
+        prompt: str,
+        text_length: int | None,
+        hflip: float = 0.0,
+        seed: int = 0,
+    ):
         self.samples, self.image, self.codec = samples, image, codec
         self.prompt, self.text_length = prompt, text_length
+        self.hflip, self.seed = hflip, seed
 
     def __call__(self, positions: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         pixels, chats, captions = [], [], []
         for i in positions:
             _key, image, record = self.samples.read(int(i))
-            pixels.append(preprocess(image, self.image))
+            array = preprocess(image, self.image)
+            if self.hflip and mirrored(self.seed, epoch, int(i), self.hflip):
+                array = np.ascontiguousarray(array[:, :, ::-1])
+            pixels.append(array)
             chats.append(self.codec.chat(sample_turns(record, self.samples.format(int(i)), self.prompt, epoch) or []))
             caption = pick_caption(record, epoch) or ""
             captions.append(self.codec.ids(caption)[: self.text_length or 1])

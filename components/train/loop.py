@@ -107,7 +107,7 @@ def train_worker(raw: dict) -> None:
     image = ImageSpec.of(cfg.image)
     codec = TextCodec(Path(cfg.tokenizer), vocab.special, model.num_image_tokens, stage.max_text_tokens)
     text_length = spec.text.max_length if spec.text else None
-    collate = Collator(samples, image, codec, stage.prompt, text_length)
+    collate = Collator(samples, image, codec, stage.prompt, text_length, stage.hflip, cfg.seed)
     kinds = [o.kind for o in stage.objectives]
     weights = {o.kind: o.weight for o in stage.objectives}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if stage.precision == "bf16" else None

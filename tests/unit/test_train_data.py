@@ -17,6 +17,7 @@ from vlmflow.components.tokenize import train_bpe
 from vlmflow.components.train import checkpoint as ckpt
 from vlmflow.components.train import mixture
 from vlmflow.components.train.data import (
+    Collator,
     ImageSpec,
     ShardSamples,
     TextCodec,
@@ -180,6 +181,37 @@ def test_preprocess_normalises_to_chw():
     pixels = preprocess(make_row(spec, 1, 0).image, ImageSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
     assert pixels.shape == (3, 32, 32) and pixels.dtype == np.float32
     assert pixels.min() >= -1.0 and pixels.max() <= 1.0
+
+
+def test_hflip_mirrors_a_seeded_share_of_the_images_and_nothing_else(artifact, codec):
+    data, store, _rows = artifact
+    samples = ShardSamples.split(build_index(data, store), store, "train", "caption")
+    image = ImageSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    positions = np.arange(len(samples))
+    plain = Collator(samples, image, codec, "Describe the image.", 16)(positions, epoch=0)
+    flips = {}
+    for epoch in range(4):
+        flipped = Collator(samples, image, codec, "Describe the image.", 16, hflip=0.5, seed=3)(positions, epoch)
+        assert torch.equal(flipped["text_ids"], plain["text_ids"]) and torch.equal(flipped["labels"], plain["labels"])
+        for k in positions:
+            same, mirror = (
+                torch.equal(flipped["pixels"][k], plain["pixels"][k]),
+                torch.equal(flipped["pixels"][k], plain["pixels"][k].flip(-1)),
+            )
+            assert same or mirror
+            flips[(epoch, int(k))] = mirror and not same
+    assert 0.25 < np.mean(list(flips.values())) < 0.75  # about half, and not the same ones every epoch
+    assert any(flips[(0, k)] != flips[(1, k)] for k in range(len(samples)))
+    again = Collator(samples, image, codec, "Describe the image.", 16, hflip=0.5, seed=3)(positions, 2)
+    assert all(
+        torch.equal(again["pixels"][k], plain["pixels"][k].flip(-1)) == flips[(2, k)] for k in range(len(samples))
+    )
+    assert (
+        TrainStageSpec.model_validate({"name": "s", "trainable": ["heads"], "objectives": [{"kind": "itc"}]})
+        .model_dump(mode="json")
+        .get("hflip")
+        is None
+    )  # off: the cache key of a stage is as before the option
 
 
 def test_warmup_then_cosine():

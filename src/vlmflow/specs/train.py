@@ -142,6 +142,14 @@ class TrainStageSpec(StrictModel):
     batch_size: int = Field(32, ge=1, description="global batch per optimizer step")
     micro_batch_size: int = Field(8, ge=1, description="per worker per forward pass")
     max_text_tokens: int = Field(96, ge=8, description="text tokens per sample (image tokens come on top)")
+    hflip: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="augmentation: the probability that a training image is mirrored left to right (drawn per "
+        "sample and epoch from the seed). Off by default: a caption that says left or right turns false",
+        exclude_if=lambda p: p == 0,  # off: the stage's spec, hence its cache key, is as before the option
+    )
     precision: Literal["fp32", "bf16"] = "fp32"
     init_from: str | None = Field("previous", description="previous (default), a stage name, or null for fresh")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
