@@ -56,8 +56,9 @@ def test_meta_trace_counts_the_real_models_parameters_and_flops(name, stage):
         sum(model(real_batch(model, spec, image, 4), kinds).values()).backward()
     # Equal where the real run uses the fused attention kernel the trace assumes; BLIP's text
     # encoder attends with a padding mask, which CPU runs through the unfused path instead. blip-tiny's
-    # pretrain adds edited ITM negatives: the trace takes them all batch-wide, some are a token shorter.
-    assert trace.flops == pytest.approx(flops.get_total_flops(), rel=0.06)
+    # pretrain adds edited ITM negatives: the trace takes them all batch-wide, some are a token shorter;
+    # its ITM head has two layers whose self-attention runs with the padding mask too (one layer: 5.5% over).
+    assert trace.flops == pytest.approx(flops.get_total_flops(), rel=0.09)
     assert trace.flops >= flops.get_total_flops()  # the trace is the upper bound
     assert trace.sequence == 1 + model.num_image_tokens + spec.max_text_tokens
 
