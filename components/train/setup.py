@@ -28,9 +28,7 @@ def build_stage_model(
     spec: ModelSpec, vocab: Vocab, stage: TrainStageSpec, init: Path | None, load_weights: bool = True
 ) -> VLM:
     model = VLM(spec, vocab, load_weights)
-    itm = [o for o in stage.objectives if o.kind == "itm"]
-    model.itm_edited_negatives = sum(o.edited_negatives for o in itm)
-    model.itm_edit_places = max((o.edit_places for o in itm), default=1)
+    model.itm_edited_negatives = sum(o.edited_negatives for o in stage.objectives if o.kind == "itm")
     if init is not None:
         load_model(model, init / MODEL_FILE)
     model.requires_grad_(False)

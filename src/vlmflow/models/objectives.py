@@ -56,12 +56,7 @@ def _draw(blocked: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 def edited_negatives(
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    count: int,
-    pad: int,
-    generator: torch.Generator | None = None,
-    places: int = 1,
+    ids: torch.Tensor, mask: torch.Tensor, count: int, pad: int, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NegCLIP-style hard negative texts (Yuksekgonul et al. 2023), built only from the batch: for
     each caption and each of `count` draws, another caption of the batch with a different text is
@@ -70,12 +65,6 @@ def edited_negatives(
     deleted, or the other caption's inserted span inserted. The result differs from the caption
     in one place, so a matching head must read every token to reject it (an ordinary in-batch
     negative differs in many). Nothing about the vocabulary or the data is assumed.
-
-    places > 1: a draw carries over n differences, n uniform in 1..places (as many as the
-    alignment has), at distinct places. A one-place edit of a caption is often not a sentence
-    anyone writes ("two red circle"): the filter learns to reject it by its grammar alone, and the
-    false caption with a number and its plural changed together ("two red circles" of one
-    circle) is never among its negatives.
 
     ids, mask: (B, L) token ids padded with `pad`; edits are cut to L tokens. Returns (B * count, L')
     ids and mask, rows in the order (caption 0 draw 0, caption 0 draw 1, ...), and a (B * count,)
@@ -92,7 +81,8 @@ def edited_negatives(
                 usable.append(False)
                 continue
             other = rows[others[_randint(len(others), generator)]]
-            edited = _edited(row, _edits(row, other), places, generator)
+            edits = _edits(row, other)
+            edited = edits[_randint(len(edits), generator)] if edits else row
             out.append(edited[:width] or row)
             usable.append(edited[:width] != row and bool(edited[:width]))
     new_ids, new_mask = pad_rows(out, pad)
@@ -103,45 +93,19 @@ def _randint(n: int, generator: torch.Generator | None) -> int:
     return int(torch.randint(n, (1,), generator=generator))
 
 
-Edit = tuple[int, int, list[int]]  # row[start:end] becomes the tokens
-
-
-def _edits(row: list[int], other: list[int]) -> list[Edit]:
+def _edits(row: list[int], other: list[int]) -> list[list[int]]:
     """Every one-place edit of `row` toward `other` along their alignment."""
-    edits: list[Edit] = []
+    edits = []
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=row, b=other, autojunk=False).get_opcodes():
         if tag == "replace":
             for k in range(i1, i2):
                 token = other[j1 + min(k - i1, j2 - j1 - 1)]
-                if token != row[k]:
-                    edits.append((k, k + 1, [token]))
+                edits.append([*row[:k], token, *row[k + 1 :]])
         elif tag == "delete":
-            edits.extend((k, k + 1, []) for k in range(i1, i2))
+            edits.extend(row[:k] + row[k + 1 :] for k in range(i1, i2))
         elif tag == "insert":
-            edits.append((i1, i1, other[j1:j2]))
-    return edits
-
-
-def _edited(row: list[int], edits: list[Edit], places: int, generator: torch.Generator | None) -> list[int]:
-    """`row` with n of `edits` applied, n uniform in 1..places; edits at one place (the same start,
-    or overlapping spans) exclude each other."""
-    if not edits:
-        return row
-    chosen = [edits[_randint(len(edits), generator)]]
-    for _ in range(_randint(places, generator) if places > 1 else 0):
-        free = [e for e in edits if all(_apart(e, c) for c in chosen)]
-        if not free:
-            break
-        chosen.append(free[_randint(len(free), generator)])
-    out = list(row)
-    for start, end, tokens in sorted(chosen, reverse=True):  # right to left: earlier offsets stay valid
-        out[start:end] = tokens
-    return out
-
-
-def _apart(a: Edit, b: Edit) -> bool:
-    first, second = sorted((a, b))
-    return first[0] != second[0] and first[1] <= second[0]
+            edits.append(row[:i1] + other[j1:j2] + row[i1:])
+    return [e for e in edits if e != row]
 
 
 def pad_rows(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,6 @@ class VLM(nn.Module):
         super().__init__()
         self.spec, self.vocab = spec, vocab
         self.itm_edited_negatives = 0  # per caption, in the ITM loss; a training stage sets it from its spec
-        self.itm_edit_places = 1  # most places one edited negative changes
         self.vision = build_vision(spec.vision, load_weights)
         language = spec.language
         self.language = build_language(language, vocab.size, vocab.special, load_weights) if language else None
@@ -168,9 +167,7 @@ class VLM(nn.Module):
         if ids.is_meta:  # vlmflow plan: shapes only; every caption gets `count` edits as wide as the batch
             edited, edited_mask, usable = ids.repeat_interleave(count, 0), mask.repeat_interleave(count, 0), None
         else:
-            edited, edited_mask, usable = obj.edited_negatives(
-                ids, mask, count, self.vocab.pad_id, places=self.itm_edit_places
-            )
+            edited, edited_mask, usable = obj.edited_negatives(ids, mask, count, self.vocab.pad_id)
         states, _ = self.embed_text(edited, edited_mask)
         owner = torch.arange(len(ids), device=features.device).repeat_interleave(count)
         logits = self.heads["match"](states, edited_mask, features[owner])

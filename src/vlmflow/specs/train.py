@@ -41,20 +41,6 @@ class ItmObjective(Weighted):
         "another caption of the batch (a token replaced, deleted or inserted); 0 (BLIP) adds none",
         exclude_if=lambda count: count == 0,  # off: the stage's spec, hence its cache key, is as before the option
     )
-    edit_places: int = Field(
-        1,
-        ge=1,
-        le=4,
-        description="most places one edited negative changes: each draws n in 1..edit_places; a false caption "
-        "often differs in two (a number and its plural: 'two red circles' of one circle)",
-        exclude_if=lambda places: places == 1,
-    )
-
-    @model_validator(mode="after")
-    def _places_need_negatives(self) -> ItmObjective:
-        if self.edit_places > 1 and not self.edited_negatives:
-            raise ValueError("edit_places applies to edited_negatives, which is 0")
-        return self
 
 
 class LmObjective(Weighted):
