@@ -218,19 +218,20 @@ def test_match_head_layers_come_from_the_text_spec_and_survive_a_model_folder(tm
     shallow, deep = VLM(spec, VOCAB), VLM(deep_spec, VOCAB)
     assert len(shallow.heads["match"].fusion.layers) == 1 and len(deep.heads["match"].fusion.layers) == 2
     batch = lm_batch(deep, batch=4)
-    deep.eval()
-    features, _ = deep.embed_image(batch["pixels"])
-    states, _ = deep.embed_text(batch["text_ids"], batch["text_mask"])
-    logits = deep.heads["match"](states, batch["text_mask"], features)
+
+    def match_logits(model: VLM) -> torch.Tensor:
+        model.eval()
+        features, _ = model.embed_image(batch["pixels"])
+        states, _ = model.embed_text(batch["text_ids"], batch["text_mask"])
+        return model.heads["match"](states, batch["text_mask"], features)
+
+    logits = match_logits(deep)
     assert logits.shape == (4, 2)
     write_model_folder(
         tmp_path / "m", deep.state_dict(), model_config(deep_spec, VOCAB, {}, deep.num_image_tokens), None
     )
     again, _ = read_model_folder(tmp_path / "m")
-    again.eval()
-    features, _ = again.embed_image(batch["pixels"])
-    states, _ = again.embed_text(batch["text_ids"], batch["text_mask"])
-    assert torch.allclose(again.heads["match"](states, batch["text_mask"], features), logits)
+    assert torch.allclose(match_logits(again), logits)
 
 
 def test_edited_negatives_unusable_when_every_caption_is_identical():
