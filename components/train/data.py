@@ -249,6 +249,7 @@ class Collator:
         self.samples, self.image, self.codec = samples, image, codec
         self.prompt, self.text_length = prompt, text_length
         self.hflip, self.seed = hflip, seed
+        self.flipped = 0  # images mirrored so far
 
     def __call__(self, positions: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         pixels, chats, captions = [], [], []
@@ -257,6 +258,7 @@ class Collator:
             array = preprocess(image, self.image)
             if self.hflip and mirrored(self.seed, epoch, int(i), self.hflip):
                 array = np.ascontiguousarray(array[:, :, ::-1])
+                self.flipped += 1
             pixels.append(array)
             chats.append(self.codec.chat(sample_turns(record, self.samples.format(int(i)), self.prompt, epoch) or []))
             caption = pick_caption(record, epoch) or ""

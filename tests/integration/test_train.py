@@ -20,7 +20,7 @@ from test_recipe_cli import REPO, VLMFLOW, _env, stages, summary_of, vlmflow
 SPEC = REPO / "specs" / "recipes" / "shapes-tiny.yaml"
 # A short run of the default recipe; its evaluate section has its own tests.
 SHORT = ["--set", "stages.0.max_steps=4", "--set", "stages.1.max_steps=12", "--set", "stages.1.checkpoint_every=4",
-         "--set", "stages.0.eval_samples=4", "--set", "stages.1.eval_samples=8",
+         "--set", "stages.0.eval_samples=4", "--set", "stages.1.eval_samples=8", "--set", "stages.0.hflip=0.5",
          "--set", "evaluate=[]"]  # fmt: skip
 pytestmark = pytest.mark.slow
 
@@ -56,6 +56,9 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     rows = history(stage_dir(trained, "train-instruct"))
     assert [r["step"] for r in rows] == list(range(1, 13)) and {r["workers"] for r in rows} == {2}
     assert rows[-1]["loss"] < rows[0]["loss"]
+    assert "hflip_share" not in rows[0]  # stage 2 flips nothing, stage 1 about half of each step's images
+    flips = [r["hflip_share"] for r in history(stage_dir(trained, "train-align"))]
+    assert len(flips) == 4 and all(0 < f < 1 for f in flips) and 0.35 < sum(flips) / 4 < 0.65, flips
     align = json.loads((stage_dir(trained, "train-align") / "parameters.json").read_text())
     assert align["trainable"] == align["connector_total"] + align["vision_total"] + align["language_total"]
     folder = stage_dir(trained, "train-instruct")
@@ -67,6 +70,8 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == list(range(1, 13))
     assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(child.data.metrics)
     assert child.data.metrics["mixture/dedup-qa/count"] == mix["counts"][1]
+    align_run = by_name["train-align"]["mlflow_run_id"]
+    assert [m.value for m in sorted(client.get_metric_history(align_run, "hflip_share"), key=lambda m: m.step)] == flips
     # The plan's memory per worker against the busiest worker's measured peak resident memory.
     planned, measured = child.data.metrics["plan_memory_gb"] * 1024, child.data.metrics["worker_rss_peak_mb"]
     assert 0.75 <= planned / measured <= 1.25, (planned, measured)
