@@ -232,6 +232,23 @@ def mirrored(seed: int, epoch: int, position: int, probability: float) -> bool:
     return bool(np.random.default_rng([seed, epoch, position, 104729]).random() < probability)
 
 
+def offset(seed: int, epoch: int, position: int, limit: int) -> tuple[int, int]:
+    """(dx, dy) in [-limit, limit] that sample `position` is moved by in `epoch` (the same on every
+    worker and retry)."""
+    dx, dy = np.random.default_rng([seed, epoch, position, 130363]).integers(-limit, limit + 1, size=2)
+    return int(dx), int(dy)
+
+
+def translate(array: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """A CHW image moved right by dx and down by dy pixels; the uncovered border repeats the edge."""
+    if dx == dy == 0:
+        return array
+    pad = max(abs(dx), abs(dy))
+    padded = np.pad(array, ((0, 0), (pad, pad), (pad, pad)), mode="edge")
+    height, width = array.shape[1:]
+    return np.ascontiguousarray(padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width])
+
+
 class Collator:
     """Turns positions into a padded batch for the model (pixels, chat ids/labels in each row's
     format, caption ids)."""
@@ -245,10 +262,11 @@ class Collator:
         text_length: int | None,
         hflip: float = 0.0,
         seed: int = 0,
+        shift: int = 0,
     ):
         self.samples, self.image, self.codec = samples, image, codec
         self.prompt, self.text_length = prompt, text_length
-        self.hflip, self.seed = hflip, seed
+        self.hflip, self.shift, self.seed = hflip, shift, seed
         self.flipped = 0  # images mirrored so far
 
     def __call__(self, positions: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
@@ -259,6 +277,8 @@ class Collator:
             if self.hflip and mirrored(self.seed, epoch, int(i), self.hflip):
                 array = np.ascontiguousarray(array[:, :, ::-1])
                 self.flipped += 1
+            if self.shift:
+                array = translate(array, *offset(self.seed, epoch, int(i), self.shift))
             pixels.append(array)
             chats.append(self.codec.chat(sample_turns(record, self.samples.format(int(i)), self.prompt, epoch) or []))
             caption = pick_caption(record, epoch) or ""

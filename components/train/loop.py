@@ -75,6 +75,16 @@ def lr_factor(step: int, total: int, stage: TrainStageSpec) -> float:
     return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW's groups: weight decay on matrices only; biases, norm scales and other vectors are not
+    decayed (as in timm and Hugging Face). No decay: one group."""
+    if not weight_decay:
+        return [{"params": params, "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay}]
+    groups.append({"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
@@ -96,7 +106,7 @@ def train_worker(raw: dict) -> None:
     device = ray.train.torch.get_device()
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = stage.optimizer
-    optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(params, opt.weight_decay), lr=opt.lr, betas=opt.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.total_steps, stage))
 
     out = Path(cfg.out)
@@ -107,7 +117,7 @@ def train_worker(raw: dict) -> None:
     image = ImageSpec.of(cfg.image)
     codec = TextCodec(Path(cfg.tokenizer), vocab.special, model.num_image_tokens, stage.max_text_tokens)
     text_length = spec.text.max_length if spec.text else None
-    collate = Collator(samples, image, codec, stage.prompt, text_length, stage.hflip, cfg.seed)
+    collate = Collator(samples, image, codec, stage.prompt, text_length, stage.hflip, cfg.seed, stage.shift)
     kinds = [o.kind for o in stage.objectives]
     weights = {o.kind: o.weight for o in stage.objectives}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if stage.precision == "bf16" else None

@@ -75,6 +75,7 @@ def stage_spec(recipe: Recipe, spec: TrainStageSpec) -> dict:
         "model": model,
         "local_weights": local,
         "stage": spec.model_dump(mode="json"),
+        **({"weight_decay_on": "matrices"} if spec.optimizer.weight_decay else {}),  # vectors were decayed too
         "workers": {"num_workers": train.num_workers, "use_gpu": train.use_gpu, "strategy": train.strategy},
     }
 

@@ -23,11 +23,13 @@ from vlmflow.components.train.data import (
     TextCodec,
     build_index,
     epoch_order,
+    offset,
     preprocess,
     sample_turns,
+    translate,
     worker_micro_batches,
 )
-from vlmflow.components.train.loop import lr_factor
+from vlmflow.components.train.loop import lr_factor, param_groups
 from vlmflow.components.train.stage import accounting, mixture_rows, sources_read
 from vlmflow.models.objectives import IGNORE
 from vlmflow.specs.data import SyntheticShapesSource
@@ -212,6 +214,59 @@ def test_hflip_mirrors_a_seeded_share_of_the_images_and_nothing_else(artifact, c
         .get("hflip")
         is None
     )  # off: the cache key of a stage is as before the option
+
+
+def test_translate_moves_the_image_and_repeats_the_edge():
+    array = np.arange(2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5)
+    assert translate(array, 0, 0) is array
+    right = translate(array, 2, 0)
+    assert np.array_equal(right[:, :, 2:], array[:, :, :-2])
+    assert np.array_equal(right[:, :, :2], np.repeat(array[:, :, :1], 2, axis=2))
+    up_left = translate(array, -1, -3)
+    assert np.array_equal(up_left[:, :1, :-1], array[:, 3:, 1:])
+    assert np.array_equal(up_left[:, 1:, :], np.repeat(up_left[:, :1, :], 3, axis=1))  # the last row, repeated
+    assert np.array_equal(up_left[:, :, -1], up_left[:, :, -2])
+    assert up_left.shape == array.shape and up_left.flags["C_CONTIGUOUS"]
+
+
+def test_shift_moves_each_image_by_a_seeded_offset_within_the_limit(artifact, codec):
+    data, store, _rows = artifact
+    samples = ShardSamples.split(build_index(data, store), store, "train", "caption")
+    image = ImageSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    positions = np.arange(len(samples))
+    plain = Collator(samples, image, codec, "Describe the image.", 16)(positions, epoch=0)
+    offsets = set()
+    for epoch in range(3):
+        moved = Collator(samples, image, codec, "Describe the image.", 16, seed=3, shift=3)(positions, epoch)
+        assert torch.equal(moved["text_ids"], plain["text_ids"]) and torch.equal(moved["labels"], plain["labels"])
+        for k in positions:
+            dx, dy = offset(3, epoch, int(k), 3)
+            assert max(abs(dx), abs(dy)) <= 3
+            expected = translate(plain["pixels"][k].numpy(), dx, dy)
+            assert np.array_equal(moved["pixels"][k].numpy(), expected)
+            offsets.add((dx, dy))
+    assert len(offsets) > 5  # not one offset for all
+    assert (
+        TrainStageSpec.model_validate({"name": "s", "trainable": ["heads"], "objectives": [{"kind": "itc"}]})
+        .model_dump(mode="json")
+        .keys()
+        .isdisjoint({"shift", "hflip"})
+    )  # off: cache keys as before the options
+
+
+def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_scales():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    params = list(model.parameters())
+    assert param_groups(params, 0.0) == [{"params": params, "weight_decay": 0.0}]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(param_groups(params, 0.5), lr=0.1)
+    for p in params:
+        p.grad = torch.zeros_like(p)  # no gradient: what changes is the decay alone
+    optimizer.step()
+    weight, bias, scale, shift = (p.detach() for p in params)
+    assert torch.allclose(weight, before[0] * (1 - 0.1 * 0.5))
+    assert torch.equal(bias, before[1]) and torch.equal(scale, before[2]) and torch.equal(shift, before[3])
 
 
 def test_warmup_then_cosine():

@@ -136,6 +136,15 @@ class TrainStageSpec(StrictModel):
         "sample and epoch from the seed). Off by default: a caption that says left or right turns false",
         exclude_if=lambda p: p == 0,  # off: the stage's spec, hence its cache key, is as before the option
     )
+    shift: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="augmentation: each training image is moved by up to this many pixels in x and y (after "
+        "resizing; drawn per sample and epoch from the seed), the uncovered border repeating the edge. Off by "
+        "default: a caption that says where something is may turn false",
+        exclude_if=lambda p: p == 0,
+    )
     precision: Literal["fp32", "bf16"] = "fp32"
     init_from: str | None = Field("previous", description="previous (default), a stage name, or null for fresh")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
