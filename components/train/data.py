@@ -268,6 +268,7 @@ class Collator:
         self.prompt, self.text_length = prompt, text_length
         self.hflip, self.shift, self.seed = hflip, shift, seed
         self.flipped = 0  # images mirrored so far
+        self.moved = 0  # pixels the images were moved so far, each by max(|dx|, |dy|)
 
     def __call__(self, positions: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         pixels, chats, captions = [], [], []
@@ -278,7 +279,9 @@ class Collator:
                 array = np.ascontiguousarray(array[:, :, ::-1])
                 self.flipped += 1
             if self.shift:
-                array = translate(array, *offset(self.seed, epoch, int(i), self.shift))
+                dx, dy = offset(self.seed, epoch, int(i), self.shift)
+                array = translate(array, dx, dy)
+                self.moved += max(abs(dx), abs(dy))
             pixels.append(array)
             chats.append(self.codec.chat(sample_turns(record, self.samples.format(int(i)), self.prompt, epoch) or []))
             caption = pick_caption(record, epoch) or ""

@@ -142,7 +142,7 @@ def train_worker(raw: dict) -> None:
             order_epoch, order = epoch, mix.epoch_positions(cfg.seed, epoch)
         parts = micro_batches(order, position, stage.batch_size, stage.micro_batch_size, rank, world)
         sums = {k: 0.0 for k in kinds}
-        tokens, flipped = 0, collate.flipped
+        tokens, flipped, moved = 0, collate.flipped, collate.moved
         for i, positions in enumerate(parts):
             batch = {k: v.to(device) for k, v in collate(positions, epoch).items()}
             tokens += int(batch["attention_mask"].sum())
@@ -163,6 +163,8 @@ def train_worker(raw: dict) -> None:
         values = {**{f"loss_{k}": v for k, v in sums.items()}, "tokens": float(tokens)}
         if stage.hflip:  # the share of this step's images that were mirrored
             values["hflip_share"] = (collate.flipped - flipped) / sum(len(p) for p in parts)
+        if stage.shift:  # how far this step's images were moved, in pixels, on average
+            values["shift_pixels"] = (collate.moved - moved) / sum(len(p) for p in parts)
         row = averaged(values, world, device)
         seconds = time.perf_counter() - started
         row.update(

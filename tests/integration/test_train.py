@@ -21,7 +21,7 @@ SPEC = REPO / "specs" / "recipes" / "shapes-tiny.yaml"
 # A short run of the default recipe; its evaluate section has its own tests.
 SHORT = ["--set", "stages.0.max_steps=4", "--set", "stages.1.max_steps=12", "--set", "stages.1.checkpoint_every=4",
          "--set", "stages.0.eval_samples=4", "--set", "stages.1.eval_samples=8", "--set", "stages.0.hflip=0.5",
-         "--set", "evaluate=[]"]  # fmt: skip
+         "--set", "stages.0.shift=2", "--set", "evaluate=[]"]  # fmt: skip
 pytestmark = pytest.mark.slow
 
 
@@ -59,6 +59,10 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     assert "hflip_share" not in rows[0]  # stage 2 flips nothing, stage 1 about half of each step's images
     flips = [r["hflip_share"] for r in history(stage_dir(trained, "train-align"))]
     assert len(flips) == 4 and all(0 < f < 1 for f in flips) and 0.35 < sum(flips) / 4 < 0.65, flips
+    # stage 1 moves each image by up to 2 pixels: max(|dx|, |dy|) is 0, 1 or 2 with mean 1.6; stage 2 by none
+    assert "shift_pixels" not in rows[0]
+    moves = [r["shift_pixels"] for r in history(stage_dir(trained, "train-align"))]
+    assert len(moves) == 4 and all(0 < m <= 2 for m in moves) and 1.3 < sum(moves) / 4 < 1.9, moves
     align = json.loads((stage_dir(trained, "train-align") / "parameters.json").read_text())
     assert align["trainable"] == align["connector_total"] + align["vision_total"] + align["language_total"]
     folder = stage_dir(trained, "train-instruct")
@@ -71,7 +75,8 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(child.data.metrics)
     assert child.data.metrics["mixture/dedup-qa/count"] == mix["counts"][1]
     align_run = by_name["train-align"]["mlflow_run_id"]
-    assert [m.value for m in sorted(client.get_metric_history(align_run, "hflip_share"), key=lambda m: m.step)] == flips
+    for key, values in (("hflip_share", flips), ("shift_pixels", moves)):
+        assert [m.value for m in sorted(client.get_metric_history(align_run, key), key=lambda m: m.step)] == values
     # The plan's memory per worker against the busiest worker's measured peak resident memory.
     planned, measured = child.data.metrics["plan_memory_gb"] * 1024, child.data.metrics["worker_rss_peak_mb"]
     assert 0.75 <= planned / measured <= 1.25, (planned, measured)

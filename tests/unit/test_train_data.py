@@ -237,7 +237,10 @@ def test_shift_moves_each_image_by_a_seeded_offset_within_the_limit(artifact, co
     plain = Collator(samples, image, codec, "Describe the image.", 16)(positions, epoch=0)
     offsets = set()
     for epoch in range(3):
-        moved = Collator(samples, image, codec, "Describe the image.", 16, seed=3, shift=3)(positions, epoch)
+        collate = Collator(samples, image, codec, "Describe the image.", 16, seed=3, shift=3)
+        moved = collate(positions, epoch)
+        steps = [max(abs(dx), abs(dy)) for dx, dy in (offset(3, epoch, int(k), 3) for k in positions)]
+        assert collate.moved == sum(steps)
         assert torch.equal(moved["text_ids"], plain["text_ids"]) and torch.equal(moved["labels"], plain["labels"])
         for k in positions:
             dx, dy = offset(3, epoch, int(k), 3)
