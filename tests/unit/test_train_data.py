@@ -185,12 +185,17 @@ def test_preprocess_normalises_to_chw():
     assert pixels.min() >= -1.0 and pixels.max() <= 1.0
 
 
-def test_hflip_mirrors_a_seeded_share_of_the_images_and_nothing_else(artifact, codec):
+def unaugmented(artifact, codec) -> tuple[ShardSamples, ImageSpec, np.ndarray, dict]:
+    """The training rows of the artifact, the image spec, their positions and their batch without augmentation."""
     data, store, _rows = artifact
     samples = ShardSamples.split(build_index(data, store), store, "train", "caption")
     image = ImageSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     positions = np.arange(len(samples))
-    plain = Collator(samples, image, codec, "Describe the image.", 16)(positions, epoch=0)
+    return samples, image, positions, Collator(samples, image, codec, "Describe the image.", 16)(positions, epoch=0)
+
+
+def test_hflip_mirrors_a_seeded_share_of_the_images_and_nothing_else(artifact, codec):
+    samples, image, positions, plain = unaugmented(artifact, codec)
     flips = {}
     for epoch in range(4):
         flipped = Collator(samples, image, codec, "Describe the image.", 16, hflip=0.5, seed=3)(positions, epoch)
@@ -230,11 +235,7 @@ def test_translate_moves_the_image_and_repeats_the_edge():
 
 
 def test_shift_moves_each_image_by_a_seeded_offset_within_the_limit(artifact, codec):
-    data, store, _rows = artifact
-    samples = ShardSamples.split(build_index(data, store), store, "train", "caption")
-    image = ImageSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    positions = np.arange(len(samples))
-    plain = Collator(samples, image, codec, "Describe the image.", 16)(positions, epoch=0)
+    samples, image, positions, plain = unaugmented(artifact, codec)
     offsets = set()
     for epoch in range(3):
         collate = Collator(samples, image, codec, "Describe the image.", 16, seed=3, shift=3)
