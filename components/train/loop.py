@@ -161,10 +161,11 @@ def train_worker(raw: dict) -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         values = {**{f"loss_{k}": v for k, v in sums.items()}, "tokens": float(tokens)}
+        images = sum(len(p) for p in parts)
         if stage.hflip:  # the share of this step's images that were mirrored
-            values["hflip_share"] = (collate.flipped - flipped) / sum(len(p) for p in parts)
+            values["hflip_share"] = (collate.flipped - flipped) / images
         if stage.shift:  # how far this step's images were moved, in pixels, on average
-            values["shift_pixels"] = (collate.moved - moved) / sum(len(p) for p in parts)
+            values["shift_pixels"] = (collate.moved - moved) / images
         row = averaged(values, world, device)
         seconds = time.perf_counter() - started
         row.update(
