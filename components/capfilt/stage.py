@@ -19,9 +19,10 @@ images on an actor pool (components/capfilt/worker.py):
 Rows outside the scope (held-out splits, sources not listed in `capfilt.sources`) pass
 through unchanged.
 
-Bootstrap rounds (`capfilt.rounds`): round r >= 2 trains the model stages further on round
-r-1's output (`train-NAME-rR`, the stage's own settings) and runs `capfilt-caption-rR` and
-`capfilt-filter-rR` on the same input data; the last round's filter writes the `capfilt` artifact.
+Bootstrap rounds (`capfilt.rounds`): round r >= 2 trains the model stages named in
+`capfilt.retrain` further on round r-1's output (`train-NAME-rR`, the stage's own settings) and
+runs `capfilt-caption-rR` and `capfilt-filter-rR` on the same input data, a model not retrained
+being round 1's; the last round's filter writes the `capfilt` artifact.
 """
 
 from __future__ import annotations
@@ -105,11 +106,13 @@ def round_train_spec(recipe: Recipe, name: str, round_: int) -> TrainStageSpec:
     return base.model_copy(update=update)
 
 
-def model_input(ref: ModelRef | None, round_: int = 1) -> str | None:
-    """The training stage a model reference reads in a round (None: a registered version or a folder)."""
+def model_input(spec: CapfiltSpec, role: str, round_: int = 1) -> str | None:
+    """The training stage the captioner or filter reads in a round: the round's own model when the
+    rounds retrain it, else round 1's (None: a registered version or a folder)."""
+    ref = spec.model_refs().get(role)
     if ref is None or ref.stage is None:
         return None
-    return train_stage_name(round_stage_name(ref.stage, round_))
+    return train_stage_name(round_stage_name(ref.stage, spec.model_round(role, round_)))
 
 
 def graph_inputs(recipe: Recipe, data: dict[str, str], tokenizer: str) -> list[tuple[Stage, dict, tuple | None]]:
@@ -119,7 +122,7 @@ def graph_inputs(recipe: Recipe, data: dict[str, str], tokenizer: str) -> list[t
     nodes: list[tuple[Stage, dict, tuple | None]] = []
     for round_ in range(1, spec.rounds + 1):
         if round_ > 1:
-            for name in spec.model_stages():
+            for name in spec.retrained_stages():
                 train = round_train_spec(recipe, name, round_)
                 field = ("stages", [s.name for s in recipe.stages].index(name))  # what it inherits its settings from
                 stage = train_stage(train, lambda r, n=name, k=round_: round_train_spec(r, n, k), field)
@@ -130,11 +133,11 @@ def graph_inputs(recipe: Recipe, data: dict[str, str], tokenizer: str) -> list[t
         filter_inputs = {"data": data[spec.data]}
         if spec.captioner is not None:
             inputs = {"data": data[spec.data]}
-            if captioner := model_input(spec.captioner.model, round_):
+            if captioner := model_input(spec, "captioner", round_):
                 inputs["captioner"] = captioner
             nodes.append((caption, inputs, None))
             filter_inputs["captions"] = caption.name
-        if judge := model_input(spec.filter.model, round_):
+        if judge := model_input(spec, "filter", round_):
             filter_inputs["filter"] = judge
         nodes.append((filtered, filter_inputs, None))
     return nodes

@@ -286,6 +286,46 @@ def test_one_stage_as_captioner_and_filter_is_retrained_once_per_round():
     assert [n for n in names if n.endswith("-r2")] == ["train-pretrain-r2", "capfilt-caption-r2", "capfilt-filter-r2"]
 
 
+def test_rounds_retraining_only_the_captioner_judge_every_round_with_the_round_one_filter():
+    both = load_recipe(BLIP, ["capfilt.rounds=3", "capfilt.round_steps=50"])
+    only = load_recipe(BLIP, ["capfilt.rounds=3", "capfilt.round_steps=50", "capfilt.retrain=[captioner]"])
+    nodes = {n.stage.name: n for n in recipe_graph(only)}
+    assert [n for n in nodes if n.endswith(("-r2", "-r3"))] == [
+        "train-captioner-r2", "capfilt-caption-r2", "capfilt-filter-r2",
+        "train-captioner-r3", "capfilt-caption-r3", "capfilt-filter-r3",
+    ]  # fmt: skip
+    assert nodes["train-captioner-r3"].inputs["data"] == "capfilt-filter-r2"
+    for round_ in (2, 3):
+        assert nodes[f"capfilt-filter-r{round_}"].inputs == {
+            "data": "dedup", "captions": f"capfilt-caption-r{round_}", "filter": "train-filter"
+        }  # fmt: skip
+    # The same retrained captioners as with both retrained up to round 2's filter; every later
+    # artifact is another (it reads another filter's output), round 1 is shared.
+    mine, theirs = stage_digests(only), stage_digests(both)
+    assert mine["train-captioner-r2"] == theirs["train-captioner-r2"]
+    assert mine["capfilt-caption-r2"] == theirs["capfilt-caption-r2"]
+    assert mine["capfilt-filter"] == theirs["capfilt-filter"]
+    for name in ("capfilt-filter-r2", "train-captioner-r3", "capfilt-caption-r3", "capfilt-filter-r3", "train-retrain"):
+        assert mine[name] != theirs[name], name
+    # The filter alone: every round captions with the round-1 captioner.
+    judge = {n.stage.name: n.inputs for n in recipe_graph(load_recipe(BLIP, ["capfilt.retrain=[filter]"]))}
+    assert "train-captioner-r2" not in judge and judge["train-filter-r3"]["init"] == "train-filter-r2"
+    assert judge["capfilt-caption-r3"]["captioner"] == "train-captioner"
+    assert judge["capfilt-filter-r3"]["filter"] == "train-filter-r3"
+    # Without a captioner the rounds retrain the filter (retrain's default: every model used).
+    alone = load_recipe(BLIP, ["capfilt.captioner=null", "capfilt.apply_to=[web]"])
+    assert [n.stage.name for n in recipe_graph(alone) if n.stage.name.startswith("train-filter-")] == [
+        "train-filter-r2", "train-filter-r3"
+    ]  # fmt: skip
+
+
+def test_a_filter_given_by_uri_is_fine_when_the_rounds_retrain_only_the_captioner():
+    recipe = load_recipe(BLIP, ["capfilt.filter.model={uri: models:/blip/3}", "capfilt.retrain=[captioner]"])
+    nodes = {n.stage.name: n.inputs for n in recipe_graph(recipe)}
+    assert "filter" not in nodes["capfilt-filter-r3"]
+    assert nodes["capfilt-caption-r3"]["captioner"] == "train-captioner-r3"
+
+
 @pytest.mark.parametrize(
     ("overrides", "field", "message"),
     [
@@ -294,7 +334,14 @@ def test_one_stage_as_captioner_and_filter_is_retrained_once_per_round():
         (["capfilt.rounds=2", "stages.3.name=filter-r2"], "capfilt.rounds",
          "round 2 trains a stage named 'filter-r2', as a stage of stages: is"),
         (["capfilt.rounds=2", "capfilt.filter.model={uri: models:/blip/3}"], "capfilt",
-         "the filter model is not a training stage of this recipe"),
+         "retrains the filter model, but it is not a training stage of this recipe"),
+        (["capfilt.retrain=[]"], "capfilt.retrain", "at least 1 item"),
+        (["capfilt.retrain=[captioner, captioner]"], "capfilt", "retrain lists a model twice"),
+        (["capfilt.retrain=[decoder]"], "capfilt.retrain.0", "'captioner' or 'filter'"),
+        (["capfilt.captioner=null", "capfilt.apply_to=[web]", "capfilt.retrain=[captioner]"], "capfilt",
+         "retrain has captioner, but there is no captioner"),
+        (["capfilt.captioner.model.stage=pretrain", "capfilt.filter.model.stage=pretrain",
+          "capfilt.retrain=[filter]"], "capfilt", "the captioner and filter are the same stage 'pretrain'"),
     ],
 )  # fmt: skip
 def test_round_mistakes_are_located(overrides, field, message):

@@ -138,6 +138,11 @@ class CapfiltSpec(StrictModel):
     round_steps: int | None = Field(
         None, ge=1, description="optimizer steps of each retraining in rounds >= 2 (default: the stage's own)"
     )
+    retrain: list[Literal["captioner", "filter"]] | None = Field(
+        None, min_length=1, description="the models rounds >= 2 train further (default: both); one left out keeps "
+        "captioning or judging with its round-1 model. BLIP bootstraps only the next model on the filtered data: a "
+        "filter retrained on its own kept pairs learns their errors as matches. Unused with rounds: 1"
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _check(self) -> CapfiltSpec:
@@ -148,16 +153,43 @@ class CapfiltSpec(StrictModel):
         if self.round_steps is not None and self.rounds == 1:
             raise ValueError("round_steps is for rounds >= 2 (rounds is 1)")
         if self.rounds > 1:
-            refs = [("captioner", self.captioner.model if self.captioner else None), ("filter", self.filter.model)]
-            fixed = [role for role, ref in refs if ref is not None and ref.stage is None]
-            if fixed:
-                raise ValueError(
-                    f"rounds: {self.rounds} retrains the models, but the {' and '.join(fixed)} model is not a "
-                    "training stage of this recipe (give model: {stage: NAME})"
-                )
+            self._check_retrain()
         return self
 
-    def model_stages(self) -> list[str]:
-        """The training stages whose models CapFilt uses (captioner first), each once."""
-        refs = [self.captioner.model if self.captioner else None, self.filter.model]
-        return list(dict.fromkeys(ref.stage for ref in refs if ref is not None and ref.stage is not None))
+    def _check_retrain(self) -> None:
+        if self.retrain is not None and len(set(self.retrain)) != len(self.retrain):
+            raise ValueError("retrain lists a model twice")
+        if self.retrain is not None and "captioner" in self.retrain and self.captioner is None:
+            raise ValueError("retrain has captioner, but there is no captioner")
+        refs = self.model_refs()
+        shared = "captioner" in refs and refs["captioner"].stage is not None and refs["captioner"] == refs["filter"]
+        if shared and len(self.retrained_roles()) == 1:
+            raise ValueError(
+                f"the captioner and filter are the same stage {refs['filter'].stage!r}: retraining it retrains "
+                "both; retrain both or use two stages"
+            )
+        fixed = [role for role in self.retrained_roles() if refs[role].stage is None]
+        if fixed:
+            raise ValueError(
+                f"rounds: {self.rounds} retrains the {' and '.join(fixed)} model, but it is not a training stage of "
+                "this recipe (give model: {stage: NAME}, or leave it out of retrain)"
+            )
+
+    def model_refs(self) -> dict[str, ModelRef]:
+        """role (captioner, filter) -> its model reference."""
+        return ({"captioner": self.captioner.model} if self.captioner else {}) | {"filter": self.filter.model}
+
+    def retrained_roles(self) -> list[str]:
+        """The roles (captioner first) whose models rounds >= 2 train further."""
+        return [role for role in self.model_refs() if self.retrain is None or role in self.retrain]
+
+    def retrained_stages(self) -> list[str]:
+        """The training stages rounds >= 2 train further (captioner first), each once; none with one round."""
+        if self.rounds == 1:
+            return []
+        refs = self.model_refs()
+        return list(dict.fromkeys(refs[role].stage for role in self.retrained_roles()))
+
+    def model_round(self, role: str, round_: int) -> int:
+        """The round whose model `role` uses in round `round_`: its own when retrained, else round 1."""
+        return round_ if role in self.retrained_roles() else 1

@@ -181,7 +181,7 @@ def _capfilt_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
                 message = f"the model in {ref.path} has no {part} part; the {role} needs one"
             problems.append(((*loc, "path"), message))
     problems += _calibration_checks(recipe)
-    derived = [f"{name}-r{r}" for name in spec.model_stages() for r in range(2, spec.rounds + 1)]
+    derived = [f"{name}-r{r}" for name in spec.retrained_stages() for r in range(2, spec.rounds + 1)]
     if taken := [name for name in derived if name in stages]:
         message = f"round {taken[0].rsplit('-r', 1)[1]} trains a stage named {taken[0]!r}, as a stage of stages: is"
         problems.append((("capfilt", "rounds"), message + "; rename that stage"))
