@@ -199,6 +199,7 @@ def run(ctx: StageContext, spec: TrainStageSpec, field: tuple, register: bool) -
         rows_in=rows_in,
         rows_out=rows_in - unused.height,
         rows_quarantined=unused.height,
+        set_aside="not trained on: unused.parquet",
         metrics=metrics,
         artifacts=[
             "model/model.safetensors",

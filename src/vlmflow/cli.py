@@ -186,8 +186,9 @@ def lineage(run_id: str | None, workdir: Path | None, show_versions: bool) -> No
     for s in summary["stages"]:
         inputs = ", ".join(f"{k}/{v}" for k, v in s["input_digests"].items()) or "sources"
         click.echo(f"  {s['name']}/{s['artifact_digest']}  <- {inputs}")
+        set_aside = s.get("set_aside", "quarantined")  # summaries before 2026-11-28 lack it
         click.echo(
-            f"      {s['status']}: rows {s['rows_in']} -> {s['rows_out']} (+{s['rows_quarantined']} quarantined)"
+            f"      {s['status']}: rows {s['rows_in']} -> {s['rows_out']} (+{s['rows_quarantined']} {set_aside})"
             f"  mlflow {s.get('mlflow_run_id')}"
         )
 

@@ -39,12 +39,14 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)  # files under `out` to log to MLflow
     details: dict[str, Any] = field(default_factory=dict)  # JSON-able extras for stats
+    set_aside: str = "quarantined"  # what the rows_quarantined are, in logs and `vlmflow lineage`
 
     def stats(self, seconds: float) -> dict:
         return {
             "rows_in": self.rows_in,
             "rows_out": self.rows_out,
             "rows_quarantined": self.rows_quarantined,
+            "set_aside": self.set_aside,
             "seconds": round(seconds, 3),
             "metrics": self.metrics,
             "artifacts": self.artifacts,

@@ -47,6 +47,8 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     by_name = stages(summary)
     assert list(by_name) == ["ingest", "dedup", "tokenizer", "instruct", "train-align", "train-instruct"]
     instruct = by_name["train-instruct"]
+    # A training stage's rows outside its output are the ones no step read, not bad input.
+    assert (instruct["set_aside"], by_name["ingest"]["set_aside"]) == ("not trained on: unused.parquet", "quarantined")
     assert instruct["input_digests"]["init"] == by_name["train-align"]["artifact_digest"]
     assert instruct["input_digests"]["data.dedup"] == by_name["dedup"]["artifact_digest"]  # the stage-2 mixture
     assert instruct["input_digests"]["data.instruct"] == by_name["instruct"]["artifact_digest"]

@@ -153,6 +153,7 @@ class RecipeRun:
             "artifact_path": str(path),
             "input_digests": {k: v.digest for k, v in inputs.items()},
             **{k: stats.get(k) for k in ("rows_in", "rows_out", "rows_quarantined", "seconds")},
+            "set_aside": stats.get("set_aside", "quarantined"),
         }
         headline = {k: v for k, v in stats["metrics"].items() if k.startswith(("eval_", "first_loss", "final_loss"))}
         if headline:
@@ -229,11 +230,12 @@ def stage_task(run: RecipeRun, stage: Stage, inputs: dict[str, StageOutput]) -> 
             store.commit(stage.name, digest, stats)
             status = "computed"
             log.info(
-                "%s: computed %d -> %d rows (%d quarantined) in %.1fs",
+                "%s: computed %d -> %d rows (%d %s) in %.1fs",
                 stage.name,
                 stats["rows_in"],
                 stats["rows_out"],
                 stats["rows_quarantined"],
+                stats["set_aside"],
                 stats["seconds"],
             )
     run.record(stage, digest, inputs, status, stats)
