@@ -29,6 +29,7 @@ from vlmflow.specs import load_recipe
 REPO = Path(__file__).resolve().parents[2]
 BLIP = REPO / "specs" / "recipes" / "blip-tiny.yaml"
 ONE_ROUND = ["capfilt.rounds=1", "capfilt.round_steps=null"]  # models given by path or uri are not retrained
+BOTH = "capfilt.retrain=[captioner, filter]"  # blip-tiny's rounds retrain the captioner only
 
 
 def problems(overrides: list[str], spec: Path = BLIP) -> list[str]:
@@ -53,6 +54,9 @@ def test_blip_tiny_bootstraps_in_the_order_blip_does():
     assert nodes["capfilt-caption"] == {"data": "dedup", "captioner": "train-captioner"}
     assert nodes["capfilt-filter"] == {"data": "dedup", "captions": "capfilt-caption", "filter": "train-filter"}
     assert nodes["train-retrain"]["data"] == "capfilt-filter-r3"
+    # The rounds retrain the captioner; the round-1 filter judges every round.
+    assert nodes["train-captioner-r3"]["init"] == "train-captioner-r2" and "train-filter-r2" not in nodes
+    assert nodes["capfilt-filter-r3"]["filter"] == "train-filter"
     assert recipe.stages[1].data.mixture[0].sources == ["coco"]
 
 
@@ -252,7 +256,7 @@ def test_ranking_auc_of_the_filter_scores():
 
 def test_rounds_retrain_the_models_on_the_previous_round_and_judge_the_input_again():
     one = load_recipe(BLIP, ONE_ROUND)
-    three = load_recipe(BLIP, ["capfilt.rounds=3", "capfilt.round_steps=50"])
+    three = load_recipe(BLIP, ["capfilt.rounds=3", "capfilt.round_steps=50", BOTH])
     nodes = {n.stage.name: n for n in recipe_graph(three)}
     order = list(nodes)
     tail = order[order.index("capfilt-filter") + 1 : order.index("train-retrain")]
@@ -281,13 +285,13 @@ def test_rounds_retrain_the_models_on_the_previous_round_and_judge_the_input_aga
 
 def test_one_stage_as_captioner_and_filter_is_retrained_once_per_round():
     recipe = load_recipe(BLIP, ["capfilt.rounds=2", "capfilt.captioner.model.stage=pretrain",
-                                "capfilt.filter.model.stage=pretrain"])  # fmt: skip
+                                "capfilt.filter.model.stage=pretrain", BOTH])  # fmt: skip
     names = [n.stage.name for n in recipe_graph(recipe)]
     assert [n for n in names if n.endswith("-r2")] == ["train-pretrain-r2", "capfilt-caption-r2", "capfilt-filter-r2"]
 
 
 def test_rounds_retraining_only_the_captioner_judge_every_round_with_the_round_one_filter():
-    both = load_recipe(BLIP, ["capfilt.rounds=3", "capfilt.round_steps=50"])
+    both = load_recipe(BLIP, ["capfilt.rounds=3", "capfilt.round_steps=50", BOTH])
     only = load_recipe(BLIP, ["capfilt.rounds=3", "capfilt.round_steps=50", "capfilt.retrain=[captioner]"])
     nodes = {n.stage.name: n for n in recipe_graph(only)}
     assert [n for n in nodes if n.endswith(("-r2", "-r3"))] == [
@@ -313,7 +317,7 @@ def test_rounds_retraining_only_the_captioner_judge_every_round_with_the_round_o
     assert judge["capfilt-caption-r3"]["captioner"] == "train-captioner"
     assert judge["capfilt-filter-r3"]["filter"] == "train-filter-r3"
     # Without a captioner the rounds retrain the filter (retrain's default: every model used).
-    alone = load_recipe(BLIP, ["capfilt.captioner=null", "capfilt.apply_to=[web]"])
+    alone = load_recipe(BLIP, ["capfilt.captioner=null", "capfilt.apply_to=[web]", "capfilt.retrain=null"])
     assert [n.stage.name for n in recipe_graph(alone) if n.stage.name.startswith("train-filter-")] == [
         "train-filter-r2", "train-filter-r3"
     ]  # fmt: skip
@@ -331,9 +335,9 @@ def test_a_filter_given_by_uri_is_fine_when_the_rounds_retrain_only_the_captione
     [
         (["capfilt.rounds=1"], "capfilt", "round_steps is for rounds >= 2"),
         (["capfilt.rounds=0"], "capfilt.rounds", "greater than or equal to 1"),
-        (["capfilt.rounds=2", "stages.3.name=filter-r2"], "capfilt.rounds",
-         "round 2 trains a stage named 'filter-r2', as a stage of stages: is"),
-        (["capfilt.rounds=2", "capfilt.filter.model={uri: models:/blip/3}"], "capfilt",
+        (["capfilt.rounds=2", "stages.3.name=captioner-r2"], "capfilt.rounds",
+         "round 2 trains a stage named 'captioner-r2', as a stage of stages: is"),
+        (["capfilt.rounds=2", "capfilt.filter.model={uri: models:/blip/3}", "capfilt.retrain=null"], "capfilt",
          "retrains the filter model, but it is not a training stage of this recipe"),
         (["capfilt.retrain=[]"], "capfilt.retrain", "at least 1 item"),
         (["capfilt.retrain=[captioner, captioner]"], "capfilt", "retrain lists a model twice"),
