@@ -139,9 +139,9 @@ class CapfiltSpec(StrictModel):
         None, ge=1, description="optimizer steps of each retraining in rounds >= 2 (default: the stage's own)"
     )
     retrain: list[Literal["captioner", "filter"]] | None = Field(
-        None, min_length=1, description="the models rounds >= 2 train further (default: both); one left out keeps "
-        "captioning or judging with its round-1 model. BLIP bootstraps only the next model on the filtered data: a "
-        "filter retrained on its own kept pairs learns their errors as matches. Unused with rounds: 1"
+        None, min_length=1, description="the models rounds >= 2 train further (default: every one CapFilt uses); "
+        "one left out keeps captioning or judging with its round-1 model. BLIP bootstraps only the next model on the "
+        "filtered data: a filter retrained on its own kept pairs learns their errors as matches. Unused with rounds: 1"
     )  # fmt: skip
 
     @model_validator(mode="after")
