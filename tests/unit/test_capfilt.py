@@ -303,8 +303,8 @@ def test_rounds_retraining_only_the_captioner_judge_every_round_with_the_round_o
         assert nodes[f"capfilt-filter-r{round_}"].inputs == {
             "data": "dedup", "captions": f"capfilt-caption-r{round_}", "filter": "train-filter"
         }  # fmt: skip
-    # The same retrained captioners as with both retrained up to round 2's filter; every later
-    # artifact is another (it reads another filter's output), round 1 is shared.
+    # Up to round 2's captions the digests are those of retraining both: round 2's captioner trains
+    # on round 1's output either way. From round 2's filter on, every artifact is another.
     mine, theirs = stage_digests(only), stage_digests(both)
     assert mine["train-captioner-r2"] == theirs["train-captioner-r2"]
     assert mine["capfilt-caption-r2"] == theirs["capfilt-caption-r2"]
