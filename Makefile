@@ -7,7 +7,7 @@ SPEC ?= specs/recipes/shapes-tiny.yaml
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format clean
+.PHONY: install run test test-fast lint format clean
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ test: install
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5): failing"; exit 1; fi; \
+	exit $$rc
+
+# A quick check while editing: the unit tests only (tests/unit), quiet, stopping at the first failure.
+test-fast: install
+	$(PY) -m pytest tests/unit -x -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests (exit 5): failing"; exit 1; fi; \
 	exit $$rc
 
 lint:

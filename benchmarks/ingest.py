@@ -88,7 +88,7 @@ def warm_up(spec: SyntheticShapesSource, workers: int) -> float:
 def run_vlmflow(recipe: Recipe, out_dir: Path) -> tuple[int, float]:
     """The ingest stage's distributed part. Returns (samples written, seconds)."""
     started = time.perf_counter()
-    work = plan_units(recipe)
+    work = plan_units(recipe.data, recipe.seed)
     filters = list(recipe.data.filters)
     map_units(process_unit, work, desc="ingest", args=(filters, str(out_dir), "ingest/bench/shards"), progress="log")
     seconds = time.perf_counter() - started

@@ -478,7 +478,7 @@ def bench_tokenizer(recipe: Any, summary: dict, root: Path) -> dict:
     inputs = {name: _stage_output(summary, name) for name in ("ingest", "dedup")}
     out = root / "tokenizer-vlmflow"
     out.mkdir()
-    ctx = StageContext(recipe, store, out, "bench", inputs, "log")
+    ctx = StageContext(recipe, store, out, "bench", {"data": inputs["dedup"]}, "log", recipe.tokenizer, "tokenizer")
     result, seconds, peak = measure(tokenize.run, ctx)
     (plain, texts), plain_seconds, plain_peak = measure_here(
         plain_tokenizer, inputs["ingest"].path, inputs["dedup"].path, recipe.tokenizer, store.root

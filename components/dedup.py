@@ -24,13 +24,11 @@ import pandas as pd
 import polars as pl
 import ray
 
+from vlmflow.component import Component, Port
 from vlmflow.components import report
 from vlmflow.components.ingest import QUARANTINE_SCHEMA
 from vlmflow.specs.data import DedupSpec
-from vlmflow.specs.recipe import Recipe
-from vlmflow.stage import Stage, StageContext, StageResult
-
-VERSION = "2"  # 2: writes shards.parquet (the ingest shards its manifest references)
+from vlmflow.stage import StageContext, StageResult
 
 
 def _scheduler() -> object:
@@ -167,16 +165,11 @@ def _find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"key": pl.String, "reason": pl.String, "detail": pl.String}, orient="row")
 
 
-def stage_spec(recipe: Recipe) -> dict:
-    assert recipe.data.dedup is not None
-    return recipe.data.dedup.model_dump(mode="json", exclude={"partitions"})  # how the join is split: same output
-
-
 def run(ctx: StageContext) -> StageResult:
     started = time.monotonic()
-    source = ctx.inputs["ingest"]
+    source = ctx.inputs["data"]
     manifest = pl.read_parquet(source.path / "manifest.parquet")
-    dups = find_duplicates(source.path / "manifest.parquet", ctx.recipe.data.dedup)
+    dups = find_duplicates(source.path / "manifest.parquet", ctx.config)
     quarantine = dups.join(manifest.select("key", "source"), on="key", how="left").select(list(QUARANTINE_SCHEMA))
     kept = manifest.filter(~pl.col("key").is_in(dups["key"].implode()))
     kept.write_parquet(ctx.out / "manifest.parquet", statistics=False)
@@ -199,4 +192,11 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-STAGE = Stage(name="dedup", version=VERSION, spec=stage_spec, run=run)
+COMPONENT = Component(
+    name="dedup",
+    config=DedupSpec,
+    reads={"data": Port("samples")},
+    writes="samples",
+    run=run,
+    description="drop exact and near duplicate images (quarantined as duplicate-of:KEY)",
+)

@@ -12,21 +12,20 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from vlmflow.artifacts import atomic_path
+from vlmflow.component import Component
 from vlmflow.components import report
 from vlmflow.components.filters import first_failure
 from vlmflow.components.shards import write_shard
 from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, Unit, safe_key
 from vlmflow.images import BadImage, check_image, sha256_bytes
 from vlmflow.runtime.ray import map_units
-from vlmflow.specs.data import source_name
-from vlmflow.specs.recipe import Recipe
-from vlmflow.stage import Stage, StageContext, StageResult
-
-VERSION = "1"
+from vlmflow.specs.data import IngestSpec, source_name
+from vlmflow.stage import StageContext, StageResult
 
 MANIFEST_SCHEMA = {
     "key": pl.String,
@@ -52,27 +51,6 @@ MANIFEST_SCHEMA = {
     "caption_corrupted": pl.Boolean,
 }
 QUARANTINE_SCHEMA = {"key": pl.String, "source": pl.String, "reason": pl.String, "detail": pl.String}
-
-
-def fingerprint(value: object) -> object:
-    """Size and mtime of every input file a spec points at (cheap; changes invalidate)."""
-    if isinstance(value, Path):
-        if value.is_file():
-            stat = value.stat()
-            return [str(value), stat.st_size, stat.st_mtime_ns]
-        files = sorted(p for p in value.rglob("*") if p.is_file())
-        return [str(value), [[str(p.relative_to(value)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
-    return None
-
-
-def stage_spec(recipe: Recipe) -> dict:
-    return {
-        "seed": recipe.seed,
-        "sources": [s.model_dump(mode="json") for s in recipe.data.sources],
-        "inputs": [{k: fingerprint(v) for k, v in s if isinstance(v, Path)} for s in recipe.data.sources],
-        "filters": [f.model_dump(mode="json") for f in recipe.data.filters],
-        "shard_size": recipe.data.shard_size,
-    }
 
 
 def unit_name(unit: Unit) -> str:
@@ -150,21 +128,21 @@ def _write_parquet(path: Path, rows: list[dict], schema: dict) -> None:
         pl.DataFrame(rows, schema=schema, orient="row").write_parquet(tmp, statistics=False)
 
 
-def plan_units(recipe: Recipe) -> list[tuple]:
+def plan_units(config: IngestSpec, seed: int) -> list[tuple]:
     work = []
-    for index, spec in enumerate(recipe.data.sources):
-        ctx = SourceContext(source_name(spec, index), recipe.seed, recipe.data.shard_size)
+    for index, spec in enumerate(config.sources):
+        ctx = SourceContext(source_name(spec, index), seed, config.shard_size)
         work += [(spec, ctx, unit) for unit in SOURCES.get(spec.kind).plan(spec, ctx)]
     return work
 
 
 def run(ctx: StageContext) -> StageResult:
     started = time.monotonic()
-    work = plan_units(ctx.recipe)
+    work = plan_units(ctx.config, ctx.recipe.seed)
     units_dir = ctx.out / "units"
     todo = [w for w in work if not (units_dir / f"{unit_name(w[2])}.manifest.parquet").exists()]
-    shard_prefix = ctx.store.relative(ctx.store.path("ingest", ctx.digest)) + "/shards"
-    filters = list(ctx.recipe.data.filters)
+    shard_prefix = ctx.store.relative(ctx.store.path(ctx.name, ctx.digest)) + "/shards"
+    filters = list(ctx.config.filters)
     map_units(process_unit, todo, desc="ingest", args=(filters, str(ctx.out), shard_prefix), progress=ctx.progress)
     names = [unit_name(w[2]) for w in work]
     manifest = (
@@ -219,4 +197,20 @@ def _drop_repeated_keys(manifest: pl.DataFrame, quarantine: pl.DataFrame) -> tup
     return manifest.filter(first), pl.concat([quarantine, repeated], how="vertical")
 
 
-STAGE = Stage(name="ingest", version=VERSION, spec=stage_spec, run=run)
+def rows_estimate(step: Any, plan: Any) -> tuple[int, int]:
+    """Rows the sources list (before splits and filters), for `vlmflow plan`; also per source."""
+    for _, source, unit in plan_units(step.config, plan.recipe.seed):
+        plan.sources[source.name] = plan.sources.get(source.name, 0) + unit.rows
+    total = sum(plan.sources.get(source_name(s, i), 0) for i, s in enumerate(step.config.sources))
+    return total, total
+
+
+COMPONENT = Component(
+    name="ingest",
+    config=IngestSpec,
+    writes="samples",
+    run=run,
+    recipe_fields=("seed",),
+    rows_estimate=rows_estimate,
+    description="read every source's rows, check and filter them into WebDataset shards",
+)

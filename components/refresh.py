@@ -4,11 +4,11 @@ A refresh lists the sources again. For a source whose reader offers `items` (ima
 listed row keeps the unit it had in the previous manifest version; new rows go to new units
 appended after them (`shard_size` rows each); a unit that lost or changed rows is rebuilt with
 the rows it still has; a unit whose rows are all gone disappears, and so do its rows. Other
-sources keep `plan`'s units, and a unit is reused while its payload and its source's files
-(size, mtime) are unchanged.
+sources keep `plan`'s units, and a unit is reused while its payload and the content of its
+source's files are unchanged.
 
-A unit's digest = hash(source spec, filters, seed, component versions, its rows and the size and
-mtime of every file they read). Its shard, manifest and quarantine rows are built once, in
+A unit's digest = hash(source spec, filters, seed, the ingest and refresh code, its rows and the
+content of every file they read). Its shard, manifest and quarantine rows are built once, in
 DIR/artifacts/ingest-units/UNIT/, and every manifest version holding that unit references them
 there (no copies). A version's digest is the hash of its units: a refresh that finds nothing new
 has the same digest as the last one, so every downstream stage is cached.
@@ -24,25 +24,19 @@ from pathlib import Path
 import polars as pl
 
 from vlmflow.artifacts import ArtifactStore, digest_of, file_lock
+from vlmflow.component import Component, digest_view
 from vlmflow.components import ingest, report
 from vlmflow.components.sources.base import SOURCES, SourceContext, Unit
+from vlmflow.fingerprint import HashCache, code_digest, fingerprint_path, fingerprint_value
+from vlmflow.pipeline import Step
 from vlmflow.runtime.ray import map_units
-from vlmflow.specs.data import source_name
+from vlmflow.specs.base import StrictModel
+from vlmflow.specs.data import IngestSpec, source_name
 from vlmflow.specs.recipe import Recipe
-from vlmflow.stage import Stage, StageContext, StageResult
+from vlmflow.stage import StageContext, StageResult
 
-VERSION = "r1"
 UNITS = "ingest-units"  # the store's folder of content-addressed units
 UNITS_SCHEMA = {"source": pl.String, "unit": pl.String, "rows": pl.Int64, "keys": pl.List(pl.String)}
-
-
-def file_state(path: Path) -> list | None:
-    """[path, size, mtime_ns] of a file, None when it is absent (a missing file is a state too)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
 def assign(keys: list[str], previous: list[list[str]], shard_size: int) -> list[list[int]]:
@@ -60,6 +54,13 @@ def assign(keys: list[str], previous: list[list[str]], shard_size: int) -> list[
     return groups + [new[i : i + shard_size] for i in range(0, len(new), shard_size)]
 
 
+class RefreshSpec(StrictModel):
+    """An incremental ingest's cache key: its units (each content-addressed by what it reads)."""
+
+    units: int
+    units_digest: str
+
+
 @dataclass(frozen=True)
 class PlannedUnit:
     source: str
@@ -68,33 +69,31 @@ class PlannedUnit:
     keys: list[str] = field(default_factory=list)  # the source's row keys in it ([]: not item-level)
 
 
-def _base(recipe: Recipe, spec: object) -> dict:
-    return {
-        "version": VERSION,
-        "ingest": ingest.VERSION,
-        "seed": recipe.seed,
-        "filters": [f.model_dump(mode="json") for f in recipe.data.filters],
-        "source": spec.model_dump(mode="json"),
-    }
-
-
-def plan_units(recipe: Recipe, previous: dict[str, list[list[str]]]) -> list[PlannedUnit]:
-    """The units of this refresh, given the previous version's units (source -> row keys per unit)."""
+def plan_units(
+    config: IngestSpec, seed: int, previous: dict[str, list[list[str]]], base_dir: Path | None, hashes: HashCache
+) -> list[PlannedUnit]:
+    """The units of this refresh, given the previous version's units (source -> row keys per unit).
+    A unit's digest: the code, seed, filters, its source's config and the content of the files it reads."""
     units = []
-    for index, spec in enumerate(recipe.data.sources):
-        ctx = SourceContext(source_name(spec, index), recipe.seed, recipe.data.shard_size)
-        reader, base = SOURCES.get(spec.kind), _base(recipe, spec)
+    code = code_digest([ingest.__name__, __name__])
+    for index, spec in enumerate(config.sources):
+        ctx = SourceContext(source_name(spec, index), seed, config.shard_size)
+        reader = SOURCES.get(spec.kind)
+        base = {"code": code, "seed": seed, "filters": digest_view(config.filters), "source": digest_view(spec)}
+        base = fingerprint_value(base, base_dir, hashes)
         if reader.items is None or reader.item_files is None:
-            files = {k: ingest.fingerprint(v) for k, v in spec if isinstance(v, Path)}
             for unit in reader.plan(spec, ctx):
-                digest = digest_of({**base, "files": files, "payload": unit.payload})
+                digest = digest_of({**base, "payload": unit.payload})
                 units.append(PlannedUnit(ctx.name, digest, (spec, ctx, unit)))
             continue
         items = reader.items(spec, ctx)
         groups = assign([item[1] for item in items], previous.get(ctx.name, []), ctx.shard_size)
         for i, group in enumerate(groups):
             payload = [items[j] for j in group]
-            states = [[list(item), [file_state(f) for f in reader.item_files(spec, item)]] for item in payload]
+            states = [
+                [list(item), [fingerprint_path(f, base_dir, hashes) for f in reader.item_files(spec, item)]]
+                for item in payload
+            ]
             digest = digest_of({**base, "items": states})
             unit = Unit(ctx.name, i, payload, len(payload))
             units.append(PlannedUnit(ctx.name, digest, (spec, ctx, unit), [item[1] for item in payload]))
@@ -139,6 +138,7 @@ class Refresh:
     """One refresh of a recipe's data: its units and the manifest version it follows."""
 
     recipe: Recipe
+    config: IngestSpec
     store: ArtifactStore
     units: list[PlannedUnit]
     previous: str | None  # the previous manifest version's digest
@@ -146,9 +146,13 @@ class Refresh:
     built: dict = field(default_factory=dict)  # units built and rows read, when this refresh built the version
 
     @classmethod
-    def plan(cls, recipe: Recipe, store: ArtifactStore, previous: str | None) -> Refresh:
-        found = store.path("ingest", previous) if previous and store.is_complete("ingest", previous) else None
-        return cls(recipe, store, plan_units(recipe, previous_units(found)), previous if found else None, found)
+    def plan(cls, recipe: Recipe, ingest_step: Step, store: ArtifactStore, previous: str | None) -> Refresh:
+        """The refresh of `ingest_step` (the recipe's ingest) after manifest version `previous`."""
+        name, config = ingest_step.name, ingest_step.config
+        found = store.path(name, previous) if previous and store.is_complete(name, previous) else None
+        hashes = HashCache(store.root / "_cache" / "file-hashes.sqlite")
+        units = plan_units(config, recipe.seed, previous_units(found), recipe.spec_dir(), hashes)
+        return cls(recipe, config, store, units, previous if found else None, found)
 
     def plan_summary(self) -> dict:
         """What this refresh will do, before it runs (saved as the run's plan.json)."""
@@ -163,25 +167,20 @@ class Refresh:
             "stages": [],
         }
 
-    def spec(self, recipe: Recipe) -> dict:
-        return {
-            "seed": recipe.seed,
-            "sources": [s.model_dump(mode="json") for s in recipe.data.sources],
-            "filters": [f.model_dump(mode="json") for f in recipe.data.filters],
-            "shard_size": recipe.data.shard_size,
-            "units": len(self.units),
-            "units_digest": digest_of([u.digest for u in self.units]),
-        }
-
-    @property
-    def stage(self) -> Stage:
-        return Stage(name="ingest", version=VERSION, spec=self.spec, run=self.run)
+    def step(self, ingest_step: Step) -> Step:
+        """The recipe's ingest step, built incrementally: same name (its readers are unchanged); the
+        cache key is the digest of its units."""
+        config = RefreshSpec(units=len(self.units), units_digest=digest_of([u.digest for u in self.units]))
+        component = Component(
+            name="ingest-refresh", config=RefreshSpec, writes="samples", run=self.run, code=(__name__,)
+        )
+        return Step(ingest_step.name, component, config, {}, ingest_step.field)
 
     def run(self, ctx: StageContext) -> StageResult:
         started, store = time.monotonic(), ctx.store
         todo = [u for u in self.units if not store.is_complete(UNITS, u.digest)]
         jobs = [(u.work, u.digest) for u in todo]
-        args = (list(ctx.recipe.data.filters), str(store.root))
+        args = (list(self.config.filters), str(store.root))
         read = map_units(build_unit, jobs, desc="ingest: new units", args=args, progress=ctx.progress)
         frames = [_unit_frames(store, u) for u in self.units]
         manifest = pl.concat([f[0] for f in frames] or [pl.DataFrame(schema=ingest.MANIFEST_SCHEMA)])

@@ -14,12 +14,12 @@ from pathlib import Path
 import polars as pl
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from vlmflow.component import Component, Port
 from vlmflow.components.shards import read_shard, sample_json
 from vlmflow.errors import UserError
-from vlmflow.specs.recipe import BpeTokenizer, PretrainedTokenizer, Recipe
-from vlmflow.stage import Stage, StageContext, StageResult
-
-VERSION = "1"
+from vlmflow.specs.recipe import BpeTokenizer, PretrainedTokenizer
+from vlmflow.specs.recipe import Tokenizer as TokenizerSpec
+from vlmflow.stage import StageContext, StageResult
 
 
 def sample_texts(record: dict) -> list[str]:
@@ -82,9 +82,9 @@ def round_trip_rate(tokenizer: Tokenizer, texts: list[str], limit: int = 2000) -
 def corpus(ctx: StageContext) -> list[str]:
     from vlmflow.runtime.ray import map_units  # here, so that train_bpe needs no Ray (a GPU test machine has none)
 
-    source = ctx.inputs.get("dedup") or ctx.inputs["ingest"]  # the last data stage's manifest
+    source = ctx.inputs["data"]
     manifest = pl.read_parquet(source.path / "manifest.parquet", columns=["key", "shard"])
-    shards = pl.read_parquet(ctx.inputs["ingest"].path / "shards.parquet")
+    shards = pl.read_parquet(source.path / "shards.parquet")
     sha = dict(zip(shards["shard"], shards["sha256"], strict=True))
     groups = manifest.group_by("shard", maintain_order=True).agg("key")
     work = [(str(ctx.store.root / s), sha[s], keys) for s, keys in groups.iter_rows()]
@@ -92,19 +92,9 @@ def corpus(ctx: StageContext) -> list[str]:
     return [t for part in parts for t in part]
 
 
-def stage_spec(recipe: Recipe) -> dict:
-    assert recipe.tokenizer is not None
-    spec = recipe.tokenizer.model_dump(mode="json")
-    if isinstance(recipe.tokenizer, PretrainedTokenizer):
-        path = recipe.tokenizer.path
-        target = path / "tokenizer.json" if path.is_dir() else path
-        spec["file_size"] = target.stat().st_size if target.exists() else None
-    return spec
-
-
 def run(ctx: StageContext) -> StageResult:
     started = time.monotonic()
-    spec = ctx.recipe.tokenizer
+    spec = ctx.config
     texts = corpus(ctx)
     tokenizer = train_bpe(texts, spec) if isinstance(spec, BpeTokenizer) else load_pretrained(spec)
     tokenizer.save(str(ctx.out / "tokenizer.json"))
@@ -125,4 +115,17 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-STAGE = Stage(name="tokenizer", version=VERSION, spec=stage_spec, run=run)
+def rows_estimate(step: object, plan: object) -> tuple[None, None]:
+    """Its rows are texts: known once the data is read."""
+    return None, None
+
+
+COMPONENT = Component(
+    name="tokenizer",
+    config=TokenizerSpec,
+    reads={"data": Port("samples", description="the texts a BPE tokenizer trains on")},
+    writes="tokenizer",
+    run=run,
+    rows_estimate=rows_estimate,
+    description="train a byte-level BPE tokenizer on the data's text, or load one from a folder",
+)

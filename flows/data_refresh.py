@@ -14,21 +14,18 @@ from typing import Any
 from prefect import flow
 
 
-def data_stages(recipe: Any, ingest: Any) -> list[tuple[Any, dict[str, str]]]:
-    """The data side of `graph.recipe_graph`, ingest replaced: (stage, input -> upstream stage)."""
-    from vlmflow.components import dedup, tokenize
+def data_steps(recipe: Any) -> list[Any]:
+    """The steps of the recipe that need no model: none of them or their inputs writes a model
+    (or metrics). The recipe's one ingest step is rebuilt incrementally by the refresh."""
+    from vlmflow.pipeline import ancestors, recipe_graph
 
-    stages, data = [(ingest, {})], {"ingest": "ingest"}
-    if recipe.data.dedup is not None:
-        stages.append((dedup.STAGE, {"ingest": "ingest"}))
-        data["dedup"] = "dedup"
-    if recipe.tokenizer is not None:
-        stages.append((tokenize.STAGE, dict(data)))
-    if recipe.instruct is not None:
-        from vlmflow.components.instruct import stage as instruct
-
-        stages.append((instruct.STAGE, dict(data)))
-    return stages
+    steps = recipe_graph(recipe)
+    by_name = {s.name: s for s in steps}
+    return [
+        s for s in steps
+        if s.writes not in ("model", "metrics")
+        and all(by_name[a].writes != "model" for a in ancestors(steps, {s.name}))
+    ]  # fmt: skip
 
 
 @flow(name="vlmflow-data-refresh", validate_parameters=False, log_prints=True)
@@ -37,23 +34,28 @@ def data_refresh_flow(spec_path: str, workdir: str, overrides: list[str] | None 
 
     from vlmflow import versions
     from vlmflow.artifacts import ArtifactStore
+    from vlmflow.components.ingest import COMPONENT as INGEST
     from vlmflow.components.refresh import Refresh
+    from vlmflow.errors import UserError
     from vlmflow.runtime.prefect import RecipeRun
     from vlmflow.specs import load_recipe
 
     recipe = load_recipe(spec_path, overrides or [])
     root = Path(workdir)
     last = versions.latest(root, recipe.name) or {}
-    refresh = Refresh.plan(recipe, ArtifactStore(root.resolve() / "artifacts"), last.get("manifest"))
+    steps = data_steps(recipe)
+    ingests = [s for s in steps if s.component is INGEST]
+    if len(ingests) != 1:
+        raise UserError(f"a data refresh rebuilds one ingest step; this recipe has {len(ingests)}")
+    refresh = Refresh.plan(recipe, ingests[0], ArtifactStore(root.resolve() / "artifacts"), last.get("manifest"))
     links = {
         "vlmflow.previous_manifest": refresh.previous or "",
         "vlmflow.previous_run": last.get("mlflow_run_id") or "",
     }
     with RecipeRun(recipe, root, spec_path, refresh.plan_summary(), "data-refresh", links) as run:
-        done = {}
-        for stage, inputs in data_stages(recipe, refresh.stage):
-            done[stage.name] = run.stage(stage, **{key: done[up] for key, up in inputs.items()})
-        outcome = refresh.outcome(pl.read_parquet(done["ingest"].path / "manifest.parquet", columns=["key", "shard"]))
+        done = run.run_graph([refresh.step(s) if s is ingests[0] else s for s in steps])
+        manifest = done[ingests[0].name].path / "manifest.parquet"
+        outcome = refresh.outcome(pl.read_parquet(manifest, columns=["key", "shard"]))
         entry = versions.record(root, run.summary, outcome)
         run.summary["manifest_version"] = entry
         run.tracker.log(

@@ -1,6 +1,6 @@
 """The evaluate flow: a recipe's evaluation tasks on a model from outside the recipe's training
 (`vlmflow evaluate SPEC --model REF`): the data stages they read, the model imported as a stage,
-then one eval-NAME stage per task, tracked like a recipe run."""
+then one eval-NAME stage per task (side by side once the model is in), tracked like a recipe run."""
 
 from __future__ import annotations
 
@@ -8,17 +8,15 @@ from pathlib import Path
 
 from prefect import flow
 
-from vlmflow.components.evaluate.model_import import import_stage
-from vlmflow.graph import evaluate_graph
+from vlmflow.components.evaluate.model_import import import_step
+from vlmflow.pipeline import evaluate_graph, recipe_graph
 from vlmflow.runtime.prefect import RecipeRun
 from vlmflow.specs.recipe import Recipe
 
 
 @flow(name="vlmflow-evaluate", flow_run_name="{recipe.name}", validate_parameters=False, log_prints=True)
 def evaluate_flow(recipe: Recipe, workdir: Path, spec_path: str, model: str) -> dict:
-    nodes = evaluate_graph(recipe, import_stage(model, workdir))
+    nodes = evaluate_graph(recipe_graph(recipe), import_step(model, workdir))
     with RecipeRun(recipe, workdir, spec_path, {"stages": []}, flow="evaluate", tags={"vlmflow.model": model}) as run:
-        done = {}
-        for node in nodes:
-            done[node.stage.name] = run.stage(node.stage, **{key: done[up] for key, up in node.inputs.items()})
+        run.run_graph(nodes)
     return run.summary

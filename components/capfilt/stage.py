@@ -31,31 +31,31 @@ import json
 import math
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 
+from vlmflow.component import Component, Port
 from vlmflow.components.capfilt import report
 from vlmflow.components.capfilt.worker import CapfiltWorker
-from vlmflow.components.ingest import QUARANTINE_SCHEMA, fingerprint
+from vlmflow.components.ingest import QUARANTINE_SCHEMA
 from vlmflow.components.shards import write_shard
 from vlmflow.components.train.data import build_index, read_member
+from vlmflow.components.train.stage import COMPONENT as TRAIN
 from vlmflow.components.train.stage import stage_name as train_stage_name
-from vlmflow.components.train.stage import train_stage
 from vlmflow.errors import UserError
+from vlmflow.pipeline import Step
 from vlmflow.progress import Progress
 from vlmflow.runtime.ray import map_jobs_on_ray_data, require_gpus
-from vlmflow.specs.capfilt import CapfiltSpec, FilterSpec, ModelRef, hf_architecture
+from vlmflow.specs.capfilt import CapfiltSpec, CaptionStepSpec, FilterSpec, FilterStepSpec, ModelRef, hf_architecture
 from vlmflow.specs.recipe import Recipe
 from vlmflow.specs.train import TrainStageSpec
-from vlmflow.stage import Stage, StageContext, StageResult
+from vlmflow.stage import StageContext, StageResult
 from vlmflow.tracking import download_model, tracking_uri
 
-CAPTION_VERSION = "1"
-# 2: empty synthetic captions removed unscored (capfilt:empty-caption); filter_itm_auc / filter_itc_auc
-# 3: calibrated thresholds (filter.calibrate); thresholds below 0.01 written in reasons as 1.2e-03
-FILTER_VERSION = "3"
 CAPTION, FILTER = "capfilt-caption", "capfilt-filter"
 DEFAULT_PROMPT = "Describe the image."
 PAIR_SCHEMA = {
@@ -115,61 +115,54 @@ def model_input(spec: CapfiltSpec, role: str, round_: int = 1) -> str | None:
     return train_stage_name(round_stage_name(ref.stage, spec.model_round(role, round_)))
 
 
-def graph_inputs(recipe: Recipe, data: dict[str, str], tokenizer: str) -> list[tuple[Stage, dict, tuple | None]]:
-    """(stage, input name -> upstream stage, (train spec, field) for a training stage) of CapFilt's
-    stages in order: caption and filter, then per further round the retrained models, caption, filter."""
+def concise_steps(recipe: Recipe, data: dict[str, str], tokenizer: str) -> list[Step]:
+    """The steps of the concise `capfilt:` section, in order: caption and filter, then per further
+    round the retrained models, caption, filter. `data`: data artifact -> the step writing it."""
     spec = recipe.capfilt
-    nodes: list[tuple[Stage, dict, tuple | None]] = []
+    steps: list[Step] = []
+    names = [s.name for s in recipe.stages]
     for round_ in range(1, spec.rounds + 1):
         if round_ > 1:
             for name in spec.retrained_stages():
                 train = round_train_spec(recipe, name, round_)
-                field = ("stages", [s.name for s in recipe.stages].index(name))  # what it inherits its settings from
-                stage = train_stage(train, lambda r, n=name, k=round_: round_train_spec(r, n, k), field)
-                inputs = {"tokenizer": tokenizer, "data": filter_name(round_ - 1)}
-                inputs["init"] = train_stage_name(train.init_from)
-                nodes.append((stage, inputs, (train, field)))
-        caption, filtered = round_stages(round_)
+                inputs = {
+                    "tokenizer": tokenizer,
+                    "data": filter_name(round_ - 1),
+                    "init": train_stage_name(train.init_from),
+                }
+                field = ("stages", names.index(name))  # what it inherits its settings from
+                steps.append(Step(train_stage_name(train), TRAIN, train, inputs, field))
         filter_inputs = {"data": data[spec.data]}
         if spec.captioner is not None:
             inputs = {"data": data[spec.data]}
             if captioner := model_input(spec, "captioner", round_):
                 inputs["captioner"] = captioner
-            nodes.append((caption, inputs, None))
-            filter_inputs["captions"] = caption.name
+            steps.append(
+                Step(caption_name(round_), CAPTION_COMPONENT, caption_config(recipe, round_), inputs, ("capfilt",))
+            )
+            filter_inputs["captions"] = caption_name(round_)
         if judge := model_input(spec, "filter", round_):
             filter_inputs["filter"] = judge
-        nodes.append((filtered, filter_inputs, None))
-    return nodes
+        steps.append(
+            Step(filter_name(round_), FILTER_COMPONENT, filter_config(recipe, round_), filter_inputs, ("capfilt",))
+        )
+    return steps
 
 
-def _ref_spec(ref: ModelRef) -> dict:
-    return ref.model_dump(mode="json") | ({"files": fingerprint(ref.path)} if ref.path is not None else {})
-
-
-def caption_spec(recipe: Recipe) -> dict:
+def caption_config(recipe: Recipe, round_: int) -> CaptionStepSpec:
     spec = recipe.capfilt
-    captioner = spec.captioner
-    return {
-        "seed": recipe.seed,
-        "data": spec.data,
-        "sources": spec.sources,
-        "captioner": captioner.model_dump(mode="json") | {"model": _ref_spec(captioner.model)},
-        "prompt": prompt_of(recipe),
-        "batch_size": spec.resources.batch_size,  # a batch is the unit of seeded sampling
-    }
+    return CaptionStepSpec(
+        data=spec.data, sources=spec.sources, captioner=spec.captioner, prompt=prompt_of(recipe),
+        resources=spec.resources, round=round_,
+    )  # fmt: skip
 
 
-def filter_spec(recipe: Recipe) -> dict:
+def filter_config(recipe: Recipe, round_: int) -> FilterStepSpec:
     spec = recipe.capfilt
-    return {
-        "data": spec.data,
-        "sources": spec.sources,
-        "filter": spec.filter.model_dump(mode="json") | {"model": _ref_spec(spec.filter.model)},
-        "apply_to": spec.apply_to,
-        "captioner": spec.captioner is not None,
-        "shard_size": recipe.data.shard_size,
-    }
+    return FilterStepSpec(
+        data=spec.data, sources=spec.sources, filter=spec.filter, apply_to=spec.apply_to, resources=spec.resources,
+        shard_size=recipe.data.shard_size, round=round_,
+    )  # fmt: skip
 
 
 def prompt_of(recipe: Recipe) -> str | None:
@@ -214,7 +207,7 @@ def _where(rows: pl.DataFrame, kind: str) -> list[list]:
 
 
 def run_jobs(jobs: list[dict], folder: Path, ctx: StageContext, desc: str) -> list[dict]:
-    resources = ctx.recipe.capfilt.resources
+    resources = ctx.config.resources
     require_gpus(resources.gpus_per_actor, "capfilt.resources.gpus_per_actor")
     device = "cuda" if resources.gpus_per_actor > 0 else "cpu"
     return map_jobs_on_ray_data(
@@ -237,16 +230,15 @@ def _drop_download(ctx: StageContext) -> None:
 # ------------------------------------------------------------------------------ caption
 
 
-def run_caption(ctx: StageContext, round_: int = 1) -> StageResult:
-    recipe = ctx.recipe
-    spec = recipe.capfilt
-    captioner = spec.captioner
+def run_caption(ctx: StageContext) -> StageResult:
+    recipe, spec = ctx.recipe, ctx.config
+    captioner, round_ = spec.captioner, spec.round
     rows = scope(build_index(ctx.inputs["data"].path, ctx.store.root), spec)
     if rows.height == 0:
         raise UserError(f"capfilt: data artifact {spec.data!r} has no training rows to caption")
     decoding = captioner.model_dump(include={"strategy", "max_new_tokens", "num_beams", "temperature", "top_p"})
     jobs = [
-        {"op": "caption", "images": _where(part, "image"), "records": _where(part, "json"), "prompt": prompt_of(recipe),
+        {"op": "caption", "images": _where(part, "image"), "records": _where(part, "json"), "prompt": spec.prompt,
          "k": captioner.k, "decoding": decoding | {"seed": recipe.seed * 1_000_003 + i}}
         for i, part in enumerate(batches(rows, spec.resources.batch_size))
     ]  # fmt: skip
@@ -279,7 +271,7 @@ def run_caption(ctx: StageContext, round_: int = 1) -> StageResult:
         rows_quarantined=0,
         metrics=metrics,
         artifacts=["captions.parquet"],
-        details={"captioner": str(folder), "prompt": prompt_of(recipe)},
+        details={"captioner": str(folder), "prompt": spec.prompt},
     )
 
 
@@ -383,7 +375,7 @@ def judge(
     but for empty synthetic captions (removed, reason capfilt:empty-caption). held: the held-out
     clean rows and pairs that calibrate the thresholds (scored in the same actor pool).
     Returns the pairs, the thresholds in force and the held-out pairs with their scores."""
-    spec = ctx.recipe.capfilt
+    spec = ctx.config
     empty = (pairs["origin"] == "synthetic") & (pairs["caption"].str.strip_chars() == "")
     judged = pairs["origin"].is_in(spec.apply_to) & ~empty
     jobs = _score_jobs(pairs.filter(judged), rows, spec.resources.batch_size)
@@ -475,9 +467,8 @@ def _write_one_shard(unit: dict, root: Path, out: Path) -> tuple[str, str, int]:
     return unit["name"], sha, size
 
 
-def run_filter(ctx: StageContext, round_: int = 1) -> StageResult:
-    recipe = ctx.recipe
-    spec = recipe.capfilt
+def run_filter(ctx: StageContext) -> StageResult:
+    spec, round_ = ctx.config, ctx.config.round
     data = ctx.inputs["data"].path
     index = build_index(data, ctx.store.root)
     manifest = pl.read_parquet(data / "manifest.parquet")
@@ -513,7 +504,7 @@ def run_filter(ctx: StageContext, round_: int = 1) -> StageResult:
     )
     judged_keys = set(rows["key"].to_list())
     out_index = index.filter(~pl.col("key").is_in(judged_keys) | pl.col("key").is_in(kept["key"].to_list()))
-    prefix = ctx.store.relative(ctx.store.path(filter_name(round_), ctx.digest)) + "/shards/"
+    prefix = ctx.store.relative(ctx.store.path(ctx.name, ctx.digest)) + "/shards/"
     out_manifest = _output_manifest(manifest, out_index, kept, ctx, prefix)
     shard_rows = _write_shards(out_index, out_manifest, pairs, ctx, prefix)
 
@@ -551,7 +542,7 @@ def _output_manifest(
     manifest: pl.DataFrame, out_index: pl.DataFrame, kept: pl.DataFrame, ctx: StageContext, prefix: str
 ) -> pl.DataFrame:
     """The input's manifest rows of the output images, captions replaced where CapFilt judged them."""
-    size = ctx.recipe.data.shard_size
+    size = ctx.config.shard_size
     position = out_index.select("key").with_row_index("position")
     rows = manifest.join(position, on="key").sort("position").join(kept, on="key", how="left")
     captions = pl.coalesce("kept_captions", "captions")
@@ -598,16 +589,57 @@ def _round_label(round_: int) -> str:
     return "" if round_ == 1 else f" (round {round_})"
 
 
-def round_stages(round_: int) -> tuple[Stage, Stage]:
-    """The caption and filter stages of a bootstrap round (round 1: capfilt-caption, capfilt-filter)."""
-    extra = {} if round_ == 1 else {"round": round_}
-    caption = Stage(
-        caption_name(round_), CAPTION_VERSION, lambda r: caption_spec(r) | extra, lambda c: run_caption(c, round_)
-    )
-    filtered = Stage(
-        filter_name(round_), FILTER_VERSION, lambda r: filter_spec(r) | extra, lambda c: run_filter(c, round_)
-    )
-    return caption, filtered
+def model_ports(role: str) -> Callable[[Any], dict[str, Port]]:
+    """The data input, and the model input of `role` (required when its model is a training stage)."""
+
+    def ports(config: Any) -> dict[str, Port]:
+        ref = getattr(config, role).model
+        found = {"data": Port("samples"), role: Port("model", optional=ref.stage is None)}
+        if role == "filter":
+            found["captions"] = Port("captions", optional=True, description="the captioner's synthetic captions")
+        return found
+
+    return ports
 
 
-CAPTION_STAGE, FILTER_STAGE = round_stages(1)
+def scope_rows(step: Step, plan: Any) -> int | None:
+    """The images CapFilt judges, at most: its sources' rows, else its data input's."""
+    config, data = step.config, plan.input_rows(step)["data"]
+    if config.sources is None:
+        return data
+    return sum(plan.sources.get(s, 0) for s in config.sources)
+
+
+def caption_rows(step: Step, plan: Any) -> tuple[int | None, int | None]:
+    images = scope_rows(step, plan)
+    return images, images
+
+
+def filter_rows(step: Step, plan: Any) -> tuple[int | None, int | None]:
+    """The pairs it judges (web and k synthetic per image) in; the images, at most, out."""
+    images = scope_rows(step, plan)
+    captions = "captions" in step.inputs and plan.steps[step.inputs["captions"]].config.captioner.k
+    per_image = 1 + (captions or 0)
+    return (None if images is None else images * per_image), plan.input_rows(step)["data"]
+
+
+CAPTION_COMPONENT = Component(
+    name="capfilt-caption",
+    config=CaptionStepSpec,
+    reads=model_ports("captioner"),
+    writes="captions",
+    run=run_caption,
+    rows_estimate=caption_rows,
+    recipe_fields=("seed",),
+    description="CapFilt's captioner: k synthetic captions per web image",
+)
+FILTER_COMPONENT = Component(
+    name="capfilt-filter",
+    config=FilterStepSpec,
+    reads=model_ports("filter"),
+    writes="samples",
+    run=run_filter,
+    rows_estimate=filter_rows,
+    description="CapFilt's filter: keep the image-text pairs the ITM / ITC scores pass",
+)
+COMPONENTS = [CAPTION_COMPONENT, FILTER_COMPONENT]

@@ -17,48 +17,31 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from vlmflow.component import Component, Port
 from vlmflow.components.evaluate import datasets, scoring
 from vlmflow.components.evaluate.datasets import Item, Loaded
 from vlmflow.components.evaluate.examples import write_examples
 from vlmflow.components.evaluate.generate import Decoding
 from vlmflow.components.evaluate.worker import EvalWorker
-from vlmflow.components.ingest import fingerprint
 from vlmflow.components.train.data import ShardSamples, build_index
-from vlmflow.components.train.stage import stage_name as train_stage_name
 from vlmflow.errors import UserError
 from vlmflow.runtime.ray import map_on_actors, require_gpus
 from vlmflow.specs.evaluate import EvalTask, ZeroShotTask
 from vlmflow.specs.recipe import Recipe
-from vlmflow.stage import Stage, StageContext, StageResult
+from vlmflow.stage import StageContext, StageResult
 
-VERSION = "1"
 ARTIFACTS = ["metrics.json", "predictions.parquet", "quarantine.parquet", "examples.png"]
 
 
 def stage_name(task: EvalTask) -> str:
+    """The task's step in the concise form."""
     return f"eval-{task.name}"
 
 
-def stage_for(recipe: Recipe, index: int) -> Stage:
-    return Stage(
-        name=stage_name(recipe.evaluate[index]),
-        version=VERSION,
-        spec=lambda r: stage_spec(r, index),
-        run=lambda ctx: run(ctx, index),
-    )
-
-
-def stage_spec(recipe: Recipe, index: int) -> dict:
-    task = recipe.evaluate[index]
-    files = {k: fingerprint(v) for k, v in task.data if isinstance(v, Path)}
-    task_spec = task.model_dump(mode="json", exclude={"actors"})  # how many actors share the batches: same output
-    return {"seed": recipe.seed, "task": task_spec, "files": files}
-
-
-def stage_inputs(recipe: Recipe, task: EvalTask) -> dict[str, str]:
-    """Input name -> upstream stage: the training stage it evaluates and, for held-out data, the artifact."""
-    model = train_stage_name(next(s for s in recipe.stages if s.name == (task.model or recipe.stages[-1].name)))
-    return {"model": model} | ({"data": task.data.artifact} if task.data.kind == "held-out" else {})
+def ports(task: EvalTask) -> dict[str, Port]:
+    """`model`, the trained model it evaluates, and for held-out data `data`, the artifact."""
+    data = {"data": Port("samples", description="the held-out split")} if task.data.kind == "held-out" else {}
+    return {"model": Port("model"), **data}
 
 
 def load_items(task: EvalTask, ctx: StageContext) -> tuple[Loaded, list[str]]:
@@ -107,34 +90,23 @@ def batches(items: list, size: int) -> list[list]:
 
 @dataclass(frozen=True)
 class Runner:
-    """Runs jobs on the task's actor pool; `keep` leaves the actors up for the next task."""
+    """Runs jobs on the task's own actor pool (tasks run at the same time: pools are not shared)."""
 
     folder: Path
     name: str
     actors: int
     progress: str
-    keep: bool
     gpus: float = 0
 
     def __call__(self, jobs: list[tuple[str, object]]) -> list:
         device = "cuda" if self.gpus > 0 else "cpu"
         return map_on_actors(EvalWorker, (str(self.folder), 1, device), "run", jobs, desc=f"eval {self.name}",
-                             num_actors=self.actors, num_gpus=self.gpus, progress=self.progress,
-                             keep=self.keep)  # fmt: skip
+                             num_actors=self.actors, num_gpus=self.gpus, progress=self.progress)  # fmt: skip
 
 
 def check_gpus(task: EvalTask) -> None:
     """A task asking for GPUs the Ray cluster does not have would wait forever: say so instead."""
     require_gpus(task.gpus, f"evaluate {task.name}: gpus")
-
-
-def keeps_actors(recipe: Recipe, index: int) -> bool:
-    """The next task evaluates the same model on as many actors: it reuses this task's actors."""
-    if index + 1 >= len(recipe.evaluate):
-        return False
-    task, after = recipe.evaluate[index], recipe.evaluate[index + 1]
-    same_model = stage_inputs(recipe, task)["model"] == stage_inputs(recipe, after)["model"]
-    return same_model and (task.actors, task.gpus) == (after.actors, after.gpus)
 
 
 def generate_all(task: EvalTask, items: list[Item], runner: Runner, seed: int) -> list[str]:
@@ -186,16 +158,15 @@ def evaluate(task: EvalTask, recipe: Recipe, loaded: Loaded, classes: list[str],
     return score[task.kind](items, predictions)
 
 
-def run(ctx: StageContext, index: int) -> StageResult:
-    recipe = ctx.recipe
-    task = recipe.evaluate[index]
+def run(ctx: StageContext) -> StageResult:
+    recipe, task = ctx.recipe, ctx.config
     folder = ctx.inputs["model"].path / "model"
     loaded, classes = load_items(task, ctx)
     if not loaded.items:
         reasons = sorted({q["reason"] for q in loaded.quarantine}) or ["no items"]
         raise UserError(f"evaluate {task.name}: nothing to score ({', '.join(reasons)})")
     check_gpus(task)
-    runner = Runner(folder, task.name, task.actors, ctx.progress, keeps_actors(recipe, index), task.gpus)
+    runner = Runner(folder, task.name, task.actors, ctx.progress, task.gpus)
     metrics, rows = evaluate(task, recipe, loaded, classes, runner)
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     pl.DataFrame(rows).write_parquet(ctx.out / "predictions.parquet")
@@ -210,3 +181,14 @@ def run(ctx: StageContext, index: int) -> StageResult:
         artifacts=list(ARTIFACTS),
         details={"task": task.kind, "model": str(folder), "classes": classes},
     )
+
+
+COMPONENT = Component(
+    name="evaluate",
+    config=EvalTask,
+    reads=ports,
+    writes="metrics",
+    run=run,
+    recipe_fields=("seed",),
+    description="an evaluation task: zero-shot classification, retrieval, captioning, VQA or multiple choice",
+)

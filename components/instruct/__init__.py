@@ -6,7 +6,3 @@ through `client` with the persistent `cache`) -> `replies` validated into turns 
 + shards. `mock_server` is an OpenAI-compatible server for tests and benchmarks; `verify`
 checks answers against a scene graph.
 """
-
-from vlmflow.components.instruct.stage import STAGE
-
-__all__ = ["STAGE"]

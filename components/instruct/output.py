@@ -52,7 +52,7 @@ def map_work(fn: Callable[..., Any], units: Sequence[Any], desc: str, progress: 
 
 
 def shard_sha(ctx: StageContext) -> dict[str, str]:
-    shards = pl.read_parquet(ctx.inputs["ingest"].path / "shards.parquet")
+    shards = pl.read_parquet(ctx.inputs["data"].path / "shards.parquet")
     return dict(zip(shards["shard"], shards["sha256"], strict=True))
 
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
+from vlmflow.component import Component, Port
 from vlmflow.components.instruct.backends import Item, OpenAIBackend, generate_offline, resolve_api_key
 from vlmflow.components.instruct.cache import ResponseCache
 from vlmflow.components.instruct.client import CallStats
@@ -29,30 +31,15 @@ from vlmflow.components.instruct.output import map_work, shard_sha, write_output
 from vlmflow.components.instruct.templates import load_templates
 from vlmflow.components.shards import read_shard, sample_json
 from vlmflow.errors import UserError
-from vlmflow.specs.instruct import OPERATIONAL, TASKS, InstructSpec, OpenAICompatibleGenerator
-from vlmflow.specs.recipe import Recipe
-from vlmflow.stage import Stage, StageContext, StageOutput, StageResult
+from vlmflow.specs.instruct import TASKS, InstructSpec, OpenAICompatibleGenerator
+from vlmflow.stage import StageContext, StageResult
 
-VERSION = "1"
 CACHE_PATH = ("_cache", "instruct", "responses.sqlite")  # under the artifact store root
 
 
-def instruct_spec(recipe: Recipe) -> InstructSpec:
-    spec = getattr(recipe, "instruct", None)
-    if spec is None:
-        raise UserError("the recipe has no instruct: section")
-    return spec
-
-
-def stage_spec(recipe: Recipe) -> dict:
-    """What the output depends on: the spec without operational knobs, plus the templates' digest."""
-    spec = instruct_spec(recipe)
-    data = spec.model_dump(mode="json", exclude={"templates"})
-    for knob in OPERATIONAL:
-        data["generator"].pop(knob, None)
-    data["templates_digest"] = load_templates(spec.templates).digest
-    data["seed"] = recipe.seed
-    return data
+def templates_of(spec: InstructSpec) -> dict:
+    """The prompts the output depends on: the templates' content (the built-in ones by default)."""
+    return {"templates_digest": load_templates(spec.templates).digest}
 
 
 def assign_task(seed: int, key: str, mix: dict[str, float]) -> str:
@@ -79,17 +66,9 @@ def read_records(work: tuple[str, str, list[str]]) -> list[tuple[str, dict]]:
     return out
 
 
-def data_input(ctx: StageContext, spec: InstructSpec) -> StageOutput:
-    if spec.input == "auto":
-        return ctx.inputs.get("dedup") or ctx.inputs["ingest"]
-    if spec.input not in ctx.inputs:
-        raise UserError(f"instruct.input: {spec.input!r}, but the recipe has no {spec.input} stage")
-    return ctx.inputs[spec.input]
-
-
 def plan(ctx: StageContext, spec: InstructSpec) -> tuple[pl.DataFrame, list[Item]]:
     """(rows the stage writes or quarantines, in manifest order; the items to generate)."""
-    manifest = pl.read_parquet(data_input(ctx, spec).path / "manifest.parquet")
+    manifest = pl.read_parquet(ctx.inputs["data"].path / "manifest.parquet")
     selected = pl.col("split").is_in(spec.splits)
     keep = ~selected | (selected.cast(pl.Int64).cum_sum() <= (spec.limit or manifest.height))
     rows = manifest.filter(keep)
@@ -107,7 +86,7 @@ def plan(ctx: StageContext, spec: InstructSpec) -> tuple[pl.DataFrame, list[Item
 
 
 def run(ctx: StageContext) -> StageResult:
-    spec = instruct_spec(ctx.recipe)
+    spec = ctx.config
     templates = load_templates(spec.templates)
     backend = None
     if isinstance(spec.generator, OpenAICompatibleGenerator):
@@ -130,4 +109,20 @@ def run(ctx: StageContext) -> StageResult:
     return write_outputs(ctx, spec, templates, rows, items, outcomes, stats)
 
 
-STAGE = Stage(name="instruct", version=VERSION, spec=stage_spec, run=run)
+def rows_estimate(step: Any, plan: Any) -> tuple[int | None, int | None]:
+    """Every input row is written (with generated data) or carried through."""
+    rows = plan.input_rows(step)["data"]
+    return rows, rows
+
+
+COMPONENT = Component(
+    name="instruct",
+    config=InstructSpec,
+    reads={"data": Port("samples", description="the images (captions + boxes) to write instruction data for")},
+    writes="samples",
+    run=run,
+    recipe_fields=("seed",),
+    fingerprint=templates_of,
+    rows_estimate=rows_estimate,
+    description="LLaVA-style instruction data (conversation, detail, complex reasoning) from captions and boxes",
+)

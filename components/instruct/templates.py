@@ -1,6 +1,7 @@
 """Prompt templates (system prompt, query, few-shot examples per task), read from a folder.
 
-The built-in folder is `specs/instruct_templates/` (see its README); a recipe's
+The built-in folder is `specs/instruct_templates/` (see its README), installed as package data
+of `vlmflow.builtin` (`vlmflow.recipes.builtin_dir`); a recipe's
 `instruct.templates:` names another. `Templates.digest` hashes every file the prompts are
 built from, so editing one changes the stage digest. The few-shot examples are chat turns:
 user = the example context in the query, assistant = the example reply.
@@ -14,9 +15,10 @@ from pathlib import Path
 
 from vlmflow.artifacts import digest_of
 from vlmflow.errors import UserError
+from vlmflow.recipes import builtin_dir
 from vlmflow.specs.instruct import TASKS
 
-DEFAULT_TEMPLATES = Path(__file__).resolve().parents[2] / "specs" / "instruct_templates"
+DEFAULT_TEMPLATES = builtin_dir("instruct_templates")
 CONTEXT = "{context}"
 PROBLEM = "{problem}"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from tokenizers import Tokenizer
 
-from vlmflow.components.ingest import fingerprint
+from vlmflow.component import Component, Port
 from vlmflow.components.train import evaluate, mixture
 from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, build_index, split_rows
 from vlmflow.components.train.loop import WorkerConfig, memory_of, train_worker
@@ -31,54 +30,14 @@ from vlmflow.errors import StageError, UserError
 from vlmflow.models.vision import image_spec
 from vlmflow.specs.recipe import Recipe
 from vlmflow.specs.train import TrainStageSpec
-from vlmflow.stage import Stage, StageContext, StageResult
+from vlmflow.stage import StageContext, StageResult
 
-# 2: data mixtures (train_rows.parquet, mixture.json), LM loss averaged per sample; 3: ITM negatives sampled
-VERSION = "3"
 EVAL_SPLITS = ("val", "test")
 
 
 def stage_name(spec: TrainStageSpec | str) -> str:
-    """The stage of a training stage spec (or of the stage with that name)."""
+    """The step of a training stage spec (or of the stage with that name) in the concise form."""
     return f"train-{spec if isinstance(spec, str) else spec.name}"
-
-
-def stage_for(recipe: Recipe, index: int) -> Stage:
-    """The recipe's training stage `stages[index]`; the last one registers its model."""
-    return train_stage(
-        recipe.stages[index],
-        lambda r: r.stages[index],
-        ("stages", index),
-        register=index == len(recipe.stages) - 1,
-    )
-
-
-def train_stage(
-    spec: TrainStageSpec, spec_of: Callable[[Recipe], TrainStageSpec], field: tuple, register: bool = False
-) -> Stage:
-    """A training stage whose spec `spec_of` reads from the recipe (a stage of `stages:`, or one
-    CapFilt derives for a bootstrap round); `field` (stages, N) locates the settings it runs with."""
-    return Stage(
-        name=stage_name(spec),
-        version=VERSION,
-        spec=lambda r: stage_spec(r, spec_of(r)),
-        run=lambda ctx: run(ctx, spec_of(ctx.recipe), field, register),
-    )
-
-
-def stage_spec(recipe: Recipe, spec: TrainStageSpec) -> dict:
-    train = recipe.runtime.train
-    model = recipe.model.model_dump(mode="json")
-    local = {part: fingerprint(getattr(recipe.model, part).path) for part in ("vision", "language")
-             if hasattr(getattr(recipe.model, part), "path")}  # fmt: skip
-    return {
-        "seed": recipe.seed,
-        "model": model,
-        "local_weights": local,
-        "stage": spec.model_dump(mode="json"),
-        **({"weight_decay_on": "matrices"} if spec.optimizer.weight_decay else {}),  # vectors were decayed too
-        "workers": {"num_workers": train.num_workers, "use_gpu": train.use_gpu, "strategy": train.strategy},
-    }
 
 
 def data_inputs(spec: TrainStageSpec) -> dict[str, str]:
@@ -142,8 +101,22 @@ def accounting(
     return pl.concat(frames)
 
 
-def run(ctx: StageContext, spec: TrainStageSpec, field: tuple, register: bool) -> StageResult:
-    recipe = ctx.recipe
+def ports(spec: TrainStageSpec) -> dict[str, Port]:
+    """tokenizer, the data (`data`, or `data.NAME` per artifact of a mixture) and `init`, the
+    model it starts from (unwired: fresh weights)."""
+    data = {key: Port("samples") for key in data_inputs(spec)}
+    return {"tokenizer": Port("tokenizer"), **data, "init": Port("model", optional=True)}
+
+
+def plan_step(step: object, ctx: object) -> dict:
+    """`vlmflow plan`'s details of a training step (components/train/plan.py, imported on use)."""
+    from vlmflow.components.train.plan import plan_step as plan
+
+    return plan(step, ctx)
+
+
+def run(ctx: StageContext) -> StageResult:
+    recipe, spec, field, register = ctx.recipe, ctx.config, ctx.field, ctx.register
     where = f"{field[0]}[{field[1]}] ({spec.name})"  # stages[1] (captioner), stages[1] (captioner-r2)
     indexes = {name: build_index(ctx.inputs[key].path, ctx.store.root) for key, name in data_inputs(spec).items()}
     parts = mixture_rows(indexes, spec)
@@ -173,7 +146,7 @@ def run(ctx: StageContext, spec: TrainStageSpec, field: tuple, register: bool) -
     used = mixture.used_positions(resolved, recipe.seed, spec.batch_size, config.total_steps)
     unused = accounting(indexes, table, used, sources_read(spec))
     unused.write_parquet(ctx.out / "unused.parquet")
-    fit(config, recipe, f"{stage_name(spec)}-{ctx.digest[:12]}", ctx.out / "ray")
+    fit(config, recipe, f"{ctx.name}-{ctx.digest[:12]}", ctx.out / "ray")
     metrics = summarise(ctx.out) | mixture_metrics(resolved) | memory_of(ctx.out)
     held_out = pl.concat(list(indexes.values())).unique("key", keep="first", maintain_order=True)
     metrics.update(held_out_checks(ctx.out, held_out, spec, config, ctx.store.root))
@@ -335,3 +308,15 @@ def held_out_checks(out: Path, index: pl.DataFrame, spec: TrainStageSpec, config
             positions = evaluate.held_out(caps, min(spec.eval_samples, 32))
             metrics.update(evaluate.caption_metrics(model, caps, positions, codec, image, spec.prompt))
     return metrics
+
+
+COMPONENT = Component(
+    name="train",
+    config=TrainStageSpec,
+    reads=ports,
+    writes="model",
+    run=run,
+    recipe_fields=("seed", "model", "runtime.train.num_workers", "runtime.train.use_gpu", "runtime.train.strategy"),
+    plan=plan_step,
+    description="a training stage: Ray Train over its data mixture, then held-out checks",
+)

@@ -1,5 +1,5 @@
-"""`vlmflow validate | plan | run | evaluate | refresh | schedule | deploy | lineage | status | ui | export | compare |
-mock-llm`. User mistakes print one clear message (exit 2), never a traceback."""
+"""`vlmflow recipes | validate | plan | run | evaluate | refresh | schedule | deploy | lineage | status | ui | export |
+compare | mock-llm`. User mistakes print one clear message (exit 2), never a traceback."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import click
+import yaml
 
 from vlmflow.errors import SpecError, UserError
+from vlmflow.recipes import builtin_recipes, describe, resolve_spec
 from vlmflow.specs import Recipe, load_recipe
 from vlmflow.specs.data import source_name
 
@@ -23,12 +25,21 @@ workdir_option = click.option(
 )
 
 
+class SpecPath(click.Path):
+    """A spec file, or the name of a built-in recipe (`vlmflow recipes`): the command gets the file's path."""
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        return super().convert(str(resolve_spec(os.fspath(value))), param, ctx)
+
+
 def _load(spec: str, overrides: tuple[str, ...]) -> Recipe:
     try:
-        return load_recipe(spec, overrides)
+        return load_recipe(resolve_spec(spec), overrides)
     except SpecError as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
+            if problem.message == "spec file not found":
+                click.echo("  SPEC: a recipe file or a built-in recipe's name (`vlmflow recipes` lists them)", err=True)
         sys.exit(2)
 
 
@@ -54,7 +65,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", type=SpecPath(dir_okay=False))
 @set_option
 def validate(spec: str, overrides: tuple[str, ...]) -> None:
     """Validate SPEC and print the resolved recipe summary (exit 2 on problems)."""
@@ -70,6 +81,15 @@ def validate(spec: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"  schedule: {recipe.schedule.describe() if recipe.schedule else 'none'}")
 
 
+@cli.command()
+def recipes() -> None:
+    """List the built-in recipes: `vlmflow run NAME` runs one (a tiny CPU twin: NAME-tiny)."""
+    found = builtin_recipes()
+    width = max(len(name) for name in found)
+    for name, path in sorted(found.items()):
+        click.echo(f"{name:<{width}}  {describe(path)}".rstrip())
+
+
 def _prefect_env(workdir: Path) -> None:
     """Prefect ephemeral by default, its database in the workdir; a server when PREFECT_API_URL is set."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -79,7 +99,7 @@ def _prefect_env(workdir: Path) -> None:
 
 
 @cli.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", type=SpecPath(dir_okay=False))
 @workdir_option
 @set_option
 def run(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
@@ -107,16 +127,23 @@ def run(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
 
 
 @cli.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", type=SpecPath(dir_okay=False))
 @workdir_option
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-def plan(spec: str, workdir: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
+@click.option("--pipeline", "as_pipeline", is_flag=True, help="print the recipe's graph as an explicit pipeline:")
+def plan(spec: str, workdir: Path | None, overrides: tuple[str, ...], as_json: bool, as_pipeline: bool) -> None:
     """Show what `run SPEC` would do, without running it: stages cached or to run, row counts,
     mixtures, steps, parameters, memory per worker and compute (exit 2 if a stage cannot fit)."""
     from vlmflow.plan import build_plan, check, render
 
     recipe = _load(spec, overrides)
+    if as_pipeline:
+        from vlmflow.pipeline import explicit_form, recipe_graph
+
+        steps = explicit_form(recipe_graph(recipe), recipe.spec_dir())
+        click.echo(yaml.safe_dump({"pipeline": steps}, sort_keys=False, width=100), nl=False)
+        return
     result = build_plan(recipe, _workdir(recipe, workdir))
     click.echo(json.dumps(result, indent=2) if as_json else render(result))
     _exit_on_plan_errors(spec, overrides, check(result))
@@ -206,7 +233,7 @@ def _print_versions(workdir: Path) -> None:
 
 
 @cli.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", type=SpecPath(dir_okay=False))
 @click.option("--model", "model", required=True, metavar="REF",
               help="models:/NAME/VERSION, a model folder, a stage or run folder, a run id or a checkpoint")  # fmt: skip
 @workdir_option
@@ -214,8 +241,6 @@ def _print_versions(workdir: Path) -> None:
 def evaluate(spec: str, model: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
     """Run the evaluate: section of SPEC on MODEL (not the recipe's training), tracked as a run."""
     recipe = _load(spec, overrides)
-    if not recipe.evaluate:
-        raise UserError(f"{spec}: the recipe has no evaluate: tasks")
     workdir = _workdir(recipe, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _prefect_env(workdir)
@@ -231,7 +256,7 @@ def evaluate(spec: str, model: str, workdir: Path | None, overrides: tuple[str, 
 
 
 @cli.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", type=SpecPath(dir_okay=False))
 @workdir_option
 @set_option
 def refresh(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
@@ -294,7 +319,7 @@ def _scheduled(spec: str, overrides: tuple[str, ...], workdir: Path | None) -> t
 
 
 @cli.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", type=SpecPath(dir_okay=False))
 @workdir_option
 @set_option
 def schedule(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
@@ -311,7 +336,7 @@ def schedule(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> Non
 
 
 @cli.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", type=SpecPath(dir_okay=False))
 @click.option("--pool", required=True, help="a Prefect work pool (e.g. prefect work-pool create NAME --type process)")
 @workdir_option
 @set_option

@@ -1,37 +1,28 @@
 """`vlmflow plan`: what a recipe will do and cost, before anything heavy runs.
 
-Walks the same stage graph `vlmflow run` executes and computes every stage's digest, so
-it knows what the artifact store already holds (cached) and what would run. Row counts
-come from cached artifacts, or are estimated from the sources' listings. Each training
-stage gets its mixture counts, steps, parameters per module (model built on the meta
-device), peak memory per worker (`vlmflow.models.estimate`) against the memory it may use,
-and FLOPs and time per step at a stated throughput. A stage that does not fit gets the
-changes that would make it fit, each with the memory it would need.
+Walks the same step graph `vlmflow run` executes and computes every step's digest, so it
+knows what the artifact store already holds (cached) and what would run. Row counts come from
+cached artifacts, or are estimated (a component's `rows_estimate`: ingest from the sources'
+listings). A component's `plan` hook adds its own details: a training step gets its mixture
+counts, steps, parameters, peak memory per worker against the memory it may use, and FLOPs and
+time per step (components/train/plan.py); a step that does not fit gets the changes that would
+make it fit.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import polars as pl
 import psutil
 import torch
-from tokenizers import Tokenizer
 
-from vlmflow.artifacts import ArtifactStore, stage_digest
-from vlmflow.components.ingest import plan_units
-from vlmflow.components.train import mixture
-from vlmflow.components.train.stage import stage_name, vocab_of
-from vlmflow.errors import UserError
-from vlmflow.graph import artifact_stage, recipe_graph
-from vlmflow.models.estimate import Trace, footprint, trace_stage
-from vlmflow.models.vision import image_spec
-from vlmflow.models.vlm import Vocab
-from vlmflow.specs.recipe import PretrainedTokenizer, Recipe
-from vlmflow.specs.train import LoraSpec, TrainStageSpec
+from vlmflow.artifacts import ArtifactStore
+from vlmflow.fingerprint import HashCache
+from vlmflow.pipeline import Step, graph_digests, recipe_graph
+from vlmflow.specs.recipe import Recipe
 
 GIB = float(1 << 30)
 # What a Ray Train CPU worker holds besides tensors: about 0.55 GiB resident when its loop
@@ -50,70 +41,69 @@ class PlanError(Exception):
         self.field, self.message = field, message
 
 
-def stage_digests(recipe: Recipe) -> dict[str, str]:
-    """Every stage's digest, in graph order (the artifact a run would reuse or build), computed
-    as `vlmflow run` does: from the stage's spec, its inputs' digests and its version."""
-    digests: dict[str, str] = {}
-    for node in recipe_graph(recipe):
-        stage = node.stage
-        inputs = [digests[node.inputs[k]] for k in sorted(node.inputs)]
-        digests[stage.name] = stage_digest(stage.name, stage.spec(recipe), inputs, stage.version)
-    return digests
+@dataclass
+class PlanContext:
+    """What a component's plan hooks see: the steps by name, their digests, the rows known or
+    estimated so far (by step), rows per data source (ingest fills it) and the device."""
+
+    recipe: Recipe
+    store: ArtifactStore
+    steps: dict[str, Step]
+    digests: dict[str, str]
+    device: dict
+    rows: dict[str, int | None] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)
+
+    def input_rows(self, step: Step) -> dict[str, int | None]:
+        """Rows of each input port, as known or estimated so far."""
+        return {port: self.rows.get(upstream) for port, upstream in step.inputs.items()}
+
+
+def file_hashes(store: ArtifactStore) -> HashCache:
+    """The content hashes of input files, kept in the workdir (a file seen before is not read again)."""
+    return HashCache(store.root / "_cache" / "file-hashes.sqlite")
 
 
 def build_plan(recipe: Recipe, workdir: Path) -> dict:
     store = ArtifactStore(workdir.resolve() / "artifacts")
+    steps = recipe_graph(recipe)
+    with file_hashes(store) as hashes:
+        digests = graph_digests(steps, recipe, hashes)
     device = device_of(recipe) | {"workers": workers_of(recipe)}
-    digests = stage_digests(recipe)
-    rows: dict[str, int | None] = {}
-    by_source = source_rows(recipe)
+    ctx = PlanContext(recipe, store, {s.name: s for s in steps}, digests, device)
     stages = []
-    graph = recipe_graph(recipe)
-    for node in graph:
-        stage = node.stage
-        digest = digests[stage.name]
-        entry: dict = {"stage": stage.name, "digest": digest, "inputs": dict(node.inputs)}
-        if store.is_complete(stage.name, digest):
-            stats = store.stats(stage.name, digest)
+    for step in steps:
+        digest = digests[step.name]
+        entry: dict = {
+            "stage": step.name,
+            "component": step.component.name,
+            "writes": step.writes,
+            "digest": digest,
+            "inputs": dict(step.inputs),
+        }
+        estimate = rows_estimate(step, ctx)  # also for a cached ingest: it fills the rows per source
+        if store.is_complete(step.name, digest):
+            stats = store.stats(step.name, digest)
             entry.update(status="cached", rows_in=stats["rows_in"], rows_out=stats["rows_out"], rows_exact=True)
+            ctx.rows[step.name] = stats["rows_out"]
         else:
-            estimate = _rows_in(recipe, stage.name, node.inputs, rows, by_source)
-            entry.update(status="runs", rows_in=estimate, rows_exact=False)
-            entry["rows_out"] = entry["rows_in"] if stage.name in ("ingest", "instruct") else None
-        rows[stage.name] = entry["rows_out"] if entry["rows_out"] is not None else entry["rows_in"]
-        if stage.name.startswith("capfilt-filter") and entry["status"] == "runs":
-            rows[stage.name] = rows.get(node.inputs["data"])  # its images (at most its input's): pairs are rows_in
+            entry.update(status="runs", rows_in=estimate[0], rows_out=estimate[1], rows_exact=False)
+            ctx.rows[step.name] = estimate[1] if estimate[1] is not None else estimate[0]
         stages.append(entry)
-    for node, entry in zip(graph, stages, strict=True):
-        if node.train is not None:
-            entry["train"] = train_plan(recipe, node.train, node.field, store, digests, rows, device, by_source)
+    for step, entry in zip(steps, stages, strict=True):
+        if step.component.plan is not None:
+            entry[step.component.name] = step.component.plan(step, ctx)
     return {"recipe": recipe.name, "workdir": str(workdir.resolve()), "device": device, "stages": stages}
 
 
-def source_rows(recipe: Recipe) -> dict[str, int]:
-    """Rows per data source from the sources' listings (before splits and filters)."""
-    found: dict[str, int] = {}
-    for _, ctx, unit in plan_units(recipe):
-        found[ctx.name] = found.get(ctx.name, 0) + unit.rows
-    return found
-
-
-def _rows_in(recipe: Recipe, name: str, inputs: dict[str, str], rows: dict, by_source: dict) -> int | None:
-    """A stage's input rows, estimated: what `rows_in` of its run counts (CapFilt: the images of
-    its sources it captions; the pairs, web and k synthetic per image, it judges)."""
-    if name == "ingest":
-        return sum(by_source.values())
-    if name == "tokenizer":
-        return None  # texts, known once listed
-    if name.startswith("capfilt-"):
-        spec = recipe.capfilt
-        scope = sum(by_source.get(s, 0) for s in spec.sources) if spec.sources else rows.get(inputs["data"])
-        per_image = 1 + (spec.captioner.k if spec.captioner and "captions" in inputs else 0)
-        return None if scope is None else scope * (1 if name.startswith("capfilt-caption") else per_image)
-    data = [rows.get(up) for key, up in inputs.items() if key not in ("tokenizer", "init")]
-    if not name.startswith("train-"):
-        data = [rows.get(inputs["data"])] if "data" in inputs else data[-1:]  # the most processed artifact
-    return sum(data) if data and None not in data else None
+def rows_estimate(step: Step, ctx: PlanContext) -> tuple[int | None, int | None]:
+    """(rows in, rows out) before the step runs: its component's estimate, else the rows of its
+    sample inputs in and nothing said of what comes out."""
+    if step.component.rows_estimate is not None:
+        return step.component.rows_estimate(step, ctx)
+    ports = step.component.ports(step.config)
+    counts = [ctx.rows.get(up) for port, up in step.inputs.items() if ports[port].type == "samples"]
+    return (sum(counts) if counts and None not in counts else None), None
 
 
 def device_of(recipe: Recipe) -> dict:
@@ -170,150 +160,11 @@ def cpu_tflops(threads: int, seconds: float = 0.2) -> float:
         torch.set_num_threads(before)
 
 
-def plan_vocab(recipe: Recipe, store: ArtifactStore, digests: dict[str, str]) -> tuple[Vocab, str]:
-    """The tokenizer's vocabulary: exact once the tokenizer stage is cached, else from the spec."""
-    spec = recipe.tokenizer
-    if store.is_complete("tokenizer", digests["tokenizer"]):
-        vocab = vocab_of(store.path("tokenizer", digests["tokenizer"]))
-        return Vocab(vocab["size"], vocab["special"]), "tokenizer stage"
-    if isinstance(spec, PretrainedTokenizer):
-        file = spec.path / "tokenizer.json" if spec.path.is_dir() else spec.path
-        if file.is_file():
-            size, source = Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True), str(file)
-        else:
-            config = (
-                json.loads((spec.path / "config.json").read_text()) if (spec.path / "config.json").is_file() else {}
-            )
-            size, source = config.get("vocab_size", 32000), "language config" if config else "assumed 32000"
-        size += len(spec.special_tokens)
-    else:
-        size, source = spec.vocab_size, "tokenizer.vocab_size"
-    special = {token: size - len(spec.special_tokens) + i for i, token in enumerate(spec.special_tokens)}
-    return Vocab(size, special), source
-
-
-def train_plan(
-    recipe: Recipe,
-    spec: TrainStageSpec,
-    field: tuple,
-    store: ArtifactStore,
-    digests: dict,
-    rows: dict,
-    device: dict,
-    by_source: dict,
-) -> dict:
-    """`field` (stages, N): where the stage's settings are (a CapFilt round's stage inherits its stage's)."""
-    train = recipe.runtime.train
-    out: dict = {"field": list(field)}
-    mixed = _mixture(recipe, spec, field, store, digests, rows, by_source)
-    out["mixture"], out["mixture_source"], out["problem"] = mixed
-    try:
-        vocab, out["vocab_source"] = plan_vocab(recipe, store, digests)
-        image = image_spec(recipe.model.vision)["size"]
-        trace = trace_stage(recipe.model, vocab, spec, image, spec.micro_batch_size)
-    except UserError as exc:  # a local model folder that is not there (yet): no shapes to go on
-        out["unknown"] = str(exc)
-        return out
-    out["vocab"], out["trace"] = vocab.size, trace.as_dict()
-    per_epoch = sum(out["mixture"]["counts"]) if out["mixture"] else None
-    out["steps"] = spec.max_steps or (spec.epochs * (per_epoch // spec.batch_size) if per_epoch else None)
-    accumulation = spec.batch_size // (train.num_workers * spec.micro_batch_size)
-    out["accumulation"] = accumulation
-    out["flops_per_step"] = trace.flops * accumulation * train.num_workers
-    seconds = trace.flops * accumulation / (device["tflops_per_worker"] * 1e12)
-    out["seconds_per_step"] = seconds
-    out["hours"] = seconds * out["steps"] / 3600 if out["steps"] else None
-    need = memory_need(trace, spec, recipe, device)
-    out["memory"] = need
-    limit = device["memory_per_worker_gb"]
-    out["fits"] = None if limit is None else need["total_gb"] <= limit
-    if out["fits"] is False:
-        out["fixes"] = fixes(recipe, spec, vocab, image, trace, device)
-    return out
-
-
-def memory_need(trace: Trace, spec: TrainStageSpec, recipe: Recipe, device: dict, **change) -> dict:
-    train = recipe.runtime.train
-    micro = change.get("micro", spec.micro_batch_size)
-    parts = footprint(
-        trace,
-        change.get("precision", spec.precision),
-        change.get("strategy", train.strategy),
-        train.num_workers,
-        micro,
-        spec.batch_size // (train.num_workers * micro),
-    ).as_dict()
-    gb = {f"{k}_gb": v / GIB for k, v in parts.items() if k != "total"}
-    gb["runtime_gb"] = device["runtime_overhead_gb"]
-    gb["total_gb"] = parts["total"] / GIB + device["runtime_overhead_gb"]
-    return gb
-
-
-def fixes(recipe: Recipe, spec: TrainStageSpec, vocab: Vocab, image: int, trace: Trace, device: dict) -> list[dict]:
-    """Changes that bring the stage under its memory, smallest change first, each with its need."""
-    train = recipe.runtime.train
-    limit = device["memory_per_worker_gb"]
-    found = []
-    per_worker = spec.batch_size // train.num_workers
-    for micro in sorted((m for m in range(1, spec.micro_batch_size) if per_worker % m == 0), reverse=True):
-        need = memory_need(trace, spec, recipe, device, micro=micro)["total_gb"]
-        if need <= limit:
-            found.append({"change": f"micro_batch_size: {micro} (accumulate {per_worker // micro})", "need_gb": need})
-            break
-    if train.strategy == "ddp" and train.num_workers > 1:
-        need = memory_need(trace, spec, recipe, device, strategy="fsdp")["total_gb"]
-        found.append({"change": "runtime.train.strategy: fsdp", "need_gb": need})
-    variants = []
-    if spec.lora is None and "language" in spec.trainable:
-        trainable = [p for p in spec.trainable if p != "language"] or ["connector"]
-        variants.append(("lora: {module: language} (language frozen)", {"lora": LoraSpec(), "trainable": trainable}))
-    for part in spec.trainable if len(spec.trainable) > 1 else []:
-        variants.append((f"trainable without {part}", {"trainable": [p for p in spec.trainable if p != part]}))
-    for label, update in variants:
-        variant = spec.model_copy(update=update)
-        traced = trace_stage(recipe.model, vocab, variant, image, spec.micro_batch_size)
-        found.append({"change": label, "need_gb": memory_need(traced, variant, recipe, device)["total_gb"]})
-    for fix in found:
-        fix["fits"] = fix["need_gb"] <= limit
-    return sorted(found, key=lambda f: (not f["fits"], f["need_gb"]))
-
-
-def _mixture(
-    recipe: Recipe, spec: TrainStageSpec, field: tuple, store: ArtifactStore, digests: dict, rows: dict, by_source: dict
-):
-    """(resolved counts, where they come from, a located problem or None)."""
-    name = stage_name(spec)
-    resolved = store.path(name, digests[name]) / "mixture.json"
-    if store.is_complete(name, digests[name]) and resolved.is_file():
-        return json.loads(resolved.read_text()), "stage artifact", None
-    available, source = [], "artifact manifests (train split)"
-    for component in spec.components():
-        artifact = artifact_stage(component.data, recipe)
-        if store.is_complete(artifact, digests[artifact]):
-            manifest = pl.read_parquet(
-                store.path(artifact, digests[artifact]) / "manifest.parquet", columns=["split", "source"]
-            )
-            train = manifest.filter(pl.col("split") == "train")
-            if component.sources is not None:
-                train = train.filter(pl.col("source").is_in(component.sources))
-            available.append(train.height)
-        elif rows.get(artifact) is not None:
-            subset = sum(by_source.get(s, 0) for s in component.sources) if component.sources else None
-            available.append(rows[artifact] if subset is None else min(subset, rows[artifact]))
-            source = "estimated from the sources (all rows, before splits and filters)"
-        else:
-            return None, "unknown until the data stages run", None
-    try:
-        return mixture.resolve(spec, available).as_dict(), source, None
-    except mixture.MixtureError as exc:
-        return None, source, {"field": [*field, *exc.field], "message": exc.message}
-
-
 def check(plan: dict, running: bool = False) -> list[PlanError]:
     """Stages that cannot run as declared (memory, mixtures) as located errors; when `running`,
     also training workers a local Ray could never place (the stage would wait for ever)."""
     errors = []
-    workers, has_training = plan["device"]["workers"], any("train" in e for e in plan["stages"])
+    workers, has_training = plan["device"]["workers"], any(e["writes"] == "model" for e in plan["stages"])
     if running and has_training and workers["local"] is not None:
         short = {k: v for k, v in workers["needs"].items() if v > workers["local"][k]}
         if short:
@@ -353,7 +204,7 @@ def render(plan: dict) -> str:
         f"{device['tflops_per_worker']:.3g} TFLOP/s per worker ({device['tflops_source']})",
         _workers_line(device["workers"]),
         "",
-        f"{'stage':<22} {'status':<7} {'rows in':>10} {'rows out':>10}  digest            inputs",
+        f"{'stage':<22} {'component':<16} {'status':<7} {'rows in':>10} {'rows out':>10}  digest            inputs",
     ]
     for entry in plan["stages"]:
         mark = "" if entry["rows_exact"] else "~"
@@ -361,7 +212,8 @@ def render(plan: dict) -> str:
         rows_out = "-" if entry["rows_out"] is None else f"{mark}{entry['rows_out']}"
         inputs = ", ".join(f"{k}<-{v}" if k != v else k for k, v in entry["inputs"].items())
         lines.append(
-            f"{entry['stage']:<22} {entry['status']:<7} {rows_in:>10} {rows_out:>10}  {entry['digest']}  {inputs}"
+            f"{entry['stage']:<22} {entry['component']:<16} {entry['status']:<7} {rows_in:>10} {rows_out:>10}  "
+            f"{entry['digest']}  {inputs}"
         )
     for entry in plan["stages"]:
         if "train" in entry:

@@ -1,14 +1,21 @@
-"""The stage contract every component implements, and the data a stage hands on."""
+"""The stage contract every component implements, the data a stage hands on, and `run_stage`:
+the one place a step's artifact is reused or built (the Prefect task, tests and benchmarks
+call it)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vlmflow.artifacts import ArtifactStore
-from vlmflow.specs.recipe import Recipe
+from vlmflow.artifacts import ArtifactStore, file_lock
+
+if TYPE_CHECKING:
+    from vlmflow.pipeline import Step
+
+log = logging.getLogger("vlmflow")
 
 
 @dataclass(frozen=True)
@@ -23,12 +30,20 @@ class StageOutput:
 
 @dataclass
 class StageContext:
-    recipe: Recipe
+    """What a component's run function gets: `config` is the step's typed config, `inputs` the
+    upstream artifacts by port, `out` the build folder (DIGEST.partial, committed as DIGEST when
+    run returns); `recipe` carries the settings every step shares (seed, model, runtime)."""
+
+    recipe: Any
     store: ArtifactStore
-    out: Path  # the build folder (DIGEST.partial); committed as DIGEST when run returns
+    out: Path
     digest: str
     inputs: dict[str, StageOutput]
     progress: str = "auto"
+    config: Any = None
+    name: str = ""
+    field: tuple = ()  # where the spec declares the step (or the settings it runs with)
+    register: bool = False  # the run registers the model this step writes
 
 
 @dataclass
@@ -54,12 +69,25 @@ class StageResult:
         }
 
 
-@dataclass(frozen=True)
-class Stage:
-    """name: artifact folder and MLflow child-run name; version: bump when output changes;
-    spec: the part of the recipe the output depends on (JSON-able); run: does the work."""
-
-    name: str
-    version: str
-    spec: Callable[[Recipe], Any]
-    run: Callable[[StageContext], StageResult]
+def run_stage(
+    step: Step, digest: str, inputs: dict[str, StageOutput], recipe: Any, store: ArtifactStore, progress: str = "auto"
+) -> tuple[str, dict]:
+    """Reuse the step's artifact (`cached`) or build and commit it (`computed`): (status, stats).
+    A lock per artifact makes a second run at the same time wait and then find it cached."""
+    with file_lock(store.root / step.name / f"{digest}.lock"):
+        if store.is_complete(step.name, digest):
+            log.info("%s: cached (%s)", step.name, digest)
+            return "cached", store.stats(step.name, digest)
+        started = time.monotonic()
+        ctx = StageContext(
+            recipe, store, store.partial(step.name, digest), digest, inputs, progress,
+            step.config, step.name, step.field, step.register,
+        )  # fmt: skip
+        result = step.component.run(ctx)
+        stats = result.stats(time.monotonic() - started)
+        store.commit(step.name, digest, stats)
+    log.info(
+        "%s: computed %d -> %d rows (%d %s) in %.1fs",
+        step.name, stats["rows_in"], stats["rows_out"], stats["rows_quarantined"], stats["set_aside"], stats["seconds"],
+    )  # fmt: skip
+    return "computed", stats

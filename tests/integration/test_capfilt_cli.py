@@ -21,9 +21,9 @@ from test_recipe_cli import stages, summary_of, vlmflow
 from tests.hf_blip import write_blip
 from tests.tiny_vlm import write_model
 from vlmflow.artifacts import ArtifactStore, file_sha256
-from vlmflow.components.capfilt import stage as capfilt
 from vlmflow.components.capfilt.stage import calibrated_threshold
 from vlmflow.components.train.data import build_index
+from vlmflow.pipeline import recipe_graph
 from vlmflow.runtime.ray import init_ray
 from vlmflow.specs.loader import load_recipe
 from vlmflow.stage import StageContext, StageOutput
@@ -117,7 +117,7 @@ def test_capfilt_accounts_for_every_pair_and_logs_its_report(run):
     } <= logged
 
 
-def _rerun(workdir: Path, summary: dict, stage, recipe, out: Path, kill: bool) -> float | None:
+def _rerun(workdir: Path, summary: dict, name: str, recipe, out: Path, kill: bool) -> float | None:
     """Run one CapFilt stage in process into `out`; with `kill`, SIGKILL one of its Ray Data
     actors once it has answered a batch. Returns when the kill happened (None: no kill)."""
     by_name = stages(summary)
@@ -126,7 +126,10 @@ def _rerun(workdir: Path, summary: dict, stage, recipe, out: Path, kill: bool) -
         for key, up in {"data": "ingest", "captions": "capfilt-caption"}.items()
     }
     out.mkdir(parents=True)
-    ctx = StageContext(recipe, ArtifactStore(workdir / "artifacts"), out, "rerun", inputs, "log")
+    step = {s.name: s for s in recipe_graph(recipe)}[name]
+    inputs = {port: output for port, output in inputs.items() if port in step.inputs}
+    store = ArtifactStore(workdir / "artifacts")
+    ctx = StageContext(recipe, store, out, "rerun", inputs, "log", step.config, step.name, step.field)
     killed: list[float] = []
     done = threading.Event()
 
@@ -143,7 +146,7 @@ def _rerun(workdir: Path, summary: dict, stage, recipe, out: Path, kill: bool) -
     if kill:
         thread.start()
     try:
-        stage.run(ctx)
+        step.component.run(ctx)
     finally:
         finished = time.monotonic()
         done.set()
@@ -161,8 +164,8 @@ def test_a_killed_actor_changes_no_byte_of_captions_or_filtered_shards(run, tmp_
     recipe = load_recipe(spec)
     init_ray(recipe.runtime.ray)
     try:
-        _rerun(workdir, summary, capfilt.CAPTION_STAGE, recipe, tmp_path / "caption", kill=True)
-        _rerun(workdir, summary, capfilt.FILTER_STAGE, recipe, tmp_path / "filter", kill=True)
+        _rerun(workdir, summary, "capfilt-caption", recipe, tmp_path / "caption", kill=True)
+        _rerun(workdir, summary, "capfilt-filter", recipe, tmp_path / "filter", kill=True)
     finally:
         ray.shutdown()
     reference = Path(by_name["capfilt-caption"]["artifact_path"])

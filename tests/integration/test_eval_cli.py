@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from test_recipe_cli import stages, summary_of, vlmflow
 
 from vlmflow.artifacts import ArtifactStore
-from vlmflow.components.evaluate import stage as evaluate
+from vlmflow.pipeline import recipe_graph
 from vlmflow.runtime.ray import init_ray
 from vlmflow.specs import load_recipe
 from vlmflow.stage import StageContext, StageOutput
@@ -92,7 +92,9 @@ def _check_a_killed_actor_changes_no_prediction(workdir: Path, summary: dict) ->
     }
     out = workdir / "killed-eval"
     out.mkdir()
-    ctx = StageContext(recipe, ArtifactStore(workdir / "artifacts"), out, "rerun", inputs, "log")
+    step = {s.name: s for s in recipe_graph(recipe)}[f"eval-{recipe.evaluate[index].name}"]
+    store = ArtifactStore(workdir / "artifacts")
+    ctx = StageContext(recipe, store, out, "rerun", inputs, "log", step.config, step.name, step.field)
     killed: list[float] = []
     done = threading.Event()
 
@@ -109,7 +111,7 @@ def _check_a_killed_actor_changes_no_prediction(workdir: Path, summary: dict) ->
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        evaluate.stage_for(recipe, index).run(ctx)
+        step.component.run(ctx)
     finally:
         finished = time.monotonic()
         done.set()

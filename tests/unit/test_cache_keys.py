@@ -1,11 +1,12 @@
 """Cache correctness: which stages a change invalidates, through the digests `vlmflow plan` computes.
 
-A stage's artifact is keyed by hash(stage spec, input digests, version). Changing one field of
-a stage's spec, or one of its input files, must change the digest of exactly that stage and of
-every stage downstream of it; an operational knob (runtime.*, actors, partitions), a field of a
-later stage or a default written out must change none. Nothing runs: the digests come from
-`vlmflow.plan.stage_digests`, the function `plan` (and, through the same graph and stage specs,
-`run`) uses. The expected graph is written out below, independently of `recipe_graph`.
+A step's artifact is keyed by hash(component, config without operational fields, declared
+recipe settings, input digests by port, component code). Changing one field of a stage's spec,
+or one of its input files, must change the digest of exactly that stage and of every stage
+downstream of it; an operational knob (runtime.*, actors, partitions), a field of a later stage
+or a default written out must change none. Nothing runs: the digests come from
+`vlmflow.pipeline.graph_digests` over `recipe_graph`, what `plan` (and `run`) uses. The expected
+graph is written out below, independently of `recipe_graph`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import yaml
 from PIL import Image
 
 from vlmflow.components.instruct.templates import DEFAULT_TEMPLATES
-from vlmflow.graph import recipe_graph
-from vlmflow.plan import stage_digests
+from vlmflow.pipeline import graph_digests, recipe_graph
 from vlmflow.specs import load_recipe
 
 RECIPE = """\
@@ -65,17 +65,19 @@ runtime:
   ray: {num_cpus: 2}
   train: {num_workers: 2}
 """
-# stage -> the stages it reads (written out by hand: the test's oracle, not recipe_graph)
-UPSTREAM = {
-    "ingest": set(),
-    "dedup": {"ingest"},
-    "tokenizer": {"ingest", "dedup"},
-    "instruct": {"ingest", "dedup"},
-    "train-align": {"tokenizer", "dedup"},
-    "train-tune": {"tokenizer", "instruct", "dedup", "train-align"},
-    "eval-vqa": {"train-tune", "dedup"},
-    "eval-coco": {"train-tune"},
+# step -> its input ports and the steps wired to them (written out by hand: the test's oracle,
+# not recipe_graph). tokenizer and instruct read the most processed data: dedup.
+INPUTS = {
+    "ingest": {},
+    "dedup": {"data": "ingest"},
+    "tokenizer": {"data": "dedup"},
+    "instruct": {"data": "dedup"},
+    "train-align": {"tokenizer": "tokenizer", "data": "dedup"},
+    "train-tune": {"tokenizer": "tokenizer", "data.instruct": "instruct", "data.dedup": "dedup", "init": "train-align"},
+    "eval-vqa": {"model": "train-tune", "data": "dedup"},
+    "eval-coco": {"model": "train-tune"},
 }
+UPSTREAM = {step: set(ports.values()) for step, ports in INPUTS.items()}
 
 
 def downstream(*roots: str) -> set[str]:
@@ -111,7 +113,8 @@ def spec(tmp_path: Path) -> Path:
 
 
 def digests(spec: Path, overrides: tuple[str, ...] = ()) -> dict[str, str]:
-    return stage_digests(load_recipe(spec, overrides))
+    recipe = load_recipe(spec, overrides)
+    return graph_digests(recipe_graph(recipe), recipe)
 
 
 def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
@@ -120,8 +123,8 @@ def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
 
 def test_the_graph_is_the_one_the_expectations_assume(spec):
     graph = recipe_graph(load_recipe(spec))
-    assert {node.stage.name: set(node.inputs.values()) for node in graph} == UPSTREAM
-    assert list(digests(spec)) == [node.stage.name for node in graph]
+    assert {step.name: step.inputs for step in graph} == INPUTS
+    assert list(digests(spec)) == [step.name for step in graph]
     assert digests(spec) == digests(spec)  # deterministic
 
 

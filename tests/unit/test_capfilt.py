@@ -22,14 +22,17 @@ from vlmflow.components.capfilt.stage import (
 )
 from vlmflow.components.sources.synthetic import describes, parse_caption
 from vlmflow.errors import SpecError
-from vlmflow.graph import recipe_graph
-from vlmflow.plan import stage_digests
+from vlmflow.pipeline import graph_digests, recipe_graph
 from vlmflow.specs import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 BLIP = REPO / "specs" / "recipes" / "blip-tiny.yaml"
 ONE_ROUND = ["capfilt.rounds=1", "capfilt.round_steps=null"]  # models given by path or uri are not retrained
 BOTH = "capfilt.retrain=[captioner, filter]"  # blip-tiny's rounds retrain the captioner only
+
+
+def digests_of(recipe) -> dict[str, str]:
+    return graph_digests(recipe_graph(recipe), recipe)
 
 
 def problems(overrides: list[str], spec: Path = BLIP) -> list[str]:
@@ -47,7 +50,7 @@ def line_of(needle: str, spec: Path = BLIP) -> int:
 
 def test_blip_tiny_bootstraps_in_the_order_blip_does():
     recipe = load_recipe(BLIP)
-    nodes = {n.stage.name: n.inputs for n in recipe_graph(recipe)}
+    nodes = {s.name: s.inputs for s in recipe_graph(recipe)}
     order = list(nodes)
     assert order.index("train-filter") < order.index("capfilt-caption") < order.index("capfilt-filter")
     assert order.index("capfilt-filter-r3") == order.index("train-retrain") - 1  # its third round
@@ -257,7 +260,7 @@ def test_ranking_auc_of_the_filter_scores():
 def test_rounds_retrain_the_models_on_the_previous_round_and_judge_the_input_again():
     one = load_recipe(BLIP, ONE_ROUND)
     three = load_recipe(BLIP, ["capfilt.rounds=3", "capfilt.round_steps=50", BOTH])
-    nodes = {n.stage.name: n for n in recipe_graph(three)}
+    nodes = {s.name: s for s in recipe_graph(three)}
     order = list(nodes)
     tail = order[order.index("capfilt-filter") + 1 : order.index("train-retrain")]
     assert tail == ["train-captioner-r2", "train-filter-r2", "capfilt-caption-r2", "capfilt-filter-r2",
@@ -267,7 +270,7 @@ def test_rounds_retrain_the_models_on_the_previous_round_and_judge_the_input_aga
     assert nodes["capfilt-caption-r2"].inputs == {"data": "dedup", "captioner": "train-captioner-r2"}
     assert nodes["capfilt-filter-r3"].inputs["filter"] == "train-filter-r3"
     assert nodes["train-retrain"].inputs["data"] == "capfilt-filter-r3"  # the capfilt artifact: the last round
-    retrained = nodes["train-captioner-r2"].train
+    retrained = nodes["train-captioner-r2"].config
     captioner = one.stages[1]
     assert (retrained.name, retrained.data, retrained.init_from, retrained.max_steps) == (
         "captioner-r2",
@@ -278,7 +281,7 @@ def test_rounds_retrain_the_models_on_the_previous_round_and_judge_the_input_aga
     assert retrained.objectives == captioner.objectives and retrained.trainable == captioner.trainable
     assert nodes["train-captioner-r2"].field == ("stages", 1)  # its settings are stages[1]'s
     # Round 1 does not depend on how many rounds follow: its artifacts stay cached.
-    before, after = stage_digests(one), stage_digests(three)
+    before, after = digests_of(one), digests_of(three)
     assert all(after[name] == before[name] for name in order[: order.index("capfilt-filter") + 1])
     assert len(set(after.values())) == len(after)
 
@@ -286,14 +289,14 @@ def test_rounds_retrain_the_models_on_the_previous_round_and_judge_the_input_aga
 def test_one_stage_as_captioner_and_filter_is_retrained_once_per_round():
     recipe = load_recipe(BLIP, ["capfilt.rounds=2", "capfilt.captioner.model.stage=pretrain",
                                 "capfilt.filter.model.stage=pretrain", BOTH])  # fmt: skip
-    names = [n.stage.name for n in recipe_graph(recipe)]
+    names = [s.name for s in recipe_graph(recipe)]
     assert [n for n in names if n.endswith("-r2")] == ["train-pretrain-r2", "capfilt-caption-r2", "capfilt-filter-r2"]
 
 
 def test_rounds_retraining_only_the_captioner_judge_every_round_with_the_round_one_filter():
     both = load_recipe(BLIP, ["capfilt.rounds=3", "capfilt.round_steps=50", BOTH])
     only = load_recipe(BLIP, ["capfilt.rounds=3", "capfilt.round_steps=50", "capfilt.retrain=[captioner]"])
-    nodes = {n.stage.name: n for n in recipe_graph(only)}
+    nodes = {s.name: s for s in recipe_graph(only)}
     assert [n for n in nodes if n.endswith(("-r2", "-r3"))] == [
         "train-captioner-r2", "capfilt-caption-r2", "capfilt-filter-r2",
         "train-captioner-r3", "capfilt-caption-r3", "capfilt-filter-r3",
@@ -305,27 +308,27 @@ def test_rounds_retraining_only_the_captioner_judge_every_round_with_the_round_o
         }  # fmt: skip
     # Up to round 2's captions the digests are those of retraining both: round 2's captioner trains
     # on round 1's output either way. From round 2's filter on, every artifact is another.
-    mine, theirs = stage_digests(only), stage_digests(both)
+    mine, theirs = digests_of(only), digests_of(both)
     assert mine["train-captioner-r2"] == theirs["train-captioner-r2"]
     assert mine["capfilt-caption-r2"] == theirs["capfilt-caption-r2"]
     assert mine["capfilt-filter"] == theirs["capfilt-filter"]
     for name in ("capfilt-filter-r2", "train-captioner-r3", "capfilt-caption-r3", "capfilt-filter-r3", "train-retrain"):
         assert mine[name] != theirs[name], name
     # The filter alone: every round captions with the round-1 captioner.
-    judge = {n.stage.name: n.inputs for n in recipe_graph(load_recipe(BLIP, ["capfilt.retrain=[filter]"]))}
+    judge = {s.name: s.inputs for s in recipe_graph(load_recipe(BLIP, ["capfilt.retrain=[filter]"]))}
     assert "train-captioner-r2" not in judge and judge["train-filter-r3"]["init"] == "train-filter-r2"
     assert judge["capfilt-caption-r3"]["captioner"] == "train-captioner"
     assert judge["capfilt-filter-r3"]["filter"] == "train-filter-r3"
     # Without a captioner the rounds retrain the filter (retrain's default: every model used).
     alone = load_recipe(BLIP, ["capfilt.captioner=null", "capfilt.apply_to=[web]", "capfilt.retrain=null"])
-    assert [n.stage.name for n in recipe_graph(alone) if n.stage.name.startswith("train-filter-")] == [
+    assert [s.name for s in recipe_graph(alone) if s.name.startswith("train-filter-")] == [
         "train-filter-r2", "train-filter-r3"
     ]  # fmt: skip
 
 
 def test_a_filter_given_by_uri_is_fine_when_the_rounds_retrain_only_the_captioner():
     recipe = load_recipe(BLIP, ["capfilt.filter.model={uri: models:/blip/3}", "capfilt.retrain=[captioner]"])
-    nodes = {n.stage.name: n.inputs for n in recipe_graph(recipe)}
+    nodes = {s.name: s.inputs for s in recipe_graph(recipe)}
     assert "filter" not in nodes["capfilt-filter-r3"]
     assert nodes["capfilt-caption-r3"]["captioner"] == "train-captioner-r3"
 

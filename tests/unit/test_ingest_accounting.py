@@ -47,7 +47,7 @@ def _corpus(folder, photos):
 def test_every_row_is_in_output_or_quarantine_with_its_reason(tmp_path, photos):
     rows_in = _corpus(tmp_path / "imgs", photos)
     recipe = _recipe(tmp_path, shard_size=4)
-    work = plan_units(recipe)
+    work = plan_units(recipe.data, recipe.seed)
     assert len(work) == 3
     out = tmp_path / "out"
     for item in work:
@@ -72,7 +72,7 @@ def test_every_row_is_in_output_or_quarantine_with_its_reason(tmp_path, photos):
 def test_shards_hold_the_original_bytes_and_the_manifest_matches(tmp_path, photos):
     _corpus(tmp_path / "imgs", photos)
     recipe = _recipe(tmp_path, shard_size=100)
-    (item,) = plan_units(recipe)
+    (item,) = plan_units(recipe.data, recipe.seed)
     out = tmp_path / "out"
     process_unit(item, list(recipe.data.filters), str(out), "ingest/x/shards")
     manifest = pl.read_parquet(next((out / "units").glob("*.manifest.parquet")))
@@ -92,7 +92,7 @@ def test_unit_rerun_writes_identical_bytes(tmp_path):
     digests = []
     for run in ("a", "b"):
         out = tmp_path / run
-        for item in plan_units(recipe):
+        for item in plan_units(recipe.data, recipe.seed):
             process_unit(item, list(recipe.data.filters), str(out), "ingest/x/shards")
         digests.append([p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()])
     assert digests[0] == digests[1]

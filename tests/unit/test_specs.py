@@ -264,7 +264,12 @@ data:
 
 def test_missing_top_level_field(tmp_path):
     problem = only_problem(write(tmp_path, "name: tiny\n"))
-    assert (problem.line, problem.col, problem.field, problem.message) == (1, 1, "data", "field required")
+    assert (problem.line, problem.col, problem.field, problem.message) == (
+        1,
+        1,
+        "data",
+        "field required (or a pipeline: of steps)",
+    )
 
 
 @pytest.mark.parametrize(

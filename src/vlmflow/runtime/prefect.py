@@ -2,9 +2,17 @@
 
 `RecipeRun` owns what spans the whole run: the workdir, the artifact store, Ray, the MLflow
 parent run and DIR/runs/RUN_ID/summary.json (rewritten after every stage, so a killed run
-still shows how far it got). `RecipeRun.stage` runs one stage as a Prefect task: it
-computes the stage's digest, reuses a finished artifact (`cached`) or builds it
-(`computed`), and records it in MLflow and the summary.
+still shows how far it got). `RecipeRun.run_graph` runs a graph of stages, each as a Prefect
+task, every stage as soon as its upstream stages have finished: independent stages run at the
+same time (threads of Prefect's task runner; Ray places their work by the resources each asks
+for). The graph's digests are computed once, before anything runs; `stage_task` reuses a
+finished artifact (`cached`) or builds it (`computed`) through `vlmflow.stage.run_stage`, and
+records it in MLflow and the summary.
+
+A failed stage stops its descendants only: they are recorded as `skipped` and never start;
+the other branches run to the end (their artifacts committed, so the next run reuses them),
+then the run fails with the first failure's exception. Stages record from several threads:
+the summary, summary.json and every MLflow call go through `RecipeRun._lock`.
 """
 
 from __future__ import annotations
@@ -12,8 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import secrets
-import time
+import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,11 +35,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from vlmflow import __version__
-from vlmflow.artifacts import ArtifactStore, atomic_write_text, digest_of, file_lock, stage_digest
+from vlmflow.artifacts import ArtifactStore, atomic_write_text, digest_of
+from vlmflow.fingerprint import HashCache, code_digest
+from vlmflow.pipeline import Step, graph_digests
 from vlmflow.runtime.environment import environment
 from vlmflow.runtime.ray import init_ray
 from vlmflow.specs.recipe import Recipe
-from vlmflow.stage import Stage, StageContext, StageOutput
+from vlmflow.stage import StageOutput, run_stage
 from vlmflow.tracking import Tracker, flatten, tracking_uri
 
 log = logging.getLogger("vlmflow")
@@ -37,6 +49,11 @@ log = logging.getLogger("vlmflow")
 
 def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def _now() -> str:
+    """A stage's `started` / `finished` in summary.json: ISO 8601, UTC, milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class RecipeRun:
@@ -73,6 +90,9 @@ class RecipeRun:
         }
         self.tracker: Tracker | None = None
         self.parent_run: str | None = None
+        # Stages finish on several threads: the summary, summary.json and the MLflow client
+        # (sqlite allows one writer) are used under this lock only.
+        self._lock = threading.RLock()
 
     def __enter__(self) -> RecipeRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -106,15 +126,16 @@ class RecipeRun:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         ok = exc_type is None
-        self.summary["status"] = "succeeded" if ok else "failed"
-        self.summary["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-        if exc is not None:
-            self.summary["error"] = str(exc)
-        self._save()
-        if self.tracker and self.parent_run:
-            self.tracker.log(self.parent_run, metrics=self._totals())
-            self.tracker.log_files(self.parent_run, [self.run_dir / "summary.json"])
-            self.tracker.finish(self.parent_run, ok)
+        with self._lock:
+            self.summary["status"] = "succeeded" if ok else "failed"
+            self.summary["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+            if exc is not None:
+                self.summary["error"] = str(exc)
+            self._save()
+            if self.tracker and self.parent_run:
+                self.tracker.log(self.parent_run, metrics=self._totals())
+                self.tracker.log_files(self.parent_run, [self.run_dir / "summary.json"])
+                self.tracker.finish(self.parent_run, ok)
         if ray.is_initialized():
             ray.shutdown()
 
@@ -136,24 +157,127 @@ class RecipeRun:
         }
 
     def _save(self) -> None:
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=2))
+        with self._lock:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=2))
 
-    def stage(self, stage: Stage, **inputs: StageOutput) -> StageOutput:
-        """Run (or reuse) one stage as a Prefect task named after it."""
-        runner = stage_task.with_options(name=stage.name, task_run_name=stage.name)
-        return runner(self, stage, inputs)
+    def run_graph(self, nodes: Sequence[Step], sequential: bool = False) -> dict[str, StageOutput]:
+        """Run a graph (nodes with `.inputs`: input name -> upstream node's name), each node as a
+        Prefect task submitted as soon as all its upstream nodes have finished, so independent
+        ones run at the same time; returns {name: StageOutput} of the nodes that finished, in
+        graph order. `sequential`: one node at a time, in graph order (as before; benchmarks).
 
-    def record(self, stage: Stage, digest: str, inputs: dict[str, StageOutput], status: str, stats: dict) -> str:
+        A node is submitted only with finished inputs (Prefect would hold a node whose upstream
+        future failed as NotReady): after a failure, its descendants are recorded as skipped
+        and never start; the other branches finish. Then the first failure's exception is raised.
+        summary.json lists the stages in completion order while the graph runs, in graph order
+        once it has settled."""
+        order = {node.name: i for i, node in enumerate(nodes)}
+        if len(order) != len(nodes):
+            raise ValueError(f"graph: a stage name appears twice in {[n.name for n in nodes]}")
+        for node in nodes:
+            unknown = sorted(set(node.inputs.values()) - order.keys())
+            if unknown:
+                raise ValueError(f"graph: {node.name} reads {', '.join(unknown)}, which is not in the graph")
+        with HashCache(self.store.root / "_cache" / "file-hashes.sqlite") as hashes:
+            self.digests = graph_digests(list(nodes), self.recipe, hashes)
+        with self._lock:
+            first_entry = len(self.summary["stages"])
+        waiting = list(nodes)  # graph order
+        running: dict[Any, str] = {}  # Prefect future -> node name
+        futures: dict[str, Any] = {}  # node name -> its finished future (Prefect's UI draws the edges)
+        settled: queue.Queue = queue.Queue()  # futures, as their task runs end
+        done: dict[str, StageOutput] = {}
+        failed: dict[str, str] = {}  # a failed or skipped node -> the failed stage that stopped it
+        errors: list[BaseException] = []
+        try:
+            while waiting or running:
+                for node in list(waiting):
+                    if sequential and running:
+                        break
+                    name, upstream = node.name, list(node.inputs.values())
+                    cause = next((failed[up] for up in upstream if up in failed), None)
+                    if cause is not None:
+                        waiting.remove(node)
+                        failed[name] = cause
+                        self.record_skipped(name, {k: done[up] for k, up in node.inputs.items() if up in done}, cause)
+                    elif all(up in done for up in upstream):
+                        waiting.remove(node)
+                        if running:
+                            log.info("%s: started, beside %s", name, ", ".join(sorted(running.values())))
+                        inputs = {key: done[up] for key, up in node.inputs.items()}
+                        future = self._submit(node, inputs, [futures[up] for up in dict.fromkeys(upstream)])
+                        running[future] = name
+                        future.add_done_callback(settled.put)
+                if not running:
+                    if waiting:  # nothing runs and nothing can start: a cycle
+                        raise ValueError(f"graph: {', '.join(n.name for n in waiting)} wait on each other")
+                    break
+                future = settled.get()
+                name = running.pop(future)
+                futures[name] = future
+                try:
+                    done[name] = future.result()
+                except BaseException as error:  # the stage's own exception (KeyboardInterrupt too)
+                    failed[name] = name
+                    errors.append(error)
+                    log.error("%s: failed (%s: %s)", name, type(error).__name__, error)
+        finally:
+            with self._lock:
+                self.summary["stages"][first_entry:] = sorted(
+                    self.summary["stages"][first_entry:], key=lambda entry: order.get(entry["name"], len(order))
+                )
+                self._save()
+        if errors:
+            raise errors[0]
+        return {name: done[name] for name in order if name in done}
+
+    def _submit(self, node: Any, inputs: dict[str, StageOutput], upstream: list[Any]) -> Any:
+        """The node's Prefect task, started on the flow's task runner (a thread); `upstream`: the
+        finished futures of the nodes it reads (only recorded: Prefect links the task runs)."""
+        name = node.name
+        runner = stage_task.with_options(name=name, task_run_name=name)
+        return runner.submit(self, node, self.digests[name], inputs, wait_for=upstream)
+
+    def record(
+        self,
+        stage: Step,
+        digest: str,
+        inputs: dict[str, StageOutput],
+        status: str,
+        stats: dict,
+        started: str | None = None,
+        error: str | None = None,
+    ) -> str:
+        """One stage's entry in summary.json and its MLflow child run. started: when it began, or
+        when it was found cached (then also its `finished`); finished: now."""
+        finished = started if status == "cached" and started else _now()
+        with self._lock:
+            return self._record(stage, digest, inputs, status, stats, started or finished, finished, error)
+
+    def _record(
+        self,
+        stage: Step,
+        digest: str,
+        inputs: dict[str, StageOutput],
+        status: str,
+        stats: dict,
+        started: str,
+        finished: str,
+        error: str | None,
+    ) -> str:
         assert self.tracker is not None and self.parent_run is not None
         path = self.store.path(stage.name, digest)
         entry = {
             "name": stage.name,
+            "component": stage.component.name,
             "status": status,
             "artifact_digest": digest,
             "artifact_path": str(path),
             "input_digests": {k: v.digest for k, v in inputs.items()},
             **{k: stats.get(k) for k in ("rows_in", "rows_out", "rows_quarantined", "seconds")},
             "set_aside": stats.get("set_aside", "quarantined"),
+            "started": started,
+            "finished": finished,
         }
         headline = {k: v for k, v in stats["metrics"].items() if k.startswith(("eval_", "first_loss", "final_loss"))}
         if headline:
@@ -164,19 +288,44 @@ class RecipeRun:
             "vlmflow.artifact_digest": digest,
             "vlmflow.artifact_path": str(path),
             "vlmflow.input_digests": json.dumps(entry["input_digests"], sort_keys=True),
-            "vlmflow.component_version": stage.version,
+            "vlmflow.component": stage.component.name,
+            "vlmflow.code_digest": code_digest(stage.component.modules)[:16],
         }
         rows = {k: float(stats.get(k) or 0) for k in ("rows_in", "rows_out", "rows_quarantined", "seconds")}
         seconds = stats.get("seconds") or 0.0
         rows["rows_per_s"] = rows["rows_in"] / seconds if seconds else 0.0
         metrics = {**rows, **self._planned(stage.name), **stats["metrics"]}
-        self.tracker.log(child, params=flatten(stage.spec(self.recipe)), tags=tags, metrics=metrics)
+        params = flatten(stage.component.dump(stage.config))
+        self.tracker.log(child, params=params, tags=tags, metrics=metrics)
         self._log_outputs(child, path, stats, status)
         self.tracker.finish(child, status != "failed")
         entry["mlflow_run_id"] = child
+        if error is not None:
+            entry["error"] = error
         self.summary["stages"].append(entry)
         self._save()
         return child
+
+    def record_skipped(self, name: str, inputs: dict[str, StageOutput], failed: str) -> None:
+        """A stage that never started because upstream stage `failed` failed (summary.json only:
+        it has no digest and no MLflow run). Its started and finished: when it was skipped."""
+        now = _now()
+        log.warning("%s: skipped (upstream %s failed)", name, failed)
+        entry = {
+            "name": name,
+            "status": "skipped",
+            "reason": f"upstream {failed} failed",
+            "artifact_digest": None,
+            "artifact_path": None,
+            "input_digests": {k: v.digest for k, v in inputs.items()},
+            **dict.fromkeys(("rows_in", "rows_out", "rows_quarantined"), None),
+            "seconds": 0.0,
+            "started": now,
+            "finished": now,
+        }
+        with self._lock:
+            self.summary["stages"].append(entry)
+            self._save()
 
     def _planned(self, name: str) -> dict[str, float]:
         """What the plan predicted for a training stage, beside what it measured (worker_rss_*)."""
@@ -201,42 +350,25 @@ class RecipeRun:
             version = self.tracker.register_model(child, model["name"], model["artifact_path"], model["tags"])
             self.summary.setdefault("registered_models", []).append({"name": model["name"], "version": version})
 
-    def record_failure(self, stage: Stage, digest: str, inputs: dict[str, StageOutput], error: BaseException) -> None:
+    def record_failure(
+        self,
+        stage: Step,
+        digest: str,
+        inputs: dict[str, StageOutput],
+        error: BaseException,
+        started: str | None = None,
+    ) -> None:
         stats = {"metrics": {}, "artifacts": [], "seconds": 0.0}
-        self.record(stage, digest, inputs, "failed", stats)
-        self.summary["stages"][-1]["error"] = f"{type(error).__name__}: {error}"
-        self._save()
+        self.record(stage, digest, inputs, "failed", stats, started, f"{type(error).__name__}: {error}")
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def stage_task(run: RecipeRun, stage: Stage, inputs: dict[str, StageOutput]) -> StageOutput:
-    store = run.store
-    digest = stage_digest(stage.name, stage.spec(run.recipe), [inputs[k].digest for k in sorted(inputs)], stage.version)
-    with file_lock(store.root / stage.name / f"{digest}.lock"):  # a second run then finds it cached
-        if store.is_complete(stage.name, digest):
-            status, stats = "cached", store.stats(stage.name, digest)
-            log.info("%s: cached (%s)", stage.name, digest)
-        else:
-            started = time.monotonic()
-            ctx = StageContext(
-                run.recipe, store, store.partial(stage.name, digest), digest, inputs, run.recipe.runtime.progress
-            )
-            try:
-                result = stage.run(ctx)
-            except BaseException as error:
-                run.record_failure(stage, digest, inputs, error)
-                raise
-            stats = result.stats(time.monotonic() - started)
-            store.commit(stage.name, digest, stats)
-            status = "computed"
-            log.info(
-                "%s: computed %d -> %d rows (%d %s) in %.1fs",
-                stage.name,
-                stats["rows_in"],
-                stats["rows_out"],
-                stats["rows_quarantined"],
-                stats["set_aside"],
-                stats["seconds"],
-            )
-    run.record(stage, digest, inputs, status, stats)
-    return StageOutput(stage.name, digest, store.path(stage.name, digest), stats)
+def stage_task(run: RecipeRun, step: Step, digest: str, inputs: dict[str, StageOutput]) -> StageOutput:
+    started = _now()  # summary.json's `started` (and a cached stage's `finished`)
+    try:
+        status, stats = run_stage(step, digest, inputs, run.recipe, run.store, run.recipe.runtime.progress)
+    except BaseException as error:
+        run.record_failure(step, digest, inputs, error, started)
+        raise
+    run.record(step, digest, inputs, status, stats, started)
+    return StageOutput(step.name, digest, run.store.path(step.name, digest), stats)

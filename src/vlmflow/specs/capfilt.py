@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from vlmflow.component import operational
 from vlmflow.specs.base import ExistingDir, StrictModel
 
 MODEL_CONFIG = "vlmflow_model.json"  # what a training stage's model/ folder holds (components/train/setup.py)
@@ -110,8 +111,8 @@ class FilterSpec(StrictModel):
 
 
 class CapfiltResources(StrictModel):
-    actors: int = Field(1, ge=1, description="Ray actors, each loading the model once")
-    cpus_per_actor: float = Field(1, gt=0)
+    actors: int = operational(1, ge=1, description="Ray actors, each loading the model once")
+    cpus_per_actor: float = operational(1, gt=0)
     gpus_per_actor: float = Field(0, ge=0)
     batch_size: int = Field(32, ge=1, description="images per batch")
 
@@ -193,3 +194,30 @@ class CapfiltSpec(StrictModel):
     def model_round(self, role: str, round_: int) -> int:
         """The round whose model `role` uses in round `round_`: its own when retrained, else round 1."""
         return round_ if role in self.retrained_roles() else 1
+
+
+class CaptionStepSpec(StrictModel):
+    """The `capfilt-caption` component's config: the captioner writes `captioner.k` captions per
+    image of the scope (the training rows of `sources`). Its model comes through the `captioner`
+    input (a training step) or from `captioner.model` (path: or uri:)."""
+
+    data: str = operational("dedup", description="what the input is called in messages")
+    sources: list[str] | None = Field(None, min_length=1, description="the web sources (default: all)")
+    captioner: CaptionerSpec
+    prompt: str | None = Field("Describe the image.", description="the captioning prompt (null: none, for BLIP)")
+    resources: CapfiltResources = Field(default_factory=CapfiltResources)
+    round: int = Field(1, ge=1, description="the bootstrap round (labels)")
+
+
+class FilterStepSpec(StrictModel):
+    """The `capfilt-filter` component's config: the filter judges the web captions and, from the
+    `captions` input, the synthetic ones; kept pairs make new shards (every image with at least
+    one kept caption; rows outside the scope pass unchanged)."""
+
+    data: str = operational("dedup", description="what the input is called in messages")
+    sources: list[str] | None = Field(None, min_length=1, description="the web sources (default: all)")
+    filter: FilterSpec
+    apply_to: list[Literal["web", "synthetic"]] = Field(default_factory=lambda: ["web", "synthetic"], min_length=1)
+    resources: CapfiltResources = Field(default_factory=CapfiltResources)
+    shard_size: int = Field(1000, ge=1, description="samples per output shard")
+    round: int = Field(1, ge=1, description="the bootstrap round (labels)")

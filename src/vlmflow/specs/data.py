@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from vlmflow.component import operational
 from vlmflow.specs.base import ExistingDir, ExistingFile, ExistingPath, StrictModel
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
@@ -126,13 +127,14 @@ class DedupSpec(StrictModel):
     max_color_difference: float = Field(
         6.0, ge=0.0, le=255.0, description="near duplicates also differ by at most this mean |RGB| on 8x8 thumbnails"
     )
-    partitions: int = Field(4, ge=1, le=4096, description="dask partitions for the join")
+    partitions: int = operational(4, ge=1, le=4096, description="dask partitions for the join (same output)")
 
 
-class DataSpec(StrictModel):
+class IngestSpec(StrictModel):
+    """The `ingest` component's config: sources read, checked and filtered into shards."""
+
     sources: list[Source] = Field(min_length=1)
     filters: list[Filter] = Field(default_factory=_default_filters)
-    dedup: DedupSpec | None = Field(default_factory=DedupSpec)
     shard_size: int = Field(1000, ge=1, description="samples per WebDataset shard")
 
     def source_names(self) -> list[str]:
@@ -140,7 +142,7 @@ class DataSpec(StrictModel):
         return [source_name(source, index) for index, source in enumerate(self.sources)]
 
     @model_validator(mode="after")
-    def _unique_names(self) -> DataSpec:
+    def _unique_names(self) -> IngestSpec:
         seen: set[str] = set()
         for index, source in enumerate(self.sources):
             name = source_name(source, index)
@@ -148,6 +150,15 @@ class DataSpec(StrictModel):
                 raise ValueError(f"two sources are named {name!r}; give each a unique name")
             seen.add(name)
         return self
+
+
+class DataSpec(IngestSpec):
+    """The concise form's data section: ingest, then dedup unless it is null."""
+
+    dedup: DedupSpec | None = Field(default_factory=DedupSpec)
+
+    def ingest(self) -> IngestSpec:
+        return IngestSpec(sources=list(self.sources), filters=list(self.filters), shard_size=self.shard_size)
 
 
 def source_name(source: SourceBase, index: int) -> str:

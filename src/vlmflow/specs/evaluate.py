@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
+from vlmflow.component import operational
 from vlmflow.specs.base import ExistingDir, ExistingFile, StrictModel
 from vlmflow.specs.data import NAME_PATTERN
 
@@ -78,10 +79,10 @@ class Generation(StrictModel):
 
 class TaskBase(StrictModel):
     name: str = Field(pattern=NAME_PATTERN, description="the stage is eval-NAME")
-    model: str | None = Field(None, description="a training stage; default: the last one")
+    model: str | None = operational(None, description="concise form: a training stage; default: the last one")
     samples: int = Field(128, ge=1, description="evaluate at most this many items (in dataset order)")
     batch_size: int = Field(16, ge=1, description="items per batch on an actor")
-    actors: int = Field(1, ge=1, description="Ray actors, each holding the model once")
+    actors: int = operational(1, ge=1, description="Ray actors, each holding the model once")
     gpus: float = Field(0, ge=0, le=8, description="GPUs per actor (0.5: two actors share one); > 0 runs on CUDA")
     examples: int = Field(8, ge=0, le=64, description="items rendered into examples.png")
 

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from vlmflow.component import is_operational, operational
 from vlmflow.specs.base import ExistingDir, StrictModel
 from vlmflow.specs.data import NAME_PATTERN
 
@@ -51,16 +52,16 @@ class OpenAICompatibleGenerator(StrictModel):
     seed: int | None = Field(None, description="sent to servers that support it")
     json_mode: bool = Field(False, description='send response_format {"type": "json_object"}')
     max_reasks: int = Field(2, ge=0, le=10, description="re-ask after an unusable reply, at most this many times")
-    # Operational knobs: they do not change what is generated, so they stay out of the digest.
-    concurrency: int = Field(16, ge=1, le=1024, description="requests in flight at most")
-    requests_per_minute: int | None = Field(None, ge=1)
-    tokens_per_minute: int | None = Field(None, ge=1)
-    max_retries: int = Field(6, ge=0, le=50, description="retries per request on 429 / 5xx / timeouts")
-    backoff_base_s: float = Field(0.5, gt=0.0, le=60.0)
-    backoff_max_s: float = Field(30.0, gt=0.0, le=600.0)
-    timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="per request")
-    price_per_1k_input: float = Field(0.0, ge=0.0, description="USD per 1000 prompt tokens (cost estimate)")
-    price_per_1k_output: float = Field(0.0, ge=0.0, description="USD per 1000 completion tokens (cost estimate)")
+    # Operational knobs: they do not change what is generated, so they stay out of the cache key.
+    concurrency: int = operational(16, ge=1, le=1024, description="requests in flight at most")
+    requests_per_minute: int | None = operational(None, ge=1)
+    tokens_per_minute: int | None = operational(None, ge=1)
+    max_retries: int = operational(6, ge=0, le=50, description="retries per request on 429 / 5xx / timeouts")
+    backoff_base_s: float = operational(0.5, gt=0.0, le=60.0)
+    backoff_max_s: float = operational(30.0, gt=0.0, le=600.0)
+    timeout_s: float = operational(60.0, gt=0.0, le=3600.0, description="per request")
+    price_per_1k_input: float = operational(0.0, ge=0.0, description="USD per 1000 prompt tokens (cost estimate)")
+    price_per_1k_output: float = operational(0.0, ge=0.0, description="USD per 1000 completion tokens (cost estimate)")
 
     @field_validator("base_url")
     @classmethod
@@ -70,17 +71,7 @@ class OpenAICompatibleGenerator(StrictModel):
         return value.rstrip("/")
 
 
-OPERATIONAL = (
-    "concurrency",
-    "requests_per_minute",
-    "tokens_per_minute",
-    "max_retries",
-    "backoff_base_s",
-    "backoff_max_s",
-    "timeout_s",
-    "price_per_1k_input",
-    "price_per_1k_output",
-)
+OPERATIONAL = tuple(n for n, f in OpenAICompatibleGenerator.model_fields.items() if is_operational(f))
 
 Generator = Annotated[OfflineGenerator | OpenAICompatibleGenerator, Field(discriminator="kind")]
 
@@ -89,7 +80,9 @@ class InstructSpec(StrictModel):
     """LLaVA-style instruction data from captions + boxes of the recipe's images."""
 
     generator: Generator = Field(default_factory=lambda: OfflineGenerator(kind="offline"))
-    input: Literal["auto", "ingest", "dedup"] = Field("auto", description="auto: dedup's rows when dedup runs")
+    input: Literal["auto", "ingest", "dedup"] = operational(
+        "auto", description="concise form: which data section it reads (auto: dedup's rows when dedup runs)"
+    )
     splits: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(
         default_factory=lambda: ["train"], min_length=1, description="only images of these splits get data"
     )
@@ -97,7 +90,9 @@ class InstructSpec(StrictModel):
         default_factory=lambda: dict(LLAVA_MIX), description="relative share of each task type (0 turns one off)"
     )
     limit: int | None = Field(None, ge=1, description="at most this many images")
-    templates: ExistingDir | None = Field(None, description="prompt templates folder; default: the built-in one")
+    templates: ExistingDir | None = operational(  # its content is in the cache key (instruct's fingerprint)
+        None, description="prompt templates folder; default: the built-in one"
+    )
     shard_size: int | None = Field(None, ge=1, description="samples per output shard; default: data.shard_size")
     export_images: bool = Field(False, description="also write images/KEY.EXT beside llava_instruct.json")
     sample_conversations: int = Field(20, ge=0, le=1000, description="conversations in the MLflow sample artifact")

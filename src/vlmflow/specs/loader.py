@@ -193,13 +193,28 @@ def validate(marked: Marked, spec_path: Path) -> Recipe:
             (source, line, col), dotted = locate(marked, loc, at_key, field_error)
             problems.append(SpecProblem(source, line, col, dotted, _message(err)))
         raise SpecError(_sorted(problems)) from None
+    recipe.with_context(context)
+    found = cross_checks(recipe)
+    if not found and recipe.pipeline is not None:
+        found = pipeline_problems(recipe)
     problems = []
-    for loc, message in cross_checks(recipe):
-        (source, line, col), dotted = locate(marked, loc, False, False)
+    for loc, message in found:
+        (source, line, col), dotted = locate(marked, loc, False, True)
         problems.append(SpecProblem(source, line, col, dotted, message))
     if problems:
         raise SpecError(_sorted(problems))
     return recipe
+
+
+def pipeline_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
+    """An explicit pipeline's problems: components, their configs and the wiring."""
+    from vlmflow.pipeline import GraphError, recipe_graph
+
+    try:
+        recipe_graph(recipe)
+    except GraphError as exc:
+        return exc.problems
+    return []
 
 
 def _sorted(problems: list[SpecProblem]) -> list[SpecProblem]:

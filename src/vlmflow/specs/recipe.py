@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from vlmflow.specs.base import SpecPath, StrictModel
 from vlmflow.specs.capfilt import HF_BLIP, CapfiltSpec, hf_architecture
@@ -12,6 +13,7 @@ from vlmflow.specs.data import DataSpec
 from vlmflow.specs.evaluate import GENERATIVE, EvalTask
 from vlmflow.specs.instruct import InstructSpec
 from vlmflow.specs.model import ModelSpec
+from vlmflow.specs.pipeline import StepSpec
 from vlmflow.specs.schedule import ScheduleSpec
 from vlmflow.specs.train import TrainRuntime, TrainStageSpec
 
@@ -62,13 +64,18 @@ class RuntimeSpec(StrictModel):
     progress: Literal["auto", "bar", "log"] = "auto"
 
 
+CONCISE_SECTIONS = ("data", "tokenizer", "instruct", "stages", "capfilt", "evaluate")
+
+
 class Recipe(StrictModel):
-    """A VLM recipe: data, tokenizer, model and training stages, run in this order."""
+    """A VLM recipe: its graph in the concise sections (data, tokenizer, instruct, stages,
+    capfilt, evaluate) or as an explicit `pipeline:`, plus what every step shares (seed, model,
+    runtime)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
     seed: int = 0
-    data: DataSpec
+    data: DataSpec | None = Field(None, description="the data sources, filters and dedup (concise form)")
     tokenizer: Tokenizer | None = None
     instruct: InstructSpec | None = Field(None, description="LLaVA-style synthetic instruction data (instruct stage)")
     model: ModelSpec | None = None
@@ -79,6 +86,21 @@ class Recipe(StrictModel):
     evaluate: list[EvalTask] = Field(default_factory=list, description="evaluation tasks, run after training")
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     schedule: ScheduleSpec | None = Field(None, description="when `vlmflow schedule` / `vlmflow deploy` run a flow")
+    pipeline: list[StepSpec] | None = Field(
+        None, description="the graph as explicit steps (uses, with, inputs), instead of the concise sections"
+    )
+    _context: dict[str, Any] = PrivateAttr(default_factory=dict)  # how the loader validated it: spec_dir, ...
+
+    def validation_context(self) -> dict[str, Any]:
+        return dict(self._context)
+
+    def with_context(self, context: dict[str, Any]) -> Recipe:
+        self._context = dict(context)
+        return self
+
+    def spec_dir(self) -> Path | None:
+        """The folder of the spec file: paths in cache keys are relative to it."""
+        return self._context.get("spec_dir")
 
     def data_artifacts(self) -> list[str]:
         """The data stages this recipe produces, which training stages may name as `data:`."""
@@ -93,6 +115,11 @@ OBJECTIVE_NEEDS = {"lm": "language", "itc": "text", "siglip": "text", "itm": "te
 def cross_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Problems between sections (field location, message); field-level checks live in the models."""
     problems: list[tuple[tuple, str]] = []
+    if recipe.pipeline is not None:
+        given = [s for s in CONCISE_SECTIONS if getattr(recipe, s)]
+        return [((s,), "pipeline: states the whole graph; move this section into a step") for s in given]
+    if recipe.data is None:
+        return [(("data",), "field required (or a pipeline: of steps)")]
     if recipe.stages and recipe.model is None:
         problems.append((("stages",), "training stages need a model: section"))
     if recipe.stages and recipe.tokenizer is None:

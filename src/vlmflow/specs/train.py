@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from vlmflow.component import operational
 from vlmflow.specs.base import StrictModel
 from vlmflow.specs.data import NAME_PATTERN
 
@@ -146,7 +147,9 @@ class TrainStageSpec(StrictModel):
         exclude_if=lambda p: p == 0,
     )
     precision: Literal["fp32", "bf16"] = "fp32"
-    init_from: str | None = Field("previous", description="previous (default), a stage name, or null for fresh")
+    init_from: str | None = operational(
+        "previous", description="concise form: previous (default), a stage name, or null for fresh"
+    )
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     eval_samples: int = Field(128, ge=0, description="held-out samples scored at the end of the stage")
 
