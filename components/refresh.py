@@ -79,11 +79,17 @@ def plan_units(
     for index, spec in enumerate(config.sources):
         ctx = SourceContext(source_name(spec, index), seed, config.shard_size)
         reader = SOURCES.get(spec.kind)
-        base = {"code": code, "seed": seed, "filters": digest_view(config.filters), "source": digest_view(spec)}
-        base = fingerprint_value(base, base_dir, hashes)
+        # the source's config as written (paths as names): what its rows read is hashed per unit below
+        base = {
+            "code": code,
+            "seed": seed,
+            "filters": digest_view(config.filters),
+            "source": spec.model_dump(mode="json"),
+        }
         if reader.items is None or reader.item_files is None:
+            files = fingerprint_value({k: v for k, v in spec if isinstance(v, Path)}, base_dir, hashes)
             for unit in reader.plan(spec, ctx):
-                digest = digest_of({**base, "payload": unit.payload})
+                digest = digest_of({**base, "files": files, "payload": unit.payload})
                 units.append(PlannedUnit(ctx.name, digest, (spec, ctx, unit)))
             continue
         items = reader.items(spec, ctx)

@@ -1,15 +1,17 @@
 """Shared by the instruct tests: a recipe with an `instruct:` section, an ingest artifact built
-in process (no Ray), and the instruct stage run into a fresh build folder."""
+in process (no Ray), and the instruct step run into a fresh build folder."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vlmflow.artifacts import ArtifactStore, stage_digest
+from vlmflow.artifacts import ArtifactStore
 from vlmflow.components import ingest
 from vlmflow.components.instruct import stage as instruct_stage
+from vlmflow.fingerprint import HashCache
+from vlmflow.pipeline import Step, step_digest
 from vlmflow.specs.recipe import Recipe
-from vlmflow.stage import StageContext, StageOutput, StageResult
+from vlmflow.stage import StageContext, StageOutput, StageResult, run_stage
 
 
 def make_recipe(spec_dir: Path, instruct: dict | None = None, sources: list | None = None, **data: object) -> Recipe:
@@ -31,28 +33,46 @@ def _serial(fn, units, *, desc, args=(), **_kw):
     return [fn(unit, *args) for unit in units]
 
 
+def _digest(step: Step, recipe: Recipe, inputs: dict[str, StageOutput]) -> str:
+    digests = {port: out.digest for port, out in inputs.items()}
+    return step_digest(step, recipe, digests, HashCache(None), recipe.spec_dir())
+
+
+def ingest_step(recipe: Recipe) -> Step:
+    return Step("ingest", ingest.COMPONENT, recipe.data.ingest(), {}, ("data",))
+
+
+def instruct_step(recipe: Recipe, upstream: str = "ingest") -> Step:
+    return Step("instruct", instruct_stage.COMPONENT, recipe.instruct, {"data": upstream}, ("instruct",))
+
+
 def run_ingest(store: ArtifactStore, recipe: Recipe, monkeypatch) -> StageOutput:
-    """The ingest stage, its Ray map replaced by a loop."""
+    """The ingest step, its Ray map replaced by a loop."""
     monkeypatch.setattr(ingest, "map_units", _serial)
-    digest = stage_digest("ingest", ingest.stage_spec(recipe), [], ingest.VERSION)
-    if not store.is_complete("ingest", digest):
-        ctx = StageContext(recipe, store, store.partial("ingest", digest), digest, {}, "log")
-        result = ingest.run(ctx)
-        store.commit("ingest", digest, result.stats(0.0))
-    return StageOutput("ingest", digest, store.path("ingest", digest), store.stats("ingest", digest))
+    step = ingest_step(recipe)
+    digest = _digest(step, recipe, {})
+    run_stage(step, digest, {}, recipe, store, "log")
+    return StageOutput(step.name, digest, store.path(step.name, digest), store.stats(step.name, digest))
 
 
 def instruct_context(store: ArtifactStore, recipe: Recipe, inputs: dict[str, StageOutput]) -> StageContext:
-    digest = stage_digest(
-        "instruct",
-        instruct_stage.stage_spec(recipe),
-        [inputs[k].digest for k in sorted(inputs)],
-        instruct_stage.VERSION,
-    )
-    return StageContext(recipe, store, store.partial("instruct", digest), digest, inputs, "log")
+    """The instruct step's context; `inputs` holds its one data input (under any name: it is
+    wired to the `data` port)."""
+    (upstream,) = inputs.values()
+    step = instruct_step(recipe, upstream.stage)
+    ports = {"data": upstream}
+    digest = _digest(step, recipe, ports)
+    out = store.partial(step.name, digest)
+    return StageContext(recipe, store, out, digest, ports, "log", step.config, step.name, step.field)
 
 
 def run_instruct(store: ArtifactStore, recipe: Recipe, inputs: dict[str, StageOutput]) -> tuple[Path, StageResult]:
     ctx = instruct_context(store, recipe, inputs)
     result = instruct_stage.run(ctx)
     return ctx.out, result
+
+
+def instruct_digest(recipe: Recipe, data_digest: str = "0" * 16) -> str:
+    """The instruct step's cache key over a data input of digest `data_digest` (files hashed afresh)."""
+    step = instruct_step(recipe)
+    return step_digest(step, recipe, {"data": data_digest}, HashCache(None), recipe.spec_dir())

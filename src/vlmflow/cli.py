@@ -71,13 +71,18 @@ def validate(spec: str, overrides: tuple[str, ...]) -> None:
     """Validate SPEC and print the resolved recipe summary (exit 2 on problems)."""
     recipe = _load(spec, overrides)
     click.echo(f"{spec}: ok: recipe {recipe.name!r} (seed {recipe.seed})")
-    for index, source in enumerate(recipe.data.sources):
-        click.echo(f"  source {source_name(source, index)}: {source.kind}, split {source.split}")
-    click.echo(f"  filters: {', '.join(f.kind for f in recipe.data.filters) or 'none'}")
-    dedup = recipe.data.dedup
-    click.echo(f"  dedup: {'off' if dedup is None else f'exact={dedup.exact} near={dedup.near}'}")
-    click.echo(f"  tokenizer: {recipe.tokenizer.kind if recipe.tokenizer else 'none'}")
-    click.echo(f"  shard size: {recipe.data.shard_size}")
+    if recipe.pipeline is not None:
+        for step in recipe.pipeline:
+            wired = ", ".join(f"{port}<-{up}" for port, up in step.inputs.items())
+            click.echo(f"  step {step.name}: {step.uses}" + (f" ({wired})" if wired else ""))
+    else:
+        for index, source in enumerate(recipe.data.sources):
+            click.echo(f"  source {source_name(source, index)}: {source.kind}, split {source.split}")
+        click.echo(f"  filters: {', '.join(f.kind for f in recipe.data.filters) or 'none'}")
+        dedup = recipe.data.dedup
+        click.echo(f"  dedup: {'off' if dedup is None else f'exact={dedup.exact} near={dedup.near}'}")
+        click.echo(f"  tokenizer: {recipe.tokenizer.kind if recipe.tokenizer else 'none'}")
+        click.echo(f"  shard size: {recipe.data.shard_size}")
     click.echo(f"  schedule: {recipe.schedule.describe() if recipe.schedule else 'none'}")
 
 

@@ -117,12 +117,21 @@ def load_components() -> None:
         if _loaded:
             return
         entries = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
-        values = [importlib.import_module(BUILTIN)] + [e.load() for e in entries if e.value != BUILTIN]
+        values = [importlib.import_module(BUILTIN)] + [_load(e) for e in entries if e.value != BUILTIN]
         for value in values:
             for item in _declared(value):
                 if item.name not in COMPONENTS.kinds() or COMPONENTS.get(item.name) is not item:
                     register(item)
         _loaded = True
+
+
+def _load(entry: importlib.metadata.EntryPoint) -> Any:
+    try:
+        return entry.load()
+    except Exception as exc:  # a broken plugin: say which, without a traceback
+        from vlmflow.errors import UserError
+
+        raise UserError(f"component plugin {entry.name} = {entry.value}: cannot load: {exc}") from None
 
 
 def _declared(value: Any) -> list[Component]:

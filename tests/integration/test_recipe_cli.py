@@ -63,7 +63,7 @@ def test_cold_run_computes_every_stage_and_accounts_for_rows(cold):
     for s in by_name.values():
         assert s["rows_in"] == s["rows_out"] + s["rows_quarantined"]
     assert by_name["ingest"]["rows_in"] == 512
-    assert by_name["dedup"]["input_digests"] == {"ingest": by_name["ingest"]["artifact_digest"]}
+    assert by_name["dedup"]["input_digests"] == {"data": by_name["ingest"]["artifact_digest"]}
     ingest_dir = workdir / "artifacts" / "ingest" / by_name["ingest"]["artifact_digest"]
     manifest = pl.read_parquet(ingest_dir / "manifest.parquet")
     shards = pl.read_parquet(ingest_dir / "shards.parquet")

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 
-from tests.instruct_helpers import make_recipe
-from vlmflow.artifacts import digest_of
+from tests.instruct_helpers import instruct_digest, make_recipe
+from vlmflow.component import digest_view
 from vlmflow.components.instruct.context import build_context, context_text, parse_context_text
 from vlmflow.components.instruct.replies import Rejected, parse_reply, reply_of
 from vlmflow.components.instruct.scene import Obj
-from vlmflow.components.instruct.stage import stage_spec
+from vlmflow.components.instruct.stage import templates_of
 from vlmflow.components.instruct.templates import DEFAULT_TEMPLATES, load_templates
 from vlmflow.components.sources.synthetic import make_row
 from vlmflow.errors import UserError
@@ -126,14 +126,17 @@ def test_stage_digest_includes_templates_but_not_operational_knobs_or_the_key(tm
     faster = make_recipe(
         tmp_path, {"generator": {**generator, "concurrency": 64, "timeout_s": 5}, "templates": "templates"}
     )
-    assert digest_of(stage_spec(base)) == digest_of(stage_spec(faster))
+    assert instruct_digest(base) == instruct_digest(faster)
     hotter = make_recipe(tmp_path, {"generator": {**generator, "temperature": 0.9}, "templates": "templates"})
-    assert digest_of(stage_spec(base)) != digest_of(stage_spec(hotter))
+    assert instruct_digest(base) != instruct_digest(hotter)
+    before = instruct_digest(base)
     (folder / "conversation" / "system.txt").write_text("Be different.")
-    changed = stage_spec(base)
-    assert changed["templates_digest"] == load_templates(folder).digest != load_templates().digest
-    assert "sk-secret-value" not in json.dumps(changed)
-    assert changed["generator"]["api_key_env"] == "OPENAI_API_KEY"
+    assert instruct_digest(base) != before  # the templates' content is part of the key
+    extra = templates_of(base.instruct)
+    assert extra["templates_digest"] == load_templates(folder).digest != load_templates().digest
+    keyed = {"config": digest_view(base.instruct), "extra": extra}  # what the key is made of
+    assert "sk-secret-value" not in json.dumps(keyed, default=str)
+    assert keyed["config"]["generator"]["api_key_env"] == "OPENAI_API_KEY"
 
 
 def test_spec_defaults_and_errors(tmp_path):

@@ -10,12 +10,15 @@ import polars as pl
 import pytest
 
 from tests.conftest import encode
-from vlmflow.artifacts import ArtifactStore, stage_digest
+from vlmflow.artifacts import ArtifactStore
 from vlmflow.components import refresh
+from vlmflow.components.ingest import COMPONENT as INGEST
 from vlmflow.components.refresh import Refresh, assign, plan_units
 from vlmflow.components.shards import read_shard
+from vlmflow.fingerprint import HashCache
+from vlmflow.pipeline import Step, graph_digests
 from vlmflow.specs.loader import Marked, validate
-from vlmflow.stage import StageContext, StageOutput
+from vlmflow.stage import StageContext, StageOutput, run_stage
 
 
 def _recipe(tmp_path, data=None, **extra):
@@ -35,15 +38,22 @@ def _serial(fn, units, *, desc, args=(), **_kw):
     return [fn(unit, *args) for unit in units]
 
 
+def _ingest_step(recipe):
+    """The recipe's ingest step, as the concise `data:` section expands to."""
+    return Step("ingest", INGEST, recipe.data.ingest(), {}, ("data",))
+
+
+def _units(recipe, previous):
+    return plan_units(recipe.data.ingest(), recipe.seed, previous, recipe.spec_dir(), HashCache(None))
+
+
 def _refresh(store, recipe, previous, monkeypatch):
     """One refresh's ingest, as the flow runs it: (Refresh, version digest, its folder)."""
     monkeypatch.setattr(refresh, "map_units", _serial)
-    planned = Refresh.plan(recipe, store, previous)
-    stage = planned.stage
-    digest = stage_digest(stage.name, stage.spec(recipe), [], stage.version)
-    if not store.is_complete("ingest", digest):
-        ctx = StageContext(recipe, store, store.partial("ingest", digest), digest, {}, "log")
-        store.commit("ingest", digest, planned.run(ctx).stats(0.0))
+    planned = Refresh.plan(recipe, _ingest_step(recipe), store, previous)
+    step = planned.step(_ingest_step(recipe))
+    digest = graph_digests([step], recipe)[step.name]
+    run_stage(step, digest, {}, recipe, store, "log")
     return planned, digest, store.path("ingest", digest)
 
 
@@ -77,21 +87,19 @@ def test_assign_without_history_is_plain_chunking():
 def test_unit_digest_follows_the_files_its_rows_read(tmp_path):
     _images(tmp_path / "imgs", 0, 6)
     recipe = _recipe(tmp_path)
-    first = plan_units(recipe, {})
+    first = _units(recipe, {})
     assert [len(u.keys) for u in first] == [4, 2]
     previous = {"web": [u.keys for u in first]}
-    assert [u.digest for u in plan_units(recipe, previous)] == [u.digest for u in first]
+    assert [u.digest for u in _units(recipe, previous)] == [u.digest for u in first]
     _images(tmp_path / "imgs", 6, 3)  # new files: the old units keep their digests
-    grown = plan_units(recipe, previous)
+    grown = _units(recipe, previous)
     assert [u.digest for u in grown[:2]] == [u.digest for u in first] and len(grown) == 3
     sidecar = tmp_path / "imgs" / "img005.txt"
     sidecar.write_text("a new caption\n")  # a caption changed: only its unit changes
     os.utime(sidecar, ns=(1, 1))
-    edited = plan_units(recipe, previous)
+    edited = _units(recipe, previous)
     assert edited[0].digest == first[0].digest and edited[1].digest != first[1].digest
-    changed = plan_units(
-        _recipe(tmp_path, data={"filters": [{"kind": "min-size", "width": 30, "height": 30}]}), previous
-    )
+    changed = _units(_recipe(tmp_path, data={"filters": [{"kind": "min-size", "width": 30, "height": 30}]}), previous)
     assert not {u.digest for u in changed} & {u.digest for u in first}  # other filters: other units
 
 
@@ -166,24 +174,34 @@ def test_downstream_stages_read_a_version_that_references_unit_shards(tmp_path, 
     recipe = _recipe(tmp_path, data={"dedup": {"exact": True, "near": False}}, tokenizer={"kind": "bpe"})
     monkeypatch.setattr(ray_runtime, "map_units", _serial)  # tokenize imports it when it runs
     _, digest, folder = _refresh(store, recipe, None, monkeypatch)
-    inputs = {"ingest": StageOutput("ingest", digest, folder, store.stats("ingest", digest))}
-    for stage in (dedup.STAGE, tokenize.STAGE):
-        out = tmp_path / stage.name
+    outputs = {"ingest": StageOutput("ingest", digest, folder, store.stats("ingest", digest))}
+    steps = [
+        Step("dedup", dedup.COMPONENT, recipe.data.dedup, {"data": "ingest"}),
+        Step("tokenizer", tokenize.COMPONENT, recipe.tokenizer, {"data": "dedup"}),
+    ]
+    for step in steps:
+        out = tmp_path / step.name
         out.mkdir()
-        result = stage.run(StageContext(recipe, store, out, "x", dict(inputs), "log"))
-        inputs[stage.name] = StageOutput(stage.name, "x", out, result.stats(0.0))
+        inputs = {port: outputs[up] for port, up in step.inputs.items()}
+        ctx = StageContext(recipe, store, out, "x", inputs, "log", step.config, step.name)
+        outputs[step.name] = StageOutput(step.name, "x", out, step.component.run(ctx).stats(0.0))
+    inputs = outputs
     assert inputs["dedup"].stats["rows_quarantined"] == 1  # copy or img002: one of them is a duplicate
     assert inputs["tokenizer"].stats["rows_in"] == 5  # texts read back from the units' shards
 
 
 @pytest.mark.parametrize("sections", [{}, {"tokenizer": {"kind": "bpe"}}, {"instruct": {}}])
 def test_data_stages_are_the_data_side_of_the_recipe_graph(tmp_path, sections):
-    from vlmflow.flows.data_refresh import data_stages
-    from vlmflow.graph import recipe_graph
+    from vlmflow.flows.data_refresh import data_steps
+    from vlmflow.pipeline import recipe_graph
 
     _images(tmp_path / "imgs", 0, 1)
     recipe = _recipe(tmp_path, **sections)
-    ingest = Refresh.plan(recipe, ArtifactStore(tmp_path / "artifacts"), None).stage
-    ours = [(stage.name, inputs) for stage, inputs in data_stages(recipe, ingest)]
-    data = [(n.stage.name, n.inputs) for n in recipe_graph(recipe) if n.stage.name in dict(ours)]
+    steps = data_steps(recipe)
+    (ingest,) = [s for s in steps if s.component is INGEST]
+    planned = Refresh.plan(recipe, ingest, ArtifactStore(tmp_path / "artifacts"), None)
+    run = [planned.step(s) if s is ingest else s for s in steps]  # what the flow runs
+    ours = [(step.name, step.inputs) for step in run]
+    names = dict(ours)
+    data = [(s.name, s.inputs) for s in recipe_graph(recipe) if s.name in names]
     assert ours == data and len(ours) == 2 + len(sections)

@@ -1,0 +1,178 @@
+"""`RecipeRun.run_graph` in a real Prefect flow (a temporary Prefect server), with a real local Ray
+and MLflow on sqlite, over graphs of hand-made stages whose work is a short sleep: independent
+stages overlap, a stage starts only after the stages it reads, and a failure stops its
+descendants only (skipped, never started) while the other branch finishes and is reused by the
+next run. Three recipe runs share one workdir (one MLflow database, one artifact store) and one
+local Ray, started once by `init_ray` as a run starts it (each run would otherwise start and stop
+its own: about 10 s each on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import ray
+from prefect import flow
+from prefect.testing.utilities import prefect_test_harness
+
+from tests.conftest import REPO
+from vlmflow.artifacts import ArtifactStore
+from vlmflow.component import Component
+from vlmflow.pipeline import Step
+from vlmflow.runtime.prefect import RecipeRun
+from vlmflow.runtime.ray import init_ray
+from vlmflow.specs import load_recipe
+from vlmflow.specs.base import StrictModel
+from vlmflow.stage import StageContext, StageResult
+
+pytestmark = pytest.mark.slow
+
+
+class Sleep(StrictModel):
+    """A hand-made step's config: how long it sleeps; `fail`: it raises instead."""
+
+    seconds: float = 1.5
+    fail: bool = False
+
+
+class StageBroke(RuntimeError):
+    pass
+
+
+class Work:
+    """A component whose steps sleep, then write a file (or, with `fail`, raise);
+    `calls` lists the steps whose run started."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+        self.component = Component(name="test-sleep", config=Sleep, writes="samples", run=self.run)
+
+    def run(self, ctx: StageContext) -> StageResult:
+        with self._lock:
+            self.calls.append(ctx.name)
+        if ctx.config.fail:
+            time.sleep(0.2)
+            raise StageBroke(f"{ctx.name} broke")
+        time.sleep(ctx.config.seconds)
+        (ctx.out / "out.txt").write_text(f"{ctx.name} <- {sorted(ctx.inputs)}")
+        return StageResult(rows_in=1, rows_out=1, rows_quarantined=0)
+
+    def step(self, name: str, seconds: float, inputs: dict[str, str] | None = None, fail: bool = False) -> Step:
+        return Step(name, self.component, Sleep(seconds=seconds, fail=fail), inputs or {})
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+            patch.delenv(name, raising=False)
+        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        recipe = load_recipe(REPO / "specs/recipes/shapes-tiny.yaml", ["runtime.ray.num_cpus=2"])
+        init_ray(recipe.runtime.ray)  # RecipeRun uses a Ray already started and stops it on exit:
+        shutdown, ray.shutdown = ray.shutdown, lambda *args, **kwargs: None  # not here, once at the end
+        try:
+            with prefect_test_harness(server_startup_timeout=180):
+                yield recipe, tmp_path_factory.mktemp("concurrent")
+        finally:
+            ray.shutdown = shutdown
+            ray.shutdown()
+
+
+def run_flow(setting, nodes: list[Step]) -> tuple[dict, float]:
+    """The graph run by RecipeRun in a Prefect flow; the run's summary and run_graph's wall clock."""
+    recipe, workdir = setting
+    elapsed: list[float] = []
+
+    @flow(name="concurrent-stages-test", validate_parameters=False)
+    def graph_flow() -> None:
+        with RecipeRun(recipe, workdir, "specs/recipes/shapes-tiny.yaml", {"stages": []}) as run:
+            started = time.monotonic()
+            try:
+                run.run_graph(nodes)
+            finally:
+                elapsed.append(time.monotonic() - started)
+
+    try:
+        graph_flow()
+    finally:
+        summary = json.loads((workdir / "runs" / "latest" / "summary.json").read_text())
+    return summary, elapsed[0]
+
+
+def at(entry: dict, key: str) -> datetime:
+    return datetime.fromisoformat(entry[key])
+
+
+def test_independent_stages_overlap_and_dependencies_hold(setting):
+    work = Work()
+    sleepers = [work.step(f"sleep-{i}", 1.5) for i in range(3)]
+    diamond = [
+        work.step("diamond-top", 0.3),
+        work.step("diamond-left", 1.0, {"top": "diamond-top"}),
+        work.step("diamond-right", 1.0, {"top": "diamond-top"}),
+        work.step("diamond-bottom", 0.3, {"left": "diamond-left", "right": "diamond-right"}),
+    ]
+    nodes = [*sleepers, *diamond]
+    summary, elapsed = run_flow(setting, nodes)
+
+    assert summary["status"] == "succeeded"
+    assert [s["name"] for s in summary["stages"]] == [n.name for n in nodes]  # graph order
+    by = {s["name"]: s for s in summary["stages"]}
+    assert all(s["status"] == "computed" for s in by.values())
+    assert all(at(s, "started") < at(s, "finished") for s in by.values())
+    slept = [by[n.name] for n in sleepers]
+    assert max(at(s, "started") for s in slept) < min(at(s, "finished") for s in slept)
+    assert at(by["diamond-left"], "started") >= at(by["diamond-top"], "finished")
+    assert at(by["diamond-right"], "started") >= at(by["diamond-top"], "finished")
+    assert at(by["diamond-left"], "started") < at(by["diamond-right"], "finished")  # side by side
+    assert at(by["diamond-right"], "started") < at(by["diamond-left"], "finished")
+    last_parent = max(at(by["diamond-left"], "finished"), at(by["diamond-right"], "finished"))
+    assert at(by["diamond-bottom"], "started") >= last_parent
+    assert by["diamond-bottom"]["input_digests"] == {
+        "left": by["diamond-left"]["artifact_digest"],
+        "right": by["diamond-right"]["artifact_digest"],
+    }
+    total = sum(s["seconds"] for s in by.values())  # 7.1 s of sleeping; the longest chain is 1.6 s
+    # First start to last finish (run_graph's own wall clock also holds the digests, computed first).
+    span = (max(at(s, "finished") for s in by.values()) - min(at(s, "started") for s in by.values())).total_seconds()
+    print(f"graph of {len(nodes)} stages: {span:.2f} s from first start to last finish, run_graph {elapsed:.2f} s")
+    assert span < 0.6 * total, (span, elapsed, total)
+
+
+def test_a_failure_skips_its_descendants_only_and_the_next_run_reuses_the_rest(setting):
+    work = Work()
+    rest = [work.step("after", 0.1, {"flaky": "flaky"}), work.step("later", 0.1, {"after": "after"})]
+    solo = work.step("solo", 1.0)
+    nodes = [work.step("flaky", 0.1, fail=True), *rest, solo]
+    with pytest.raises(StageBroke, match="flaky broke"):
+        run_flow(setting, nodes)
+    summary = json.loads((setting[1] / "runs" / "latest" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "flaky broke" in summary["error"]
+    by = {s["name"]: s for s in summary["stages"]}
+    assert list(by) == ["flaky", "after", "later", "solo"]
+    assert by["flaky"]["status"] == "failed" and by["flaky"]["error"] == "StageBroke: flaky broke"
+    for name in ("after", "later"):
+        assert by[name]["status"] == "skipped" and by[name]["reason"] == "upstream flaky failed"
+        assert by[name]["artifact_digest"] is None and by[name]["started"] == by[name]["finished"]
+    assert sorted(work.calls) == ["flaky", "solo"]  # the skipped stages never started
+    assert by["solo"]["status"] == "computed"  # it was still sleeping when flaky failed
+    assert at(by["solo"], "finished") > at(by["flaky"], "finished")
+    store = ArtifactStore(Path(summary["workdir"]) / "artifacts")
+    assert store.is_complete("solo", by["solo"]["artifact_digest"])
+    assert (Path(by["solo"]["artifact_path"]) / "out.txt").read_text() == "solo <- []"
+
+    work.calls.clear()
+    nodes = [work.step("flaky", 0.1), *rest, solo]  # fixed: a new config, so a new digest for it and after
+    again, _ = run_flow(setting, nodes)
+    assert again["status"] == "succeeded"
+    status = {s["name"]: s["status"] for s in again["stages"]}
+    assert status == {"flaky": "computed", "after": "computed", "later": "computed", "solo": "cached"}
+    assert sorted(work.calls) == ["after", "flaky", "later"]
+    cached = next(s for s in again["stages"] if s["name"] == "solo")
+    assert cached["started"] == cached["finished"] and cached["artifact_digest"] == by["solo"]["artifact_digest"]
