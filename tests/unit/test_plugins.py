@@ -72,7 +72,7 @@ def plugin_site(tmp_path: Path) -> Path:
     info = site / "wordfilter_plugin-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: wordfilter-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text('[vlmflow.components]\nwordfilter = wordfilter_plugin.stages\n')
+    (info / "entry_points.txt").write_text("[vlmflow.components]\nwordfilter = wordfilter_plugin.stages\n")
     return site
 
 
