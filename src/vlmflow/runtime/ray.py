@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -112,6 +113,7 @@ def map_units(
     return results
 
 
+_pool_lock = threading.Lock()
 _pool: dict[str, Any] = {}  # the actors kept by the last map_on_actors(keep=True): key, actors
 
 
@@ -136,25 +138,36 @@ def map_on_actors(
     """
     if not batches:
         return []
-    key = repr(
-        (actor_class.__qualname__, init_args, num_actors, num_cpus, num_gpus, ray.get_runtime_context().get_job_id())
-    )
-    if _pool.get("key") != key:
-        release_actors()
-        remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=1, max_task_retries=2)(actor_class)
-        _pool.update(key=key, actors=[remote.remote(*init_args) for _ in range(max(1, num_actors))])
-    pool = ActorPool(list(_pool["actors"]))
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=1, max_task_retries=2)(actor_class)
+    if keep:
+        key = repr(
+            (
+                actor_class.__qualname__,
+                init_args,
+                num_actors,
+                num_cpus,
+                num_gpus,
+                ray.get_runtime_context().get_job_id(),
+            )
+        )
+        with _pool_lock:
+            if _pool.get("key") != key:
+                release_actors()
+                _pool.update(key=key, actors=[remote.remote(*init_args) for _ in range(max(1, num_actors))])
+            actors = list(_pool["actors"])
+    else:  # this call's own actors: stages running at the same time never share or kill them
+        actors = [remote.remote(*init_args) for _ in range(max(1, num_actors))]
+    pool = ActorPool(list(actors))
     results: list[Any] = []
     try:
         with Progress(desc, len(batches), mode=progress) as bar:
             for result in pool.map(lambda actor, batch: getattr(actor, method).remote(batch), list(batches)):
                 results.append(result)
                 bar.update()
-    except BaseException:
-        release_actors()
-        raise
-    if not keep:
-        release_actors()
+    finally:
+        if not keep:
+            for actor in actors:
+                ray.kill(actor)
     return results
 
 
