@@ -178,6 +178,12 @@ def train_worker(raw: dict) -> None:
             samples_per_s=stage.batch_size / seconds,
             tokens_per_s=row["tokens"] * world / seconds,
         )
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(
+                f"train {stage.name}: the loss is {row['loss']} at step {step + 1} "
+                f"(lr {lr:.2e}, grad norm {float(grad_norm):.3g}): lower the learning rate or check the data"
+            )
+        row["time"] = time.time()  # when the step ended: the MLflow point's timestamp
         if rank == 0:
             with open(history, "a") as handle:
                 handle.write(json.dumps(row) + "\n")

@@ -216,13 +216,25 @@ def lineage(run_id: str | None, workdir: Path | None, show_versions: bool) -> No
     )
     click.echo(f"  mlflow run {summary.get('mlflow_run_id')}  prefect flow run {summary.get('prefect_flow_run_id')}")
     for s in summary["stages"]:
-        inputs = ", ".join(f"{k}/{v}" for k, v in s["input_digests"].items()) or "sources"
-        click.echo(f"  {s['name']}/{s['artifact_digest']}  <- {inputs}")
+        click.echo(f"  {s['name']}/{s['artifact_digest'] or '-'}  <- {_inputs_line(s)}")
+        if s["status"] == "skipped":
+            click.echo(f"      skipped: {s.get('reason', 'an upstream stage failed')}")
+            continue
         set_aside = s.get("set_aside", "quarantined")  # summaries before 2026-11-28 lack it
         click.echo(
             f"      {s['status']}: rows {s['rows_in']} -> {s['rows_out']} (+{s['rows_quarantined']} {set_aside})"
             f"  mlflow {s.get('mlflow_run_id')}"
         )
+
+
+def _inputs_line(stage: dict) -> str:
+    """`ingest/DIGEST`, one per input, with the port it feeds when that is not the stage's name."""
+    names = stage.get("input_stages", {})  # summaries before 2026-12-03 name ports only
+    parts = []
+    for port, digest in stage["input_digests"].items():
+        upstream = names.get(port, port)
+        parts.append(f"{upstream}/{digest}" + (f" as {port}" if upstream != port else ""))
+    return ", ".join(parts) or "sources"
 
 
 def _print_versions(workdir: Path) -> None:

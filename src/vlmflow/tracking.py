@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from vlmflow.errors import UserError
 
 MAX_PARAM = 500
+LOCAL_UI = "http://127.0.0.1:5000"  # `vlmflow ui`'s MLflow UI for a workdir's own store
 
 
 def tracking_uri(workdir: Path, configured: str | None) -> str:
@@ -78,6 +81,21 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         return run.info.run_id
 
+    def run_url(self, run_id: str) -> str:
+        """Where the MLflow UI shows a run: the tracking server's, or `vlmflow ui`'s for a local store."""
+        base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else LOCAL_UI
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    def computed_in(self, stage: str, digest: str) -> str | None:
+        """The MLflow run (this experiment) in which stage `stage` computed artifact `digest`, if any."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`vlmflow.stage` = '{stage}' and tags.`vlmflow.artifact_digest` = '{digest}'"
+            " and tags.`vlmflow.status` = 'computed'",
+            max_results=1,
+        )
+        return found[0].info.run_id if found else None
+
     def log(
         self,
         run_id: str,
@@ -99,13 +117,14 @@ class Tracker:
                 self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_history(self, run_id: str, rows: list[dict], step_key: str = "step") -> None:
-        """Per-step metrics (training curves): one MLflow metric series per numeric key."""
+        """Per-step metrics (training curves): one MLflow metric series per numeric key, each point
+        stamped with its row's `time` (unix seconds, when the step ended) where the row has one."""
         now = int(time.time() * 1000)
         metrics = [
-            Metric(k, float(v), now, int(row[step_key]))
+            Metric(k, float(v), int(row["time"] * 1000) if "time" in row else now, int(row[step_key]))
             for row in rows
             for k, v in row.items()
-            if k != step_key and isinstance(v, int | float)
+            if k not in (step_key, "time") and isinstance(v, int | float) and not isinstance(v, bool)
         ]
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
@@ -126,3 +145,73 @@ class Tracker:
     def finish(self, run_id: str, ok: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
         self.client.set_terminated(run_id, status)
+
+
+class HistoryTail:
+    """Streams a stage's per-step history (`history.jsonl` in its build folder, one JSON row per
+    step) into the stage's MLflow run while the stage runs: a thread reads the rows appended since
+    its last look every `interval` seconds and logs them in one batch, under `lock` (the run's
+    MLflow lock: sqlite takes one writer). `stop()` logs the rest and returns the rows logged.
+
+    The driver tails the file rather than the workers logging to MLflow themselves: the file is
+    already the training loop's record (rank 0 writes it, on the artifact store every worker
+    shares), the workers need no tracking credentials, and a slow tracking server never slows a
+    training step. A file that shrinks (a resumed stage rewrites it up to its checkpoint) is read
+    again from the start, and steps already logged are not logged twice."""
+
+    def __init__(
+        self, log: Callable[[list[dict]], None], paths: list[Path], lock: threading.RLock, interval: float = 2.0
+    ):
+        """paths: where the file is, in the order it moves (a build folder, then the committed one)."""
+        self._log, self.paths, self._lock, self.interval = log, paths, lock, interval
+        self._offset, self._last_step, self.logged = 0, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"mlflow-tail:{paths[0].parent.name}", daemon=True)
+
+    def start(self) -> HistoryTail:
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self._drain()
+        return self.logged
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._drain()
+            except Exception:  # a tracking server that is briefly down: the next look retries
+                continue
+
+    def _drain(self) -> None:
+        with self._lock:
+            for path in self.paths:
+                try:
+                    handle = open(path, "rb")  # noqa: SIM115 (closed below, once found)
+                    break
+                except FileNotFoundError:
+                    continue
+            else:
+                return
+            with handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size < self._offset:
+                    self._offset = 0
+                handle.seek(self._offset)
+                chunk = handle.read(size - self._offset)
+            end = chunk.rfind(b"\n") + 1  # complete lines only: the last may be half-written
+            rows = []
+            for line in chunk[:end].splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > self._last_step:
+                    rows.append(row)
+            if rows:
+                self._log(rows)
+                self._last_step = rows[-1]["step"]
+                self.logged += len(rows)
+            self._offset += end

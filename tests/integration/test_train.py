@@ -74,7 +74,14 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
 
     client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
     child = client.get_run(instruct["mlflow_run_id"])
-    assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == list(range(1, 13))
+    losses = client.get_metric_history(child.info.run_id, "loss")
+    assert [m.step for m in losses] == list(range(1, 13))
+    # Streamed while training: each point stamped when its step ended, the run as long as the stage.
+    assert [m.timestamp for m in losses] == [int(r["time"] * 1000) for r in rows]
+    duration = (child.info.end_time - child.info.start_time) / 1000
+    assert abs(duration - instruct["seconds"]) <= 2.0, (duration, instruct["seconds"])
+    times = [m.timestamp for m in losses]
+    assert times == sorted(set(times)), "one timestamp for all points"
     assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(child.data.metrics)
     assert child.data.metrics["mixture/dedup-qa/count"] == mix["counts"][1]
     align_run = by_name["train-align"]["mlflow_run_id"]
@@ -85,7 +92,7 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     assert 0.75 <= planned / measured <= 1.25, (planned, measured)
     assert (
         child.data.metrics["params_trainable"] > 0
-        and child.data.params["stage.trainable"] == '["vision", "connector", "language"]'
+        and child.data.params["trainable"] == '["vision", "connector", "language"]'
     )
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "model")}
     assert {"model/model.safetensors", "model/vlmflow_model.json"} <= artifacts
@@ -113,6 +120,21 @@ def wait_for_step(proc: subprocess.Popen, workdir: Path, pattern: str, step: int
         time.sleep(0.05)
 
 
+def live_stage_run(workdir: Path, stage: str, min_points: int):
+    """The stage's MLflow run of the run in progress, once it has `min_points` loss points."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    deadline = time.monotonic() + 60
+    while True:
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            f"tags.`vlmflow.stage` = '{stage}' and attributes.status = 'RUNNING'",
+        )
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= min_points:
+            return runs[0]
+        assert time.monotonic() < deadline, f"no RUNNING {stage} run with {min_points} loss points in MLflow"
+        time.sleep(0.5)
+
+
 def ray_train_workers() -> list[psutil.Process]:
     """Ray Train worker processes; they live outside the driver's process group."""
     workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
@@ -131,6 +153,9 @@ def test_killed_driver_resumes_from_the_last_checkpoint_with_the_same_losses(tra
     # eval_samples changes the stage digest but not its training: a fresh build to kill.
     proc = start(trained, "--set", "stages.1.eval_samples=7")
     partial = wait_for_step(proc, trained, "artifacts/train-instruct/*.partial", 6)
+    # While it trains, MLflow shows the stage's run RUNNING with its loss points arriving.
+    live = live_stage_run(trained, "train-instruct", min_points=3)
+    assert live.info.status == "RUNNING" and live.data.tags["vlmflow.status"] == "running"
     workers = ray_train_workers()
     os.killpg(proc.pid, signal.SIGKILL)  # the whole machine goes down: driver and Ray workers alike
     for worker in workers:

@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import secrets
+import sys
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -31,7 +32,10 @@ from typing import Any
 import ray
 import yaml
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
 from vlmflow import __version__
@@ -42,9 +46,43 @@ from vlmflow.runtime.environment import environment
 from vlmflow.runtime.ray import init_ray
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import StageOutput, run_stage
-from vlmflow.tracking import Tracker, flatten, tracking_uri
+from vlmflow.tracking import HistoryTail, Tracker, flatten, tracking_uri
 
 log = logging.getLogger("vlmflow")
+
+
+class PrefectRunLogs(APILogHandler):
+    """vlmflow's log lines, also in the logs of the Prefect task run (or flow run) they are written
+    in, so the Prefect UI tells each stage's story; lines from outside a run go to the console only."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], MissingContextError):
+            return
+        super().handleError(record)
+
+
+def stage_table(stages: list[dict], link: Any) -> str:
+    """A markdown table of stages (summary.json entries): what the Prefect artifacts show.
+    link(mlflow_run_id) -> the URL of that run in the MLflow UI."""
+    lines = [
+        "| stage | status | rows in | rows out | set aside | seconds | digest | MLflow run |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for s in stages:
+        run = s.get("mlflow_run_id")
+        aside = "" if s.get("rows_quarantined") is None else f"{s['rows_quarantined']} {s.get('set_aside', '')}".strip()
+        cells = [
+            s["name"], s["status"], s.get("rows_in"), s.get("rows_out"), aside,
+            f"{s['seconds']:.1f}" if s.get("seconds") is not None else "", s.get("artifact_digest") or "",
+            f"[{run[:12]}]({link(run)})" if run else "",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def artifact_key(name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes) for a stage or recipe name."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "stage"
 
 
 def new_run_id() -> str:
@@ -90,6 +128,7 @@ class RecipeRun:
         }
         self.tracker: Tracker | None = None
         self.parent_run: str | None = None
+        self._prefect_logs: logging.Handler | None = None
         # Stages finish on several threads: the summary, summary.json and the MLflow client
         # (sqlite allows one writer) are used under this lock only.
         self._lock = threading.RLock()
@@ -108,6 +147,9 @@ class RecipeRun:
         tmp_link.symlink_to(self.run_id)
         os.replace(tmp_link, latest)
         self.summary["prefect_flow_run_id"] = str(flow_run.id) if flow_run.id else None
+        if flow_run.id:
+            self._prefect_logs = PrefectRunLogs()
+            log.addHandler(self._prefect_logs)
         self.summary["ray"] = init_ray(self.recipe.runtime.ray, self.run_dir / "code")
         uri = tracking_uri(self.workdir, self.recipe.runtime.mlflow.tracking_uri)
         self.tracker = Tracker(
@@ -136,6 +178,9 @@ class RecipeRun:
                 self.tracker.log(self.parent_run, metrics=self._totals())
                 self.tracker.log_files(self.parent_run, [self.run_dir / "summary.json"])
                 self.tracker.finish(self.parent_run, ok)
+        if self._prefect_logs is not None:
+            self._publish(self.summary["stages"], f"{self.recipe.name}-stages", f"vlmflow run {self.run_id}")
+            log.removeHandler(self._prefect_logs)
         if ray.is_initialized():
             ray.shutdown()
 
@@ -238,6 +283,33 @@ class RecipeRun:
         runner = stage_task.with_options(name=name, task_run_name=name)
         return runner.submit(self, node, self.digests[name], inputs, wait_for=upstream)
 
+    def open_stage(self, stage: Step, digest: str, inputs: dict[str, StageOutput]) -> str:
+        """The stage's MLflow child run, opened (RUNNING) as the stage starts, with its params and
+        lineage tags: the UI shows a stage while it runs, and its duration is the stage's."""
+        assert self.tracker is not None and self.parent_run is not None
+        tags = {
+            **self._tags(),
+            "vlmflow.stage": stage.name,
+            "vlmflow.status": "running",
+            "vlmflow.artifact_digest": digest,
+            "vlmflow.artifact_path": str(self.store.path(stage.name, digest)),
+            "vlmflow.input_digests": json.dumps({k: v.digest for k, v in inputs.items()}, sort_keys=True),
+            "vlmflow.component": stage.component.name,
+            "vlmflow.code_digest": code_digest(stage.component.modules)[:16],
+        }
+        with self._lock:
+            child = self.tracker.start(stage.name, tags, parent=self.parent_run)
+            self.tracker.log(child, params=flatten(stage.component.dump(stage.config)))
+        return child
+
+    def tail_history(self, stage: Step, digest: str, child: str) -> HistoryTail:
+        """Streams the stage's `history.jsonl` (training steps) into its run while it is built."""
+        assert self.tracker is not None
+        tracker = self.tracker
+        final = self.store.path(stage.name, digest)
+        paths = [final.with_name(f"{digest}.partial") / "history.jsonl", final / "history.jsonl"]  # built, committed
+        return HistoryTail(lambda rows: tracker.log_history(child, rows), paths, self._lock).start()
+
     def record(
         self,
         stage: Step,
@@ -245,14 +317,18 @@ class RecipeRun:
         inputs: dict[str, StageOutput],
         status: str,
         stats: dict,
+        child: str,
         started: str | None = None,
         error: str | None = None,
+        streamed: int = 0,
     ) -> str:
-        """One stage's entry in summary.json and its MLflow child run. started: when it began, or
-        when it was found cached (then also its `finished`); finished: now."""
+        """One stage's entry in summary.json, and its MLflow child run completed and closed.
+        started: when it began, or when it was found cached (then also its `finished`); finished:
+        now. streamed: history rows already logged while the stage ran (not logged again)."""
         finished = started if status == "cached" and started else _now()
         with self._lock:
-            return self._record(stage, digest, inputs, status, stats, started or finished, finished, error)
+            return self._record(stage, digest, inputs, status, stats, child, started or finished, finished, error,
+                                streamed)  # fmt: skip
 
     def _record(
         self,
@@ -261,9 +337,11 @@ class RecipeRun:
         inputs: dict[str, StageOutput],
         status: str,
         stats: dict,
+        child: str,
         started: str,
         finished: str,
         error: str | None,
+        streamed: int,
     ) -> str:
         assert self.tracker is not None and self.parent_run is not None
         path = self.store.path(stage.name, digest)
@@ -274,6 +352,7 @@ class RecipeRun:
             "artifact_digest": digest,
             "artifact_path": str(path),
             "input_digests": {k: v.digest for k, v in inputs.items()},
+            "input_stages": {k: v.stage for k, v in inputs.items()},
             **{k: stats.get(k) for k in ("rows_in", "rows_out", "rows_quarantined", "seconds")},
             "set_aside": stats.get("set_aside", "quarantined"),
             "started": started,
@@ -282,22 +361,18 @@ class RecipeRun:
         headline = {k: v for k, v in stats["metrics"].items() if k.startswith(("eval_", "first_loss", "final_loss"))}
         if headline:
             entry["metrics"] = headline
-        child = self.tracker.start(stage.name, {**self._tags(), "vlmflow.stage": stage.name}, parent=self.parent_run)
-        tags = {
-            "vlmflow.status": status,
-            "vlmflow.artifact_digest": digest,
-            "vlmflow.artifact_path": str(path),
-            "vlmflow.input_digests": json.dumps(entry["input_digests"], sort_keys=True),
-            "vlmflow.component": stage.component.name,
-            "vlmflow.code_digest": code_digest(stage.component.modules)[:16],
-        }
+        tags = {"vlmflow.status": status}
+        if status == "cached":
+            origin = self.tracker.computed_in(stage.name, digest)
+            if origin:
+                tags["vlmflow.computed_in"] = origin
+                tags["mlflow.note.content"] = f"Cached: this artifact was computed in MLflow run {origin}."
         rows = {k: float(stats.get(k) or 0) for k in ("rows_in", "rows_out", "rows_quarantined", "seconds")}
         seconds = stats.get("seconds") or 0.0
         rows["rows_per_s"] = rows["rows_in"] / seconds if seconds else 0.0
         metrics = {**rows, **self._planned(stage.name), **stats["metrics"]}
-        params = flatten(stage.component.dump(stage.config))
-        self.tracker.log(child, params=params, tags=tags, metrics=metrics)
-        self._log_outputs(child, path, stats, status)
+        self.tracker.log(child, tags=tags, metrics=metrics)
+        self._log_outputs(child, path, stats, status, streamed)
         self.tracker.finish(child, status != "failed")
         entry["mlflow_run_id"] = child
         if error is not None:
@@ -318,6 +393,7 @@ class RecipeRun:
             "artifact_digest": None,
             "artifact_path": None,
             "input_digests": {k: v.digest for k, v in inputs.items()},
+            "input_stages": {k: v.stage for k, v in inputs.items()},
             **dict.fromkeys(("rows_in", "rows_out", "rows_quarantined"), None),
             "seconds": 0.0,
             "started": now,
@@ -327,6 +403,24 @@ class RecipeRun:
             self.summary["stages"].append(entry)
             self._save()
 
+    def publish_stage(self, stage: Step, status: str) -> None:
+        """The stage's row as an artifact of its Prefect task run (status, rows, digest, MLflow link)."""
+        if self._prefect_logs is None:
+            return
+        with self._lock:
+            entry = next(s for s in reversed(self.summary["stages"]) if s["name"] == stage.name)
+        self._publish([entry], f"stage-{stage.name}", f"{stage.name}: {status} ({stage.component.name})")
+
+    def _publish(self, stages: list[dict], key: str, description: str) -> None:
+        """The stages as a markdown table artifact of the current Prefect task or flow run."""
+        assert self.tracker is not None
+        try:
+            create_markdown_artifact(
+                markdown=stage_table(stages, self.tracker.run_url), key=artifact_key(key), description=description
+            )
+        except Exception as exc:  # the run's own record (summary.json, MLflow) is complete without it
+            log.warning("could not publish the Prefect artifact %s: %s", key, exc)
+
     def _planned(self, name: str) -> dict[str, float]:
         """What the plan predicted for a training stage, beside what it measured (worker_rss_*)."""
         entry = next((e for e in (self.plan or {}).get("stages", []) if e["stage"] == name), {})
@@ -335,14 +429,15 @@ class RecipeRun:
             return {}
         return {"plan_memory_gb": train["memory"]["total_gb"], "plan_flops_per_step": float(train["flops_per_step"])}
 
-    def _log_outputs(self, child: str, path: Path, stats: dict, status: str) -> None:
-        """Artifacts (keeping their sub-folders), a per-step history, and a registered model."""
+    def _log_outputs(self, child: str, path: Path, stats: dict, status: str, streamed: int = 0) -> None:
+        """Artifacts (keeping their sub-folders), the per-step history (unless it was streamed
+        while the stage ran), and a registered model."""
         assert self.tracker is not None
         for name in stats.get("artifacts", []):
             folder = Path(name).parent
             self.tracker.log_files(child, [path / name], None if folder == Path(".") else str(folder))
         details = stats.get("details") or {}
-        if details.get("history") and (path / details["history"]).is_file():
+        if details.get("history") and not streamed and (path / details["history"]).is_file():
             lines = (path / details["history"]).read_text().splitlines()
             self.tracker.log_history(child, [json.loads(line) for line in lines if line.strip()])
         model = details.get("register_model")
@@ -350,25 +445,21 @@ class RecipeRun:
             version = self.tracker.register_model(child, model["name"], model["artifact_path"], model["tags"])
             self.summary.setdefault("registered_models", []).append({"name": model["name"], "version": version})
 
-    def record_failure(
-        self,
-        stage: Step,
-        digest: str,
-        inputs: dict[str, StageOutput],
-        error: BaseException,
-        started: str | None = None,
-    ) -> None:
-        stats = {"metrics": {}, "artifacts": [], "seconds": 0.0}
-        self.record(stage, digest, inputs, "failed", stats, started, f"{type(error).__name__}: {error}")
-
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def stage_task(run: RecipeRun, step: Step, digest: str, inputs: dict[str, StageOutput]) -> StageOutput:
     started = _now()  # summary.json's `started` (and a cached stage's `finished`)
+    child = run.open_stage(step, digest, inputs)
+    tail = run.tail_history(step, digest, child)
     try:
         status, stats = run_stage(step, digest, inputs, run.recipe, run.store, run.recipe.runtime.progress)
     except BaseException as error:
-        run.record_failure(step, digest, inputs, error, started)
+        streamed = tail.stop()
+        failed = {"metrics": {}, "artifacts": [], "seconds": 0.0}
+        run.record(step, digest, inputs, "failed", failed, child, started, f"{type(error).__name__}: {error}", streamed)
+        run.publish_stage(step, "failed")
         raise
-    run.record(step, digest, inputs, status, stats, started)
+    streamed = tail.stop()
+    run.record(step, digest, inputs, status, stats, child, started, streamed=streamed)
+    run.publish_stage(step, status)
     return StageOutput(step.name, digest, run.store.path(step.name, digest), stats)

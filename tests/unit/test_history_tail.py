@@ -1,0 +1,76 @@
+"""HistoryTail: a stage's history.jsonl streamed into its MLflow run while the stage runs."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vlmflow.tracking import HistoryTail, Tracker
+
+
+def _append(path: Path, *rows: dict, tail: str = "") -> None:
+    with open(path, "a") as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def test_rows_arrive_while_the_file_grows_and_moves(tmp_path: Path):
+    build, final = tmp_path / "d.partial", tmp_path / "d"
+    build.mkdir()
+    batches: list[list[int]] = []
+    tail = HistoryTail(lambda rows: batches.append([r["step"] for r in rows]), [build / "h.jsonl", final / "h.jsonl"],
+                       threading.RLock(), interval=0.05).start()  # fmt: skip
+    _append(build / "h.jsonl", {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, tail='{"step": 3, "lo')
+    deadline = time.monotonic() + 5
+    while not batches and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert batches == [[1, 2]]  # the half-written third line waits for its end
+    with open(build / "h.jsonl", "a") as handle:
+        handle.write('ss": 1.2}\n')
+    _append(build / "h.jsonl", {"step": 4, "loss": 1.0})
+    build.rename(final)  # the stage commits its folder before the tail's last look
+    assert tail.stop() == 4
+    assert [s for batch in batches for s in batch] == [1, 2, 3, 4]
+
+
+def test_a_rewritten_file_is_read_again_without_logging_a_step_twice(tmp_path: Path):
+    path = tmp_path / "h.jsonl"
+    logged: list[int] = []
+    tail = HistoryTail(lambda rows: logged.extend(r["step"] for r in rows), [path], threading.RLock(), 60)
+    _append(path, *({"step": s, "loss": 1.0} for s in range(1, 6)))
+    tail._drain()
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2)))  # resumed at step 2
+    tail._drain()
+    _append(path, *({"step": s, "loss": 0.5} for s in range(3, 8)))
+    tail._drain()
+    assert logged == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_failing_log_is_retried_on_the_next_look(tmp_path: Path):
+    path = tmp_path / "h.jsonl"
+    calls: list[list[int]] = []
+
+    def flaky(rows: list[dict]) -> None:
+        calls.append([r["step"] for r in rows])
+        if len(calls) == 1:
+            raise ConnectionError("tracking server down")
+
+    tail = HistoryTail(flaky, [path], threading.RLock(), 60)
+    _append(path, {"step": 1, "loss": 1.0})
+    with pytest.raises(ConnectionError):
+        tail._drain()
+    _append(path, {"step": 2, "loss": 1.0})
+    tail._drain()
+    assert calls == [[1], [1, 2]]
+
+
+def test_points_carry_their_own_step_time(tmp_path: Path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tail", tmp_path / "art")
+    run = tracker.start("train", {})
+    tracker.log_history(run, [{"step": 1, "loss": 2.0, "time": 1_700_000_000.25, "resumed": True}])
+    (point,) = tracker.client.get_metric_history(run, "loss")
+    assert (point.step, point.value, point.timestamp) == (1, 2.0, 1_700_000_000_250)
+    assert set(tracker.client.get_run(run).data.metrics) == {"loss"}  # no `time` or boolean series
