@@ -6,17 +6,17 @@ eval-NAME. A data artifact a stage or task names (`data: dedup`) is the step tha
 
 from __future__ import annotations
 
-from vlmflow.components.capfilt.stage import concise_steps as capfilt_steps
-from vlmflow.components.capfilt.stage import output_stage
+from vlmflow.components.capfilt import concise_steps as capfilt_steps
+from vlmflow.components.capfilt import output_stage
 from vlmflow.components.dedup import COMPONENT as DEDUP
-from vlmflow.components.evaluate.stage import COMPONENT as EVALUATE
-from vlmflow.components.evaluate.stage import stage_name as eval_name
+from vlmflow.components.evaluate import COMPONENT as EVALUATE
+from vlmflow.components.evaluate import stage_name as eval_name
 from vlmflow.components.ingest import COMPONENT as INGEST
-from vlmflow.components.instruct.stage import COMPONENT as INSTRUCT
+from vlmflow.components.instruct import COMPONENT as INSTRUCT
 from vlmflow.components.tokenize import COMPONENT as TOKENIZER
-from vlmflow.components.train.stage import COMPONENT as TRAIN
-from vlmflow.components.train.stage import data_inputs
-from vlmflow.components.train.stage import stage_name as train_name
+from vlmflow.components.train import COMPONENT as TRAIN
+from vlmflow.components.train import data_inputs
+from vlmflow.components.train import stage_name as train_name
 from vlmflow.pipeline import Step, register_concise
 from vlmflow.specs.recipe import Recipe
 

@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dask
-import dask.dataframe as dd
 import numpy as np
-import pandas as pd
 import polars as pl
-import ray
 
 from vlmflow.component import Component, Port
 from vlmflow.components import report
@@ -30,8 +27,17 @@ from vlmflow.components.ingest import QUARANTINE_SCHEMA
 from vlmflow.specs.data import DedupSpec
 from vlmflow.stage import StageContext, StageResult
 
+if TYPE_CHECKING:
+    import dask.dataframe as dd
+    import pandas as pd
+
+# dask, pandas and Ray are imported by the functions that use them: declaring the component (and
+# validating or planning a recipe) imports none of them.
+
 
 def _scheduler() -> object:
+    import ray
+
     if ray.is_initialized():
         from ray.util.dask import ray_dask_get
 
@@ -60,6 +66,8 @@ def band_masks(threshold: int, bits: int = 64) -> list[tuple[int, int]]:
 
 
 def _bands(part: pd.DataFrame, masks: list[tuple[int, int]]) -> pd.DataFrame:
+    import pandas as pd
+
     hashes = part["phash"].to_numpy(dtype=np.uint64)
     frames = [
         pd.DataFrame(
@@ -76,6 +84,8 @@ def _bands(part: pd.DataFrame, masks: list[tuple[int, int]]) -> pd.DataFrame:
 
 def _verify(part: pd.DataFrame, threshold: int, max_color: float) -> pd.DataFrame:
     """Keep candidate pairs within the Hamming threshold and the colour difference."""
+    import pandas as pd
+
     xor = part["phash_a"].to_numpy(np.uint64) ^ part["phash_b"].to_numpy(np.uint64)
     distance = np.bitwise_count(xor).astype(np.int16)
     thumbs_a = np.stack([np.frombuffer(t, np.uint8) for t in part["thumb_a"]]) if len(part) else np.empty((0, 1))
@@ -95,6 +105,8 @@ def _verify(part: pd.DataFrame, threshold: int, max_color: float) -> pd.DataFram
 def near_pairs(frame: dd.DataFrame, threshold: int, max_color: float) -> pd.DataFrame:
     """(key_a, key_b, distance, color) with key_a < key_b, Hamming(phash) <= threshold and
     mean |RGB| difference of the thumbnails <= max_color."""
+    import pandas as pd
+
     masks = band_masks(threshold)
     meta = pd.DataFrame(
         {"key": pd.Series(dtype=str), "band": pd.Series(dtype=np.int16), "value": pd.Series(dtype=np.uint64)}
@@ -143,11 +155,16 @@ def clusters(pairs: pd.DataFrame) -> dict[str, tuple[str, int]]:
 
 def find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
     """Quarantine rows (key, reason, detail) for every duplicate in the manifest."""
+    import dask
+
     with dask.config.set({"dataframe.convert-string": False}):  # one string dtype on both sides of the joins
         return _find_duplicates(manifest, spec)
 
 
 def _find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
+    import dask.dataframe as dd
+    import pandas as pd
+
     frame = dd.read_parquet(str(manifest), columns=["key", "pixel_sha256", "phash", "thumb"])
     frame = frame.repartition(npartitions=spec.partitions)
     rows: list[dict] = []

@@ -23,7 +23,6 @@ from vlmflow.components.filters import first_failure
 from vlmflow.components.shards import write_shard
 from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, Unit, safe_key
 from vlmflow.images import BadImage, check_image, sha256_bytes
-from vlmflow.runtime.ray import map_units
 from vlmflow.specs.data import IngestSpec, source_name
 from vlmflow.stage import StageContext, StageResult
 
@@ -143,6 +142,8 @@ def run(ctx: StageContext) -> StageResult:
     todo = [w for w in work if not (units_dir / f"{unit_name(w[2])}.manifest.parquet").exists()]
     shard_prefix = ctx.store.relative(ctx.store.path(ctx.name, ctx.digest)) + "/shards"
     filters = list(ctx.config.filters)
+    from vlmflow.runtime.ray import map_units  # Ray: imported when the stage runs
+
     map_units(process_unit, todo, desc="ingest", args=(filters, str(ctx.out), shard_prefix), progress=ctx.progress)
     names = [unit_name(w[2]) for w in work]
     manifest = (

@@ -8,8 +8,6 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import webdataset as wds
-
 from vlmflow.artifacts import atomic_path, file_sha256
 
 
@@ -25,6 +23,8 @@ def write_shard(path: Path, samples: list[dict]) -> tuple[str, int]:
     """
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as stream:
+            import webdataset as wds  # imports torch: only where a shard is written
+
             writer = wds.TarWriter(stream, mtime=0.0, encoder=False)
             for sample in samples:
                 writer.write({k: _encode(v) if k != "__key__" else v for k, v in sample.items()})

@@ -7,9 +7,11 @@ from pathlib import Path
 
 from vlmflow.artifacts import ArtifactStore
 from vlmflow.components import ingest
+from vlmflow.components.instruct import COMPONENT as INSTRUCT
 from vlmflow.components.instruct import stage as instruct_stage
 from vlmflow.fingerprint import HashCache
 from vlmflow.pipeline import Step, step_digest
+from vlmflow.runtime import ray as ray_runtime
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import StageContext, StageOutput, StageResult, run_stage
 
@@ -43,12 +45,12 @@ def ingest_step(recipe: Recipe) -> Step:
 
 
 def instruct_step(recipe: Recipe, upstream: str = "ingest") -> Step:
-    return Step("instruct", instruct_stage.COMPONENT, recipe.instruct, {"data": upstream}, ("instruct",))
+    return Step("instruct", INSTRUCT, recipe.instruct, {"data": upstream}, ("instruct",))
 
 
 def run_ingest(store: ArtifactStore, recipe: Recipe, monkeypatch) -> StageOutput:
     """The ingest step, its Ray map replaced by a loop."""
-    monkeypatch.setattr(ingest, "map_units", _serial)
+    monkeypatch.setattr(ray_runtime, "map_units", _serial)  # ingest imports it when it runs
     step = ingest_step(recipe)
     digest = _digest(step, recipe, {})
     run_stage(step, digest, {}, recipe, store, "log")

@@ -12,13 +12,10 @@ import shutil
 from pathlib import Path
 
 from vlmflow.component import Component
-from vlmflow.components.export import resolve_model
-from vlmflow.components.train.setup import CONFIG_FILE, TOKENIZER_FILE
 from vlmflow.errors import UserError
 from vlmflow.pipeline import Step
 from vlmflow.specs.base import StrictModel
 from vlmflow.stage import StageContext, StageResult
-from vlmflow.tracking import download_model, tracking_uri
 
 NAME = "model"
 
@@ -36,6 +33,10 @@ class ModelImportSpec(StrictModel):
 
 
 def run(ctx: StageContext) -> StageResult:
+    from vlmflow.components.export import resolve_model  # torch and transformers: imported on use
+    from vlmflow.components.train.setup import CONFIG_FILE, TOKENIZER_FILE
+    from vlmflow.tracking import download_model, tracking_uri
+
     ref, target = ctx.config.ref, ctx.out / "model"
     if is_registered(ref):
         tracking = tracking_uri(ctx.store.root.parent, ctx.recipe.runtime.mlflow.tracking_uri)

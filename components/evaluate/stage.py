@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from vlmflow.component import Component, Port
 from vlmflow.components.evaluate import datasets, scoring
 from vlmflow.components.evaluate.datasets import Item, Loaded
 from vlmflow.components.evaluate.examples import write_examples
@@ -31,17 +30,6 @@ from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import StageContext, StageResult
 
 ARTIFACTS = ["metrics.json", "predictions.parquet", "quarantine.parquet", "examples.png"]
-
-
-def stage_name(task: EvalTask) -> str:
-    """The task's step in the concise form."""
-    return f"eval-{task.name}"
-
-
-def ports(task: EvalTask) -> dict[str, Port]:
-    """`model`, the trained model it evaluates, and for held-out data `data`, the artifact."""
-    data = {"data": Port("samples", description="the held-out split")} if task.data.kind == "held-out" else {}
-    return {"model": Port("model"), **data}
 
 
 def load_items(task: EvalTask, ctx: StageContext) -> tuple[Loaded, list[str]]:
@@ -181,14 +169,3 @@ def run(ctx: StageContext) -> StageResult:
         artifacts=list(ARTIFACTS),
         details={"task": task.kind, "model": str(folder), "classes": classes},
     )
-
-
-COMPONENT = Component(
-    name="evaluate",
-    config=EvalTask,
-    reads=ports,
-    writes="metrics",
-    run=run,
-    recipe_fields=("seed",),
-    description="an evaluation task: zero-shot classification, retrieval, captioning, VQA or multiple choice",
-)

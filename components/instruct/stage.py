@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
-from vlmflow.component import Component, Port
 from vlmflow.components.instruct.backends import Item, OpenAIBackend, generate_offline, resolve_api_key
 from vlmflow.components.instruct.cache import ResponseCache
 from vlmflow.components.instruct.client import CallStats
@@ -35,11 +33,6 @@ from vlmflow.specs.instruct import TASKS, InstructSpec, OpenAICompatibleGenerato
 from vlmflow.stage import StageContext, StageResult
 
 CACHE_PATH = ("_cache", "instruct", "responses.sqlite")  # under the artifact store root
-
-
-def templates_of(spec: InstructSpec) -> dict:
-    """The prompts the output depends on: the templates' content (the built-in ones by default)."""
-    return {"templates_digest": load_templates(spec.templates).digest}
 
 
 def assign_task(seed: int, key: str, mix: dict[str, float]) -> str:
@@ -107,22 +100,3 @@ def run(ctx: StageContext) -> StageResult:
             f"(e.g. {outcomes[failed[0].id].detail}); the other replies are cached: run again to resume"
         )
     return write_outputs(ctx, spec, templates, rows, items, outcomes, stats)
-
-
-def rows_estimate(step: Any, plan: Any) -> tuple[int | None, int | None]:
-    """Every input row is written (with generated data) or carried through."""
-    rows = plan.input_rows(step)["data"]
-    return rows, rows
-
-
-COMPONENT = Component(
-    name="instruct",
-    config=InstructSpec,
-    reads={"data": Port("samples", description="the images (captions + boxes) to write instruction data for")},
-    writes="samples",
-    run=run,
-    recipe_fields=("seed",),
-    fingerprint=templates_of,
-    rows_estimate=rows_estimate,
-    description="LLaVA-style instruction data (conversation, detail, complex reasoning) from captions and boxes",
-)

@@ -11,8 +11,8 @@ import polars as pl
 from tokenizers import Tokenizer
 
 from vlmflow.artifacts import ArtifactStore
-from vlmflow.components.train import mixture
-from vlmflow.components.train.stage import data_inputs, vocab_of
+from vlmflow.components.train import data_inputs, mixture
+from vlmflow.components.train.stage import vocab_of
 from vlmflow.errors import UserError
 from vlmflow.models.estimate import Trace, footprint, trace_stage
 from vlmflow.models.vision import image_spec

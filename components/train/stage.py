@@ -21,8 +21,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from tokenizers import Tokenizer
 
-from vlmflow.component import Component, Port
-from vlmflow.components.train import evaluate, mixture
+from vlmflow.components.train import data_inputs, evaluate, mixture
 from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, build_index, split_rows
 from vlmflow.components.train.loop import WorkerConfig, memory_of, train_worker
 from vlmflow.components.train.setup import read_model_folder
@@ -33,17 +32,6 @@ from vlmflow.specs.train import TrainStageSpec
 from vlmflow.stage import StageContext, StageResult
 
 EVAL_SPLITS = ("val", "test")
-
-
-def stage_name(spec: TrainStageSpec | str) -> str:
-    """The step of a training stage spec (or of the stage with that name) in the concise form."""
-    return f"train-{spec if isinstance(spec, str) else spec.name}"
-
-
-def data_inputs(spec: TrainStageSpec) -> dict[str, str]:
-    """Input name -> data artifact: `data` for one artifact, `data.NAME` for each of several."""
-    names = spec.artifacts()
-    return {"data": names[0]} if len(names) == 1 else {f"data.{name}": name for name in names}
 
 
 def mixture_rows(indexes: dict[str, pl.DataFrame], spec: TrainStageSpec) -> list[pl.DataFrame]:
@@ -99,20 +87,6 @@ def accounting(
             )
         )
     return pl.concat(frames)
-
-
-def ports(spec: TrainStageSpec) -> dict[str, Port]:
-    """tokenizer, the data (`data`, or `data.NAME` per artifact of a mixture) and `init`, the
-    model it starts from (unwired: fresh weights)."""
-    data = {key: Port("samples") for key in data_inputs(spec)}
-    return {"tokenizer": Port("tokenizer"), **data, "init": Port("model", optional=True)}
-
-
-def plan_step(step: object, ctx: object) -> dict:
-    """`vlmflow plan`'s details of a training step (components/train/plan.py, imported on use)."""
-    from vlmflow.components.train.plan import plan_step as plan
-
-    return plan(step, ctx)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -308,15 +282,3 @@ def held_out_checks(out: Path, index: pl.DataFrame, spec: TrainStageSpec, config
             positions = evaluate.held_out(caps, min(spec.eval_samples, 32))
             metrics.update(evaluate.caption_metrics(model, caps, positions, codec, image, spec.prompt))
     return metrics
-
-
-COMPONENT = Component(
-    name="train",
-    config=TrainStageSpec,
-    reads=ports,
-    writes="model",
-    run=run,
-    recipe_fields=("seed", "model", "runtime.train.num_workers", "runtime.train.use_gpu", "runtime.train.strategy"),
-    plan=plan_step,
-    description="a training stage: Ray Train over its data mixture, then held-out checks",
-)

@@ -114,10 +114,10 @@ def run(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     plan = _checked_plan(spec, overrides, recipe, workdir)
     _prefect_env(workdir)
-    from vlmflow.flows.recipe import recipe_flow
+    from vlmflow.flows.recipe import run_recipe
 
     try:
-        summary = recipe_flow(recipe, workdir, spec, plan)
+        summary = run_recipe(recipe, workdir, spec, plan)
     except UserError:
         _print_latest(workdir)
         raise

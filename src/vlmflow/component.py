@@ -51,6 +51,22 @@ def is_operational(info: pydantic.fields.FieldInfo) -> bool:
     return isinstance(extra, dict) and extra.get("digest") is False
 
 
+# A component's function, or its name ("package.module:function"): a named one is imported when
+# first called, so declaring a component (and validating or planning a recipe) imports none of
+# the heavy libraries its work needs (torch, transformers, Ray Train).
+Hook = Callable[..., Any] | str
+
+
+def hooked(hook: Hook) -> Callable[..., Any]:
+    if not isinstance(hook, str):
+        return hook
+    module, _, name = hook.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"component hook {hook!r}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class Port:
     """An input of a component: the artifact type it accepts; optional ports may stay unwired."""
@@ -68,17 +84,22 @@ class Component:
     name: str
     config: Any  # a pydantic model class or any type a pydantic TypeAdapter validates
     writes: str
-    run: Callable[..., Any]  # run(ctx: StageContext) -> StageResult
+    run: Hook  # run(ctx: StageContext) -> StageResult
     reads: Mapping[str, Port] | Callable[[Any], Mapping[str, Port]] = field(default_factory=dict)
     recipe_fields: tuple[str, ...] = ()  # dotted recipe settings the output depends on ("seed", "model")
     description: str = ""
-    fingerprint: Callable[[Any], Any] | None = None  # extra cache-key content, e.g. a templates folder
-    plan: Callable[..., dict] | None = None  # plan(step, PlanContext): `vlmflow plan` details (entry[name])
-    rows_estimate: Callable[..., tuple] | None = None  # (step, PlanContext) -> (rows in, rows out) before it runs
+    fingerprint: Hook | None = None  # fingerprint(config): extra cache-key content, e.g. a templates folder
+    plan: Hook | None = None  # plan(step, PlanContext): `vlmflow plan` details (entry[name])
+    rows_estimate: Hook | None = None  # (step, PlanContext) -> (rows in, rows out) before it runs
     code: tuple[str, ...] = ()  # modules whose code the cache key covers; default: run's module
 
     def ports(self, config: Any) -> dict[str, Port]:
         return dict(self.reads(config) if callable(self.reads) else self.reads)
+
+    def call(self, hook: str, *args: Any) -> Any:
+        """Call hook `hook` ("run", "plan", "rows_estimate", "fingerprint"), importing its module
+        first when it is declared by name ("package.module:function")."""
+        return hooked(getattr(self, hook))(*args)
 
     @cached_property
     def adapter(self) -> TypeAdapter:
@@ -94,7 +115,7 @@ class Component:
 
     @property
     def modules(self) -> tuple[str, ...]:
-        return self.code or (self.run.__module__,)
+        return self.code or (self.run.partition(":")[0] if isinstance(self.run, str) else self.run.__module__,)
 
 
 COMPONENTS: Registry[Component] = Registry("component")

@@ -205,7 +205,7 @@ def step_digest(step: Step, recipe: Any, inputs: dict[str, str], hashes: HashCac
         "code": code_digest(component.modules),
     }
     if component.fingerprint is not None:
-        payload["extra"] = fingerprint_value(component.fingerprint(step.config), base, hashes)
+        payload["extra"] = fingerprint_value(component.call("fingerprint", step.config), base, hashes)
     return digest_of(payload)
 
 

@@ -92,7 +92,7 @@ def build_plan(recipe: Recipe, workdir: Path) -> dict:
         stages.append(entry)
     for step, entry in zip(steps, stages, strict=True):
         if step.component.plan is not None:
-            entry[step.component.name] = step.component.plan(step, ctx)
+            entry[step.component.name] = step.component.call("plan", step, ctx)
     return {"recipe": recipe.name, "workdir": str(workdir.resolve()), "device": device, "stages": stages}
 
 
@@ -100,7 +100,7 @@ def rows_estimate(step: Step, ctx: PlanContext) -> tuple[int | None, int | None]
     """(rows in, rows out) before the step runs: its component's estimate, else the rows of its
     sample inputs in and nothing said of what comes out."""
     if step.component.rows_estimate is not None:
-        return step.component.rows_estimate(step, ctx)
+        return step.component.call("rows_estimate", step, ctx)
     ports = step.component.ports(step.config)
     counts = [ctx.rows.get(up) for port, up in step.inputs.items() if ports[port].type == "samples"]
     return (sum(counts) if counts and None not in counts else None), None

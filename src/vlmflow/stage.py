@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,20 +71,29 @@ class StageResult:
 
 
 def run_stage(
-    step: Step, digest: str, inputs: dict[str, StageOutput], recipe: Any, store: ArtifactStore, progress: str = "auto"
+    step: Step,
+    digest: str,
+    inputs: dict[str, StageOutput],
+    recipe: Any,
+    store: ArtifactStore,
+    progress: str = "auto",
+    before_compute: Callable[[], Any] | None = None,
 ) -> tuple[str, dict]:
     """Reuse the step's artifact (`cached`) or build and commit it (`computed`): (status, stats).
-    A lock per artifact makes a second run at the same time wait and then find it cached."""
+    A lock per artifact makes a second run at the same time wait and then find it cached.
+    before_compute: called before a build starts (the run starts Ray there, once)."""
     with file_lock(store.root / step.name / f"{digest}.lock"):
         if store.is_complete(step.name, digest):
             log.info("%s: cached (%s)", step.name, digest)
             return "cached", store.stats(step.name, digest)
+        if before_compute is not None:
+            before_compute()
         started = time.monotonic()
         ctx = StageContext(
             recipe, store, store.partial(step.name, digest), digest, inputs, progress,
             step.config, step.name, step.field, step.register,
         )  # fmt: skip
-        result = step.component.run(ctx)
+        result = step.component.call("run", ctx)
         stats = result.stats(time.monotonic() - started)
         store.commit(step.name, digest, stats)
     log.info(

@@ -146,7 +146,7 @@ def _rerun(workdir: Path, summary: dict, name: str, recipe, out: Path, kill: boo
     if kill:
         thread.start()
     try:
-        step.component.run(ctx)
+        step.component.call("run", ctx)
     finally:
         finished = time.monotonic()
         done.set()

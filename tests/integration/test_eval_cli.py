@@ -111,7 +111,7 @@ def _check_a_killed_actor_changes_no_prediction(workdir: Path, summary: dict) ->
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        step.component.run(ctx)
+        step.component.call("run", ctx)
     finally:
         finished = time.monotonic()
         done.set()

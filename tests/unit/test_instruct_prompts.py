@@ -9,10 +9,10 @@ import pytest
 
 from tests.instruct_helpers import instruct_digest, make_recipe
 from vlmflow.component import digest_view
+from vlmflow.components.instruct import templates_of
 from vlmflow.components.instruct.context import build_context, context_text, parse_context_text
 from vlmflow.components.instruct.replies import Rejected, parse_reply, reply_of
 from vlmflow.components.instruct.scene import Obj
-from vlmflow.components.instruct.stage import templates_of
 from vlmflow.components.instruct.templates import DEFAULT_TEMPLATES, load_templates
 from vlmflow.components.sources.synthetic import make_row
 from vlmflow.errors import UserError

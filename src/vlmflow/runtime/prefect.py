@@ -25,6 +25,7 @@ import secrets
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,11 @@ class RecipeRun:
         self.tracker: Tracker | None = None
         self.parent_run: str | None = None
         self._prefect_logs: logging.Handler | None = None
+        self.in_prefect = False  # inside a Prefect flow run: stages are its task runs
         # Stages finish on several threads: the summary, summary.json and the MLflow client
         # (sqlite allows one writer) are used under this lock only.
         self._lock = threading.RLock()
+        self._ray_lock = threading.Lock()
 
     def __enter__(self) -> RecipeRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,10 +150,11 @@ class RecipeRun:
         tmp_link.symlink_to(self.run_id)
         os.replace(tmp_link, latest)
         self.summary["prefect_flow_run_id"] = str(flow_run.id) if flow_run.id else None
+        self.in_prefect = bool(flow_run.id)
         if flow_run.id:
             self._prefect_logs = PrefectRunLogs()
             log.addHandler(self._prefect_logs)
-        self.summary["ray"] = init_ray(self.recipe.runtime.ray, self.run_dir / "code")
+        self.summary["ray"] = "ray: not started (no stage computed)"
         uri = tracking_uri(self.workdir, self.recipe.runtime.mlflow.tracking_uri)
         self.tracker = Tracker(
             uri, self.recipe.runtime.mlflow.experiment or self.recipe.name, self.workdir / "mlartifacts"
@@ -183,6 +187,14 @@ class RecipeRun:
             log.removeHandler(self._prefect_logs)
         if ray.is_initialized():
             ray.shutdown()
+
+    def ensure_ray(self) -> None:
+        """Start (or join) Ray for the first stage that computes: a run whose stages are all
+        cached never starts it."""
+        with self._ray_lock:
+            if not ray.is_initialized():
+                self.summary["ray"] = init_ray(self.recipe.runtime.ray, self.run_dir / "code")
+                self._save()
 
     def _tags(self) -> dict[str, str]:
         return {
@@ -280,6 +292,13 @@ class RecipeRun:
         """The node's Prefect task, started on the flow's task runner (a thread); `upstream`: the
         finished futures of the nodes it reads (only recorded: Prefect links the task runs)."""
         name = node.name
+        if not self.in_prefect:  # no flow run: the stage runs here, now (a run with nothing to compute)
+            future: Future = Future()
+            try:
+                future.set_result(stage_task.fn(self, node, self.digests[name], inputs))
+            except BaseException as error:
+                future.set_exception(error)
+            return future
         runner = stage_task.with_options(name=name, task_run_name=name)
         return runner.submit(self, node, self.digests[name], inputs, wait_for=upstream)
 
@@ -452,7 +471,9 @@ def stage_task(run: RecipeRun, step: Step, digest: str, inputs: dict[str, StageO
     child = run.open_stage(step, digest, inputs)
     tail = run.tail_history(step, digest, child)
     try:
-        status, stats = run_stage(step, digest, inputs, run.recipe, run.store, run.recipe.runtime.progress)
+        status, stats = run_stage(
+            step, digest, inputs, run.recipe, run.store, run.recipe.runtime.progress, before_compute=run.ensure_ray
+        )
     except BaseException as error:
         streamed = tail.stop()
         failed = {"metrics": {}, "artifacts": [], "seconds": 0.0}
