@@ -4,7 +4,9 @@ Every task reads `Item`s: an image plus what the task scores against (`reference
 references, human answers, the class label, or the correct option key). User files are
 checked record by record: a malformed file or record is a `UserError` naming the file and
 the record; a record whose image is missing or unreadable goes to the quarantine with a
-reason (nothing is silently dropped).
+reason (nothing is silently dropped). An image path that resolves (symlinks followed) outside
+its dataset folder (an absolute path, a `..` chain, a symlink elsewhere) is quarantined as
+`path-outside-dataset` before any existence check, so the reason says nothing about the host.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from vlmflow.components.sources.base import OUTSIDE, contained_path
 from vlmflow.components.train.data import IMAGE_EXTS, ShardSamples
 from vlmflow.errors import UserError
 
@@ -155,6 +158,15 @@ def _field(record: dict, key: str, types: type | tuple, path: Path, where: str) 
     return value
 
 
+def dataset_image(root: Path, name: str | Path) -> tuple[bytes | None, str | None]:
+    """(bytes, None) for a readable image NAME under the dataset folder ROOT, else (None, reason);
+    `path-outside-dataset` when NAME resolves outside ROOT, whether or not it exists."""
+    path, _ = contained_path(root, name)
+    if path is None:
+        return None, OUTSIDE
+    return image_bytes(path)
+
+
 def image_bytes(path: Path) -> tuple[bytes | None, str | None]:
     """(bytes, None) for a readable image, else (None, reason)."""
     try:
@@ -167,13 +179,16 @@ def image_bytes(path: Path) -> tuple[bytes | None, str | None]:
 
 
 def verified(data: bytes) -> tuple[bytes | None, str | None]:
-    """(bytes, None) when they decode as an image, else (None, reason)."""
+    """(bytes, None) when they decode as an image (to RGB, as the model's preprocessing does),
+    else (None, reason): whatever a decoder raises on a hostile file is `unreadable-image`."""
     if not data:
         return None, "zero-byte-image"
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        with Image.open(io.BytesIO(data)) as image:
+            image.convert("RGB")
+    except Exception:  # any decoder exception (struct.error, EOFError, ZeroDivisionError...) or a bomb
         return None, "unreadable-image"
     return data, None
 
@@ -198,7 +213,7 @@ def coco_captions(annotations: Path, images: Path, limit: int) -> Loaded:
         if loaded.full():
             break
         captions = [c for c in refs.get(image_id, []) if c.strip()]
-        data_, reason = image_bytes(images / name)
+        data_, reason = dataset_image(images, name)
         if not captions:
             loaded.reject(str(image_id), str(annotations), "no-caption")
         elif reason:
@@ -232,7 +247,7 @@ def vqav2(questions: Path, annotations: Path, images: Path, pattern: str, limit:
             name = pattern.format(image_id=image_id)
         except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
             raise UserError(f"image_pattern {pattern!r} cannot name image {image_id!r}: {exc}") from None
-        data, reason = image_bytes(images / name)
+        data, reason = dataset_image(images, name)
         if reason:
             loaded.reject(str(qid), str(images / name), reason)
         else:
@@ -242,12 +257,21 @@ def vqav2(questions: Path, annotations: Path, images: Path, pattern: str, limit:
 
 def image_folder(root: Path, limit: int) -> tuple[Loaded, list[str]]:
     """Items from ROOT/CLASS/IMAGE files, taken round-robin over the classes (so a limit keeps
-    every class); returns the class names (sorted folder names) too."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    every class); returns the class names (sorted folder names) too. A class folder that is a
+    symlink leading outside ROOT is not listed: it is one `path-outside-dataset` entry; a symlink
+    among the images (dangling or not) is an entry too, checked like any image."""
+    entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+    outside = [p.name for p in entries if p.is_symlink() and contained_path(root, p.name)[0] is None]
+    classes = [p.name for p in entries if p.name not in outside and p.is_dir()]
     if len(classes) < 2:
         raise UserError(f"{root}: an image-folder classification set needs at least two class sub-folders")
-    files = {c: sorted(p for p in (root / c).iterdir() if p.is_file() and not p.name.startswith(".")) for c in classes}
+    files = {
+        c: sorted(p for p in (root / c).iterdir() if (p.is_file() or p.is_symlink()) and not p.name.startswith("."))
+        for c in classes
+    }
     loaded = Loaded(limit=limit)
+    for name in outside:
+        loaded.reject(name, str(root / name), OUTSIDE)
     for rank in range(max(len(v) for v in files.values())):
         for name in classes:
             if rank >= len(files[name]) or loaded.full():
@@ -256,7 +280,7 @@ def image_folder(root: Path, limit: int) -> tuple[Loaded, list[str]]:
             if path.suffix.lower().lstrip(".") not in IMAGE_EXTS:
                 loaded.reject(f"{name}/{path.name}", str(path), "not-an-image-file")
                 continue
-            data, reason = image_bytes(path)
+            data, reason = dataset_image(root, path.relative_to(root))
             if reason:
                 loaded.reject(f"{name}/{path.name}", str(path), reason)
             else:
@@ -290,8 +314,9 @@ def choice_jsonl(path: Path, images: Path, limit: int) -> Loaded:
             known = ", ".join(k for k, _ in options)
             raise UserError(f"{path}: {where}: answer {answer!r} is not an option key ({known})")
         id_ = str(record.get("id", number))
-        image_path = images / _field(record, "image", str, path, where)
-        data, reason = image_bytes(image_path)
+        image_name = _field(record, "image", str, path, where)
+        image_path = images / image_name
+        data, reason = dataset_image(images, image_name)
         if reason:
             loaded.reject(id_, str(image_path), reason)
         else:

@@ -7,7 +7,9 @@ A reader has two halves:
 - `read(spec, ctx, unit) -> Iterator[RawRow | Rejected]` runs on a Ray worker: it yields
   every row of the unit, either as a RawRow (image bytes + text) or as a Rejected row with
   its reason (a missing image file is `Rejected(key, "missing-image-file", detail)`).
-  Nothing may be dropped silently.
+  Nothing may be dropped silently. A path named by an annotation (or a symlink in an image
+  folder) is opened only when it resolves inside the dataset's folder (`contained_path`),
+  else the row is `path-outside-dataset`, whether or not the file exists.
 A reader may also offer, for incremental refreshes (components/refresh.py):
 - `items(spec, ctx) -> list[tuple]`: the rows `plan` cuts into units, in order, each a small
   picklable tuple whose second element is its key (a unit's payload is a list of them);
@@ -17,7 +19,9 @@ A reader may also offer, for incremental refreshes (components/refresh.py):
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,15 +89,56 @@ def chunk(items: list, size: int) -> list[list]:
 
 
 def read_file_bytes(path: Path) -> tuple[bytes | None, str | None]:
-    """Bytes of an image file, or (None, detail) when it is missing or unreadable."""
+    """Bytes of an image file, or (None, detail) when it is missing or unreadable. Only a regular
+    file is read: a FIFO, socket or device under the name would block or never end."""
     try:
-        return path.read_bytes(), None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None, f"no such file: {path}"
-    except (IsADirectoryError, PermissionError, OSError) as exc:
+    except OSError as exc:
         return None, f"cannot read {path}: {exc.strerror or exc}"
     except ValueError as exc:  # a NUL byte in the name
         return None, f"cannot read {str(path)!r}: {exc}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, f"cannot read {path}: not a regular file"
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read(), None
+    except OSError as exc:
+        return None, f"cannot read {path}: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+
+
+OUTSIDE = "path-outside-dataset"
+
+
+def contained_path(root: Path, name: str | os.PathLike, allow_outside: bool = False) -> tuple[Path | None, str]:
+    """(the path to open, "") for a file an annotation names under the dataset folder ROOT, or
+    (None, detail) when it resolves (symlinks followed) outside ROOT: an absolute path, a `..`
+    chain, a symlink to a file or folder elsewhere. The check runs before any existence test, so
+    the answer is the same whether or not the outside file exists. `allow_outside` (a source's
+    `allow_outside_paths: true`) turns the check off.
+
+    The path returned is the resolved one (no symlink left to swap between check and read);
+    one that cannot be resolved (a NUL byte, a symlink loop) is checked lexically and returned
+    as written, for the read to fail on it.
+    """
+    path = root / name
+    if allow_outside:
+        return path, ""
+    try:
+        base = root.resolve()
+    except (OSError, RuntimeError, ValueError):
+        base = Path(os.path.abspath(root))
+    try:
+        real = opened = path.resolve()
+    except (OSError, RuntimeError, ValueError):
+        real, opened = Path(os.path.normpath(os.path.abspath(path))), path
+        base = Path(os.path.normpath(os.path.abspath(root)))
+    if not real.is_relative_to(base):
+        return None, f"{os.fspath(name)!r} is outside the dataset folder {root}"
+    return opened, ""
 
 
 def unique_keys(keys: Iterable[str]) -> list[str]:

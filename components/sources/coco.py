@@ -4,6 +4,8 @@ One row per image entry (JSON order), its captions gathered from the caption ann
 Malformed image entries become `malformed-annotation` rows keyed `image-INDEX`; malformed
 caption / instance annotations become one row each keyed `annotation-INDEX` /
 `instance-INDEX`, placed after the images. Annotations of a rejected image go with it.
+A `file_name` that resolves outside the `images` folder is `path-outside-dataset` (unless
+`allow_outside_paths`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vlmflow.components.sources.base import (
+    OUTSIDE,
     SOURCES,
     RawRow,
     Rejected,
@@ -19,6 +22,7 @@ from vlmflow.components.sources.base import (
     SourceReader,
     Unit,
     chunk,
+    contained_path,
     load_json,
     read_file_bytes,
     safe_key,
@@ -163,7 +167,10 @@ def read(spec: CocoSource, ctx: SourceContext, unit: Unit) -> Iterator[RawRow | 
             yield Rejected(item[1], item[2], item[3])
             continue
         _, key, file_name, captions, objects = item
-        path = spec.images / file_name
+        path, outside = contained_path(spec.images, file_name, spec.allow_outside_paths)
+        if path is None:
+            yield Rejected(key, OUTSIDE, outside)
+            continue
         image, problem = read_file_bytes(path)
         if image is None:
             yield Rejected(key, "missing-image-file", problem or str(path))

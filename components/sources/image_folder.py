@@ -4,6 +4,11 @@ Rows are the images found on disk (recursively, sorted) plus any file named in t
 file, so a listed file that is absent becomes `missing-image-file` instead of vanishing.
 A captions-file line that names no usable file is its own `malformed-annotation` row; a
 line that names a file but is otherwise malformed rejects that file's row.
+
+Every file is read only when it resolves inside the folder: a captions-file line naming an
+absolute path elsewhere or a `..` chain is its own `path-outside-dataset` row, and an image
+that is a symlink (or lies under a symlinked folder) leading outside is `path-outside-dataset`
+too, whether or not the target exists. `allow_outside_paths: true` lifts both checks.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from vlmflow.components.sources.base import (
+    OUTSIDE,
     SOURCES,
     RawRow,
     Rejected,
@@ -22,6 +28,7 @@ from vlmflow.components.sources.base import (
     SourceReader,
     Unit,
     chunk,
+    contained_path,
     read_file_bytes,
     safe_key,
     unique_keys,
@@ -46,34 +53,40 @@ def _images_on_disk(root: Path, extensions: set[str]) -> list[str]:
     return sorted(found)
 
 
-def _relative(file: object, root: Path) -> str | None:
-    """The listed file as a path relative to the image folder, or None when it is unusable."""
+def _relative(file: object, root: Path, allow_outside: bool) -> tuple[str | None, bool]:
+    """(the listed file as a path relative to the image folder, False); (None, True) when it lies
+    outside the folder (with `allow_outside`: its normalised path, absolute or `../...`);
+    (None, False) when it is unusable."""
     if not isinstance(file, str) or not file.strip():
-        return None
+        return None, False
     path = Path(file.strip())
-    if path.is_absolute():
-        if not path.is_relative_to(root):
-            return None
+    if path.is_absolute() and path.is_relative_to(root):
         path = path.relative_to(root)
     normal = PurePosixPath(os.path.normpath(path.as_posix()))
-    if normal.parts[:1] == ("..",) or str(normal) == ".":
-        return None
-    return normal.as_posix()
+    if str(normal) == ".":
+        return None, False
+    if normal.is_absolute() or normal.parts[:1] == ("..",):
+        return (normal.as_posix(), False) if allow_outside else (None, True)
+    return normal.as_posix(), False
 
 
 class _Captions:
     """Captions per listed file, the files whose lines were malformed, and unattributable lines."""
 
-    def __init__(self, root: Path, source: Path):
-        self.root, self.source = root, source
+    def __init__(self, root: Path, source: Path, allow_outside: bool = False):
+        self.root, self.source, self.allow_outside = root, source, allow_outside
         self.by_file: dict[str, list[str]] = {}
         self.bad_files: dict[str, str] = {}
-        self.bad_lines: list[tuple[int, str]] = []
+        self.bad_lines: list[tuple[int, str, str]] = []  # (line, reason, detail)
 
     def add(self, line: int, file: object, captions: object) -> None:
-        rel = _relative(file, self.root)
+        rel, outside = _relative(file, self.root, self.allow_outside)
+        if outside:
+            detail = f"{self.source.name} line {line}: file {str(file).strip()!r} is outside the image folder"
+            self.bad_lines.append((line, OUTSIDE, detail))
+            return
         if rel is None:
-            self.bad_lines.append((line, f"{self.source.name} line {line}: file: missing or outside the image folder"))
+            self.bad_lines.append((line, MALFORMED, f"{self.source.name} line {line}: file: missing or not a path"))
             return
         self.by_file.setdefault(rel, [])
         problem = _caption_problem(captions)
@@ -113,13 +126,13 @@ def _read_jsonl(path: Path, table: _Captions) -> None:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
-            table.bad_lines.append((number, f"{path.name} line {number}: invalid JSON: {exc.msg}"))
+            table.bad_lines.append((number, MALFORMED, f"{path.name} line {number}: invalid JSON: {exc.msg}"))
             continue
         except RecursionError:
-            table.bad_lines.append((number, f"{path.name} line {number}: JSON nested too deeply"))
+            table.bad_lines.append((number, MALFORMED, f"{path.name} line {number}: JSON nested too deeply"))
             continue
         if not isinstance(record, dict):
-            table.bad_lines.append((number, f"{path.name} line {number}: expected an object"))
+            table.bad_lines.append((number, MALFORMED, f"{path.name} line {number}: expected an object"))
             continue
         captions: object = None
         if "caption" in record or "captions" in record:
@@ -133,7 +146,7 @@ def _caption_table(spec: ImageFolderSource) -> _Captions | None:
     path = spec.captions_file
     if path is None:
         return None
-    table = _Captions(spec.path, path)
+    table = _Captions(spec.path, path, spec.allow_outside_paths)
     suffix = path.suffix.lower()
     if suffix == ".csv":
         _read_csv(path, table)
@@ -155,7 +168,7 @@ def items(spec: ImageFolderSource, ctx: SourceContext) -> list[tuple]:
         raise UserError(f"{spec.path}: no images with extensions {', '.join(sorted(_extensions(spec)))} in this folder")
     ordered = sorted(files)
     names = [str(PurePosixPath(rel).with_suffix("")) for rel in ordered]
-    bad_line_keys = [f"{spec.captions_file.stem}-line-{n}" for n, _ in table.bad_lines] if table else []
+    bad_line_keys = [f"{spec.captions_file.stem}-line-{n}" for n, _, _ in table.bad_lines] if table else []
     keys = unique_keys([safe_key(n) for n in names] + [safe_key(k) for k in bad_line_keys])
     items: list[tuple] = []
     for key, rel in zip(keys, ordered, strict=False):
@@ -165,8 +178,8 @@ def items(spec: ImageFolderSource, ctx: SourceContext) -> list[tuple]:
             items.append(("rejected", key, MALFORMED, table.bad_files[rel]))
         else:
             items.append(("row", key, rel, table.by_file.get(rel, [])))
-    for key, (_, detail) in zip(keys[len(ordered) :], table.bad_lines if table else [], strict=True):
-        items.append(("rejected", key, MALFORMED, detail))
+    for key, (_, reason, detail) in zip(keys[len(ordered) :], table.bad_lines if table else [], strict=True):
+        items.append(("rejected", key, reason, detail))
     return items[: spec.limit] if spec.limit is not None else items
 
 
@@ -183,16 +196,25 @@ def plan(spec: ImageFolderSource, ctx: SourceContext) -> list[Unit]:
     return [Unit(ctx.name, i, part, len(part)) for i, part in enumerate(chunk(rows, ctx.shard_size))]
 
 
-def _sidecar_captions(image: Path) -> tuple[list[str] | None, str | None]:
-    sidecar = image.with_suffix(".txt")
-    try:
-        text = sidecar.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
+def _sidecar_captions(spec: ImageFolderSource, rel: str) -> tuple[list[str] | None, str | None, str]:
+    """(captions, None, "") or (None, reason, detail)."""
+    sidecar, outside = contained_path(spec.path, PurePosixPath(rel).with_suffix(".txt"), spec.allow_outside_paths)
+    if sidecar is None:
+        return None, OUTSIDE, f"caption sidecar: {outside}"
+    captions, problem = _read_sidecar(sidecar)
+    return captions, None if captions is not None else MALFORMED, problem or ""
+
+
+def _read_sidecar(sidecar: Path) -> tuple[list[str] | None, str | None]:
+    if not os.path.lexists(sidecar):
         return [], None
+    data, problem = read_file_bytes(sidecar)  # a regular file only: a FIFO would block
+    if data is None:
+        return None, problem
+    try:
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return None, f"{sidecar.name}: not UTF-8 text"
-    except OSError as exc:
-        return None, f"cannot read {sidecar}: {exc.strerror or exc}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines or [""], None
 
@@ -204,14 +226,18 @@ def read(spec: ImageFolderSource, ctx: SourceContext, unit: Unit) -> Iterator[Ra
             continue
         _, key, rel, captions = item
         path = spec.path / rel
-        image, problem = read_file_bytes(path)
+        real, outside = contained_path(spec.path, rel, spec.allow_outside_paths)
+        if real is None:
+            yield Rejected(key, OUTSIDE, outside)
+            continue
+        image, problem = read_file_bytes(real)
         if image is None:
             yield Rejected(key, "missing-image-file", problem or str(path))
             continue
         if captions is None:
-            captions, problem = _sidecar_captions(path)
+            captions, reason, problem = _sidecar_captions(spec, rel)
             if captions is None:
-                yield Rejected(key, MALFORMED, problem or "")
+                yield Rejected(key, reason or MALFORMED, problem)
                 continue
         label = path.parent.name if spec.label_from_parent else None
         yield RawRow(key=key, image=image, captions=list(captions), label=label, extra={"path": rel})

@@ -3,7 +3,9 @@
 One row per list entry. Roles map human -> user, gpt -> assistant, system -> system
 (`user` / `assistant` are accepted as they are). Turn contents are kept verbatim (the
 `<image>` placeholder included). An entry without an image (a text-only turn list) is
-`no-image`; any other shape problem is `malformed-annotation` naming the field.
+`no-image`; any other shape problem is `malformed-annotation` naming the field. An `image`
+that resolves outside the `images` folder is `path-outside-dataset` (unless
+`allow_outside_paths`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from vlmflow.components.sources.base import (
+    OUTSIDE,
     SOURCES,
     RawRow,
     Rejected,
@@ -18,6 +21,7 @@ from vlmflow.components.sources.base import (
     SourceReader,
     Unit,
     chunk,
+    contained_path,
     load_json,
     read_file_bytes,
     safe_key,
@@ -79,7 +83,10 @@ def read(spec: LlavaJsonSource, ctx: SourceContext, unit: Unit) -> Iterator[RawR
             yield Rejected(item[1], item[2], item[3])
             continue
         _, key, image_path, turns = item
-        path = spec.images / image_path
+        path, outside = contained_path(spec.images, image_path, spec.allow_outside_paths)
+        if path is None:
+            yield Rejected(key, OUTSIDE, outside)
+            continue
         image, problem = read_file_bytes(path)
         if image is None:
             yield Rejected(key, "missing-image-file", problem or str(path))

@@ -5,7 +5,10 @@ unique across the whole source): consecutive row groups are merged into units of
 `shard_size` rows, and a row group bigger than that is split into row ranges. Keys are
 `<file stem>-<row number in file>` (the relative path for a folder of files) or the
 `key_column` value. A parquet file that cannot be read on the worker rejects each of its
-planned rows as `unreadable-shard`.
+planned rows as `unreadable-shard`. An image path (a path column or a struct's `path`) is
+read only when it resolves inside `image_root` (default: the parquet file's folder): an
+absolute path or `..` chain leading elsewhere is `path-outside-dataset`, whether or not the
+file exists, unless `allow_outside_paths: true`.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmflow.components.sources.base import (
+    OUTSIDE,
     SOURCES,
     RawRow,
     Rejected,
     SourceContext,
     SourceReader,
     Unit,
+    contained_path,
     read_file_bytes,
     safe_key,
     unique_keys,
@@ -144,7 +149,7 @@ def plan(spec: ParquetSource, ctx: SourceContext) -> list[Unit]:
     return [Unit(ctx.name, i, part, sum(p["stop"] - p["start"] for p in part)) for i, part in enumerate(units)]
 
 
-def _image(value: object, base: Path) -> tuple[bytes | None, str | None, str]:
+def _image(value: object, base: Path, allow_outside: bool) -> tuple[bytes | None, str | None, str]:
     """(bytes, None, "") or (None, reason, detail)."""
     if isinstance(value, dict):
         value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
@@ -152,8 +157,10 @@ def _image(value: object, base: Path) -> tuple[bytes | None, str | None, str]:
         return None, "no-image", "the image column is null"
     if isinstance(value, bytes):
         return value, None, ""
-    path = Path(value)
-    data, problem = read_file_bytes(path if path.is_absolute() else base / path)
+    path, outside = contained_path(base, value, allow_outside)
+    if path is None:
+        return None, OUTSIDE, outside
+    data, problem = read_file_bytes(path)
     return (data, None, "") if data is not None else (None, "missing-image-file", problem or str(path))
 
 
@@ -183,7 +190,7 @@ def _read_piece(spec: ParquetSource, piece: dict) -> Iterator[RawRow | Rejected]
         if i in null_keys:
             yield Rejected(key, "malformed-annotation", f"{spec.key_column}: null at row {first + i}")
             continue
-        image, reason, detail = _image(columns[spec.image_column][i], base)
+        image, reason, detail = _image(columns[spec.image_column][i], base, spec.allow_outside_paths)
         if image is None:
             yield Rejected(key, reason or "no-image", detail)
             continue

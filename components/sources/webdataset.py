@@ -12,6 +12,13 @@ one key. The image is the first of IMAGE_EXTENSIONS present; the caption comes f
 A tar that fails part-way yields the samples completed before the failure, then one
 `Rejected(<tar key>, "unreadable-shard", ...)`; the sample being read when it failed is
 named in that detail and not yielded (its members may be incomplete).
+
+Hostile tars: a member's size is checked from its header before anything is read (a sparse
+member of a few KiB can declare a GiB of zeros): a sample with an image member over
+`max_image_bytes`, or a caption / json / cls member over `max_text_bytes`, is
+`member-too-large`. Members the sample does not use (other extensions) are never read. A
+sample with a symlink or hardlink member is `link-member`, and one with a device or FIFO
+member is `special-member` (neither is followed or read), so no sample vanishes.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ from vlmflow.specs.data import WebDatasetSource
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MALFORMED = "malformed-annotation"
+TOO_LARGE = "member-too-large"
+LINK = "link-member"
+SPECIAL = "special-member"
 # webdataset.tariterators.base_plus_ext: (dirname + basename up to the first dot, the rest)
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
@@ -59,13 +69,24 @@ def _tars(spec: WebDatasetSource) -> list[tuple[Path, str]]:
     return list(zip(tars, unique_keys(names), strict=True))
 
 
+def _kind(member: tarfile.TarInfo) -> str | None:
+    """The member's kind, "file", "link" or "special" (it belongs to a sample); None for a directory."""
+    if member.isfile():
+        return "file"
+    if member.issym() or member.islnk():
+        return "link"
+    if member.isdir():
+        return None
+    return "special"  # character / block device, FIFO, or a type tarfile does not know
+
+
 def _count_samples(path: Path) -> int:
     """Samples in the tar from its member headers; the count so far when the tar is damaged."""
     count, previous = 0, None
     try:
         with tarfile.open(path, "r:") as tar:
             for member in tar:
-                parts = _split(member.name) if member.isfile() else None
+                parts = _split(member.name) if _kind(member) else None
                 if parts and parts[0] != previous:
                     count, previous = count + 1, parts[0]
     except _TAR_ERRORS:
@@ -87,20 +108,21 @@ def plan(spec: WebDatasetSource, ctx: SourceContext) -> list[Unit]:
     return units
 
 
-def _members(path: str) -> Iterator[tuple[str, str, IO[bytes] | None]]:
-    """(sample key, extension, data stream) of each file member, streamed; raises the tar's errors.
-
-    The stream must be read before the next member is asked for (the tar is read in one pass).
+def _members(path: str) -> Iterator[tuple[str, str, tarfile.TarInfo, IO[bytes] | None]]:
+    """(sample key, extension, header, data stream) of each member but directories, streamed;
+    raises the tar's errors. The stream (None for a link or special member) is read, if at all,
+    before the next member is asked for (the tar is read in one pass).
 
     tarfile ends quietly at a truncated or garbled header, so the bytes after the last
     member must be the end-of-archive zero blocks: anything else is reported as damage.
     """
     with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
         for member in tar:
-            parts = _split(member.name) if member.isfile() else None
+            kind = _kind(member)
+            parts = _split(member.name) if kind else None
             if parts is None:
                 continue
-            yield parts[0], parts[1], tar.extractfile(member)
+            yield parts[0], parts[1], member, tar.extractfile(member) if kind == "file" else None
         raw.seek(tar.offset)
         _check_end(raw, tar.offset)
 
@@ -151,7 +173,14 @@ def _annotations(spec: WebDatasetSource, members: dict[str, bytes]) -> tuple[lis
     return captions, rest, None
 
 
-def _sample(spec: WebDatasetSource, key: str, members: dict[str, bytes], duplicates: set[str]) -> RawRow | Rejected:
+def _sample(spec: WebDatasetSource, key: str, sample: _Sample) -> RawRow | Rejected:
+    members, duplicates = sample.members, sample.duplicates
+    if sample.links:
+        return Rejected(key, LINK, f"link members (not followed): {'; '.join(sample.links)}")
+    if sample.special:
+        return Rejected(key, SPECIAL, f"device or FIFO members (not read): {'; '.join(sample.special)}")
+    if sample.too_large:
+        return Rejected(key, TOO_LARGE, f"members over the size limit (not read): {'; '.join(sample.too_large)}")
     if duplicates:
         return Rejected(key, MALFORMED, f"duplicate members: {', '.join(sorted(duplicates))}")
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
@@ -171,11 +200,41 @@ class _Sample:
         self.key = key
         self.members: dict[str, bytes] = {}
         self.duplicates: set[str] = set()
+        self.links: list[str] = []  # "NAME -> TARGET" of symlink / hardlink members
+        self.special: list[str] = []
+        self.too_large: list[str] = []  # "NAME: SIZE bytes > LIMIT"
 
     def add(self, ext: str, data: bytes) -> None:
         if ext in self.members:
             self.duplicates.add(ext)
         self.members[ext] = data
+
+
+def _limit(spec: WebDatasetSource, ext: str) -> int | None:
+    """The most bytes read for a member with this extension; None: the sample does not use it."""
+    if ext in IMAGE_EXTENSIONS:
+        return spec.max_image_bytes
+    if ext in (spec.caption_key, "json", "cls"):
+        return spec.max_text_bytes
+    return None
+
+
+def _add_member(
+    spec: WebDatasetSource, sample: _Sample, ext: str, member: tarfile.TarInfo, stream: IO[bytes] | None
+) -> None:
+    """Record one member; its data is read only when the sample uses it and it is within the limit."""
+    if member.issym() or member.islnk():
+        sample.links.append(f"{member.name} -> {member.linkname}")
+        return
+    if stream is None:
+        sample.special.append(member.name)
+        return
+    limit = _limit(spec, ext)
+    if limit is not None and member.size > limit:
+        sample.too_large.append(f"{member.name}: {member.size} bytes > {limit}")
+        return
+    # an unused member is recorded (duplicates, the no-image detail) but not read
+    sample.add(ext, stream.read() if limit is not None else b"")
 
 
 def read(spec: WebDatasetSource, ctx: SourceContext, unit: Unit) -> Iterator[RawRow | Rejected]:
@@ -187,19 +246,19 @@ def read(spec: WebDatasetSource, ctx: SourceContext, unit: Unit) -> Iterator[Raw
         while key in seen:  # a key repeated later in the tar, or two keys equal after safe_key
             key, n = safe_key(prefix, sample.key, n), n + 1
         seen.add(key)
-        return _sample(spec, key, sample.members, sample.duplicates)
+        return _sample(spec, key, sample)
 
     done, current = 0, None
     members = _members(path)
     try:
-        for sample_key, ext, stream in members:
+        for sample_key, ext, member, stream in members:
             if current is not None and sample_key != current.key:
                 yield finish(current)
                 done, current = done + 1, None
                 if max_samples is not None and done >= max_samples:
                     return
             current = current or _Sample(sample_key)
-            current.add(ext, stream.read() if stream is not None else b"")
+            _add_member(spec, current, ext, member, stream)
     except _TAR_ERRORS as exc:
         partial = f"; sample {current.key!r} was being read and is not included" if current else ""
         yield Rejected(safe_key(prefix), "unreadable-shard", f"{path}: {exc} (after {done} samples{partial})")

@@ -1,4 +1,5 @@
-"""Decode and check image bytes; every failure is a reason code, never an exception.
+"""Decode and check image bytes; every failure is a reason code, never an exception (whatever
+exception type a decoder raises on a hostile file).
 
 Pillow's decompression-bomb guard stays on: images over Image.MAX_IMAGE_PIXELS are refused
 (Pillow warns between 1x and 2x the limit; that warning is treated as a refusal too).
@@ -53,22 +54,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def check_image(data: bytes) -> CheckedImage | BadImage:
+    """The decoded, hashed image, or why it cannot be used. Never raises for bad bytes: any
+    exception a decoder throws (formats raise ValueError, struct.error, EOFError, SyntaxError,
+    ZeroDivisionError, IndexError...) is `unreadable-image`, keeping `decompression-bomb` and
+    `truncated-image` as their own reasons."""
     if not data:
         return BadImage("zero-byte-image", "the file is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            image.load()
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                return _checked(data, image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return BadImage("decompression-bomb", str(exc))
     except UnidentifiedImageError:
         return BadImage("unreadable-image", "not an image format Pillow can identify")
     except OSError as exc:
         reason = "truncated-image" if "truncated" in str(exc) else "unreadable-image"
-        return BadImage(reason, str(exc))
-    except (SyntaxError, ValueError, EOFError) as exc:
+        return BadImage(reason, str(exc) or type(exc).__name__)
+    except Exception as exc:  # any decoder exception is a property of the file, not a bug here
         return BadImage("unreadable-image", f"{type(exc).__name__}: {exc}")
+
+
+def _checked(data: bytes, image: Image.Image) -> CheckedImage:
     fmt = image.format or ""
     rgb = to_rgb(image)
     stored, ext = data, KEEP_FORMATS.get(fmt)

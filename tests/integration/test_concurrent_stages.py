@@ -10,6 +10,7 @@ its own: about 10 s each on 2 cores).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from datetime import datetime
@@ -73,6 +74,7 @@ def setting(tmp_path_factory):
         for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
             patch.delenv(name, raising=False)
         patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        patch.setattr(logging.getLogger("vlmflow"), "level", logging.INFO)  # as the CLI sets it
         recipe = load_recipe(REPO / "specs/recipes/shapes-tiny.yaml", ["runtime.ray.num_cpus=2"])
         init_ray(recipe.runtime.ray)  # RecipeRun uses a Ray already started and stops it on exit:
         shutdown, ray.shutdown = ray.shutdown, lambda *args, **kwargs: None  # not here, once at the end
@@ -176,3 +178,43 @@ def test_a_failure_skips_its_descendants_only_and_the_next_run_reuses_the_rest(s
     assert sorted(work.calls) == ["after", "flaky", "later"]
     cached = next(s for s in again["stages"] if s["name"] == "solo")
     assert cached["started"] == cached["finished"] and cached["artifact_digest"] == by["solo"]["artifact_digest"]
+
+
+def test_prefect_and_mlflow_tell_each_stages_story(setting):
+    """Each task run's logs hold vlmflow's lines and its artifact the stage's row (with a link to
+    its MLflow run); the flow run's artifact is the stage table; each stage's MLflow run opened
+    when the stage started and closed when it ended; a cached stage's run names the computing one."""
+    from uuid import UUID
+
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+
+    work = Work()
+    nodes = [work.step("story-a", 1.2), work.step("story-b", 0.2, {"a": "story-a"})]
+    summary, _ = run_flow(setting, nodes)
+    flow_run = UUID(summary["prefect_flow_run_id"])
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run]))
+        )
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])))
+    by_key = {a.key: a for a in artifacts}
+    assert {"stage-story-a", "stage-story-b", "shapes-tiny-stages"} <= set(by_key)
+    by = {s["name"]: s for s in summary["stages"]}
+    row = by_key["stage-story-a"]
+    assert row.task_run_id is not None and by["story-a"]["artifact_digest"] in row.data
+    assert f"/runs/{by['story-a']['mlflow_run_id']}" in row.data and "| computed |" in row.data
+    assert by_key["shapes-tiny-stages"].task_run_id is None  # the flow run's own: the whole table
+    assert all(name in by_key["shapes-tiny-stages"].data for name in ("story-a", "story-b"))
+    lines = [log.message for log in logs if log.task_run_id is not None]
+    assert any(line.startswith("story-a: computed") for line in lines), lines
+
+    mlflow = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
+    run = mlflow.get_run(by["story-a"]["mlflow_run_id"])
+    duration = (run.info.end_time - run.info.start_time) / 1000
+    assert by["story-a"]["seconds"] >= 1.2 and abs(duration - by["story-a"]["seconds"]) < 2.0, duration
+    again, _ = run_flow(setting, nodes)
+    cached = mlflow.get_run(next(s for s in again["stages"] if s["name"] == "story-a")["mlflow_run_id"])
+    assert cached.data.tags["vlmflow.status"] == "cached"
+    assert cached.data.tags["vlmflow.computed_in"] == run.info.run_id

@@ -353,7 +353,7 @@ def check_user_error(exc: UserError, *paths: Path) -> None:
     assert any(p.name in message for p in paths) or "image_pattern" in message, message
 
 
-SOURCE_REASONS = ("malformed-annotation", "missing-image-file", "no-image")
+SOURCE_REASONS = ("malformed-annotation", "missing-image-file", "no-image", "path-outside-dataset")
 
 
 def run_source(spec, ctx: SourceContext) -> list[RawRow | Rejected]:

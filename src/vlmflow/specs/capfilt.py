@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from vlmflow.component import operational
-from vlmflow.specs.base import ExistingDir, StrictModel
+from vlmflow.specs.base import ExistingDir, Float, Int, StrictModel
 
 MODEL_CONFIG = "vlmflow_model.json"  # what a training stage's model/ folder holds (components/train/setup.py)
 
@@ -76,11 +76,11 @@ class CaptionerSpec(StrictModel):
         "BLIP folder: none (a caption prefix such as 'a picture of' when given)"
     )  # fmt: skip
     strategy: Literal["sample", "greedy", "beam"] = Field("sample", description="BLIP: nucleus sampling")
-    top_p: float = Field(0.9, gt=0, le=1)
-    temperature: float = Field(1.0, gt=0)
-    num_beams: int = Field(3, ge=1)
-    k: int = Field(1, ge=1, le=32, description="synthetic captions per image")
-    max_new_tokens: int = Field(32, ge=1, le=512)
+    top_p: Float = Field(0.9, gt=0, le=1)
+    temperature: Float = Field(1.0, gt=0)
+    num_beams: Int = Field(3, ge=1)
+    k: Int = Field(1, ge=1, le=32, description="synthetic captions per image")
+    max_new_tokens: Int = Field(32, ge=1, le=512)
 
 
 class Calibration(StrictModel):
@@ -90,15 +90,15 @@ class Calibration(StrictModel):
     negatives than positives), so a fixed 0.5 removes many good pairs."""
 
     source: str = Field(description="a clean source whose held-out rows (split val) and captions are the truth")
-    keep: float = Field(0.95, gt=0, lt=1, description="the fraction of held-out clean pairs that pass each threshold")
+    keep: Float = Field(0.95, gt=0, lt=1, description="the fraction of held-out clean pairs that pass each threshold")
 
 
 class FilterSpec(StrictModel):
     """A pair is kept when it passes every threshold given."""
 
     model: ModelRef
-    itm: float | None = Field(0.5, ge=0, le=1, description="keep when P(match) from the ITM head >= itm")
-    itc: float | None = Field(None, ge=0, le=1, description="keep when the ITC cosine similarity >= itc")
+    itm: Float | None = Field(0.5, ge=0, le=1, description="keep when P(match) from the ITM head >= itm")
+    itc: Float | None = Field(None, ge=0, le=1, description="keep when the ITC cosine similarity >= itc")
     calibrate: Calibration | None = Field(
         None, description="set the thresholds given from held-out clean pairs (their values are then unused)"
     )
@@ -111,10 +111,10 @@ class FilterSpec(StrictModel):
 
 
 class CapfiltResources(StrictModel):
-    actors: int = operational(1, ge=1, description="Ray actors, each loading the model once")
-    cpus_per_actor: float = operational(1, gt=0)
-    gpus_per_actor: float = Field(0, ge=0)
-    batch_size: int = Field(32, ge=1, description="images per batch")
+    actors: Int = operational(1, ge=1, description="Ray actors, each loading the model once")
+    cpus_per_actor: Float = operational(1, gt=0)
+    gpus_per_actor: Float = Field(0, ge=0)
+    batch_size: Int = Field(32, ge=1, description="images per batch")
 
 
 class CapfiltSpec(StrictModel):
@@ -132,11 +132,11 @@ class CapfiltSpec(StrictModel):
         default_factory=lambda: ["web", "synthetic"], min_length=1, description="which captions the filter judges"
     )
     resources: CapfiltResources = Field(default_factory=CapfiltResources)
-    rounds: int = Field(
+    rounds: Int = Field(
         1, ge=1, le=10, description="bootstrap rounds: after round r the captioner and filter stages are trained "
         "further on round r's output (stages NAME-rR+1), then caption and filter the data again"
     )  # fmt: skip
-    round_steps: int | None = Field(
+    round_steps: Int | None = Field(
         None, ge=1, description="optimizer steps of each retraining in rounds >= 2 (default: the stage's own)"
     )
     retrain: list[Literal["captioner", "filter"]] | None = Field(
@@ -206,7 +206,7 @@ class CaptionStepSpec(StrictModel):
     captioner: CaptionerSpec
     prompt: str | None = Field("Describe the image.", description="the captioning prompt (null: none, for BLIP)")
     resources: CapfiltResources = Field(default_factory=CapfiltResources)
-    round: int = Field(1, ge=1, description="the bootstrap round (labels)")
+    round: Int = Field(1, ge=1, description="the bootstrap round (labels)")
 
 
 class FilterStepSpec(StrictModel):
@@ -219,5 +219,5 @@ class FilterStepSpec(StrictModel):
     filter: FilterSpec
     apply_to: list[Literal["web", "synthetic"]] = Field(default_factory=lambda: ["web", "synthetic"], min_length=1)
     resources: CapfiltResources = Field(default_factory=CapfiltResources)
-    shard_size: int = Field(1000, ge=1, description="samples per output shard")
-    round: int = Field(1, ge=1, description="the bootstrap round (labels)")
+    shard_size: Int = Field(1000, ge=1, description="samples per output shard")
+    round: Int = Field(1, ge=1, description="the bootstrap round (labels)")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from vlmflow.component import operational
-from vlmflow.specs.base import ExistingDir, ExistingFile, ExistingPath, StrictModel
+from vlmflow.specs.base import ExistingDir, ExistingFile, ExistingPath, Float, Int, Seed, StrictModel
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
@@ -16,21 +16,29 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 class SourceBase(StrictModel):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="unique name; default: the kind")
     split: str = Field("train", pattern=NAME_PATTERN)
-    limit: int | None = Field(None, ge=1, description="read at most this many rows")
+    limit: Int | None = Field(None, ge=1, description="read at most this many rows")
+
+
+def _allow_outside_paths() -> Any:  # a pydantic FieldInfo
+    return Field(
+        False,
+        description="read image paths (annotations, symlinks) that resolve outside the dataset's folder; "
+        "default: such rows are quarantined as path-outside-dataset",
+    )
 
 
 class SyntheticShapesSource(SourceBase):
     """Procedural scenes with a scene graph, captions (some corrupted), boxes, VQA and labels."""
 
     kind: Literal["synthetic-shapes"]
-    count: int = Field(1000, ge=1)
-    image_size: int = Field(64, ge=16, le=1024)
-    min_objects: int = Field(1, ge=1, le=12)
-    max_objects: int = Field(4, ge=1, le=12)
-    caption_noise: float = Field(0.0, ge=0.0, le=1.0, description="fraction of corrupted captions")
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    seed: int | None = Field(None, description="default: the recipe's seed")
+    count: Int = Field(1000, ge=1)
+    image_size: Int = Field(64, ge=16, le=1024)
+    min_objects: Int = Field(1, ge=1, le=12)
+    max_objects: Int = Field(4, ge=1, le=12)
+    caption_noise: Float = Field(0.0, ge=0.0, le=1.0, description="fraction of corrupted captions")
+    val_fraction: Float = Field(0.0, ge=0.0, lt=1.0)
+    test_fraction: Float = Field(0.0, ge=0.0, lt=1.0)
+    seed: Seed | None = Field(None, description="default: the recipe's seed")
 
     @model_validator(mode="after")
     def _check(self) -> SyntheticShapesSource:
@@ -51,6 +59,7 @@ class ImageFolderSource(SourceBase):
     )
     extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"]
     label_from_parent: bool = Field(False, description="use the parent folder name as the class label")
+    allow_outside_paths: bool = _allow_outside_paths()
 
 
 class CocoSource(SourceBase):
@@ -60,6 +69,7 @@ class CocoSource(SourceBase):
     captions: ExistingFile
     images: ExistingDir
     instances: ExistingFile | None = None
+    allow_outside_paths: bool = _allow_outside_paths()
 
 
 class LlavaJsonSource(SourceBase):
@@ -68,6 +78,7 @@ class LlavaJsonSource(SourceBase):
     kind: Literal["llava-json"]
     path: ExistingFile
     images: ExistingDir
+    allow_outside_paths: bool = _allow_outside_paths()
 
 
 class ParquetSource(SourceBase):
@@ -79,7 +90,10 @@ class ParquetSource(SourceBase):
     caption_column: str | None = "caption"
     key_column: str | None = None
     label_column: str | None = None
-    image_root: ExistingDir | None = Field(None, description="folder for relative image paths")
+    image_root: ExistingDir | None = Field(
+        None, description="folder of the image paths (default: the parquet file's folder); paths stay inside it"
+    )
+    allow_outside_paths: bool = _allow_outside_paths()
 
 
 class WebDatasetSource(SourceBase):
@@ -88,6 +102,12 @@ class WebDatasetSource(SourceBase):
     kind: Literal["webdataset"]
     path: ExistingPath
     caption_key: str = Field("txt", description="extension holding the caption, or json with 'caption(s)'")
+    max_image_bytes: Int = Field(
+        64 * 2**20, ge=1, description="largest image member read; a sample with a bigger one is member-too-large"
+    )
+    max_text_bytes: Int = Field(
+        2**20, ge=1, description="largest caption/json/cls member read; a sample with a bigger one is member-too-large"
+    )
 
 
 Source = Annotated[
@@ -98,19 +118,19 @@ Source = Annotated[
 
 class MinSizeFilter(StrictModel):
     kind: Literal["min-size"]
-    width: int = Field(8, ge=1)
-    height: int = Field(8, ge=1)
+    width: Int = Field(8, ge=1)
+    height: Int = Field(8, ge=1)
 
 
 class CaptionLengthFilter(StrictModel):
     kind: Literal["caption-length"]
-    min_chars: int = Field(1, ge=0)
-    max_chars: int = Field(2000, ge=1)
+    min_chars: Int = Field(1, ge=0)
+    max_chars: Int = Field(2000, ge=1)
 
 
 class AspectRatioFilter(StrictModel):
     kind: Literal["aspect-ratio"]
-    max_ratio: float = Field(6.0, ge=1.0)
+    max_ratio: Float = Field(6.0, ge=1.0)
 
 
 Filter = Annotated[MinSizeFilter | CaptionLengthFilter | AspectRatioFilter, Field(discriminator="kind")]
@@ -123,11 +143,11 @@ def _default_filters() -> list:
 class DedupSpec(StrictModel):
     exact: bool = Field(True, description="drop images whose decoded pixels are identical")
     near: bool = Field(True, description="drop images whose perceptual hash is within hamming_threshold")
-    hamming_threshold: int = Field(4, ge=0, le=16)
-    max_color_difference: float = Field(
+    hamming_threshold: Int = Field(4, ge=0, le=16)
+    max_color_difference: Float = Field(
         6.0, ge=0.0, le=255.0, description="near duplicates also differ by at most this mean |RGB| on 8x8 thumbnails"
     )
-    partitions: int = operational(4, ge=1, le=4096, description="dask partitions for the join (same output)")
+    partitions: Int = operational(4, ge=1, le=4096, description="dask partitions for the join (same output)")
 
 
 class IngestSpec(StrictModel):
@@ -135,7 +155,7 @@ class IngestSpec(StrictModel):
 
     sources: list[Source] = Field(min_length=1)
     filters: list[Filter] = Field(default_factory=_default_filters)
-    shard_size: int = Field(1000, ge=1, description="samples per WebDataset shard")
+    shard_size: Int = Field(1000, ge=1, description="samples per WebDataset shard")
 
     def source_names(self) -> list[str]:
         """Every source's name, in order (source_name: the kind where none is given)."""

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from vlmflow.component import operational
-from vlmflow.specs.base import ExistingDir, ExistingFile, StrictModel
+from vlmflow.specs.base import ExistingDir, ExistingFile, Float, Int, StrictModel
 from vlmflow.specs.data import NAME_PATTERN
 
 
@@ -71,20 +71,20 @@ class Generation(StrictModel):
     """How answers and captions are generated (batched, left-padded, with a KV cache)."""
 
     strategy: Literal["greedy", "beam", "sample"] = "greedy"
-    max_new_tokens: int = Field(16, ge=1, le=512)
-    num_beams: int = Field(3, ge=1, le=16, description="beam strategy only")
-    temperature: float = Field(1.0, gt=0, description="sample strategy only")
-    top_p: float = Field(1.0, gt=0, le=1, description="sample strategy only")
+    max_new_tokens: Int = Field(16, ge=1, le=512)
+    num_beams: Int = Field(3, ge=1, le=16, description="beam strategy only")
+    temperature: Float = Field(1.0, gt=0, description="sample strategy only")
+    top_p: Float = Field(1.0, gt=0, le=1, description="sample strategy only")
 
 
 class TaskBase(StrictModel):
     name: str = Field(pattern=NAME_PATTERN, description="the stage is eval-NAME")
     model: str | None = operational(None, description="concise form: a training stage; default: the last one")
-    samples: int = Field(128, ge=1, description="evaluate at most this many items (in dataset order)")
-    batch_size: int = Field(16, ge=1, description="items per batch on an actor")
-    actors: int = operational(1, ge=1, description="Ray actors, each holding the model once")
-    gpus: float = Field(0, ge=0, le=8, description="GPUs per actor (0.5: two actors share one); > 0 runs on CUDA")
-    examples: int = Field(8, ge=0, le=64, description="items rendered into examples.png")
+    samples: Int = Field(128, ge=1, description="evaluate at most this many items (in dataset order)")
+    batch_size: Int = Field(16, ge=1, description="items per batch on an actor")
+    actors: Int = operational(1, ge=1, description="Ray actors, each holding the model once")
+    gpus: Float = Field(0, ge=0, le=8, description="GPUs per actor (0.5: two actors share one); > 0 runs on CUDA")
+    examples: Int = Field(8, ge=0, le=64, description="items rendered into examples.png")
 
 
 HeldOutOr = Field(default_factory=lambda: HeldOutData(kind="held-out"), discriminator="kind")
@@ -115,7 +115,7 @@ class RetrievalTask(TaskBase):
 
     kind: Literal["retrieval"]
     data: Annotated[HeldOutData | CocoCaptionsData, HeldOutOr]
-    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+    ks: list[Int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
 
 
 class CaptioningTask(TaskBase):

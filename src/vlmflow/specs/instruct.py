@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from vlmflow.component import is_operational, operational
-from vlmflow.specs.base import ExistingDir, StrictModel
+from vlmflow.specs.base import ExistingDir, Float, Int, Seed, StrictModel
 from vlmflow.specs.data import NAME_PATTERN
 
 TASKS = ("conversation", "detail", "complex_reasoning")
@@ -27,8 +27,8 @@ class OfflineGenerator(StrictModel):
     """Deterministic: every statement is true of the scene graph (objects with boxes)."""
 
     kind: Literal["offline"]
-    min_turns: int = Field(2, ge=1, le=10, description="question/answer pairs per conversation, at least")
-    max_turns: int = Field(5, ge=1, le=10, description="question/answer pairs per conversation, at most")
+    min_turns: Int = Field(2, ge=1, le=10, description="question/answer pairs per conversation, at least")
+    max_turns: Int = Field(5, ge=1, le=10, description="question/answer pairs per conversation, at most")
 
     @model_validator(mode="after")
     def _check(self) -> OfflineGenerator:
@@ -46,22 +46,22 @@ class OpenAICompatibleGenerator(StrictModel):
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", pattern=ENV_NAME, description="environment variable holding the key; null: no key"
     )
-    temperature: float = Field(0.2, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int = Field(1024, ge=16, le=65536)
-    seed: int | None = Field(None, description="sent to servers that support it")
+    temperature: Float = Field(0.2, ge=0.0, le=2.0)
+    top_p: Float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: Int = Field(1024, ge=16, le=65536)
+    seed: Seed | None = Field(None, description="sent to servers that support it")
     json_mode: bool = Field(False, description='send response_format {"type": "json_object"}')
-    max_reasks: int = Field(2, ge=0, le=10, description="re-ask after an unusable reply, at most this many times")
+    max_reasks: Int = Field(2, ge=0, le=10, description="re-ask after an unusable reply, at most this many times")
     # Operational knobs: they do not change what is generated, so they stay out of the cache key.
-    concurrency: int = operational(16, ge=1, le=1024, description="requests in flight at most")
-    requests_per_minute: int | None = operational(None, ge=1)
-    tokens_per_minute: int | None = operational(None, ge=1)
-    max_retries: int = operational(6, ge=0, le=50, description="retries per request on 429 / 5xx / timeouts")
-    backoff_base_s: float = operational(0.5, gt=0.0, le=60.0)
-    backoff_max_s: float = operational(30.0, gt=0.0, le=600.0)
-    timeout_s: float = operational(60.0, gt=0.0, le=3600.0, description="per request")
-    price_per_1k_input: float = operational(0.0, ge=0.0, description="USD per 1000 prompt tokens (cost estimate)")
-    price_per_1k_output: float = operational(0.0, ge=0.0, description="USD per 1000 completion tokens (cost estimate)")
+    concurrency: Int = operational(16, ge=1, le=1024, description="requests in flight at most")
+    requests_per_minute: Int | None = operational(None, ge=1)
+    tokens_per_minute: Int | None = operational(None, ge=1)
+    max_retries: Int = operational(6, ge=0, le=50, description="retries per request on 429 / 5xx / timeouts")
+    backoff_base_s: Float = operational(0.5, gt=0.0, le=60.0)
+    backoff_max_s: Float = operational(30.0, gt=0.0, le=600.0)
+    timeout_s: Float = operational(60.0, gt=0.0, le=3600.0, description="per request")
+    price_per_1k_input: Float = operational(0.0, ge=0.0, description="USD per 1000 prompt tokens (cost estimate)")
+    price_per_1k_output: Float = operational(0.0, ge=0.0, description="USD per 1000 completion tokens (cost estimate)")
 
     @field_validator("base_url")
     @classmethod
@@ -86,16 +86,16 @@ class InstructSpec(StrictModel):
     splits: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(
         default_factory=lambda: ["train"], min_length=1, description="only images of these splits get data"
     )
-    mix: dict[Task, float] = Field(
+    mix: dict[Task, Float] = Field(
         default_factory=lambda: dict(LLAVA_MIX), description="relative share of each task type (0 turns one off)"
     )
-    limit: int | None = Field(None, ge=1, description="at most this many images")
+    limit: Int | None = Field(None, ge=1, description="at most this many images")
     templates: ExistingDir | None = operational(  # its content is in the cache key (instruct's fingerprint)
         None, description="prompt templates folder; default: the built-in one"
     )
-    shard_size: int | None = Field(None, ge=1, description="samples per output shard; default: data.shard_size")
+    shard_size: Int | None = Field(None, ge=1, description="samples per output shard; default: data.shard_size")
     export_images: bool = Field(False, description="also write images/KEY.EXT beside llava_instruct.json")
-    sample_conversations: int = Field(20, ge=0, le=1000, description="conversations in the MLflow sample artifact")
+    sample_conversations: Int = Field(20, ge=0, le=1000, description="conversations in the MLflow sample artifact")
 
     @field_validator("mix")
     @classmethod

@@ -4,10 +4,16 @@ YAML is composed into nodes (PyYAML keeps each node's start mark), turned into p
 Python data while recording the mark of every value by its path, then validated by
 pydantic. Each pydantic error location is mapped back to the deepest recorded path,
 so every problem is reported as `FILE:LINE:COL: field.path: message`.
+
+A spec is a small file from anyone: composing it is bounded. Aliases share one node, so a
+few hundred bytes of nested aliases ("billion laughs") would expand to billions of values;
+the composer counts every node as it will be expanded and stops at `MAX_NODES`, naming the
+alias that crossed the line. Plain scalars such as `1e-4` are floats (YAML 1.2), not strings.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +22,72 @@ import pydantic
 import yaml
 
 from vlmflow.errors import SpecError, SpecProblem
+from vlmflow.specs.base import url_credentials
 from vlmflow.specs.recipe import Recipe, cross_checks
 
 Loc = tuple[str | int, ...]
+# Values a spec may hold once aliases are expanded; the largest built-in recipe holds ~400.
+MAX_NODES = 20_000
+# YAML 1.1 reads `1e-4` and `1.0e5` as strings; YAML 1.2 (and every other tool) as floats.
+_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_YAML_BASE: tuple[type, ...] = (
+    (yaml.composer.Composer, yaml.CSafeLoader) if getattr(yaml, "__with_libyaml__", False) else (yaml.SafeLoader,)
+)
+
+
+class _TooLarge(Exception):
+    def __init__(self, mark: yaml.Mark, path: list, through_alias: bool):
+        self.mark, self.path, self.through_alias = mark, path, through_alias
+
+
+class _BoundedLoader(*_YAML_BASE):  # type: ignore[misc]
+    """A safe YAML composer (libyaml's parser when available) that counts every node, each alias
+    as the size of what it repeats, and raises _TooLarge past MAX_NODES."""
+
+    def __init__(self, stream: str):
+        _YAML_BASE[-1].__init__(self, stream)
+        self.anchors: dict = {}
+        self._sizes: dict[int, int] = {}  # id(node) -> its size with aliases expanded
+        self._total = 0
+        self._path: list = []
+
+    def _count(self, size: int, mark: yaml.Mark, through_alias: bool) -> None:
+        self._total += size
+        if self._total > MAX_NODES:
+            path = [p for p in self._path if isinstance(p, str | int)]  # None: the root or a key
+            raise _TooLarge(mark, path, through_alias)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._path.append(index.value if isinstance(index, yaml.ScalarNode) else index)
+        try:
+            mark = self.peek_event().start_mark
+            if self.check_event(yaml.AliasEvent):
+                node = super().compose_node(parent, index)
+                self._count(self._sizes.get(id(node), 1), mark, True)  # unknown: a recursive alias
+                return node
+            self._count(1, mark, False)
+            node = super().compose_node(parent, index)
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [child for pair in node.value for child in pair]
+            else:
+                children = []
+            self._sizes[id(node)] = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+            return node
+        finally:
+            self._path.pop()
+
+
+_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def _compose(text: str) -> yaml.Node | None:
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
 
 
 @dataclass
@@ -60,11 +129,7 @@ def _construct(
 
 
 def _scalar(node: yaml.ScalarNode) -> Any:
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
+    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
 
 
 def _problem_at(node: yaml.Node, source: str, loc: Loc, message: str) -> SpecProblem:
@@ -74,10 +139,21 @@ def _problem_at(node: yaml.Node, source: str, loc: Loc, message: str) -> SpecPro
 def parse_yaml(text: str, source: str) -> Marked:
     """Parse one YAML document; syntax errors become a SpecError with line and column."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = _compose(text)
+    except _TooLarge as exc:
+        message = (
+            f"spec expands to more than {MAX_NODES:,} nodes through aliases (YAML alias bomb?)"
+            if exc.through_alias
+            else f"spec has more than {MAX_NODES:,} YAML nodes (keys, values, lists, mappings): too large for a spec"
+        )
+        line, col = exc.mark.line + 1, exc.mark.column + 1
+        raise SpecError([SpecProblem(source, line, col, _dotted(exc.path), message)]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        lines = text.split("\n")
+        if line > len(lines):  # libyaml places the end of a text without a final newline past it
+            line, col = len(lines), len(lines[-1]) + 1
         message = " ".join(part for part in (exc.context, exc.problem) if part)
         raise SpecError([SpecProblem(source, line, col, "", f"YAML syntax error: {message}")]) from None
     except yaml.YAMLError as exc:
@@ -176,6 +252,9 @@ def locate(
 
 def validate(marked: Marked, spec_path: Path) -> Recipe:
     """Validate plain data into a Recipe; errors carry the YAML marks."""
+    leaks = credential_problems(marked)
+    if leaks:  # reported alone: other messages could echo the secret
+        raise SpecError(_sorted(leaks))
     raw_runtime = marked.data.get("runtime")
     allow_outside = isinstance(raw_runtime, dict) and raw_runtime.get("allow_outside_paths") is True
     context = {"spec_dir": spec_path.resolve().parent, "allow_outside_paths": allow_outside}
@@ -206,6 +285,33 @@ def validate(marked: Marked, spec_path: Path) -> Recipe:
     return recipe
 
 
+def credential_problems(marked: Marked) -> list[SpecProblem]:
+    """Every string (value or key) of the spec holding a URL with credentials, at its place."""
+    problems = []
+    stack: list[tuple[Loc, Any]] = [((), marked.data)]
+    while stack:
+        loc, value = stack.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            for text, at_key in ((key, True), (item, False)):
+                if isinstance(text, str) and (masked := url_credentials(text)):
+                    problems.append(_leak(marked, (*loc, key), at_key, masked))
+            stack.append(((*loc, key), item))
+    return problems
+
+
+def _leak(marked: Marked, loc: Loc, at_key: bool, masked: str) -> SpecProblem:
+    (source, line, col), dotted = locate(marked, loc, at_key=at_key)
+    shown = masked if len(masked) <= 120 else masked[:117] + "..."
+    message = (
+        f"{shown!r}: a URL with credentials would be saved in resolved_spec.yaml, MLflow params and the "
+        "Prefect database; keep the secret in an environment variable (the instruct generator's "
+        "`api_key_env` names the one holding its key; MLflow reads MLFLOW_TRACKING_USERNAME, "
+        "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN)"
+    )
+    return SpecProblem(source, line, col, url_credentials(dotted) or dotted, message)
+
+
 def pipeline_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
     """An explicit pipeline's problems: components, their configs and the wiring."""
     from vlmflow.pipeline import GraphError, recipe_graph
@@ -227,8 +333,13 @@ def _message(err: dict) -> str:
         return "unknown field"
     if kind == "missing":
         return "field required"
-    message = err["msg"]
-    return message.removeprefix("Value error, ")
+    message = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    if kind in ("int_type", "float_type") and isinstance(value, bool | str):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        what = "a boolean" if isinstance(value, bool) else "a string (write numbers without quotes)"
+        return f"{message}, got {what}: {shown}"
+    return message
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

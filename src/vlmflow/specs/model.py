@@ -12,11 +12,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from vlmflow.specs.base import SpecPath, StrictModel
+from vlmflow.specs.base import Int, SpecPath, StrictModel
 
 
 class FeatureChoice(StrictModel):
-    feature_layer: int = Field(-2, description="hidden state used as image features; -2 = penultimate (LLaVA)")
+    feature_layer: Int = Field(-2, description="hidden state used as image features; -2 = penultimate (LLaVA)")
     select: Literal["patch", "all"] = Field("patch", description="patch: drop the CLS token (CLIP); all: keep it")
 
 
@@ -25,12 +25,12 @@ class TinyVit(FeatureChoice):
 
     kind: Literal["tiny-vit"]
     family: Literal["clip", "siglip"] = "clip"
-    image_size: int = Field(64, ge=8, le=1024)
-    patch_size: int = Field(8, ge=2, le=64)
-    hidden_size: int = Field(64, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(128, ge=8)
+    image_size: Int = Field(64, ge=8, le=1024)
+    patch_size: Int = Field(8, ge=2, le=64)
+    hidden_size: Int = Field(64, ge=8)
+    layers: Int = Field(2, ge=1)
+    heads: Int = Field(4, ge=1)
+    intermediate_size: Int = Field(128, ge=8)
 
     @model_validator(mode="after")
     def _check(self) -> TinyVit:
@@ -52,8 +52,8 @@ class NoVision(StrictModel):
     """Encoder-free (Fuyu): the connector sees raw image patches."""
 
     kind: Literal["none"]
-    image_size: int = Field(64, ge=8, le=4096)
-    patch_size: int = Field(8, ge=2, le=64)
+    image_size: Int = Field(64, ge=8, le=4096)
+    patch_size: Int = Field(8, ge=2, le=64)
 
     @model_validator(mode="after")
     def _check(self) -> NoVision:
@@ -75,7 +75,7 @@ class MlpConnector(StrictModel):
     """LLaVA-1.5: `layers` linear layers with GELU between them (mlp2x_gelu is layers: 2)."""
 
     kind: Literal["mlp"]
-    layers: int = Field(2, ge=2, le=8)
+    layers: Int = Field(2, ge=2, le=8)
 
 
 class QFormerConnector(StrictModel):
@@ -83,33 +83,33 @@ class QFormerConnector(StrictModel):
     then a linear layer into the language model."""
 
     kind: Literal["qformer"]
-    num_queries: int = Field(32, ge=1)
-    hidden_size: int = Field(64, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
+    num_queries: Int = Field(32, ge=1)
+    hidden_size: Int = Field(64, ge=8)
+    layers: Int = Field(2, ge=1)
+    heads: Int = Field(4, ge=1)
 
 
 class ResamplerConnector(StrictModel):
     """Flamingo / Idefics perceiver resampler: latents attend to [features; latents]."""
 
     kind: Literal["resampler"]
-    num_latents: int = Field(16, ge=1)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
+    num_latents: Int = Field(16, ge=1)
+    layers: Int = Field(2, ge=1)
+    heads: Int = Field(4, ge=1)
 
 
 class TokenConcatConnector(StrictModel):
     """MiniGPT-v2: concatenate k adjacent visual tokens, then project."""
 
     kind: Literal["token-concat"]
-    k: int = Field(4, ge=1)
+    k: Int = Field(4, ge=1)
 
 
 class PixelShuffleConnector(StrictModel):
     """nanoVLM / Idefics3: space-to-depth on the patch grid by `scale`, then project."""
 
     kind: Literal["pixel-shuffle"]
-    scale: int = Field(2, ge=1)
+    scale: Int = Field(2, ge=1)
 
 
 class PatchLinearConnector(StrictModel):
@@ -135,12 +135,12 @@ class TinyLlama(StrictModel):
     vocabulary size comes from the recipe's tokenizer."""
 
     kind: Literal["tiny-llama"]
-    hidden_size: int = Field(64, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
-    kv_heads: int | None = Field(None, ge=1, description="default: heads")
-    intermediate_size: int = Field(128, ge=8)
-    max_positions: int = Field(512, ge=16)
+    hidden_size: Int = Field(64, ge=8)
+    layers: Int = Field(2, ge=1)
+    heads: Int = Field(4, ge=1)
+    kv_heads: Int | None = Field(None, ge=1, description="default: heads")
+    intermediate_size: Int = Field(128, ge=8)
+    max_positions: Int = Field(512, ge=16)
 
     @model_validator(mode="after")
     def _check(self) -> TinyLlama:
@@ -164,11 +164,11 @@ class TinyTextEncoder(StrictModel):
     """A small bidirectional transformer text encoder (dual-encoder and BLIP recipes)."""
 
     kind: Literal["tiny-text"]
-    hidden_size: int = Field(64, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
-    max_length: int = Field(64, ge=4)
-    match_layers: int = Field(
+    hidden_size: Int = Field(64, ge=8)
+    layers: Int = Field(2, ge=1)
+    heads: Int = Field(4, ge=1)
+    max_length: Int = Field(64, ge=4)
+    match_layers: Int = Field(
         1,
         ge=1,
         le=12,
@@ -184,7 +184,7 @@ class ModelSpec(StrictModel):
     connector: Connector | None = Field(None, description="needed with a language model")
     language: Language | None = Field(None, description="a causal LM for the lm objective")
     text: TinyTextEncoder | None = Field(None, description="a text encoder for itc / siglip / itm")
-    embed_dim: int = Field(64, ge=4, description="shared embedding size of itc / siglip")
+    embed_dim: Int = Field(64, ge=4, description="shared embedding size of itc / siglip")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr
 
-from vlmflow.specs.base import SpecPath, StrictModel
+from vlmflow.specs.base import Int, Seed, SpecPath, StrictModel
 from vlmflow.specs.capfilt import HF_BLIP, CapfiltSpec, hf_architecture
 from vlmflow.specs.data import DataSpec
 from vlmflow.specs.evaluate import GENERATIVE, EvalTask
@@ -24,8 +24,8 @@ class BpeTokenizer(StrictModel):
     """Train a byte-level BPE tokenizer (HF `tokenizers`) on the dataset's text."""
 
     kind: Literal["bpe"]
-    vocab_size: int = Field(4096, ge=300, le=1_000_000)
-    min_frequency: int = Field(2, ge=1)
+    vocab_size: Int = Field(4096, ge=300, le=1_000_000)
+    min_frequency: Int = Field(2, ge=1)
     special_tokens: list[str] = Field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
 
 
@@ -43,7 +43,7 @@ Tokenizer = Annotated[BpeTokenizer | PretrainedTokenizer, Field(discriminator="k
 
 class RaySpec(StrictModel):
     address: str | None = Field(None, description="join this cluster; default: $RAY_ADDRESS or a local Ray")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; default: all")
+    num_cpus: Int | None = Field(None, ge=1, description="CPUs for a local Ray; default: all")
     include_dashboard: bool = False
     ship_code: bool = Field(
         True, description="on a cluster, send this vlmflow code to the workers (runtime_env py_modules)"
@@ -74,7 +74,7 @@ class Recipe(StrictModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
-    seed: int = 0
+    seed: Seed = 0
     data: DataSpec | None = Field(None, description="the data sources, filters and dedup (concise form)")
     tokenizer: Tokenizer | None = None
     instruct: InstructSpec | None = Field(None, description="LLaVA-style synthetic instruction data (instruct stage)")

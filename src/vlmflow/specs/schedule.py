@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
-from vlmflow.specs.base import StrictModel
+from vlmflow.specs.base import Float, StrictModel
 
 FLOWS = ("data-refresh", "recipe")
 _DURATION = re.compile(r"^(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$")
@@ -48,7 +48,7 @@ class ScheduleSpec(StrictModel):
         "data-refresh", description="data-refresh: the data stages, incrementally; recipe: the whole recipe"
     )
     cron: str | None = Field(None, description="a cron string, e.g. '0 3 * * *' (03:00 every day)")
-    interval: Annotated[float | None, BeforeValidator(duration_seconds)] = Field(
+    interval: Annotated[Float | None, BeforeValidator(duration_seconds)] = Field(
         None, ge=1, description="seconds, or a duration such as 15m, 1h30m, 1d"
     )
     timezone: str = Field("UTC", description="IANA timezone of the schedule, e.g. Europe/Paris")

@@ -7,14 +7,14 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from vlmflow.component import operational
-from vlmflow.specs.base import StrictModel
+from vlmflow.specs.base import Float, Int, StrictModel
 from vlmflow.specs.data import NAME_PATTERN
 
 MODULES = ("vision", "connector", "language", "text", "heads")
 
 
 class Weighted(StrictModel):
-    weight: float = Field(1.0, gt=0, description="this objective's weight in the stage's loss")
+    weight: Float = Field(1.0, gt=0, description="this objective's weight in the stage's loss")
 
 
 class ItcObjective(Weighted):
@@ -34,7 +34,7 @@ class ItmObjective(Weighted):
     drawn (as in BLIP) from the softmax of the ITC similarities over the batch."""
 
     kind: Literal["itm"]
-    edited_negatives: int = Field(
+    edited_negatives: Int = Field(
         0,
         ge=0,
         le=8,
@@ -57,24 +57,24 @@ class LoraSpec(StrictModel):
     """LoRA adapters (peft) on one module; its base weights stay frozen."""
 
     module: Literal["language", "vision", "text"] = "language"
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    r: Int = Field(8, ge=1)
+    alpha: Float = Field(16.0, gt=0)
+    dropout: Float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 class OptimizerSpec(StrictModel):
     kind: Literal["adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = Field(1.0, gt=0)
+    lr: Float = Field(1e-3, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    betas: tuple[Float, Float] = (0.9, 0.999)
+    grad_clip: Float | None = Field(1.0, gt=0)
 
 
 class ScheduleSpec(StrictModel):
     kind: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_steps: Int = Field(0, ge=0)
+    min_lr_ratio: Float = Field(0.0, ge=0, le=1)
 
 
 Format = Literal["caption", "qa", "conversations"]
@@ -86,8 +86,8 @@ class MixtureComponent(StrictModel):
 
     data: str = Field(description="the data artifact: ingest, dedup, instruct or capfilt")
     format: Format | None = Field(None, description="default: the stage's format")
-    weight: float | None = Field(None, gt=0, description="share of the mixture (default 1 unless count is set)")
-    count: int | None = Field(None, ge=1, description="samples drawn per epoch")
+    weight: Float | None = Field(None, gt=0, description="share of the mixture (default 1 unless count is set)")
+    count: Int | None = Field(None, ge=1, description="samples drawn per epoch")
     replacement: bool = Field(False, description="draw with replacement (a count may exceed the rows)")
     sources: list[str] | None = Field(
         None, min_length=1, description="only rows of these data.sources (e.g. a clean subset); default: all"
@@ -104,7 +104,7 @@ class MixtureSpec(StrictModel):
     """Several data artifacts mixed into one stage, resolved deterministically from the seed."""
 
     mixture: list[MixtureComponent] = Field(min_length=1)
-    total: int | None = Field(None, ge=1, description="cap on samples per epoch (weights share what counts leave)")
+    total: Int | None = Field(None, ge=1, description="cap on samples per epoch (weights share what counts leave)")
     reshuffle: bool = Field(True, description="redraw the subsets and the order every epoch")
 
 
@@ -124,12 +124,12 @@ class TrainStageSpec(StrictModel):
     objectives: list[Objective] = Field(min_length=1)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    batch_size: int = Field(32, ge=1, description="global batch per optimizer step")
-    micro_batch_size: int = Field(8, ge=1, description="per worker per forward pass")
-    max_text_tokens: int = Field(96, ge=8, description="text tokens per sample (image tokens come on top)")
-    hflip: float = Field(
+    epochs: Int = Field(1, ge=1)
+    max_steps: Int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: Int = Field(32, ge=1, description="global batch per optimizer step")
+    micro_batch_size: Int = Field(8, ge=1, description="per worker per forward pass")
+    max_text_tokens: Int = Field(96, ge=8, description="text tokens per sample (image tokens come on top)")
+    hflip: Float = Field(
         0.0,
         ge=0,
         le=1,
@@ -137,7 +137,7 @@ class TrainStageSpec(StrictModel):
         "sample and epoch from the seed). Off by default: a caption that says left or right turns false",
         exclude_if=lambda p: p == 0,  # off: the stage's spec, hence its cache key, is as before the option
     )
-    shift: int = Field(
+    shift: Int = Field(
         0,
         ge=0,
         le=64,
@@ -150,8 +150,8 @@ class TrainStageSpec(StrictModel):
     init_from: str | None = operational(
         "previous", description="concise form: previous (default), a stage name, or null for fresh"
     )
-    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
-    eval_samples: int = Field(128, ge=0, description="held-out samples scored at the end of the stage")
+    checkpoint_every: Int = Field(50, ge=1, description="optimizer steps between checkpoints")
+    eval_samples: Int = Field(128, ge=0, description="held-out samples scored at the end of the stage")
 
     @model_validator(mode="after")
     def _check(self) -> TrainStageSpec:
@@ -177,16 +177,16 @@ class TrainStageSpec(StrictModel):
 
 
 class TrainRuntime(StrictModel):
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP)")
+    num_workers: Int = Field(2, ge=1, description="Ray Train workers (DDP)")
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    cpus_per_worker: int = Field(1, ge=1)
-    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
-    memory_per_worker_gb: float | None = Field(
+    cpus_per_worker: Int = Field(1, ge=1)
+    max_failures: Int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    memory_per_worker_gb: Float | None = Field(
         None, gt=0, description="memory one worker may use (GPU memory with use_gpu); default: the local "
         "GPU's, or host RAM / num_workers; a stage whose plan needs more stops before it starts"
     )  # fmt: skip
-    tflops_per_worker: float | None = Field(
+    tflops_per_worker: Float | None = Field(
         None, gt=0, description="sustained TFLOP/s of one worker, for time estimates; default: measured "
         "on CPU, 100 on GPU (A100 bf16 at about a third of peak)"
     )  # fmt: skip
