@@ -35,6 +35,7 @@ from vlmflow.components.train.setup import (
 )
 from vlmflow.errors import UserError
 from vlmflow.models.vlm import VLM
+from vlmflow.runs import run_folder
 
 RENAMES = (("vision.model.", "model.vision_tower."), ("language.model.", "model.language_model."),
            ("language.lm_head.", "lm_head."))  # fmt: skip
@@ -152,8 +153,8 @@ def resolve_model(run: str, workdir: Path) -> Iterator[Path]:
     """The model folder RUN names: a model folder, a stage folder, a run folder or run id (its
     last training stage), or a checkpoint folder (merged into a temporary model folder)."""
     path = Path(run)
-    if not path.exists() and (workdir / "runs" / run).exists():
-        path = workdir / "runs" / run
+    if not path.exists():
+        path = run_folder(run, workdir)  # a run id, `latest` or an MLflow run id (else a clear error)
     if (path / CONFIG_FILE).is_file():
         yield path
     elif (path / "model" / CONFIG_FILE).is_file():
@@ -171,9 +172,14 @@ def resolve_model(run: str, workdir: Path) -> Iterator[Path]:
         raise UserError(f"{run}: not a run id in {workdir / 'runs'}, a run folder, a model folder or a checkpoint")
 
 
+def _is_training(entry: dict) -> bool:
+    """A training stage's entry (summaries before 2026-12-03 name no component: by its name)."""
+    return entry.get("component", "train" if entry["name"].startswith("train-") else None) == "train"
+
+
 def last_trained_model(summary_file: Path) -> Path:
     summary = json.loads(summary_file.read_text())
-    trained = [s for s in summary["stages"] if s["name"].startswith("train-") and s["status"] != "failed"]
+    trained = [s for s in summary["stages"] if _is_training(s) and s["status"] in ("computed", "cached")]
     if not trained:
         raise UserError(f"{summary_file}: this run has no finished training stage")
     folder = Path(trained[-1]["artifact_path"]) / "model"

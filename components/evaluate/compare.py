@@ -1,6 +1,7 @@
 """Compare evaluation results across runs: one row per (task, metric), one column per run.
 
-A run is named by its id (in DIR/runs), its run folder, or its summary.json. A task's metrics
+A run is named as every command names one (`vlmflow.runs`): its id, `latest`, its folder, its
+summary.json or an MLflow run id. A task's metrics
 come from its stage artifact's metrics.json, else the summary's headline metrics, else the
 stage's MLflow child run.
 """
@@ -13,16 +14,18 @@ from pathlib import Path
 import polars as pl
 
 from vlmflow.errors import UserError
+from vlmflow.runs import run_folder
 
 PREFIX = "eval-"
 
 
 def summary_file(run: str, workdir: Path) -> Path:
-    path = Path(run)
-    for candidate in (path, path / "summary.json", workdir / "runs" / run / "summary.json"):
-        if candidate.is_file() and candidate.name == "summary.json":
-            return candidate
-    raise UserError(f"{run}: not a run id in {workdir / 'runs'}, a run folder or a summary.json")
+    return run_folder(run, workdir) / "summary.json"
+
+
+def is_evaluation(entry: dict) -> bool:
+    """An evaluation stage's entry (summaries before 2026-12-03 name no component: by its name)."""
+    return entry.get("component", "evaluate" if entry["name"].startswith(PREFIX) else None) == "evaluate"
 
 
 def task_metrics(entry: dict, summary: dict) -> dict[str, float]:
@@ -44,7 +47,7 @@ def run_metrics(summary: dict) -> dict[tuple[str, str], float]:
     """(task, metric) -> value for every finished eval stage of a run."""
     found: dict[tuple[str, str], float] = {}
     for entry in summary["stages"]:
-        if entry["name"].startswith(PREFIX) and entry["status"] != "failed":
+        if is_evaluation(entry) and entry["status"] not in ("failed", "skipped"):
             task = entry["name"].removeprefix(PREFIX)
             found |= {(task, name): value for name, value in task_metrics(entry, summary).items()}
     return found

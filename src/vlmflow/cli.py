@@ -194,10 +194,9 @@ def _print_summary(summary: dict) -> None:
 
 
 def _summary(workdir: Path, run_id: str | None) -> dict:
-    path = workdir / "runs" / (run_id or "latest") / "summary.json"
-    if not path.exists():
-        raise UserError(f"no run {run_id or 'latest'!r} in {workdir / 'runs'}")
-    return json.loads(path.read_text())
+    from vlmflow.runs import load_summary
+
+    return load_summary(run_id, workdir)
 
 
 @cli.command()

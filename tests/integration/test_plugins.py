@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 PLUGIN = '''
 """Quarantine the rows whose caption holds a word of a list."""
 import polars as pl
@@ -102,3 +104,33 @@ def test_a_plugin_step_with_a_bad_config_or_wiring_is_located(plugin_site, tmp_p
     assert checked.returncode != 0
     assert f"{spec}:9:19: pipeline.1.with.wrods: unknown field" in checked.stderr
     assert "pipeline.3.inputs.data: unknown step 'clena'; did you mean 'clean'?" in checked.stderr
+
+
+def test_a_plugin_step_runs_is_tracked_and_cached_like_a_builtin(plugin_site, tmp_path):
+    """Through `vlmflow run`: the plugin's steps compute, its quarantine is accounted for, MLflow
+    tracks them under the component's name; the second run has nothing to compute."""
+    from mlflow.tracking import MlflowClient
+
+    spec, workdir = tmp_path / "plugged.yaml", tmp_path / "w"
+    spec.write_text(SPEC)
+    first = vlmflow(["run", str(spec), "--workdir", str(workdir)], plugin_site, tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    summary = json.loads((workdir / "runs" / "latest" / "summary.json").read_text())
+    by = {s["name"]: s for s in summary["stages"]}
+    assert [by[n]["status"] for n in ("ingest", "clean", "clean-by-path", "tokenizer")] == ["computed"] * 4
+    clean = by["clean"]
+    assert (
+        clean["rows_in"] == 8 and clean["rows_out"] + clean["rows_quarantined"] == 8 and clean["rows_quarantined"] > 0
+    )
+    client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
+    run = client.get_run(clean["mlflow_run_id"])
+    assert run.data.tags["vlmflow.component"] == "wordfilter" and run.data.params["words"] == '["red"]'
+    assert run.data.metrics["rows_quarantined"] == clean["rows_quarantined"]
+
+    second = vlmflow(["run", str(spec), "--workdir", str(workdir)], plugin_site, tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    again = json.loads((workdir / "runs" / "latest" / "summary.json").read_text())
+    assert {s["status"] for s in again["stages"]} == {"cached"}
+    assert again["prefect_flow_run_id"] is None and again["ray"].startswith("ray: not started")
+    rerun = client.get_run(next(s for s in again["stages"] if s["name"] == "clean")["mlflow_run_id"])
+    assert rerun.data.tags["vlmflow.computed_in"] == run.info.run_id
