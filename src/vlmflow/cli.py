@@ -380,10 +380,12 @@ def status(workdir: Path | None) -> None:
     found = sorted(p for p in runs.glob("*/summary.json") if p.parent.name != "latest") if runs.exists() else []
     if not found:
         raise UserError(f"no runs in {runs}")
+    from vlmflow.runs import status_of
+
     for path in found:
         s = json.loads(path.read_text())
         states = " ".join(f"{x['name']}:{x['status']}" for x in s["stages"])
-        click.echo(f"{s['run_id']}  {s['recipe']:<16}{s['status']:<10}{states}")
+        click.echo(f"{s['run_id']}  {s['recipe']:<16}{status_of(s):<10}{states}")
 
 
 @cli.command()

@@ -39,3 +39,22 @@ def run_folder(ref: str | None, workdir: Path) -> Path:
 
 def load_summary(ref: str | None, workdir: Path) -> dict:
     return json.loads((run_folder(ref, workdir) / "summary.json").read_text())
+
+
+def status_of(summary: dict) -> str:
+    """The run's status; `dead` for a run still `running` whose driver process (on this host) is gone."""
+    status = summary.get("status", "?")
+    driver = summary.get("driver")
+    if status != "running" or not driver:
+        return status
+    import socket
+
+    import psutil
+
+    if driver.get("host") != socket.gethostname():
+        return status  # another machine's driver: it cannot be checked from here
+    try:
+        alive = abs(psutil.Process(driver["pid"]).create_time() - driver["create_time"]) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
+        alive = False
+    return status if alive else "dead"

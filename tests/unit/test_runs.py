@@ -39,3 +39,25 @@ def test_an_unknown_run_is_one_clear_error_naming_the_latest_runs(tmp_path):
         run_folder("nope", tmp_path)
     with pytest.raises(UserError, match="no run 'latest'"):
         run_folder(None, tmp_path / "empty")
+
+
+def test_a_running_run_whose_driver_is_gone_is_dead(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    from vlmflow.runs import status_of
+    from vlmflow.runtime.prefect import driver_process
+
+    assert status_of({"status": "running", "driver": driver_process()}) == "running"  # this process
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    created = psutil.Process(child.pid).create_time()
+    child.wait()
+    gone = {"host": socket.gethostname(), "pid": child.pid, "create_time": created}
+    assert status_of({"status": "running", "driver": gone}) == "dead"
+    assert status_of({"status": "succeeded", "driver": gone}) == "succeeded"
+    elsewhere = {**gone, "host": "another-machine"}
+    assert status_of({"status": "running", "driver": elsewhere}) == "running"  # cannot be checked from here
+    assert status_of({"status": "running"}) == "running"  # summaries before 2026-12-03

@@ -86,6 +86,15 @@ def artifact_key(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "stage"
 
 
+def driver_process() -> dict:
+    """This process, as `vlmflow status` tells a live run from one whose driver died."""
+    import socket
+
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "create_time": psutil.Process().create_time()}
+
+
 def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
@@ -125,6 +134,7 @@ class RecipeRun:
             "vlmflow_version": __version__,
             "status": "running",
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "driver": driver_process(),
             "stages": [],
         }
         self.tracker: Tracker | None = None
