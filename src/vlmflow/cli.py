@@ -53,15 +53,39 @@ def _workdir(recipe: Recipe | None, workdir: Path | None) -> Path:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vlmflow")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="also show Prefect's, Ray's and the ML libraries' own logs")
+@click.option("-q", "--quiet", is_flag=True, help="only errors and the final table")
+def cli(verbose: bool, quiet: bool) -> None:
     """vlmflow: a VLM recipe as a reproducible Prefect + Ray + MLflow pipeline."""
     logger = logging.getLogger("vlmflow")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("vlmflow: %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.WARNING if quiet else logging.INFO)
         logger.propagate = False
+    _console_env(verbose)
+
+
+def _console_env(verbose: bool) -> None:
+    """The libraries' own console output, set before they are imported: by default only their
+    warnings and errors (Prefect's task state lines, Ray's start-up notes and the ML libraries'
+    chatter are in the Prefect and MLflow UIs or the log files), and no colour codes when the
+    output is not a terminal. `-v` leaves the libraries as they are."""
+    if verbose:
+        os.environ["VLMFLOW_LIBRARY_LOGS"] = "1"
+        return
+    quiet = {
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        "RAY_DEDUP_LOGS": "1",
+    }
+    if not sys.stderr.isatty():
+        quiet |= {"PREFECT_LOGGING_COLORS": "false", "NO_COLOR": "1", "RAY_COLOR_PREFIX": "0"}
+    for key, value in quiet.items():
+        os.environ.setdefault(key, value)
 
 
 @cli.command()

@@ -18,7 +18,7 @@ class Progress:
         self.desc, self.total, self.done, self.unit = desc, total, 0, unit
         use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr) if use_bar else None
-        self.every_s, self.last_log = every_s, 0.0
+        self.every_s, self.last_log, self.started = every_s, 0.0, time.monotonic()
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -28,7 +28,16 @@ class Progress:
         now = time.monotonic()
         if self.done == self.total or now - self.last_log >= self.every_s:
             self.last_log = now
-            log.info("%s: %d/%d %ss", self.desc, self.done, self.total, self.unit)
+            log.info("%s: %d/%d %ss%s", self.desc, self.done, self.total, self.unit, self.pace(now))
+
+    def pace(self, now: float) -> str:
+        """` (2.5 units/s, 12 s left)`: the rate so far and, while unfinished, the time left at it."""
+        elapsed = now - self.started
+        if self.done <= 0 or elapsed <= 0:
+            return ""
+        rate = self.done / elapsed
+        left = "" if self.done >= self.total else f", {(self.total - self.done) / rate:.0f} s left"
+        return f" ({rate:.3g} {self.unit}s/s{left})"
 
     def close(self) -> None:
         if self.bar is not None:

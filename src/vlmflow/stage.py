@@ -88,6 +88,7 @@ def run_stage(
             return "cached", store.stats(step.name, digest)
         if before_compute is not None:
             before_compute()
+        log.info("%s: computing (%s)", step.name, digest)
         started = time.monotonic()
         ctx = StageContext(
             recipe, store, store.partial(step.name, digest), digest, inputs, progress,

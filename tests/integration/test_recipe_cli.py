@@ -77,6 +77,12 @@ def test_cold_run_computes_every_stage_and_accounts_for_rows(cold):
     saved = json.loads((workdir / "runs" / summary["run_id"] / "plan.json").read_text())
     assert [e["digest"] for e in saved["stages"]] == [s["artifact_digest"] for s in summary["stages"]]
     assert "ingest" in result.stdout and "computed" in result.stdout
+    # A calm console: output to a file has no colour codes, no tracebacks, and about one line
+    # per stage event beside the final table (no Prefect task-state or Ray start-up lines).
+    console = result.stdout + result.stderr
+    assert "\x1b[" not in console and "Traceback" not in console, console
+    assert "Finished in state" not in console and "Starting temporary server" not in console, console
+    assert len(console.splitlines()) <= 30, console
 
 
 def test_mlflow_run_tree_has_a_child_per_stage_with_lineage(cold):

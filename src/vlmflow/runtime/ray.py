@@ -58,7 +58,9 @@ def init_ray(spec: RaySpec, staging: Path | None = None) -> str:
         runtime_env=env,
         log_to_driver=True,
         configure_logging=True,
-        logging_level=logging.WARNING,
+        # Ray's start-up notes (token authentication, a driver thread without a SIGTERM handler)
+        # are not the user's business; `vlmflow -v` shows them.
+        logging_level=logging.WARNING if os.environ.get("VLMFLOW_LIBRARY_LOGS") else logging.ERROR,
     )
     return f"ray: local, {int(ray.cluster_resources().get('CPU', 0))} CPUs"
 
