@@ -131,15 +131,30 @@ def run(ctx: StageContext) -> StageResult:
         "steps": config.total_steps,
         "mixture": resolved.as_dict(),
     }
+    artifacts = [
+        "model/model.safetensors",
+        "model/vlmflow_model.json",
+        "model/tokenizer.json",
+        "history.jsonl",
+        "parameters.json",
+        "eval.json",
+        "mixture.json",
+        "unused.parquet",
+    ]
     if register:
         data_digest = ",".join(f"{name}={ctx.inputs[key].digest}" for key, name in data_inputs(spec).items())
+        from vlmflow.components.mlflow_model import save as save_mlflow_model
+
+        save_mlflow_model(ctx.out / "model", ctx.out / "mlflow-model")  # what the registry serves
+        artifacts += sorted(str(p.relative_to(ctx.out)) for p in (ctx.out / "mlflow-model").rglob("*") if p.is_file())
         details["register_model"] = {
             "name": recipe.name,
-            "artifact_path": "model",
+            "artifact_path": "mlflow-model",
             "tags": {
                 "vlmflow.stage": spec.name,
                 "vlmflow.data_digest": data_digest if len(indexes) > 1 else ctx.inputs["data"].digest,
                 "vlmflow.tokenizer_digest": ctx.inputs["tokenizer"].digest,
+                **{f"vlmflow.{k}": f"{v:.4g}" for k, v in metrics.items() if k.startswith("eval_")},
             },
         }
     rows_in = sum(index.height for index in indexes.values())
@@ -149,16 +164,7 @@ def run(ctx: StageContext) -> StageResult:
         rows_quarantined=unused.height,
         set_aside="not trained on: unused.parquet",
         metrics=metrics,
-        artifacts=[
-            "model/model.safetensors",
-            "model/vlmflow_model.json",
-            "model/tokenizer.json",  # the registered version is a complete model folder
-            "history.jsonl",
-            "parameters.json",
-            "eval.json",
-            "mixture.json",
-            "unused.parquet",
-        ],
+        artifacts=artifacts,
         details=details,
     )
 

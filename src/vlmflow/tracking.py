@@ -44,7 +44,9 @@ def download_model(uri: str, tracking: str, destination: Path) -> Path:
         )
     except Exception as exc:  # MlflowException (no such model or version), an unreachable server
         raise UserError(f"cannot load {uri} from {tracking}: {str(exc).splitlines()[0]}") from None
-    return Path(local)
+    if (Path(local) / "MLmodel").is_file():  # an MLflow model: the vlmflow folder is its artifact `model`
+        return Path(local) / "artifacts" / "model"
+    return Path(local)  # versions registered before 2026-12-03: the folder itself
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:

@@ -100,6 +100,9 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     assert version.run_id == child.info.run_id
     digests = {k: by_name[k]["artifact_digest"] for k in ("instruct", "dedup")}
     assert version.tags["vlmflow.data_digest"] == "instruct={instruct},dedup={dedup}".format(**digests)
+    assert version.tags["vlmflow.spec_digest"] == summary["spec_digest"] and "vlmflow.eval_vqa_accuracy" in version.tags
+    # An MLflow model (tests/integration/test_mlflow_model.py loads one as a pyfunc and asks it).
+    assert "mlflow-model/MLmodel" in {a.path for a in client.list_artifacts(child.info.run_id, "mlflow-model")}
 
 
 def start(workdir: Path, *extra: str) -> subprocess.Popen:

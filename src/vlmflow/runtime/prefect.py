@@ -471,7 +471,8 @@ class RecipeRun:
             self.tracker.log_history(child, [json.loads(line) for line in lines if line.strip()])
         model = details.get("register_model")
         if model and status == "computed":
-            version = self.tracker.register_model(child, model["name"], model["artifact_path"], model["tags"])
+            tags = {**model["tags"], "vlmflow.spec_digest": self.summary["spec_digest"], "vlmflow.run_id": self.run_id}
+            version = self.tracker.register_model(child, model["name"], model["artifact_path"], tags)
             self.summary.setdefault("registered_models", []).append({"name": model["name"], "version": version})
 
 
