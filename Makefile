@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 WORKDIR ?= vlmflow-work
 SPEC ?= specs/recipes/shapes-tiny.yaml
 PYTEST_ARGS ?=
+# Two pytest workers, each test file on one of them (module fixtures stay whole), the longest
+# files first (tests/conftest.py): most of an end-to-end test's time is start-up and waiting,
+# so two side by side use the two cores.
+PYTEST_PARALLEL ?= -n 2 --dist loadfile --no-loadscope-reorder
 STAMP := $(VENV)/.installed
 
 .PHONY: install run test test-fast lint format clean
@@ -27,7 +31,7 @@ run: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5): failing"; exit 1; fi; \
 	exit $$rc
 

@@ -47,12 +47,27 @@ def _image_bytes(value: Any) -> bytes:
 def save(model_folder: Path, destination: Path) -> Path:
     """The MLflow model (MLmodel, the python model, the vlmflow folder as its artifact) at
     `destination`. Its requirements are vlmflow's own pins: nothing is inferred or downloaded."""
+    import tempfile
     from importlib.metadata import version
 
-    mlflow.pyfunc.save_model(
-        path=str(destination),
-        python_model=VlmflowModel(),
-        artifacts={ARTIFACT: str(model_folder)},
-        pip_requirements=[f"vlmflow=={version('vlmflow')}"],
-    )
+    # A model from code (MLflow's `set_model`), not a pickled Python object: loading a
+    # registered version unpickles nothing.
+    with tempfile.TemporaryDirectory(prefix="vlmflow-model-code-") as tmp:
+        code = Path(tmp) / "vlmflow_pyfunc.py"
+        code.write_text(MODEL_CODE)
+        mlflow.pyfunc.save_model(
+            path=str(destination),
+            python_model=str(code),
+            artifacts={ARTIFACT: str(model_folder)},
+            pip_requirements=[f"vlmflow=={version('vlmflow')}"],
+        )
     return destination
+
+
+MODEL_CODE = """\
+from mlflow.models import set_model
+
+from vlmflow.components.mlflow_model import VlmflowModel
+
+set_model(VlmflowModel())
+"""

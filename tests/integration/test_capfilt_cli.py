@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import polars as pl
-import psutil
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
 from test_recipe_cli import stages, summary_of, vlmflow
 
+from tests.conftest import processes_named
 from tests.hf_blip import write_blip
 from tests.tiny_vlm import write_model
 from vlmflow.artifacts import ArtifactStore, file_sha256
@@ -135,7 +135,7 @@ def _rerun(workdir: Path, summary: dict, name: str, recipe, out: Path, kill: boo
 
     def killer() -> None:
         while not done.is_set() and not killed:
-            alive = [p for p in psutil.process_iter(["cmdline"]) if "MapWorker" in " ".join(p.info["cmdline"] or [])]
+            alive = processes_named("MapWorker", os.getpid())  # this test's Ray only
             if len(alive) == 2:
                 time.sleep(1.0)  # let them answer a batch or two
                 os.kill(alive[0].pid, signal.SIGKILL)

@@ -194,11 +194,16 @@ def test_prefect_and_mlflow_tell_each_stages_story(setting):
     nodes = [work.step("story-a", 1.2), work.step("story-b", 0.2, {"a": "story-a"})]
     summary, _ = run_flow(setting, nodes)
     flow_run = UUID(summary["prefect_flow_run_id"])
+    in_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run]))
+    deadline = time.monotonic() + 30  # logs reach the server in batches, a moment after the run
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run]))
-        )
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])))
+        artifacts = client.read_artifacts(artifact_filter=in_run)
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])))
+            lines = [log.message for log in logs if log.task_run_id is not None]
+            if any(line.startswith("story-a: computed") for line in lines) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     by_key = {a.key: a for a in artifacts}
     assert {"stage-story-a", "stage-story-b", "shapes-tiny-stages"} <= set(by_key)
     by = {s["name"]: s for s in summary["stages"]}
@@ -207,7 +212,6 @@ def test_prefect_and_mlflow_tell_each_stages_story(setting):
     assert f"/runs/{by['story-a']['mlflow_run_id']}" in row.data and "| computed |" in row.data
     assert by_key["shapes-tiny-stages"].task_run_id is None  # the flow run's own: the whole table
     assert all(name in by_key["shapes-tiny-stages"].data for name in ("story-a", "story-b"))
-    lines = [log.message for log in logs if log.task_run_id is not None]
     assert any(line.startswith("story-a: computed") for line in lines), lines
 
     mlflow = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import polars as pl
-import psutil
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
 from test_recipe_cli import stages, summary_of, vlmflow
 
+from tests.conftest import processes_named
 from vlmflow.artifacts import ArtifactStore
 from vlmflow.pipeline import recipe_graph
 from vlmflow.runtime.ray import init_ray
@@ -100,11 +100,10 @@ def _check_a_killed_actor_changes_no_prediction(workdir: Path, summary: dict) ->
 
     def killer() -> None:
         while not done.is_set() and not killed:
-            for proc in psutil.process_iter(["cmdline"]):
-                if "EvalWorker" in " ".join(proc.info["cmdline"] or []):
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed.append(time.monotonic())
-                    break
+            for proc in processes_named("EvalWorker", os.getpid()):  # this test's Ray only
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(time.monotonic())
+                break
             time.sleep(0.05)
 
     init_ray(recipe.runtime.ray)

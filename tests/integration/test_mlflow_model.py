@@ -39,6 +39,7 @@ def test_a_registered_model_loads_as_a_pyfunc_and_answers(tmp_path: Path):
     for path in files:
         parent = path.parent.relative_to(tmp_path)
         tracker.log_files(run, [path], str(parent))
+    assert not list((tmp_path / "mlflow-model").rglob("*.pkl"))  # a model from code: nothing to unpickle
     assert tracker.register_model(run, "tiny", "mlflow-model", {"vlmflow.stage": "s"}) == "1"
 
     picture = tmp_path / "picture.png"

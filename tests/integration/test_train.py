@@ -17,6 +17,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from test_recipe_cli import REPO, VLMFLOW, _env, stages, summary_of, vlmflow
 
+from tests.conftest import processes_named
+
 SPEC = REPO / "specs" / "recipes" / "shapes-tiny.yaml"
 # A short run of the default recipe; its evaluate section has its own tests.
 ALIGN = ["--set", "stages.0.max_steps=4", "--set", "stages.0.eval_samples=4", "--set", "stages.0.hflip=0.5",
@@ -138,10 +140,11 @@ def live_stage_run(workdir: Path, stage: str, min_points: int):
         time.sleep(0.5)
 
 
-def ray_train_workers() -> list[psutil.Process]:
-    """Ray Train worker processes; they live outside the driver's process group."""
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-    assert workers, "no Ray Train worker process found"
+def ray_train_workers(driver: subprocess.Popen) -> list[psutil.Process]:
+    """The Ray Train worker processes of `driver`'s run: descendants of the local Ray it started
+    (through its raylet), outside its process group; never another test's."""
+    workers = processes_named("RayTrainWorker", driver.pid)
+    assert workers, "no Ray Train worker process of this run found"
     return workers
 
 
@@ -159,7 +162,7 @@ def test_killed_driver_resumes_from_the_last_checkpoint_with_the_same_losses(tra
     # While it trains, MLflow shows the stage's run RUNNING with its loss points arriving.
     live = live_stage_run(trained, "train-instruct", min_points=3)
     assert live.info.status == "RUNNING" and live.data.tags["vlmflow.status"] == "running"
-    workers = ray_train_workers()
+    workers = ray_train_workers(proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole machine goes down: driver and Ray workers alike
     for worker in workers:
         worker.kill()
@@ -176,7 +179,7 @@ def test_killed_worker_is_restarted_and_reproduces_the_losses(trained):
     clean = history(stage_dir(trained, "train-instruct"))
     proc = start(trained, "--set", "stages.1.eval_samples=6")
     wait_for_step(proc, trained, "artifacts/train-instruct/*.partial", 5)
-    workers = ray_train_workers()
+    workers = ray_train_workers(proc)
     workers[-1].kill()
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
