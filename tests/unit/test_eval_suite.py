@@ -354,5 +354,5 @@ def test_compare_reads_metrics_json_and_headline_metrics(tmp_path):
     assert table.columns == ["task", "metric", "r1", "r2"]
     assert table.rows() == [("vqa", "exact_match", 0.5, 0.75), ("vqa", "exact_match_baseline", 0.25, None)]
     assert markdown(table).splitlines()[2] == "| vqa | exact_match | 0.5 | 0.75 |"
-    with pytest.raises(UserError, match="not a run id"):
+    with pytest.raises(UserError, match=r"no run .r3. in .*: give a vlmflow run id"):
         compare(["r3"], tmp_path)
