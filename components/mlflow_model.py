@@ -48,6 +48,7 @@ def save(model_folder: Path, destination: Path) -> Path:
     """The MLflow model (MLmodel, the python model, the vlmflow folder as its artifact) at
     `destination`. Its requirements are vlmflow's own pins: nothing is inferred or downloaded."""
     import tempfile
+    import warnings
     from importlib.metadata import version
 
     # A model from code (MLflow's `set_model`), not a pickled Python object: loading a
@@ -55,12 +56,14 @@ def save(model_folder: Path, destination: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="vlmflow-model-code-") as tmp:
         code = Path(tmp) / "vlmflow_pyfunc.py"
         code.write_text(MODEL_CODE)
-        mlflow.pyfunc.save_model(
-            path=str(destination),
-            python_model=str(code),
-            artifacts={ARTIFACT: str(model_folder)},
-            pip_requirements=[f"vlmflow=={version('vlmflow')}"],
-        )
+        with warnings.catch_warnings():  # its advice to type-hint `predict`: hints become a schema
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(
+                path=str(destination),
+                python_model=str(code),
+                artifacts={ARTIFACT: str(model_folder)},
+                pip_requirements=[f"vlmflow=={version('vlmflow')}"],
+            )
     return destination
 
 

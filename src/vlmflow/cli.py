@@ -78,6 +78,7 @@ def _console_env(verbose: bool) -> None:
     quiet = {
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "TRANSFORMERS_VERBOSITY": "error",
         "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
         "RAY_DEDUP_LOGS": "1",
