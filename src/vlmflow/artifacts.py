@@ -94,12 +94,16 @@ class ArtifactStore:
         final = self.path(stage, digest)
         if final.exists() and not (final / SUCCESS).exists():
             shutil.rmtree(final)  # cannot happen through commit(); be safe against hand edits
-        partial = final.with_name(f"{digest}.partial")
+        partial = self.partial_path(stage, digest)
         partial.mkdir(parents=True, exist_ok=True)
         return partial
 
+    def partial_path(self, stage: str, digest: str) -> Path:
+        """Where the build folder is (or will be); creates and removes nothing."""
+        return self.path(stage, digest).with_name(f"{digest}.partial")
+
     def commit(self, stage: str, digest: str, stats: dict) -> Path:
-        partial = self.path(stage, digest).with_name(f"{digest}.partial")
+        partial = self.partial_path(stage, digest)
         atomic_write_text(partial / SUCCESS, json.dumps(stats, indent=2, sort_keys=True))
         final = self.path(stage, digest)
         os.replace(partial, final)

@@ -335,8 +335,8 @@ class RecipeRun:
         """Streams the stage's `history.jsonl` (training steps) into its run while it is built."""
         assert self.tracker is not None
         tracker = self.tracker
-        final = self.store.path(stage.name, digest)
-        paths = [final.with_name(f"{digest}.partial") / "history.jsonl", final / "history.jsonl"]  # built, committed
+        paths = [self.store.partial_path(stage.name, digest), self.store.path(stage.name, digest)]  # built, committed
+        paths = [folder / "history.jsonl" for folder in paths]
         return HistoryTail(lambda rows: tracker.log_history(child, rows), paths, self._lock).start()
 
     def record(
@@ -355,60 +355,46 @@ class RecipeRun:
         started: when it began, or when it was found cached (then also its `finished`); finished:
         now. streamed: history rows already logged while the stage ran (not logged again)."""
         finished = started if status == "cached" and started else _now()
+        started = started or finished
         with self._lock:
-            return self._record(stage, digest, inputs, status, stats, child, started or finished, finished, error,
-                                streamed)  # fmt: skip
-
-    def _record(
-        self,
-        stage: Step,
-        digest: str,
-        inputs: dict[str, StageOutput],
-        status: str,
-        stats: dict,
-        child: str,
-        started: str,
-        finished: str,
-        error: str | None,
-        streamed: int,
-    ) -> str:
-        assert self.tracker is not None and self.parent_run is not None
-        path = self.store.path(stage.name, digest)
-        entry = {
-            "name": stage.name,
-            "component": stage.component.name,
-            "status": status,
-            "artifact_digest": digest,
-            "artifact_path": str(path),
-            "input_digests": {k: v.digest for k, v in inputs.items()},
-            "input_stages": {k: v.stage for k, v in inputs.items()},
-            **{k: stats.get(k) for k in ("rows_in", "rows_out", "rows_quarantined", "seconds")},
-            "set_aside": stats.get("set_aside", "quarantined"),
-            "started": started,
-            "finished": finished,
-        }
-        headline = {k: v for k, v in stats["metrics"].items() if k.startswith(("eval_", "first_loss", "final_loss"))}
-        if headline:
-            entry["metrics"] = headline
-        tags = {"vlmflow.status": status}
-        if status == "cached":
-            origin = self.tracker.computed_in(stage.name, digest)
-            if origin:
-                tags["vlmflow.computed_in"] = origin
-                tags["mlflow.note.content"] = f"Cached: this artifact was computed in MLflow run {origin}."
-        rows = {k: float(stats.get(k) or 0) for k in ("rows_in", "rows_out", "rows_quarantined", "seconds")}
-        seconds = stats.get("seconds") or 0.0
-        rows["rows_per_s"] = rows["rows_in"] / seconds if seconds else 0.0
-        metrics = {**rows, **self._planned(stage.name), **stats["metrics"]}
-        self.tracker.log(child, tags=tags, metrics=metrics)
-        self._log_outputs(child, path, stats, status, streamed)
-        self.tracker.finish(child, status != "failed")
-        entry["mlflow_run_id"] = child
-        if error is not None:
-            entry["error"] = error
-        self.summary["stages"].append(entry)
-        self._save()
-        return child
+            assert self.tracker is not None and self.parent_run is not None
+            path = self.store.path(stage.name, digest)
+            entry = {
+                "name": stage.name,
+                "component": stage.component.name,
+                "status": status,
+                "artifact_digest": digest,
+                "artifact_path": str(path),
+                "input_digests": {k: v.digest for k, v in inputs.items()},
+                "input_stages": {k: v.stage for k, v in inputs.items()},
+                **{k: stats.get(k) for k in ("rows_in", "rows_out", "rows_quarantined", "seconds")},
+                "set_aside": stats.get("set_aside", "quarantined"),
+                "started": started,
+                "finished": finished,
+            }
+            headlines = ("eval_", "first_loss", "final_loss")
+            headline = {k: v for k, v in stats["metrics"].items() if k.startswith(headlines)}
+            if headline:
+                entry["metrics"] = headline
+            tags = {"vlmflow.status": status}
+            if status == "cached":
+                origin = self.tracker.computed_in(stage.name, digest)
+                if origin:
+                    tags["vlmflow.computed_in"] = origin
+                    tags["mlflow.note.content"] = f"Cached: this artifact was computed in MLflow run {origin}."
+            rows = {k: float(stats.get(k) or 0) for k in ("rows_in", "rows_out", "rows_quarantined", "seconds")}
+            seconds = stats.get("seconds") or 0.0
+            rows["rows_per_s"] = rows["rows_in"] / seconds if seconds else 0.0
+            metrics = {**rows, **self._planned(stage.name), **stats["metrics"]}
+            self.tracker.log(child, tags=tags, metrics=metrics)
+            self._log_outputs(child, path, stats, status, streamed)
+            self.tracker.finish(child, status != "failed")
+            entry["mlflow_run_id"] = child
+            if error is not None:
+                entry["error"] = error
+            self.summary["stages"].append(entry)
+            self._save()
+            return child
 
     def record_skipped(self, name: str, inputs: dict[str, StageOutput], failed: str) -> None:
         """A stage that never started because upstream stage `failed` failed (summary.json only:
