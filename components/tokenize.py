@@ -1,6 +1,6 @@
 """Tokenizer: train a byte-level BPE (HF `tokenizers`) on the dataset's text, or load one.
 
-The corpus is every caption, VQA pair and conversation turn of the rows in the input
+The corpus is every caption, VQA pair, multiple-choice item and conversation turn of the rows in the input
 manifest, read from the shards (one Ray task per shard). Special tokens for the VLM
 (`<image>`, pad, bos/eos, chat roles) are always present in the saved tokenizer.json.
 """
@@ -27,7 +27,12 @@ def sample_texts(record: dict) -> list[str]:
     for qa in record.get("qa") or []:
         texts += [qa.get("question", ""), qa.get("answer", "")]
     texts += [t.get("content", "") for t in record.get("conversations") or []]
-    return [t for t in texts if t]
+    for item in record.get("choices") or []:
+        if isinstance(item, dict):
+            options = item.get("options")
+            options = list(options.values()) if isinstance(options, dict) else options
+            texts += [item.get("question"), *(options if isinstance(options, list) else [])]
+    return [t for t in texts if isinstance(t, str) and t]
 
 
 def shard_texts(work: tuple[str, str, list[str]]) -> list[str]:

@@ -26,10 +26,9 @@ import polars as pl
 from PIL import Image
 
 from vlmflow.components.sources.base import OUTSIDE, contained_path
-from vlmflow.components.train.data import IMAGE_EXTS, ShardSamples
+from vlmflow.components.train.data import IMAGE_EXTS, ShardSamples, choices
 from vlmflow.errors import UserError
-
-LETTERS = "ABCDEFGHIJ"
+from vlmflow.prompts import LETTERS
 
 
 @dataclass(frozen=True)
@@ -102,14 +101,20 @@ def _add_or_reject(loaded: Loaded, key: str, source: str, image: bytes, refs: li
 
 
 def _choices_from_qa(loaded: Loaded, records: list[tuple[str, bytes, dict]], source: str) -> None:
-    """One multiple-choice question per sample from its VQA pairs: the true answer plus up to three
-    distractors drawn from the answers of the same kind of question ("What color", "How many")."""
+    """One multiple-choice question per sample: one of its own `choices` items when it has them,
+    else one from its VQA pairs, the true answer plus up to three distractors drawn from the
+    answers of the same kind of question ("What color", "How many")."""
     pools: dict[str, set[str]] = defaultdict(set)
     for _, _, record in records:
         for qa in record.get("qa") or []:
             pools[_family(qa["question"])].add(qa["answer"])
     for key, image, record in records:
         rng = np.random.default_rng(zlib.crc32(key.encode()))
+        own = choices(record)
+        if own:
+            question, options, answer = own[int(rng.integers(len(own)))]
+            loaded.add(Item(key, image, (answer,), question, options))
+            continue
         usable = [qa for qa in record.get("qa") or [] if len(pools[_family(qa["question"])]) > 1]
         if not usable:
             loaded.reject(key, source, "no-qa-with-alternatives")

@@ -24,6 +24,7 @@ from vlmflow.components.evaluate.generate import Decoding
 from vlmflow.components.evaluate.worker import EvalWorker
 from vlmflow.components.train.data import ShardSamples, build_index
 from vlmflow.errors import UserError
+from vlmflow.prompts import choice_prompt
 from vlmflow.runtime.ray import map_on_actors, require_gpus
 from vlmflow.specs.evaluate import EvalTask, ZeroShotTask
 from vlmflow.specs.recipe import Recipe
@@ -67,8 +68,7 @@ def prompt_of(task: EvalTask, item: Item) -> str:
     if task.kind == "captioning":
         return task.prompt
     if task.kind == "multiple-choice":
-        options = "\n".join(f"{key}. {text}" for key, text in item.options)
-        return task.template.format(question=item.question, options=options)
+        return choice_prompt(task.template, item.question, item.options)
     return item.question
 
 

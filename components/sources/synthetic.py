@@ -4,7 +4,8 @@ Each image is drawn from its own generator seeded by (seed, index), so the same 
 the same pixels however the rows are cut into units. A row carries the scene graph
 (objects with shape, color, size, normalised box), a caption (corrupted in color, shape or
 count for a `caption_noise` fraction, the truth kept in `extra["truth"]`), VQA pairs whose
-answers are true of the scene, and a class label (the shape of the largest object).
+answers are true of the scene, the same questions as multiple-choice items, and a class
+label (the shape of the largest object).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, SourceReader, Unit, chunk
+from vlmflow.prompts import LETTERS
 from vlmflow.specs.data import SyntheticShapesSource
 
 SHAPES = ("circle", "square", "triangle")
@@ -183,6 +185,31 @@ def questions(objects: list[SceneObject]) -> list[dict[str, str]]:
     return qa
 
 
+def answer_vocabulary(question: str, max_objects: int) -> list[str]:
+    """Every answer a synthetic question of this kind can have."""
+    if question.startswith("How many"):
+        return [str(n) for n in range(max(4, max_objects + 1))]
+    if question.startswith("What color"):
+        return list(COLORS)
+    if question.startswith("What shape"):
+        return list(SHAPES)
+    return ["yes", "no"]
+
+
+def choice_items(qa: list[dict[str, str]], rng: np.random.Generator, max_objects: int) -> list[dict]:
+    """Each VQA pair as a multiple-choice item (A-OKVQA / ScienceQA style): the true answer and up to
+    three other answers of its kind, shuffled; the answer is the true option's letter."""
+    items = []
+    for pair in qa:
+        others = [a for a in answer_vocabulary(pair["question"], max_objects) if a != pair["answer"]]
+        picked = [pair["answer"], *rng.choice(others, size=min(3, len(others)), replace=False).tolist()]
+        order = rng.permutation(len(picked))
+        options = [picked[j] for j in order]
+        answer = LETTERS[int(np.flatnonzero(order == 0)[0])]
+        items.append({"question": pair["question"], "options": options, "answer": answer})
+    return items
+
+
 def make_row(spec: SyntheticShapesSource, seed: int, index: int) -> RawRow:
     rng = np.random.default_rng([seed, index])
     background = tuple(int(v) for v in rng.integers(200, 256, size=3))
@@ -197,9 +224,11 @@ def make_row(spec: SyntheticShapesSource, seed: int, index: int) -> RawRow:
     u = rng.random()
     split = "test" if u < spec.test_fraction else "val" if u < spec.test_fraction + spec.val_fraction else None
     largest = max(objects, key=lambda o: o.box[2])
+    qa = questions(objects)
     extra = {
         "objects": [o.as_dict() for o in objects],
-        "qa": questions(objects),
+        "qa": qa,
+        "choices": choice_items(qa, np.random.default_rng([seed, index, 2]), spec.max_objects),
         "truth": {"caption": true_caption, "corrupted": corruption is not None, "corruption": corruption},
     }
     image = render(objects, spec.image_size, background)

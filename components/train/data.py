@@ -26,6 +26,7 @@ from vlmflow.artifacts import file_sha256
 from vlmflow.components.shards import ShardCorrupt
 from vlmflow.errors import UserError
 from vlmflow.models.objectives import IGNORE, pad_rows
+from vlmflow.prompts import CHOICE_TEMPLATE, LETTERS, choice_prompt, lettered
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 INDEX_SCHEMA = {
@@ -40,9 +41,10 @@ INDEX_SCHEMA = {
     "n_captions": pl.Int64,
     "n_qa": pl.Int64,
     "n_turns": pl.Int64,
+    "n_choices": pl.Int64,
 }
 LISTED = ("split", "source")  # index columns read from the manifest (the rest from the shards)
-FORMAT_COLUMN = {"caption": "n_captions", "qa": "n_qa", "conversations": "n_turns"}
+FORMAT_COLUMN = {"caption": "n_captions", "qa": "n_qa", "conversations": "n_turns", "choice": "n_choices"}
 
 
 def build_index(data_dir: Path, store_root: Path) -> pl.DataFrame:
@@ -83,6 +85,7 @@ def _members(path: Path, shard: str, wanted: set[str]) -> list[dict]:
                 row["n_captions"] = sum(1 for c in record.get("captions") or [] if c)
                 row["n_qa"] = len(record.get("qa") or [])
                 row["n_turns"] = sum(t.get("role") == "assistant" for t in record.get("conversations") or [])
+                row["n_choices"] = len(choices(record))
             elif ext in IMAGE_EXTS:
                 row["image_offset"], row["image_size"] = member.offset_data, member.size
     return [{k: r.get(k) for k in INDEX_SCHEMA if k not in LISTED} for r in found.values()]
@@ -152,8 +155,32 @@ class TextCodec:
         return ids
 
 
-def sample_turns(record: dict, fmt: str, prompt: str, epoch: int) -> list[dict] | None:
-    """The conversation a sample trains on, or None when it has nothing for this format."""
+def choices(record: dict) -> list[tuple[str, tuple[tuple[str, str], ...], str]]:
+    """A record's well-formed multiple-choice items as (question, (letter, text) options, answer letter).
+    `choices` holds {question, options: [texts] or {letter: text}, answer: letter}, as a
+    multiple-choice JSONL line; an item with fewer than two options or an answer that is not
+    one of them is not trained on."""
+    found = []
+    for item in record.get("choices") or []:
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+            continue
+        raw = item.get("options")
+        if isinstance(raw, list) and len(raw) <= len(LETTERS):
+            options = lettered(raw)
+        elif isinstance(raw, dict):
+            options = tuple((str(k), v) for k, v in raw.items())
+        else:
+            continue
+        answer = str(item.get("answer", "")).strip()
+        texts_ok = all(isinstance(v, str) and v.strip() for _, v in options)
+        if len(options) >= 2 and texts_ok and answer in dict(options):
+            found.append((item["question"], options, answer))
+    return found
+
+
+def sample_turns(record: dict, fmt: str, prompt: str, epoch: int, template: str = CHOICE_TEMPLATE) -> list[dict] | None:
+    """The conversation a sample trains on, or None when it has nothing for this format.
+    `prompt` is the caption format's user turn, `template` the choice format's (as evaluation asks)."""
     if fmt == "caption":
         caption = pick_caption(record, epoch)
         return (
@@ -167,11 +194,25 @@ def sample_turns(record: dict, fmt: str, prompt: str, epoch: int) -> list[dict] 
         pairs = record.get("qa") or []
         if not pairs:
             return None
-        rng = np.random.default_rng([epoch, zlib.crc32(str(record.get("key", "")).encode())])
-        qa = pairs[int(rng.integers(len(pairs)))]
+        qa = pairs[_pick(record, epoch, len(pairs))]
         return [{"role": "user", "content": qa["question"]}, {"role": "assistant", "content": qa["answer"]}]
+    if fmt == "choice":
+        # One multiple-choice item per sample and epoch, asked with the template evaluation uses:
+        # the answer is the option's letter.
+        items = choices(record)
+        if not items:
+            return None
+        question, options, answer = items[_pick(record, epoch, len(items))]
+        return [{"role": "user", "content": choice_prompt(template, question, options)},
+                {"role": "assistant", "content": answer}]  # fmt: skip
     turns = [t for t in record.get("conversations") or [] if t.get("role") in ("user", "assistant")]
     return turns or None
+
+
+def _pick(record: dict, epoch: int, n: int) -> int:
+    """Which of a sample's n items it trains on in `epoch` (a pure function of key and epoch)."""
+    rng = np.random.default_rng([epoch, zlib.crc32(str(record.get("key", "")).encode())])
+    return int(rng.integers(n))
 
 
 def pick_caption(record: dict, epoch: int) -> str | None:
@@ -263,9 +304,10 @@ class Collator:
         hflip: float = 0.0,
         seed: int = 0,
         shift: int = 0,
+        choice_template: str = CHOICE_TEMPLATE,
     ):
         self.samples, self.image, self.codec = samples, image, codec
-        self.prompt, self.text_length = prompt, text_length
+        self.prompt, self.text_length, self.choice_template = prompt, text_length, choice_template
         self.hflip, self.shift, self.seed = hflip, shift, seed
         self.flipped = 0  # images mirrored so far
         self.moved = 0  # pixels the images were moved so far, each by max(|dx|, |dy|)
@@ -283,7 +325,8 @@ class Collator:
                 array = translate(array, dx, dy)
                 self.moved += max(abs(dx), abs(dy))
             pixels.append(array)
-            chats.append(self.codec.chat(sample_turns(record, self.samples.format(int(i)), self.prompt, epoch) or []))
+            turns = sample_turns(record, self.samples.format(int(i)), self.prompt, epoch, self.choice_template)
+            chats.append(self.codec.chat(turns or []))
             caption = pick_caption(record, epoch) or ""
             captions.append(self.codec.ids(caption)[: self.text_length or 1])
         pad = self.codec.special["<pad>"]

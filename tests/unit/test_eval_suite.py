@@ -178,6 +178,21 @@ def test_held_out_multiple_choice_options_hold_the_answer():
         assert len(options) == 4 and len(set(options.values())) == 4
 
 
+def test_held_out_multiple_choice_asks_a_samples_own_choice_items_first():
+    own = {"question": "What shape is the red object?", "options": ["square", "circle"], "answer": "B"}
+    records = [("k0", b"", {"qa": [{"question": "What color is the circle?", "answer": "red"}], "choices": [own]}),
+               ("k1", b"", {"qa": [{"question": "What color is the circle?", "answer": "blue"}]})]  # fmt: skip
+    loaded = datasets.Loaded(limit=10)
+    datasets._choices_from_qa(loaded, records, "dedup")
+    first, second = loaded.items
+    assert (first.question, first.options, first.references) == (
+        own["question"],
+        (("A", "square"), ("B", "circle")),
+        ("B",),
+    )
+    assert second.question == "What color is the circle?" and dict(second.options)[second.references[0]] == "blue"
+
+
 # --------------------------------------------------------------------------- generation
 
 

@@ -104,6 +104,14 @@ def test_field_level_training_problems(tmp_path):
     assert "patch-linear goes with vision kind none" in only_problem(write(tmp_path, text)).message
     text = TRAINING.replace("    trainable: [connector]", "    trainable: [language]\n    lora: {module: language}")
     assert "LoRA keeps its base frozen" in only_problem(write(tmp_path, text)).message
+    text = TRAINING.replace(
+        "    trainable", "    format: choice\n    choice_template: '{question} {answer}'\n    trainable"
+    )
+    problem = only_problem(write(tmp_path, text))
+    assert "may use only the fields {question} and {options}" in problem.message
+    assert problem.line == next(i for i, row in enumerate(text.splitlines(), 1) if "choice_template" in row)
+    text = TRAINING.replace("    trainable", "    format: choice\n    choice_template: '{question}'\n    trainable")
+    assert "must hold {options}" in only_problem(write(tmp_path, text)).message
 
 
 @pytest.mark.parametrize("name", LITERATURE)

@@ -235,3 +235,17 @@ def test_many_objects_with_full_noise_never_crash():
     spec = make_spec(count=600, image_size=16, min_objects=12, max_objects=12, caption_noise=1.0)
     for index in (436, 521):
         synthetic.make_row(spec, 0, index)
+
+
+def test_choice_items_hold_the_true_answer_at_their_letter_among_answers_of_its_kind():
+    rows = read_all(make_spec(count=60))
+    seen_letters = set()
+    for row in rows:
+        assert [c["question"] for c in row.extra["choices"]] == [q["question"] for q in row.extra["qa"]]
+        for item, qa in zip(row.extra["choices"], row.extra["qa"], strict=True):
+            options = item["options"]
+            assert len(set(options)) == len(options) >= 2
+            assert options["ABCD".index(item["answer"])] == qa["answer"]
+            assert set(options) <= set(synthetic.answer_vocabulary(qa["question"], 4))
+            seen_letters.add(item["answer"])
+    assert seen_letters == set("ABCD")  # the true option's place is shuffled

@@ -22,6 +22,7 @@ from vlmflow.components.train.data import (
     ShardSamples,
     TextCodec,
     build_index,
+    choices,
     epoch_order,
     offset,
     preprocess,
@@ -74,6 +75,7 @@ def test_index_locates_every_sample_and_reads_its_bytes(artifact):
     index = build_index(data, root)
     assert index.height == 12 and index["image_offset"].null_count() == 0
     assert index["n_captions"].to_list() == [1] * 12
+    assert index["n_choices"].to_list() == [len(r.extra["qa"]) for r in rows]  # one item per VQA pair
     samples = ShardSamples.split(index, root, "train", "caption")
     by_key = {r.key: r for r in rows}
     for i in range(len(samples)):
@@ -165,6 +167,41 @@ def test_sample_turns_per_format():
         asked.add(qa[0]["content"])
     assert len(asked) > 1  # a different question in different epochs
     assert sample_turns(record, "conversations", "", 0) is None
+
+
+def test_choice_format_asks_as_evaluation_does_and_answers_with_the_letter():
+    spec = SyntheticShapesSource(kind="synthetic-shapes", count=1)
+    row = make_row(spec, 3, 0)
+    record = {"key": "k", "captions": row.captions, **row.extra}
+    asked = set()
+    for epoch in range(20):
+        user, assistant = sample_turns(record, "choice", "", epoch)
+        item = next(c for c in row.extra["choices"] if user["content"].startswith(c["question"] + "\n"))
+        lines = [f"{letter}. {text}" for letter, text in zip("ABCD", item["options"], strict=False)]
+        assert user["content"] == "\n".join([item["question"], *lines, "Answer with the option's letter."])
+        assert assistant["content"] == item["answer"]
+        asked.add(item["question"])
+    assert len(asked) > 1
+    custom = sample_turns(record, "choice", "", 0, template="Q: {question} {options}")
+    assert custom[0]["content"].startswith("Q: ")
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"question": "q", "options": ["only one"], "answer": "A"},  # fewer than two options
+        {"question": "q", "options": ["a", "b"], "answer": "C"},  # the answer is not an option
+        {"question": "q", "options": ["a", ""], "answer": "A"},  # an empty option
+        {"question": "q", "options": "a, b", "answer": "A"},  # options not a list or mapping
+        {"question": 3, "options": ["a", "b"], "answer": "A"},
+        "not an object",
+    ],
+)
+def test_malformed_choice_items_are_not_trained_on(item):
+    record = {"key": "k", "choices": [item]}
+    assert choices(record) == [] and sample_turns(record, "choice", "", 0) is None
+    keyed = {"key": "k", "choices": [{"question": "q", "options": {"X": "a", "Y": "b"}, "answer": "Y"}]}
+    assert choices(keyed) == [("q", (("X", "a"), ("Y", "b")), "Y")]
 
 
 def test_batches_split_the_global_batch_exactly_across_workers():

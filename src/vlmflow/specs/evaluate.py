@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from vlmflow.component import operational
+from vlmflow.prompts import CAPTION_PROMPT, CHOICE_TEMPLATE, check_choice_template
 from vlmflow.specs.base import ExistingDir, ExistingFile, Float, Int, StrictModel
 from vlmflow.specs.data import NAME_PATTERN
 
@@ -123,7 +124,7 @@ class CaptioningTask(TaskBase):
 
     kind: Literal["captioning"]
     data: Annotated[HeldOutData | CocoCaptionsData, HeldOutOr]
-    prompt: str = "Describe the image."
+    prompt: str = CAPTION_PROMPT
     generation: Generation = Field(default_factory=lambda: Generation(max_new_tokens=24))
 
 
@@ -141,9 +142,13 @@ class MultipleChoiceTask(TaskBase):
     kind: Literal["multiple-choice"]
     data: Annotated[HeldOutData | ChoiceJsonl | ChoiceTsv, HeldOutOr]
     template: str = Field(
-        "{question}\n{options}\nAnswer with the option's letter.", description="fields: question, options"
+        CHOICE_TEMPLATE,
+        description="fields: question, options (a stage trained on the choice format asks "
+        "with its choice_template: keep the two equal)",
     )
     generation: Generation = Field(default_factory=lambda: Generation(max_new_tokens=8))
+
+    _template = field_validator("template")(check_choice_template)
 
 
 EvalTask = Annotated[

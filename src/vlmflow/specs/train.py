@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from vlmflow.component import operational
+from vlmflow.prompts import CAPTION_PROMPT, CHOICE_TEMPLATE, check_choice_template
 from vlmflow.specs.base import Float, Int, StrictModel
 from vlmflow.specs.data import NAME_PATTERN
 
@@ -77,7 +78,7 @@ class ScheduleSpec(StrictModel):
     min_lr_ratio: Float = Field(0.0, ge=0, le=1)
 
 
-Format = Literal["caption", "qa", "conversations"]
+Format = Literal["caption", "qa", "conversations", "choice"]
 
 
 class MixtureComponent(StrictModel):
@@ -116,9 +117,16 @@ class TrainStageSpec(StrictModel):
     format: Format = Field(
         "caption",
         description="caption: image + caption; qa: one of the sample's VQA pairs per epoch; "
-        "conversations: the sample's conversation turns (instruction data)",
+        "conversations: the sample's conversation turns (instruction data); choice: one of the sample's "
+        "multiple-choice items per epoch, answered with the option's letter",
     )
-    prompt: str = Field("Describe the image.", description="the user turn of the caption format")
+    prompt: str = Field(CAPTION_PROMPT, description="the user turn of the caption format")
+    choice_template: str = Field(
+        CHOICE_TEMPLATE,
+        description="the user turn of the choice format (fields: question, options); keep it equal to the "
+        "multiple-choice evaluation's template",
+        exclude_if=lambda t: t == CHOICE_TEMPLATE,
+    )
     trainable: list[Literal["vision", "connector", "language", "text", "heads"]] = Field(min_length=1)
     lora: LoraSpec | None = None
     objectives: list[Objective] = Field(min_length=1)
@@ -152,6 +160,8 @@ class TrainStageSpec(StrictModel):
     )
     checkpoint_every: Int = Field(50, ge=1, description="optimizer steps between checkpoints")
     eval_samples: Int = Field(128, ge=0, description="held-out samples scored at the end of the stage")
+
+    _choice_template = field_validator("choice_template")(check_choice_template)
 
     @model_validator(mode="after")
     def _check(self) -> TrainStageSpec:
