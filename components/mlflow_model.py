@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 ARTIFACT = "model"  # the vlmflow model folder inside the MLflow model: artifacts/model
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -25,7 +26,8 @@ class VlmflowModel(mlflow.pyfunc.PythonModel):
 
         self.worker = EvalWorker(context.artifacts[ARTIFACT])
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 (MLflow reads hints as a schema)
+    # A DataFrame hint: MLflow validates nothing and infers no schema from it (and gives no advice to add one).
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # noqa: ANN001, ANN201
         frame = model_input
         images = [_image_bytes(value) for value in frame["image"]]
         prompts = (
@@ -48,7 +50,6 @@ def save(model_folder: Path, destination: Path) -> Path:
     """The MLflow model (MLmodel, the python model, the vlmflow folder as its artifact) at
     `destination`. Its requirements are vlmflow's own pins: nothing is inferred or downloaded."""
     import tempfile
-    import warnings
     from importlib.metadata import version
 
     # A model from code (MLflow's `set_model`), not a pickled Python object: loading a
@@ -56,14 +57,12 @@ def save(model_folder: Path, destination: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="vlmflow-model-code-") as tmp:
         code = Path(tmp) / "vlmflow_pyfunc.py"
         code.write_text(MODEL_CODE)
-        with warnings.catch_warnings():  # its advice to type-hint `predict`: hints become a schema
-            warnings.simplefilter("ignore", UserWarning)
-            mlflow.pyfunc.save_model(
-                path=str(destination),
-                python_model=str(code),
-                artifacts={ARTIFACT: str(model_folder)},
-                pip_requirements=[f"vlmflow=={version('vlmflow')}"],
-            )
+        mlflow.pyfunc.save_model(
+            path=str(destination),
+            python_model=str(code),
+            artifacts={ARTIFACT: str(model_folder)},
+            pip_requirements=[f"vlmflow=={version('vlmflow')}"],
+        )
     return destination
 
 

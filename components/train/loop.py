@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from vlmflow.artifacts import atomic_write_text
 from vlmflow.components.train import checkpoint as ckpt
 from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec
 from vlmflow.components.train.data import worker_micro_batches as micro_batches
@@ -117,7 +118,9 @@ def train_worker(raw: dict) -> None:
     image = ImageSpec.of(cfg.image)
     codec = TextCodec(Path(cfg.tokenizer), vocab.special, model.num_image_tokens, stage.max_text_tokens)
     text_length = spec.text.max_length if spec.text else None
-    collate = Collator(samples, image, codec, stage.prompt, text_length, stage.hflip, cfg.seed, stage.shift)
+    collate = Collator(
+        samples, image, codec, stage.prompt, text_length, stage.hflip, cfg.seed, stage.shift, stage.choice_template
+    )
     kinds = [o.kind for o in stage.objectives]
     weights = {o.kind: o.weight for o in stage.objectives}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if stage.precision == "bf16" else None
@@ -125,7 +128,8 @@ def train_worker(raw: dict) -> None:
     config = model_config(spec, vocab, cfg.image, model.num_image_tokens)
     if rank == 0 and start > 0 and history.exists():  # steps after the checkpoint are redone
         rows = [row for row in map(parse_row, history.read_text().splitlines()) if row and row["step"] <= start]
-        history.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        # A new file in its place (not rewritten in place): a reader that has read further sees a new file.
+        atomic_write_text(history, "".join(json.dumps(row) + "\n" for row in rows))
     if rank == 0 and start == 0:
         history.unlink(missing_ok=True)
         (out / "parameters.json").write_text(json.dumps(counts, indent=2))
@@ -170,6 +174,7 @@ def train_worker(raw: dict) -> None:
         seconds = time.perf_counter() - started
         row.update(
             step=step + 1,
+            total_steps=cfg.total_steps,
             epoch=epoch,
             workers=world,
             lr=lr,
@@ -183,12 +188,12 @@ def train_worker(raw: dict) -> None:
                 f"train {stage.name}: the loss is {row['loss']} at step {step + 1} "
                 f"(lr {lr:.2e}, grad norm {float(grad_norm):.3g}): lower the learning rate or check the data"
             )
+        if step == start and start > 0:
+            row["resumed_from"] = start  # the driver says so on the console
         row["time"] = time.time()  # when the step ended: the MLflow point's timestamp
         if rank == 0:
-            with open(history, "a") as handle:
+            with open(history, "a") as handle:  # the driver reads it: MLflow curves, the console's progress
                 handle.write(json.dumps(row) + "\n")
-            if (step + 1) % max(1, cfg.total_steps // 20) == 0 or step + 1 == cfg.total_steps:
-                print(f"train {stage.name}: step {step + 1}/{cfg.total_steps} loss {row['loss']:.4f} lr {lr:.2e}")
         done = step + 1 == cfg.total_steps
         if (step + 1) % stage.checkpoint_every == 0 or done:
             save_checkpoint(checkpoints, step + 1, wrapped, optimizer, scheduler, rank)
@@ -251,5 +256,4 @@ def resume(root: Path, model: torch.nn.Module, optimizer, scheduler) -> int:  # 
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)
     scheduler.load_state_dict(scheduler_state)
-    print(f"resumed from {folder.name}")
     return int(extra["step"])

@@ -14,28 +14,35 @@ log = logging.getLogger("vlmflow")
 class Progress:
     """Counts finished units of a stage; `mode` is auto | bar | log."""
 
-    def __init__(self, desc: str, total: int, mode: str = "auto", unit: str = "unit", every_s: float = 5.0):
-        self.desc, self.total, self.done, self.unit = desc, total, 0, unit
+    def __init__(
+        self, desc: str, total: int, mode: str = "auto", unit: str = "unit", every_s: float = 5.0, initial: int = 0
+    ):
+        """initial: units done before this process looked (a resumed stage); not counted in the rate."""
+        self.desc, self.total, self.done, self.initial, self.unit = desc, total, initial, initial, unit
         use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
-        self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr) if use_bar else None
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr) if use_bar else None
         self.every_s, self.last_log, self.started = every_s, 0.0, time.monotonic()
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, note: str = "") -> None:
+        """`n` more units done; `note` (e.g. `loss 0.52`) follows the count."""
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
+            if note:
+                self.bar.set_postfix_str(note, refresh=False)
             return
         now = time.monotonic()
         if self.done == self.total or now - self.last_log >= self.every_s:
             self.last_log = now
-            log.info("%s: %d/%d %ss%s", self.desc, self.done, self.total, self.unit, self.pace(now))
+            shown = f", {note}" if note else ""
+            log.info("%s: %d/%d %ss%s%s", self.desc, self.done, self.total, self.unit, shown, self.pace(now))
 
     def pace(self, now: float) -> str:
         """` (2.5 units/s, 12 s left)`: the rate so far and, while unfinished, the time left at it."""
         elapsed = now - self.started
-        if self.done <= 0 or elapsed <= 0:
+        if self.done <= self.initial or elapsed <= 0:
             return ""
-        rate = self.done / elapsed
+        rate = (self.done - self.initial) / elapsed
         left = "" if self.done >= self.total else f", {(self.total - self.done) / rate:.0f} s left"
         return f" ({rate:.3g} {self.unit}s/s{left})"
 
@@ -48,3 +55,36 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StepProgress:
+    """A training stage's progress on the driver's console, from the rows of its step history
+    (`step`, `total_steps`, `loss`, `resumed_from`) as the driver reads them: the workers print nothing."""
+
+    def __init__(self, desc: str, mode: str = "auto"):
+        self.desc, self.mode = desc, mode
+        self.progress: Progress | None = None
+        self.resumes: set[float] = set()
+
+    def __call__(self, rows: list[dict]) -> None:
+        last = rows[-1]
+        total = last.get("total_steps")
+        if not isinstance(total, int):
+            return
+        if self.progress is None:
+            self.progress = Progress(self.desc, total, self.mode, unit="step", initial=int(rows[0]["step"]) - 1)
+        loss = last.get("loss")
+        note = f"loss {loss:.4f}" if isinstance(loss, float) else ""
+        self.progress.update(int(last["step"]) - self.progress.done, note)
+
+    def resumed(self, row: dict) -> None:
+        """The first step after the workers went back to a checkpoint (an interrupted build run
+        again, or a worker died and Ray Train restarted them); said once per resume."""
+        when = row.get("time", row["step"])
+        if when not in self.resumes:
+            self.resumes.add(when)
+            log.info("%s: resumed from its checkpoint at step %d", self.desc, row["resumed_from"])
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()

@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from vlmflow.errors import UserError
+from vlmflow.progress import StepProgress
 
 MAX_PARAM = 500
 LOCAL_UI = "http://127.0.0.1:5000"  # `vlmflow ui`'s MLflow UI for a workdir's own store
@@ -119,14 +120,15 @@ class Tracker:
                 self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_history(self, run_id: str, rows: list[dict], step_key: str = "step") -> None:
-        """Per-step metrics (training curves): one MLflow metric series per numeric key, each point
-        stamped with its row's `time` (unix seconds, when the step ended) where the row has one."""
+        """Per-step metrics (training curves): one MLflow metric series per numeric key (not the
+        step, its time, or the bookkeeping keys NOT_METRICS), each point stamped with its row's
+        `time` (unix seconds, when the step ended) where the row has one."""
         now = int(time.time() * 1000)
         metrics = [
             Metric(k, float(v), int(row["time"] * 1000) if "time" in row else now, int(row[step_key]))
             for row in rows
             for k, v in row.items()
-            if k not in (step_key, "time") and isinstance(v, int | float) and not isinstance(v, bool)
+            if k not in (step_key, "time", *NOT_METRICS) and isinstance(v, int | float) and not isinstance(v, bool)
         ]
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
@@ -149,6 +151,9 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
 
+NOT_METRICS = ("total_steps", "resumed_from")  # history keys for the console's progress line, not curves
+
+
 class HistoryTail:
     """Streams a stage's per-step history (`history.jsonl` in its build folder, one JSON row per
     step) into the stage's MLflow run while the stage runs: a thread reads the rows appended since
@@ -158,15 +163,23 @@ class HistoryTail:
     The driver tails the file rather than the workers logging to MLflow themselves: the file is
     already the training loop's record (rank 0 writes it, on the artifact store every worker
     shares), the workers need no tracking credentials, and a slow tracking server never slows a
-    training step. A file that shrinks (a resumed stage rewrites it up to its checkpoint) is read
-    again from the start, and steps already logged are not logged twice."""
+    training step. A file that is replaced or shrinks (a resumed stage rewrites it up to its
+    checkpoint) is read again from the start, and steps already logged are not logged twice."""
 
     def __init__(
-        self, log: Callable[[list[dict]], None], paths: list[Path], lock: threading.RLock, interval: float = 2.0
+        self,
+        log: Callable[[list[dict]], None],
+        paths: list[Path],
+        lock: threading.RLock,
+        interval: float = 2.0,
+        progress: StepProgress | None = None,
     ):
-        """paths: where the file is, in the order it moves (a build folder, then the committed one)."""
+        """paths: where the file is, in the order it moves (a build folder, then the committed one);
+        progress: also shown each batch of new rows (the console's progress line)."""
         self._log, self.paths, self._lock, self.interval = log, paths, lock, interval
+        self._progress = progress
         self._offset, self._last_step, self.logged = 0, 0, 0
+        self._inode = -1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"mlflow-tail:{paths[0].parent.name}", daemon=True)
 
@@ -178,6 +191,8 @@ class HistoryTail:
         self._stop.set()
         self._thread.join()
         self._drain()
+        if self._progress is not None:
+            self._progress.close()
         return self.logged
 
     def _loop(self) -> None:
@@ -198,9 +213,10 @@ class HistoryTail:
             else:
                 return
             with handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size < self._offset:
-                    self._offset = 0
+                stat = os.fstat(handle.fileno())
+                size = stat.st_size
+                if size < self._offset or stat.st_ino != self._inode:  # rewritten: read it from the start
+                    self._offset, self._inode = 0, stat.st_ino
                 handle.seek(self._offset)
                 chunk = handle.read(size - self._offset)
             end = chunk.rfind(b"\n") + 1  # complete lines only: the last may be half-written
@@ -210,9 +226,15 @@ class HistoryTail:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > self._last_step:
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                    continue
+                if "resumed_from" in row and self._progress is not None:
+                    self._progress.resumed(row)
+                if row["step"] > self._last_step:
                     rows.append(row)
             if rows:
+                if self._progress is not None:
+                    self._progress(rows)
                 self._log(rows)
                 self._last_step = rows[-1]["step"]
                 self.logged += len(rows)

@@ -170,7 +170,7 @@ def test_killed_driver_resumes_from_the_last_checkpoint_with_the_same_losses(tra
     assert (partial / "checkpoints" / "step-00000004").is_dir() and not (partial / "_SUCCESS").exists()
     result = vlmflow("run", str(SPEC), "--workdir", str(trained), *SHORT, "--set", "stages.1.eval_samples=7")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from step-0000000" in result.stdout + result.stderr
+    assert "train-instruct: resumed from its checkpoint at step " in result.stdout + result.stderr
     assert [s["status"] for s in summary_of(trained)["stages"]] == ["cached"] * 5 + ["computed"]
     assert_same_curve(history(stage_dir(trained, "train-instruct")), clean)
 
@@ -183,7 +183,7 @@ def test_killed_worker_is_restarted_and_reproduces_the_losses(trained):
     workers[-1].kill()
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
-    assert "resumed from step-" in output
+    assert "train-instruct: resumed from its checkpoint at step " in output
     assert_same_curve(history(stage_dir(trained, "train-instruct")), clean)
 
 

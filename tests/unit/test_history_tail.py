@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from vlmflow.progress import StepProgress
 from vlmflow.tracking import HistoryTail, Tracker
 
 
@@ -74,3 +77,35 @@ def test_points_carry_their_own_step_time(tmp_path: Path):
     (point,) = tracker.client.get_metric_history(run, "loss")
     assert (point.step, point.value, point.timestamp) == (1, 2.0, 1_700_000_000_250)
     assert set(tracker.client.get_run(run).data.metrics) == {"loss"}  # no `time` or boolean series
+
+
+def test_the_console_shows_steps_and_loss_and_each_resume_once(tmp_path: Path, caplog):
+    path = tmp_path / "h.jsonl"
+    progress = StepProgress("train-instruct", mode="log")
+    tail = HistoryTail(lambda rows: None, [path], threading.RLock(), 60, progress=progress)
+    row = {"total_steps": 6, "loss": 1.0}
+    with caplog.at_level(logging.INFO, logger="vlmflow"):
+        _append(path, *({"step": s, "time": float(s), **row} for s in (1, 2, 3)))
+        tail._drain()
+        progress.progress.last_log = 0.0  # log mode prints every 5 s and at the end: print at this look too
+        # A worker died after step 3; its replacement went back to the checkpoint at step 2.
+        # It wrote a new file in the old one's place, and two steps more, before the tail looked again.
+        again = tmp_path / "new.jsonl"
+        _append(again, *({"step": s, "time": float(s), **row} for s in (1, 2)))
+        _append(again, {"step": 3, "time": 13.0, "resumed_from": 2, **row}, {"step": 4, "time": 14.0, **row})
+        os.replace(again, path)
+        tail._drain()
+        _append(path, *({"step": s, "time": 10.0 + s, **row, "loss": 0.25} for s in (5, 6)))
+        tail._drain()
+        progress.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("train-instruct: 3/6 steps, loss 1.0000")
+    assert lines.count("train-instruct: resumed from its checkpoint at step 2") == 1
+    assert lines[-1].startswith("train-instruct: 6/6 steps, loss 0.2500")
+
+
+def test_bookkeeping_keys_are_not_curves(tmp_path: Path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tail", tmp_path / "art")
+    run = tracker.start("train", {})
+    tracker.log_history(run, [{"step": 3, "loss": 2.0, "total_steps": 10, "resumed_from": 2}])
+    assert set(tracker.client.get_run(run).data.metrics) == {"loss"}

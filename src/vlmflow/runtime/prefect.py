@@ -43,6 +43,7 @@ from vlmflow import __version__
 from vlmflow.artifacts import ArtifactStore, atomic_write_text, digest_of
 from vlmflow.fingerprint import HashCache, code_digest
 from vlmflow.pipeline import Step, graph_digests
+from vlmflow.progress import StepProgress
 from vlmflow.runtime.environment import environment
 from vlmflow.runtime.ray import init_ray
 from vlmflow.specs.recipe import Recipe
@@ -332,12 +333,14 @@ class RecipeRun:
         return child
 
     def tail_history(self, stage: Step, digest: str, child: str) -> HistoryTail:
-        """Streams the stage's `history.jsonl` (training steps) into its run while it is built."""
+        """Streams the stage's `history.jsonl` (training steps) into its run while it is built, and
+        shows its progress on the console."""
         assert self.tracker is not None
         tracker = self.tracker
         paths = [self.store.partial_path(stage.name, digest), self.store.path(stage.name, digest)]  # built, committed
         paths = [folder / "history.jsonl" for folder in paths]
-        return HistoryTail(lambda rows: tracker.log_history(child, rows), paths, self._lock).start()
+        progress = StepProgress(stage.name, self.recipe.runtime.progress)
+        return HistoryTail(lambda rows: tracker.log_history(child, rows), paths, self._lock, progress=progress).start()
 
     def record(
         self,

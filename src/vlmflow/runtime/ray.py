@@ -39,6 +39,10 @@ def init_ray(spec: RaySpec, staging: Path | None = None) -> str:
     if ray.is_initialized():
         return "ray: already initialised"
     address = spec.address or os.environ.get("RAY_ADDRESS")
+    # The workers' own output (Ray Train's set-up and report lines, library chatter) stays in Ray's
+    # log files (/tmp/ray/session_latest/logs); the driver shows each stage's progress, and a
+    # worker's error reaches it as the stage's exception. `vlmflow -v` forwards it all.
+    forward = bool(os.environ.get("VLMFLOW_LIBRARY_LOGS"))
     # Ray Train's print patch logs a worker's print and, where stdout is wrapped, prints it too:
     # every training progress line came out twice.
     quiet = {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
@@ -49,14 +53,14 @@ def init_ray(spec: RaySpec, staging: Path | None = None) -> str:
             package = stage_package(Path(staging or tempfile.mkdtemp(prefix="vlmflow-code-")))
             env["py_modules"] = [str(package)]
             shipped = f", vlmflow code shipped from {package}"
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=forward)
         return f"ray: joined cluster at {address}{shipped}"
     ray.init(
         address="local",  # a new local Ray, even where `ray start` runs a cluster on this machine
         num_cpus=spec.num_cpus,
         include_dashboard=spec.include_dashboard,
         runtime_env=env,
-        log_to_driver=True,
+        log_to_driver=forward,
         configure_logging=True,
         # Ray's start-up notes (token authentication, a driver thread without a SIGTERM handler)
         # are not the user's business; `vlmflow -v` shows them.
