@@ -96,6 +96,54 @@ class ParquetSource(SourceBase):
     allow_outside_paths: bool = _allow_outside_paths()
 
 
+URL_LIST_USER_AGENT = "vlmflow/0.1 (url-list source; honours X-Robots-Tag noai/noimageai/noindex/noimageindex)"
+
+
+class UrlResize(StrictModel):
+    """How a url-list source resizes each downloaded image (img2dataset's resize modes)."""
+
+    mode: Literal["keep-ratio", "center-crop", "border"] = Field(
+        "keep-ratio",
+        description="keep-ratio: the smaller side becomes `size`; center-crop: that, then the centre "
+        "size x size square; border: the larger side becomes `size`, padded to a black size x size square",
+    )
+    size: Int = Field(ge=8, le=8192, description="pixels")
+
+
+class UrlListSource(SourceBase):
+    """A table of image URLs and captions (img2dataset's input), downloaded by the ingest tasks."""
+
+    kind: Literal["url-list"]
+    path: ExistingFile = Field(description="the table: a .parquet, .csv or .jsonl file (by suffix)")
+    url_column: str = Field("url", min_length=1, description="the column (jsonl: key) holding each image's URL")
+    caption_column: str | None = Field(
+        "caption", min_length=1, description="the column holding the caption (a string or a list); null: none"
+    )
+    timeout_s: Float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="seconds to connect and to wait for each read; an attempt that takes over 6 x timeout_s "
+        "in all is a timeout too",
+    )
+    retries: Int = Field(
+        2, ge=0, le=10, description="retries after a 429, a 5xx or a timeout, with exponential backoff (Retry-After)"
+    )
+    max_redirects: Int = Field(5, ge=0, le=50, description="redirects followed; more is redirect-loop")
+    max_bytes: Int = Field(
+        10 * 2**20, ge=1, le=2**31, description="largest image downloaded; a bigger one is too-large"
+    )
+    concurrency: Int = operational(8, ge=1, le=256, description="download threads per ingest task")
+    resize: UrlResize | None = Field(None, description="resize (and re-encode) every image; null: keep the bytes")
+    user_agent: str = Field(URL_LIST_USER_AGENT, pattern=r"^[\x20-\x7e]+$", description="the User-Agent header")
+
+    @model_validator(mode="after")
+    def _check(self) -> UrlListSource:
+        if self.path.suffix.lower() not in (".parquet", ".csv", ".jsonl"):
+            raise ValueError(f"path {self.path.name!r}: expected a .parquet, .csv or .jsonl file")
+        return self
+
+
 class WebDatasetSource(SourceBase):
     """Existing WebDataset shards (a .tar file or a folder of them)."""
 
@@ -111,7 +159,13 @@ class WebDatasetSource(SourceBase):
 
 
 Source = Annotated[
-    SyntheticShapesSource | ImageFolderSource | CocoSource | LlavaJsonSource | ParquetSource | WebDatasetSource,
+    SyntheticShapesSource
+    | ImageFolderSource
+    | CocoSource
+    | LlavaJsonSource
+    | ParquetSource
+    | UrlListSource
+    | WebDatasetSource,
     Field(discriminator="kind"),
 ]
 
