@@ -10,11 +10,32 @@ The work is a join over the manifest, so it runs on dask dataframes (on Ray thro
   Pairs are merged into clusters (union-find); each cluster keeps its smallest key.
 Duplicates go to the quarantine as `duplicate-of:KEY`; shards are not copied: the output
 manifest references the input's shards.
+
+Captions (`captions: none | report | drop`, on the rows the image dedup kept; the manifest's
+`caption` column is each sample's first caption):
+- the text is normalised (Unicode NFKC, lowercase, whitespace collapsed, punctuation stripped at
+  the ends); rows with the same normalised text are pairs with the group's smallest key (a group
+  by text, as for exact images), and one row per distinct text goes on to:
+- near: MinHash over the text's shingles (word 3-shingles; character 5-grams for a caption of
+  fewer than SHORT_WORDS words, which has too few word shingles for a Jaccard threshold to mean
+  anything), banded for LSH (b bands of r rows, r as large as keeps a pair at the threshold a
+  candidate with probability >= 0.999); a self-join on (band, value) gives candidate pairs, kept
+  when the exact Jaccard of their shingle sets is >= caption_threshold (so the LSH only costs
+  recall, never precision). The MinHash estimate is reported beside it.
+MinHash is written here with numpy (128 universal hashes a*x+b mod a prime over the crc32 of each
+shingle, vectorised per partition) rather than taken from `datasketch`: that is not a dependency
+of the project, and the few lines it needs do not justify one. `report` (the default) writes the
+pairs to caption_pairs.parquet and counts them but keeps every row: synthetic and COCO-style data
+repeat captions legitimately, for different images. `drop` quarantines every row of a caption
+cluster (union-find, as for images) but its smallest key as `caption-duplicate-of:KEY`.
 """
 
 from __future__ import annotations
 
 import time
+import unicodedata
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,8 +154,8 @@ def near_pairs(frame: dd.DataFrame, threshold: int, max_color: float) -> pd.Data
     return found.sort_values(["key_a", "key_b"]).reset_index(drop=True)
 
 
-def clusters(pairs: pd.DataFrame) -> dict[str, tuple[str, int]]:
-    """Union-find over pairs: key -> (smallest key of its cluster, distance of the pair that joined it)."""
+def roots(edges: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Union-find: every key of an edge -> the smallest key of its connected component."""
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
@@ -144,13 +165,21 @@ def clusters(pairs: pd.DataFrame) -> dict[str, tuple[str, int]]:
             x = parent[x]
         return x
 
-    joined_by: dict[str, int] = {}
-    for a, b, distance, _color in pairs.itertuples(index=False):
+    for a, b in edges:
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
+    return {k: find(k) for k in list(parent)}
+
+
+def clusters(pairs: pd.DataFrame) -> dict[str, tuple[str, int]]:
+    """Union-find over pairs: key -> (smallest key of its cluster, distance of the pair that joined it)."""
+    rows = list(pairs.itertuples(index=False))
+    joined_by: dict[str, int] = {}
+    for _a, b, distance, _color in rows:
         joined_by.setdefault(b, int(distance))
-    return {k: (find(k), joined_by.get(k, 0)) for k in list(parent) if find(k) != k}
+    found = roots((a, b) for a, b, _distance, _color in rows)
+    return {k: (root, joined_by.get(k, 0)) for k, root in found.items() if root != k}
 
 
 def find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
@@ -182,11 +211,245 @@ def _find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"key": pl.String, "reason": pl.String, "detail": pl.String}, orient="row")
 
 
+# Caption dedup: MinHash LSH over shingles (see the module docstring).
+
+NUM_PERM = 128
+PRIME = (1 << 32) - 5  # the largest prime below 2**32: a*x+b (a, b < PRIME, x < 2**32) fits in uint64
+SHINGLE_WORDS = 3
+SHINGLE_CHARS = 5
+SHORT_WORDS = 8  # a caption of fewer words is shingled by characters
+CANDIDATE_PROBABILITY = 0.999  # of a pair exactly at the threshold becoming a candidate
+_rng = np.random.default_rng(20240607)  # fixed: signatures (and so the candidates) are the same in every run
+HASH_A = _rng.integers(1, PRIME, NUM_PERM, dtype=np.uint64)
+HASH_B = _rng.integers(0, PRIME, NUM_PERM, dtype=np.uint64)
+_CHUNK = 1 << 15  # shingles hashed at once: CHUNK x NUM_PERM x 8 bytes = 32 MiB
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+CAPTION_PAIRS_SCHEMA = {
+    "key": pl.String,
+    "duplicate_of": pl.String,
+    "jaccard_estimate": pl.Float64,
+    "jaccard": pl.Float64,
+}
+
+
+def normalise_caption(text: str | None) -> str:
+    """NFKC, lowercase, whitespace collapsed to one space, punctuation (and space) stripped at both ends."""
+    if not text:
+        return ""
+    words = unicodedata.normalize("NFKC", text).lower().split()
+    out = " ".join(words)
+
+    def edge(ch: str) -> bool:
+        return ch.isspace() or unicodedata.category(ch).startswith("P")
+
+    start, end = 0, len(out)
+    while start < end and edge(out[start]):
+        start += 1
+    while end > start and edge(out[end - 1]):
+        end -= 1
+    return out[start:end]
+
+
+def shingles(text: str) -> np.ndarray:
+    """Sorted distinct crc32s of a normalised caption's shingles: word 3-shingles, or character
+    5-grams (the whole text if shorter) for a caption of fewer than SHORT_WORDS words."""
+    if not text:
+        return np.empty(0, np.uint32)
+    words = text.split(" ")
+    if len(words) >= SHORT_WORDS:
+        grams = ["w\x1f" + "\x1f".join(words[i : i + SHINGLE_WORDS]) for i in range(len(words) - SHINGLE_WORDS + 1)]
+    else:
+        n = max(1, len(text) - SHINGLE_CHARS + 1)
+        grams = ["c\x1f" + text[i : i + SHINGLE_CHARS] for i in range(n)]
+    return np.unique(np.fromiter((zlib.crc32(g.encode("utf-8")) for g in grams), np.uint32, len(grams)))
+
+
+def minhash(sets: list[np.ndarray]) -> np.ndarray:
+    """(len(sets), NUM_PERM) uint32 signatures: per hash (a*x+b) mod PRIME, the minimum over a set.
+    Every set must be non-empty."""
+    out = np.empty((len(sets), NUM_PERM), np.uint32)
+    start = 0
+    while start < len(sets):
+        stop, total = start, 0
+        while stop < len(sets) and (stop == start or total + len(sets[stop]) <= _CHUNK):
+            total += len(sets[stop])
+            stop += 1
+        chunk = sets[start:stop]
+        flat = np.concatenate(chunk).astype(np.uint64)
+        hashed = (flat[:, None] * HASH_A[None, :] + HASH_B[None, :]) % np.uint64(PRIME)
+        offsets = np.cumsum([0] + [len(c) for c in chunk[:-1]])
+        out[start:stop] = np.minimum.reduceat(hashed, offsets, axis=0)
+        start = stop
+    return out
+
+
+def lsh_bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
+    """(bands, rows): the most rows per band (fewest candidates) for which a pair with Jaccard
+    `threshold` shares a band with probability >= CANDIDATE_PROBABILITY."""
+    best = (num_perm, 1)
+    for rows in range(1, num_perm + 1):
+        bands = num_perm // rows
+        if 1 - (1 - threshold**rows) ** bands >= CANDIDATE_PROBABILITY:
+            best = (bands, rows)
+    return best
+
+
+def _normalised(part: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
+    texts = [normalise_caption(t) if isinstance(t, str) else "" for t in part["caption"]]
+    out = pd.DataFrame({"key": part["key"].to_numpy(), "text": np.array(texts, dtype=object)})
+    return out[out["text"] != ""]
+
+
+def _signatures(part: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
+    sets = [shingles(t) for t in part["text"]]
+    sigs = minhash(sets) if sets else np.empty((0, NUM_PERM), np.uint32)
+    return pd.DataFrame(
+        {
+            "key": part["key"].to_numpy(),
+            "shingles": np.array([s.tobytes() for s in sets], dtype=object),
+            "signature": np.array([s.tobytes() for s in sigs], dtype=object),
+        }
+    )
+
+
+def _stack(values: Iterable[bytes]) -> np.ndarray:
+    arrays = [np.frombuffer(v, np.uint32) for v in values]
+    return np.stack(arrays) if arrays else np.empty((0, NUM_PERM), np.uint32)
+
+
+def _caption_bands(part: pd.DataFrame, bands: int, rows: int) -> pd.DataFrame:
+    import pandas as pd
+
+    sigs = _stack(part["signature"]).astype(np.uint64)
+    frames = []
+    for b in range(bands):
+        value = np.full(len(part), _FNV_OFFSET, np.uint64)
+        for column in sigs[:, b * rows : (b + 1) * rows].T:  # FNV-1a over the band's hashes
+            value = (value ^ column) * _FNV_PRIME
+        frames.append(
+            pd.DataFrame({"key": part["key"].to_numpy(), "band": np.full(len(part), b, np.int16), "value": value})
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def _verify_captions(part: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Keep candidate pairs whose shingle sets' Jaccard is >= threshold; with the MinHash estimate."""
+    import pandas as pd
+
+    estimate = (_stack(part["signature_a"]) == _stack(part["signature_b"])).mean(axis=1) if len(part) else np.empty(0)
+    exact = np.empty(len(part))
+    for i, (a, b) in enumerate(zip(part["shingles_a"], part["shingles_b"], strict=True)):
+        sa, sb = np.frombuffer(a, np.uint32), np.frombuffer(b, np.uint32)
+        common = np.intersect1d(sa, sb, assume_unique=True).size
+        exact[i] = common / (sa.size + sb.size - common)
+    out = pd.DataFrame(
+        {
+            "key": part["key_b"].to_numpy(),
+            "duplicate_of": part["key_a"].to_numpy(),
+            "jaccard_estimate": estimate.astype(np.float64),
+            "jaccard": exact,
+        }
+    )
+    return out[out["jaccard"] >= threshold]
+
+
+def caption_pairs(manifest: Path, spec: DedupSpec, skip: Iterable[str] = ()) -> pl.DataFrame:
+    """(key, duplicate_of, jaccard_estimate, jaccard) with duplicate_of < key for every pair of
+    near-duplicate captions among the manifest's rows not in `skip`: a row with the same normalised
+    text as a smaller key (jaccard 1), and pairs of distinct texts (their groups' smallest keys) whose
+    shingle sets' Jaccard is >= spec.caption_threshold."""
+    import dask
+
+    if "caption" not in pl.read_parquet_schema(manifest):
+        return pl.DataFrame(schema=CAPTION_PAIRS_SCHEMA)
+    with dask.config.set({"dataframe.convert-string": False}):
+        return _caption_pairs(manifest, spec, set(skip))
+
+
+def _caption_pairs(manifest: Path, spec: DedupSpec, skip: set[str]) -> pl.DataFrame:
+    import dask
+    import dask.dataframe as dd
+    import pandas as pd
+
+    frame = dd.read_parquet(str(manifest), columns=["key", "caption"]).repartition(npartitions=spec.partitions)
+    if skip:
+        frame = frame[~frame["key"].isin(skip)]
+    texts = frame.map_partitions(_normalised, meta={"key": str, "text": object})
+    canonical = texts.groupby("text")["key"].min().rename("canonical").reset_index()
+    joined = texts.merge(canonical, on="text")
+    exact = joined[joined["key"] != joined["canonical"]][["key", "canonical"]]
+    distinct = joined[joined["key"] == joined["canonical"]][["key", "text"]]
+    meta_sig = pd.DataFrame(
+        {"key": pd.Series(dtype=str), "shingles": pd.Series(dtype=object), "signature": pd.Series(dtype=object)}
+    )
+    sigs = distinct.map_partitions(_signatures, meta=meta_sig)
+    bands, rows = lsh_bands(spec.caption_threshold)
+    meta_band = pd.DataFrame(
+        {"key": pd.Series(dtype=str), "band": pd.Series(dtype=np.int16), "value": pd.Series(dtype=np.uint64)}
+    )
+    banded = sigs.map_partitions(_caption_bands, bands, rows, meta=meta_band)
+    candidates = banded.merge(banded, on=["band", "value"], suffixes=("_a", "_b"))
+    candidates = candidates[candidates["key_a"] < candidates["key_b"]][["key_a", "key_b"]].drop_duplicates()
+    for side in ("a", "b"):
+        candidates = candidates.merge(
+            sigs.rename(columns={c: f"{c}_{side}" for c in ("key", "shingles", "signature")}),
+            on=f"key_{side}",
+        )
+    meta_out = pd.DataFrame(
+        {
+            "key": pd.Series(dtype=str),
+            "duplicate_of": pd.Series(dtype=str),
+            "jaccard_estimate": pd.Series(dtype=np.float64),
+            "jaccard": pd.Series(dtype=np.float64),
+        }
+    )
+    near = candidates.map_partitions(_verify_captions, spec.caption_threshold, meta=meta_out)
+    same, near = dask.compute(exact, near, scheduler=_scheduler())
+    rows_out = [(k, c, 1.0, 1.0) for k, c in same.itertuples(index=False)]
+    rows_out += list(near.itertuples(index=False, name=None))
+    pairs = pl.DataFrame(rows_out, schema=CAPTION_PAIRS_SCHEMA, orient="row")
+    return pairs.sort("key", "duplicate_of")
+
+
+def caption_clusters(pairs: pl.DataFrame) -> dict[str, tuple[str, float]]:
+    """key -> (smallest key of its caption cluster, the highest Jaccard of a pair it is in), for
+    every key of a cluster but its smallest."""
+    best: dict[str, float] = {}
+    for key, other, _estimate, jaccard in pairs.iter_rows():
+        best[key] = max(best.get(key, 0.0), jaccard)
+        best[other] = max(best.get(other, 0.0), jaccard)
+    found = roots(zip(pairs["key"].to_list(), pairs["duplicate_of"].to_list(), strict=True))
+    return {k: (root, best[k]) for k, root in sorted(found.items()) if root != k}
+
+
+def caption_quarantine(pairs: pl.DataFrame) -> pl.DataFrame:
+    """Quarantine rows (key, reason, detail) of `drop`: every key of a caption cluster but its smallest."""
+    rows = [
+        {"key": key, "reason": f"caption-duplicate-of:{root}", "detail": f"caption: jaccard {jaccard:.3f}"}
+        for key, (root, jaccard) in caption_clusters(pairs).items()
+    ]
+    return pl.DataFrame(rows, schema={"key": pl.String, "reason": pl.String, "detail": pl.String}, orient="row")
+
+
 def run(ctx: StageContext) -> StageResult:
     started = time.monotonic()
     source = ctx.inputs["data"]
+    spec: DedupSpec = ctx.config
     manifest = pl.read_parquet(source.path / "manifest.parquet")
-    dups = find_duplicates(source.path / "manifest.parquet", ctx.config)
+    images = find_duplicates(source.path / "manifest.parquet", spec)
+    metrics: dict[str, float] = {}
+    dups = images
+    if spec.captions != "none":  # on the rows the image dedup keeps: a row is quarantined once
+        pairs = caption_pairs(source.path / "manifest.parquet", spec, skip=images["key"].to_list())
+        pairs.write_parquet(ctx.out / "caption_pairs.parquet", statistics=False)
+        by_caption = caption_quarantine(pairs)
+        metrics |= {"caption_duplicate_pairs": pairs.height, "caption_duplicates": by_caption.height}
+        if spec.captions == "drop":
+            dups = pl.concat([images, by_caption])
     quarantine = dups.join(manifest.select("key", "source"), on="key", how="left").select(list(QUARANTINE_SCHEMA))
     kept = manifest.filter(~pl.col("key").is_in(dups["key"].implode()))
     kept.write_parquet(ctx.out / "manifest.parquet", statistics=False)
@@ -195,17 +458,19 @@ def run(ctx: StageContext) -> StageResult:
     shards.filter(pl.col("shard").is_in(kept["shard"].unique().implode())).write_parquet(ctx.out / "shards.parquet")
     report.write_quarantine_summary(quarantine, ctx.out / "quarantine_summary.json")
     seconds = max(time.monotonic() - started, 1e-9)
-    near = quarantine.filter(pl.col("detail").str.starts_with("near")).height
+    near = images.filter(pl.col("detail").str.starts_with("near")).height
     return StageResult(
         rows_in=manifest.height,
         rows_out=kept.height,
         rows_quarantined=quarantine.height,
         metrics={
-            "exact_duplicates": quarantine.height - near,
+            "exact_duplicates": images.height - near,
             "near_duplicates": near,
+            **metrics,
             "rows_per_s": manifest.height / seconds,
         },
-        artifacts=["quarantine.parquet", "quarantine_summary.json"],
+        artifacts=["quarantine.parquet", "quarantine_summary.json"]
+        + (["caption_pairs.parquet"] if spec.captions != "none" else []),
     )
 
 
@@ -215,5 +480,6 @@ COMPONENT = Component(
     reads={"data": Port("samples")},
     writes="samples",
     run=run,
-    description="drop exact and near duplicate images (quarantined as duplicate-of:KEY)",
+    description="drop exact and near duplicate images (quarantined as duplicate-of:KEY); report or drop "
+    "near-duplicate captions (MinHash LSH; caption-duplicate-of:KEY)",
 )

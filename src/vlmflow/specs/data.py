@@ -194,6 +194,10 @@ def _default_filters() -> list:
     return [MinSizeFilter(kind="min-size"), CaptionLengthFilter(kind="caption-length")]
 
 
+DEFAULT_CAPTIONS = "report"
+DEFAULT_CAPTION_THRESHOLD = 0.9
+
+
 class DedupSpec(StrictModel):
     exact: bool = Field(True, description="drop images whose decoded pixels are identical")
     near: bool = Field(True, description="drop images whose perceptual hash is within hamming_threshold")
@@ -202,6 +206,22 @@ class DedupSpec(StrictModel):
         6.0, ge=0.0, le=255.0, description="near duplicates also differ by at most this mean |RGB| on 8x8 thumbnails"
     )
     partitions: Int = operational(4, ge=1, le=4096, description="dask partitions for the join (same output)")
+    captions: Literal["none", "report", "drop"] = Field(
+        DEFAULT_CAPTIONS,
+        description="near-duplicate captions (MinHash LSH over word 3-shingles, character 5-grams for short "
+        "captions, among the rows the image dedup keeps): none: not looked for; report: their pairs go to "
+        "caption_pairs.parquet, every row is kept (synthetic and COCO-style data repeat captions for different "
+        "images); drop: every row of a cluster but its smallest key is quarantined as caption-duplicate-of:KEY",
+        exclude_if=lambda v: v == DEFAULT_CAPTIONS,  # default: the spec dumps as before the option
+    )
+    caption_threshold: Float = Field(
+        DEFAULT_CAPTION_THRESHOLD,
+        ge=0.5,
+        le=1.0,
+        description="two captions are near duplicates when the Jaccard similarity of their (normalised) shingle "
+        "sets is at least this; 1.0: the same normalised text only",
+        exclude_if=lambda v: v == DEFAULT_CAPTION_THRESHOLD,
+    )
 
 
 class IngestSpec(StrictModel):
