@@ -61,8 +61,9 @@ class StepProgress:
     """A training stage's progress on the driver's console, from the rows of its step history
     (`step`, `total_steps`, `loss`, `resumed_from`) as the driver reads them: the workers print nothing."""
 
-    def __init__(self, desc: str, mode: str = "auto"):
-        self.desc, self.mode = desc, mode
+    def __init__(self, desc: str, mode: str = "auto", every_s: float = 30.0):
+        """every_s: seconds between log lines (a stage of minutes: a line every half minute)."""
+        self.desc, self.mode, self.every_s = desc, mode, every_s
         self.progress: Progress | None = None
         self.resumes: set[float] = set()
 
@@ -72,7 +73,8 @@ class StepProgress:
         if not isinstance(total, int):
             return
         if self.progress is None:
-            self.progress = Progress(self.desc, total, self.mode, unit="step", initial=int(rows[0]["step"]) - 1)
+            first = int(rows[0]["step"]) - 1
+            self.progress = Progress(self.desc, total, self.mode, unit="step", every_s=self.every_s, initial=first)
         loss = last.get("loss")
         note = f"loss {loss:.4f}" if isinstance(loss, float) else ""
         self.progress.update(int(last["step"]) - self.progress.done, note)
