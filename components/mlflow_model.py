@@ -15,6 +15,8 @@ from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import AnyType, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 ARTIFACT = "model"  # the vlmflow model folder inside the MLflow model: artifacts/model
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -26,7 +28,8 @@ class VlmflowModel(mlflow.pyfunc.PythonModel):
 
         self.worker = EvalWorker(context.artifacts[ARTIFACT])
 
-    # A DataFrame hint: MLflow validates nothing and infers no schema from it (and gives no advice to add one).
+    # A DataFrame hint: MLflow infers no schema from it (the saved signature says what it takes) and
+    # gives no advice on import to add a hint.
     def predict(self, context, model_input: pd.DataFrame, params=None):  # noqa: ANN001, ANN201
         frame = model_input
         images = [_image_bytes(value) for value in frame["image"]]
@@ -50,6 +53,7 @@ def save(model_folder: Path, destination: Path) -> Path:
     """The MLflow model (MLmodel, the python model, the vlmflow folder as its artifact) at
     `destination`. Its requirements are vlmflow's own pins: nothing is inferred or downloaded."""
     import tempfile
+    import warnings
     from importlib.metadata import version
 
     # A model from code (MLflow's `set_model`), not a pickled Python object: loading a
@@ -57,13 +61,24 @@ def save(model_folder: Path, destination: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="vlmflow-model-code-") as tmp:
         code = Path(tmp) / "vlmflow_pyfunc.py"
         code.write_text(MODEL_CODE)
-        mlflow.pyfunc.save_model(
-            path=str(destination),
-            python_model=str(code),
-            artifacts={ARTIFACT: str(model_folder)},
-            pip_requirements=[f"vlmflow=={version('vlmflow')}"],
-        )
+        with warnings.catch_warnings():  # its advice to add an input example: the signature says it all
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(
+                path=str(destination),
+                python_model=str(code),
+                artifacts={ARTIFACT: str(model_folder)},
+                pip_requirements=[f"vlmflow=={version('vlmflow')}"],
+                signature=signature(),
+            )
     return destination
+
+
+def signature() -> ModelSignature:
+    """What the MLflow UI shows and `predict` checks: `image` (bytes or a path, so any type), an
+    optional `prompt`, one generated text per row, and `max_new_tokens`."""
+    inputs = Schema([ColSpec(AnyType(), "image"), ColSpec(DataType.string, "prompt", required=False)])
+    params = ParamSchema([ParamSpec("max_new_tokens", DataType.long, DEFAULT_MAX_NEW_TOKENS)])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(DataType.string)]), params=params)
 
 
 MODEL_CODE = """\

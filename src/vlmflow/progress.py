@@ -73,7 +73,8 @@ class StepProgress:
         if not isinstance(total, int):
             return
         if self.progress is None:
-            first = int(rows[0]["step"]) - 1
+            # The steps of the first look were done before it: the rate counts only the steps after it.
+            first = int(last["step"])
             self.progress = Progress(self.desc, total, self.mode, unit="step", every_s=self.every_s, initial=first)
         loss = last.get("loss")
         note = f"loss {loss:.4f}" if isinstance(loss, float) else ""

@@ -40,6 +40,10 @@ def test_a_registered_model_loads_as_a_pyfunc_and_answers(tmp_path: Path):
         parent = path.parent.relative_to(tmp_path)
         tracker.log_files(run, [path], str(parent))
     assert not list((tmp_path / "mlflow-model").rglob("*.pkl"))  # a model from code: nothing to unpickle
+    from mlflow.models import Model
+
+    signature = Model.load(str(tmp_path / "mlflow-model")).signature  # what the MLflow UI shows
+    assert signature.inputs.input_names() == ["image", "prompt"] and signature.params.params[0].name == "max_new_tokens"
     assert tracker.register_model(run, "tiny", "mlflow-model", {"vlmflow.stage": "s"}) == "1"
 
     picture = tmp_path / "picture.png"
