@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -415,39 +414,26 @@ def status(workdir: Path | None) -> None:
 
 @cli.command()
 @workdir_option
-@click.option("--port", default=5000, show_default=True)
-@click.option("--prefect-port", default=4200, show_default=True)
-def ui(workdir: Path | None, port: int, prefect_port: int) -> None:
-    """Serve the MLflow UI and the Prefect UI on the workdir's stores (Ctrl-C stops both)."""
+@click.option("--port", default=5000, show_default=True, help="the MLflow UI's port")
+@click.option("--prefect-port", default=4200, show_default=True, help="the Prefect UI's port")
+@click.option("--host", default="127.0.0.1", show_default=True, help="the address both listen on")
+@click.option("--any-port", is_flag=True, help="take free ports where the given ones are taken")
+def ui(workdir: Path | None, port: int, prefect_port: int, host: str, any_port: bool) -> None:
+    """Serve the MLflow UI and the Prefect UI on the workdir's stores; the URLs come once both
+    answer, and Ctrl-C (or SIGTERM) stops both."""
+    from vlmflow.runtime import ui as servers
+
     workdir = _workdir(None, workdir).resolve()
     if not (workdir / "mlflow.db").exists():
         raise UserError(f"no MLflow store in {workdir}; run a recipe first")
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    procs = [
-        subprocess.Popen(
-            [
-                str(bin_dir / "mlflow"),
-                "ui",
-                "--backend-store-uri",
-                f"sqlite:///{workdir / 'mlflow.db'}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ]
-        ),
-        subprocess.Popen(
-            [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)], env=env
-        ),
-    ]
-    click.echo(f"MLflow UI: http://127.0.0.1:{port}   Prefect UI: http://127.0.0.1:{prefect_port}")
-    try:
-        for proc in procs:
-            proc.wait()
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()
+    if host not in servers.LOCAL:
+        logging.getLogger("vlmflow").warning(
+            "serving on %s: anyone who reaches this address sees and can change the runs (no login)", host
+        )
+    ports = servers.choose_ports(host, {"--port": port, "--prefect-port": prefect_port}, any_port)
+    group = servers.servers(workdir, host, ports["--port"], ports["--prefect-port"])
+    logging.getLogger("vlmflow").info("starting the MLflow UI and the Prefect UI on %s", host)
+    sys.exit(servers.serve(group))
 
 
 @cli.command("mock-llm")
