@@ -13,6 +13,7 @@ import math
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -42,6 +44,7 @@ from vlmflow.components.train.setup import (
     model_config,
     write_model_folder,
 )
+from vlmflow.components.train.sharding import clip_gradients, gradient_sync, shard_model
 from vlmflow.models.vlm import Vocab, count_parameters
 from vlmflow.specs.model import ModelSpec
 from vlmflow.specs.train import TrainStageSpec
@@ -102,9 +105,15 @@ def train_worker(raw: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     model = build_stage_model(spec, vocab, stage, Path(cfg.init) if cfg.init else None)
     counts = count_parameters(model)
-    kwargs = {"find_unused_parameters": True} if cfg.strategy == "ddp" else None
-    wrapped = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy, parallel_strategy_kwargs=kwargs)
     device = ray.train.torch.get_device()
+    # FSDP: PyTorch's FSDP2 on every transformer block (CPU/gloo and GPU alike), not Ray's prepare_model
+    # (FSDP1 around the whole model, GPU only). One worker: nothing to shard, as Ray does for DDP.
+    sharded = cfg.strategy == "fsdp" and world > 1
+    if sharded:
+        wrapped = shard_model(model.to(device), device.type, stage.precision)
+    else:
+        kwargs = {"find_unused_parameters": True} if cfg.strategy == "ddp" else None
+        wrapped = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy, parallel_strategy_kwargs=kwargs)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = stage.optimizer
     optimizer = torch.optim.AdamW(param_groups(params, opt.weight_decay), lr=opt.lr, betas=opt.betas)
@@ -150,16 +159,14 @@ def train_worker(raw: dict) -> None:
         for i, positions in enumerate(parts):
             batch = {k: v.to(device) for k, v in collate(positions, epoch).items()}
             tokens += int(batch["attention_mask"].sum())
-            last = i == len(parts) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
-            with sync:
+            with gradient_sync(wrapped, last=i == len(parts) - 1):
                 with autocast or contextlib.nullcontext():
                     losses = wrapped(batch, kinds)
                 total = sum(weights[k] * losses[k] for k in kinds) / len(parts)
                 total.backward()
             for k in kinds:
                 sums[k] += float(losses[k].detach()) / len(parts)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, opt.grad_clip or float("inf"))
+        grad_norm = clip_gradients(params, opt.grad_clip or float("inf"))  # the global norm under FSDP too
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -178,7 +185,7 @@ def train_worker(raw: dict) -> None:
             epoch=epoch,
             workers=world,
             lr=lr,
-            grad_norm=float(grad_norm),
+            grad_norm=grad_norm,
             loss=sum(weights[k] * row[f"loss_{k}"] for k in kinds),
             samples_per_s=stage.batch_size / seconds,
             tokens_per_s=row["tokens"] * world / seconds,
@@ -186,7 +193,7 @@ def train_worker(raw: dict) -> None:
         if not math.isfinite(row["loss"]):
             raise FloatingPointError(
                 f"train {stage.name}: the loss is {row['loss']} at step {step + 1} "
-                f"(lr {lr:.2e}, grad norm {float(grad_norm):.3g}): lower the learning rate or check the data"
+                f"(lr {lr:.2e}, grad norm {grad_norm:.3g}): lower the learning rate or check the data"
             )
         if step == start and start > 0:
             row["resumed_from"] = start  # the driver says so on the console
@@ -198,10 +205,27 @@ def train_worker(raw: dict) -> None:
         if (step + 1) % stage.checkpoint_every == 0 or done:
             save_checkpoint(checkpoints, step + 1, wrapped, optimizer, scheduler, rank)
             ray.train.report({"step": step + 1, "loss": row["loss"]})
+    state = final_weights(model, sharded, rank, lambda: build_stage_model(spec, vocab, stage, None, load_weights=False))
     if rank == 0:
-        write_model_folder(out / "model", merge_lora(model), config, Path(cfg.tokenizer))
+        write_model_folder(out / "model", state, config, Path(cfg.tokenizer))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     (out / f"memory-rank{rank}.json").write_text(json.dumps({"start_rss": start_rss, "peak_rss": peak}))
+
+
+def final_weights(model: torch.nn.Module, sharded: bool, rank: int, build: Callable[[], torch.nn.Module]) -> dict:
+    """The trained model's plain weights (LoRA merged) on rank 0 ({} elsewhere). Sharded: every worker
+    sends its shards (a collective), and rank 0 merges LoRA in a copy built on the meta device by
+    `build` that takes the gathered tensors as its own (merging in the sharded model would be a
+    collective that only rank 0 joins)."""
+    if not sharded:
+        return merge_lora(model) if rank == 0 else {}
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return {}
+    with torch.device("meta"):
+        plain = build()
+    plain.load_state_dict(full, strict=True, assign=True)
+    return merge_lora(plain)
 
 
 def memory_of(out: Path) -> dict[str, float]:
