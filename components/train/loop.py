@@ -111,9 +111,9 @@ def train_worker(raw: dict) -> None:
     sharded = cfg.strategy == "fsdp" and world > 1
     if sharded:
         wrapped = shard_model(model.to(device), device.type, stage.precision)
-    else:
-        kwargs = {"find_unused_parameters": True} if cfg.strategy == "ddp" else None
-        wrapped = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy, parallel_strategy_kwargs=kwargs)
+    else:  # DDP (Ray's prepare_model leaves a single worker's model unwrapped)
+        kwargs = {"find_unused_parameters": True}
+        wrapped = ray.train.torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs=kwargs)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = stage.optimizer
     optimizer = torch.optim.AdamW(param_groups(params, opt.weight_decay), lr=opt.lr, betas=opt.betas)
