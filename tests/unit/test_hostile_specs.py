@@ -185,7 +185,7 @@ def anchored(text: str) -> str:
     for block, name in [
         ("optimizer: {lr: 0.001}", "opt"),
         ("schedule: {warmup_steps: 20}", "sched"),
-        ("trainable: [vision, connector, language]", "towers"),
+        ("objectives: [{kind: lm}]", "objectives"),
         ("batch_size: 32", "batch"),
     ]:
         key, value = block.split(": ", 1)
@@ -310,7 +310,8 @@ def test_number_messages_say_what_is_wrong(spec_dir, line, field, words):
     text = SHAPES.read_text().replace("seed: 17", line)
     path = write(spec_dir, text)
     [problem] = problems_of(path)
-    assert problem.field == field and problem.line == 7 and words in problem.message, str(problem)
+    seed_line = text.splitlines().index(line) + 1
+    assert problem.field == field and problem.line == seed_line and words in problem.message, str(problem)
 
 
 @pytest.mark.parametrize(
