@@ -1,5 +1,5 @@
-"""`vlmflow recipes | validate | plan | run | evaluate | refresh | schedule | deploy | lineage | status | ui | export |
-compare | mock-llm`. User mistakes print one clear message (exit 2), never a traceback."""
+"""`vlmflow recipes | validate | plan | run | evaluate | refresh | schedule | deploy | lineage | verify | status | ui |
+export | compare | mock-llm`. User mistakes print one clear message (exit 2), never a traceback."""
 
 from __future__ import annotations
 
@@ -504,10 +504,13 @@ def export(run: str, out: Path, fmt: str, workdir: Path | None) -> None:
     """Export RUN's final model as a Hugging Face LlavaForConditionalGeneration folder OUT.
 
     RUN: a run id or run folder (its last training stage), a stage artifact folder, a
-    model folder, or a checkpoint folder (checkpoints/step-N)."""
+    model folder, or a checkpoint folder (checkpoints/step-N). OUT must be outside the
+    artifact store (WORKDIR/artifacts)."""
+    workdir = _workdir(None, workdir)
+    _refuse_inside_store(out, "OUT", [run], workdir)
     from vlmflow.components.export import export_hf, resolve_model
 
-    with resolve_model(run, _workdir(None, workdir)) as folder:
+    with resolve_model(run, workdir) as folder:
         notes = export_hf(folder, out)
     click.echo(f"exported {folder} -> {out} (LlavaForConditionalGeneration)")
     for note in notes:
@@ -526,12 +529,80 @@ def compare(runs: tuple[str, ...], csv_path: Path | None, workdir: Path | None) 
     from vlmflow.components.evaluate.compare import markdown
 
     workdir = _workdir(None, workdir)
+    if csv_path is not None:
+        _refuse_inside_store(csv_path, "--csv", list(runs), workdir)
     table = compare_runs(list(runs), workdir)
     click.echo(markdown(table))
     csv_path = csv_path or workdir / "compare.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     table.write_csv(csv_path)
     click.echo(f"\nwrote {csv_path}")
+
+
+def _stores(refs: list[str], workdir: Path) -> list[Path]:
+    """The artifact stores a command reading `refs` touches: the workdir's, and those of the runs
+    `refs` name (their workdir's, and where their summaries say the stages' artifacts are)."""
+    from vlmflow.runs import run_folder
+
+    stores = [workdir / "artifacts"]
+    for ref in refs:
+        try:
+            folder = run_folder(ref, workdir)
+            summary = json.loads((folder / "summary.json").read_text())
+        except (UserError, OSError, ValueError):
+            continue
+        stores.append(Path(os.path.realpath(folder)).parent.parent / "artifacts")
+        stores += [Path(s["artifact_path"]).parent.parent for s in summary.get("stages", []) if s.get("artifact_path")]
+    return stores
+
+
+def _refuse_inside_store(out: Path, name: str, refs: list[str], workdir: Path) -> None:
+    """A UserError when the output path `out` (option or argument `name`) is inside an artifact
+    store: writing there would change content-addressed artifacts in place."""
+    from vlmflow.artifacts import store_holding
+
+    store = store_holding(out, _stores(refs, workdir))
+    if store is not None:
+        raise UserError(f"{name} {out} is inside the artifact store {store}: choose a folder outside it")
+
+
+@cli.command()
+@click.argument("run", required=False)
+@workdir_option
+def verify(run: str | None, workdir: Path | None) -> None:
+    """Re-hash every stage artifact of RUN (a run id, `latest` (default), a run folder or an
+    MLflow run id) against the manifest recorded when it was committed: one line per stage,
+    exit 1 if any changed, lost or gained a file."""
+    from vlmflow.artifacts import SUCCESS, check_manifest
+    from vlmflow.runs import run_folder
+
+    folder = run_folder(run, _workdir(None, workdir))
+    summary = json.loads((folder / "summary.json").read_text())
+    store = Path(os.path.realpath(folder)).parent.parent / "artifacts"
+    click.echo(f"run {summary['run_id']}  recipe {summary['recipe']}  {summary['status']}")
+    width = max((len(s["name"]) for s in summary["stages"]), default=0) + 18
+    drifted = 0
+    for s in summary["stages"]:
+        digest = s.get("artifact_digest")
+        label = f"{s['name']}/{digest or '-'}"
+        if not digest or s["status"] not in ("computed", "cached"):
+            click.echo(f"  {label:<{width}}  {s['status']}: no artifact to check")
+            continue
+        candidates = [store / s["name"] / digest, Path(s.get("artifact_path") or store / s["name"] / digest)]
+        path = next((c for c in candidates if (c / SUCCESS).is_file()), None)
+        if path is None:
+            drifted += 1
+            click.echo(f"  {label:<{width}}  missing: no committed folder at {candidates[0]}")
+            continue
+        drift = check_manifest(path)
+        if drift is None:
+            click.echo(f"  {label:<{width}}  no manifest (committed before vlmflow recorded one)")
+            continue
+        drifted += not drift.ok
+        click.echo(f"  {label:<{width}}  {drift.describe()}")
+    if drifted:
+        click.echo(f"{drifted} of {len(summary['stages'])} stages differ from what was committed", err=True)
+        sys.exit(1)
 
 
 def main() -> None:
