@@ -141,7 +141,7 @@ def serve(group: list[Server], timeout_s: float = 300.0) -> int:
 
 def _ready(group: list[Server], timeout_s: float, stopping: dict) -> bool:
     deadline, started, waiting = time.monotonic() + timeout_s, time.monotonic(), {s.name for s in group}
-    told = 0.0
+    told = started  # the first "waiting" line after 10 s: a quick start says nothing
     while waiting and stopping["signal"] is None:
         for server in group:
             if server.name not in waiting:
