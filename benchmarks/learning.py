@@ -21,27 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from vlmflow.results import with_baselines
+
 REPO = Path(__file__).resolve().parents[1]
-SUFFIXES = ("_baseline", "_chance", "_majority")
-# Not skills: counts, losses and how a stage ran.
-SKIP = ("items", "texts", "questions", "loss", "seconds", "rows", "steps", "samples_per_s", "tokens_per_s")
-
-
-def paired(metrics: dict[str, float]) -> list[tuple[str, float, str, float]]:
-    """(metric, value, baseline name, baseline value) for every metric that has a baseline beside it:
-    `bleu4` with `bleu4_baseline`, `accuracy` with `accuracy_chance`, `vqa_accuracy_color` with
-    `vqa_majority_color` (a training check's majority answer)."""
-    found = []
-    for key, base in metrics.items():
-        for suffix in SUFFIXES:
-            if suffix not in key:
-                continue
-            name = key.replace(suffix, "")
-            for candidate in (name, name.replace("vqa", "vqa_accuracy", 1)):
-                if candidate in metrics and not any(s in candidate for s in SKIP):
-                    found.append((candidate, float(metrics[candidate]), key, float(base)))
-                    break
-    return found
 
 
 def stage_metrics(stage: dict) -> dict[str, float]:
@@ -84,7 +66,7 @@ def main() -> None:
             runs.append({"recipe": recipe, "seed": seed, "seconds": round(seconds, 1), "computed": computed,
                          "run_id": summary["run_id"], "log": str(log)})  # fmt: skip
             for stage in summary["stages"]:
-                for metric, value, baseline, base in paired(stage_metrics(stage)):
+                for metric, value, baseline, base in with_baselines(stage_metrics(stage)):
                     rows.append({"recipe": recipe, "seed": seed, "stage": stage["name"], "metric": metric,
                                  "value": value, "baseline": baseline, "baseline_value": base,
                                  "beats": value > base})  # fmt: skip

@@ -44,6 +44,7 @@ from vlmflow.artifacts import ArtifactStore, atomic_write_text, digest_of
 from vlmflow.fingerprint import HashCache, code_digest
 from vlmflow.pipeline import Step, graph_digests
 from vlmflow.progress import StepProgress
+from vlmflow.results import run_note
 from vlmflow.runtime.environment import environment
 from vlmflow.runtime.ray import init_ray
 from vlmflow.specs.recipe import Recipe
@@ -190,7 +191,8 @@ class RecipeRun:
                 self.summary["error"] = str(exc)
             self._save()
             if self.tracker and self.parent_run:
-                self.tracker.log(self.parent_run, metrics=self._totals())
+                note = run_note(self.summary, stage_table(self.summary["stages"], self.tracker.run_url))
+                self.tracker.log(self.parent_run, metrics=self._totals(), tags={"mlflow.note.content": note})
                 self.tracker.log_files(self.parent_run, [self.run_dir / "summary.json"])
                 self.tracker.finish(self.parent_run, ok)
         if self._prefect_logs is not None:
