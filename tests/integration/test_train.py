@@ -93,10 +93,7 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     # The plan's memory per worker against the busiest worker's measured peak resident memory.
     planned, measured = child.data.metrics["plan_memory_gb"] * 1024, child.data.metrics["worker_rss_peak_mb"]
     assert 0.75 <= planned / measured <= 1.25, (planned, measured)
-    assert (
-        child.data.metrics["params_trainable"] > 0
-        and child.data.params["trainable"] == '["connector", "language"]'
-    )
+    assert child.data.metrics["params_trainable"] > 0 and child.data.params["trainable"] == '["connector", "language"]'
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "model")}
     assert {"model/model.safetensors", "model/vlmflow_model.json"} <= artifacts
     version = client.get_model_version("shapes-tiny", "1")

@@ -66,7 +66,7 @@ def test_urls_come_when_both_answer_and_sigterm_stops_every_server_process(workd
             assert len(servers) >= 2
             ui.send_signal(signal.SIGTERM)
             assert ui.wait(60) == 0
-            gone, alive = psutil.wait_procs(servers, timeout=20)
+            _, alive = psutil.wait_procs(servers, timeout=20)
             assert not alive, [p.cmdline()[:3] for p in alive]
             with pytest.raises(httpx.TransportError):
                 httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
