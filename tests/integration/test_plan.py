@@ -94,9 +94,9 @@ def test_tiny_plan_counts_rows_steps_and_mixture_from_the_sources(tmp_path):
     plan = build_plan(load_recipe(RECIPES / "shapes-tiny.yaml"), tmp_path)
     assert {e["status"] for e in plan["stages"]} == {"runs"}
     align, instruct = training(plan).values()
-    assert align["mixture"]["counts"] == [2048] and align["steps"] == 150
-    assert instruct["mixture"]["labels"] == ["instruct/conversations", "dedup/qa"]
-    assert instruct["mixture"]["counts"] == [683, 2048]  # weights 1 : 3, before splits and dedup
+    assert align["mixture"]["counts"] == [2048] and align["steps"] == 600
+    assert instruct["mixture"]["labels"] == ["instruct/conversations", "dedup/qa", "dedup/choice", "dedup/caption"]
+    assert instruct["mixture"]["counts"] == [683, 2048, 683, 683]  # weights 1 : 3 : 1 : 1, before splits and dedup
     assert instruct["fits"] and instruct["memory"]["total_gb"] < 1.0
     assert plan["device"]["kind"] == "cpu" and plan["device"]["tflops_per_worker"] > 0
     assert "train-instruct" in render(plan) and "[fits]" in render(plan)
