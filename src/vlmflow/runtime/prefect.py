@@ -223,7 +223,7 @@ class RecipeRun:
         return {
             "stages_computed": sum(s["status"] == "computed" for s in stages),
             "stages_cached": sum(s["status"] == "cached" for s in stages),
-            "seconds": sum(s.get("seconds", 0.0) for s in stages),
+            "seconds": round(sum(s.get("seconds", 0.0) for s in stages), 1),
         }
 
     def _save(self) -> None:
