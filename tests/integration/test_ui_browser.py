@@ -2,7 +2,7 @@
 that fetches the runs from the server) and the recipe's run and its stage runs must be listed.
 
 Needs Debian's Chromium (`apt-get install chromium`); without it the test is skipped (CI does
-not install a browser). The screenshot it takes is the one in docs/mlflow-ui.png.
+not install a browser). It takes a screenshot of the recipe run page like docs/mlflow-ui.png.
 """
 
 from __future__ import annotations
