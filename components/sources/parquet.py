@@ -13,7 +13,7 @@ file exists, unless `allow_outside_paths: true`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
@@ -68,13 +68,17 @@ def _check_schema(spec: ParquetSource, path: Path, schema: pa.Schema) -> None:
             "or a struct with bytes/path"
         )
     if spec.caption_column is not None:
-        caption = schema.field(spec.caption_column).type
-        is_list = pa.types.is_list(caption) or pa.types.is_large_list(caption)
-        if not (_is_text(caption) or (is_list and _is_text(caption.value_type))):
-            raise UserError(
-                f"{path}: caption column {spec.caption_column!r} has type {caption}; "
-                "expected a string or a list of strings"
-            )
+        check_caption_column(path, schema, spec.caption_column)
+
+
+def check_caption_column(
+    path: Path, schema: pa.Schema, column: str, is_text: Callable[[pa.DataType], bool] = _is_text
+) -> None:
+    """A caption column holds strings or lists of strings (`is_text` says what a string is)."""
+    caption = schema.field(column).type
+    is_list = pa.types.is_list(caption) or pa.types.is_large_list(caption)
+    if not (is_text(caption) or (is_list and is_text(caption.value_type))):
+        raise UserError(f"{path}: caption column {column!r} has type {caption}; expected a string or a list of strings")
 
 
 def _open(path: Path) -> pq.ParquetFile:

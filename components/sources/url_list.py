@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, SourceReader, Unit, chunk
+from vlmflow.components.sources.parquet import check_caption_column
 from vlmflow.errors import UserError
 from vlmflow.images import to_rgb
 from vlmflow.specs.data import UrlListSource, UrlResize
@@ -106,13 +107,7 @@ def _parquet_items(spec: UrlListSource) -> list[Item]:
     if not _is_text(url_type):
         raise UserError(f"{spec.path}: url column {spec.url_column!r} has type {url_type}; expected string")
     if spec.caption_column:
-        kind = schema.field(spec.caption_column).type
-        is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
-        if not (_is_text(kind) or (is_list and _is_text(kind.value_type))):
-            raise UserError(
-                f"{spec.path}: caption column {spec.caption_column!r} has type {kind}; "
-                "expected a string or a list of strings"
-            )
+        check_caption_column(spec.path, schema, spec.caption_column, _is_text)
     try:
         table = pq.read_table(spec.path, columns=list(dict.fromkeys(columns)))
     except (pa.ArrowException, OSError) as exc:
