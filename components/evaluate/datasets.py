@@ -28,7 +28,7 @@ from PIL import Image
 from vlmflow.components.sources.base import OUTSIDE, contained_path
 from vlmflow.components.train.data import IMAGE_EXTS, ShardSamples, choices
 from vlmflow.errors import UserError
-from vlmflow.prompts import LETTERS
+from vlmflow.prompts import LETTERS, options_of
 
 
 @dataclass(frozen=True)
@@ -376,9 +376,7 @@ def _base64_image(text: str) -> tuple[bytes | None, str | None]:
 
 
 def _options(raw: dict | list, path: Path, where: str) -> tuple[tuple[str, str], ...]:
-    pairs = list(raw.items()) if isinstance(raw, dict) else list(zip(LETTERS, raw, strict=False))
-    if isinstance(raw, list) and len(raw) > len(LETTERS):
-        raise UserError(f"{path}: {where}: at most {len(LETTERS)} options")
-    if len(pairs) < 2 or not all(isinstance(v, str) and v.strip() for _, v in pairs):
-        raise UserError(f"{path}: {where}: options must hold at least two non-empty texts")
-    return tuple((str(k), v) for k, v in pairs)
+    options, problem = options_of(raw)
+    if problem is not None:
+        raise UserError(f"{path}: {where}: {problem}")
+    return options

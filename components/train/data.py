@@ -26,7 +26,7 @@ from vlmflow.artifacts import file_sha256
 from vlmflow.components.shards import ShardCorrupt
 from vlmflow.errors import UserError
 from vlmflow.models.objectives import IGNORE, pad_rows
-from vlmflow.prompts import CHOICE_TEMPLATE, LETTERS, choice_prompt, lettered
+from vlmflow.prompts import CHOICE_TEMPLATE, Options, choice_prompt, options_of
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 INDEX_SCHEMA = {
@@ -155,7 +155,7 @@ class TextCodec:
         return ids
 
 
-def choices(record: dict) -> list[tuple[str, tuple[tuple[str, str], ...], str]]:
+def choices(record: dict) -> list[tuple[str, Options, str]]:
     """A record's well-formed multiple-choice items as (question, (letter, text) options, answer letter).
     `choices` holds {question, options: [texts] or {letter: text}, answer: letter}, as a
     multiple-choice JSONL line; an item with fewer than two options or an answer that is not
@@ -164,16 +164,9 @@ def choices(record: dict) -> list[tuple[str, tuple[tuple[str, str], ...], str]]:
     for item in record.get("choices") or []:
         if not isinstance(item, dict) or not isinstance(item.get("question"), str):
             continue
-        raw = item.get("options")
-        if isinstance(raw, list) and len(raw) <= len(LETTERS):
-            options = lettered(raw)
-        elif isinstance(raw, dict):
-            options = tuple((str(k), v) for k, v in raw.items())
-        else:
-            continue
+        options, problem = options_of(item.get("options"))
         answer = str(item.get("answer", "")).strip()
-        texts_ok = all(isinstance(v, str) and v.strip() for _, v in options)
-        if len(options) >= 2 and texts_ok and answer in dict(options):
+        if problem is None and answer in dict(options):
             found.append((item["question"], options, answer))
     return found
 

@@ -14,11 +14,23 @@ def choice_prompt(template: str, question: str, options: Sequence[tuple[str, str
     return template.format(question=question, options="\n".join(f"{key}. {text}" for key, text in options))
 
 
-def lettered(options: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    """Options as (letter, text) pairs, A first."""
-    if len(options) > len(LETTERS):
-        raise ValueError(f"at most {len(LETTERS)} options, got {len(options)}")
-    return tuple(zip(LETTERS, options, strict=False))
+Options = tuple[tuple[str, str], ...]
+
+
+def options_of(raw: object) -> tuple[Options, str | None]:
+    """A multiple-choice item's options as (letter, text) pairs: a list is lettered A, B, ...; a
+    mapping keeps its keys. The second value says what is wrong (then the pairs are empty)."""
+    if isinstance(raw, list) and len(raw) > len(LETTERS):
+        return (), f"at most {len(LETTERS)} options"
+    if isinstance(raw, dict):
+        pairs = list(raw.items())
+    elif isinstance(raw, list):
+        pairs = list(zip(LETTERS, raw, strict=False))
+    else:
+        return (), "options must be a list or a mapping of letters to texts"
+    if len(pairs) < 2 or not all(isinstance(v, str) and v.strip() for _, v in pairs):
+        return (), "options must hold at least two non-empty texts"
+    return tuple((str(k), v) for k, v in pairs), None
 
 
 def check_choice_template(template: str) -> str:
