@@ -154,6 +154,9 @@ def near_pairs(frame: dd.DataFrame, threshold: int, max_color: float) -> pd.Data
     return found.sort_values(["key_a", "key_b"]).reset_index(drop=True)
 
 
+DUPLICATES_SCHEMA = {"key": pl.String, "reason": pl.String, "detail": pl.String}  # rows set aside, why
+
+
 def roots(edges: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Union-find: every key of an edge -> the smallest key of its connected component."""
     parent: dict[str, str] = {}
@@ -208,7 +211,7 @@ def _find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
             rows.append(
                 {"key": key, "reason": f"duplicate-of:{canonical}", "detail": f"near: phash distance {distance}"}
             )
-    return pl.DataFrame(rows, schema={"key": pl.String, "reason": pl.String, "detail": pl.String}, orient="row")
+    return pl.DataFrame(rows, schema=DUPLICATES_SCHEMA, orient="row")
 
 
 # Caption dedup: MinHash LSH over shingles (see the module docstring).
@@ -432,7 +435,7 @@ def caption_quarantine(pairs: pl.DataFrame) -> pl.DataFrame:
         {"key": key, "reason": f"caption-duplicate-of:{root}", "detail": f"caption: jaccard {jaccard:.3f}"}
         for key, (root, jaccard) in caption_clusters(pairs).items()
     ]
-    return pl.DataFrame(rows, schema={"key": pl.String, "reason": pl.String, "detail": pl.String}, orient="row")
+    return pl.DataFrame(rows, schema=DUPLICATES_SCHEMA, orient="row")
 
 
 def run(ctx: StageContext) -> StageResult:

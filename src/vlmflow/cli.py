@@ -539,6 +539,11 @@ def compare(runs: tuple[str, ...], csv_path: Path | None, workdir: Path | None) 
     click.echo(f"\nwrote {csv_path}")
 
 
+def _store_of(run_folder: Path) -> Path:
+    """The artifact store of the workdir a run folder (WORKDIR/runs/RUN_ID) belongs to."""
+    return Path(os.path.realpath(run_folder)).parent.parent / "artifacts"
+
+
 def _stores(refs: list[str], workdir: Path) -> list[Path]:
     """The artifact stores a command reading `refs` touches: the workdir's, and those of the runs
     `refs` name (their workdir's, and where their summaries say the stages' artifacts are)."""
@@ -551,7 +556,7 @@ def _stores(refs: list[str], workdir: Path) -> list[Path]:
             summary = json.loads((folder / "summary.json").read_text())
         except (UserError, OSError, ValueError):
             continue
-        stores.append(Path(os.path.realpath(folder)).parent.parent / "artifacts")
+        stores.append(_store_of(folder))
         stores += [Path(s["artifact_path"]).parent.parent for s in summary.get("stages", []) if s.get("artifact_path")]
     return stores
 
@@ -578,7 +583,7 @@ def verify(run: str | None, workdir: Path | None) -> None:
 
     folder = run_folder(run, _workdir(None, workdir))
     summary = json.loads((folder / "summary.json").read_text())
-    store = Path(os.path.realpath(folder)).parent.parent / "artifacts"
+    store = _store_of(folder)
     click.echo(f"run {summary['run_id']}  recipe {summary['recipe']}  {summary['status']}")
     width = max((len(s["name"]) for s in summary["stages"]), default=0) + 18
     drifted = 0
