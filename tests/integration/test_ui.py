@@ -62,6 +62,8 @@ def test_urls_come_when_both_answer_and_sigterm_stops_every_server_process(workd
             # Said only once they answer: both answer at once.
             assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
             assert httpx.get(f"{prefect_url}/api/health", timeout=5).status_code == 200
+            # The Prefect UI in a browser calls this server's API, not the default port's.
+            assert httpx.get(f"{prefect_url}/ui-settings", timeout=5).json()["api_url"] == f"{prefect_url}/api"
             servers = psutil.Process(ui.pid).children(recursive=True)
             assert len(servers) >= 2
             ui.send_signal(signal.SIGTERM)

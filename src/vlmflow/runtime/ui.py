@@ -88,7 +88,14 @@ def servers(workdir: Path, host: str, port: int, prefect_port: int) -> list[Serv
         f"http://{host}:{port}",
         logs / "mlflow.log",
     )
-    prefect_env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    prefect_env = {
+        **os.environ,
+        "PREFECT_HOME": str(workdir / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # Where the Prefect UI in the browser calls its API: this server, whatever its port (Prefect
+        # derives it from its settings, 4200 or a PREFECT_API_URL in the environment, not from --port).
+        "PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api",
+    }
     prefect = Server(
         "Prefect UI",
         [str(bin_dir / "prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
