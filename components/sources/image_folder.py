@@ -1,5 +1,10 @@
 """`image-folder`: images under a folder, captions from sidecar .txt files or a captions file.
 
+The captions file is `captions_file`, else a Hugging Face imagefolder `metadata.jsonl` or
+`metadata.csv` at the top of the folder, else there is none and each image's captions are the
+lines of its `.txt` sidecar. Its columns: `file` or `file_name` (relative to the folder), and
+`caption` (jsonl: and/or a `captions` list) or `text`.
+
 Rows are the images found on disk (recursively, sorted) plus any file named in the captions
 file, so a listed file that is absent becomes `missing-image-file` instead of vanishing.
 A captions-file line that names no usable file is its own `malformed-annotation` row; a
@@ -37,6 +42,10 @@ from vlmflow.errors import UserError
 from vlmflow.specs.data import ImageFolderSource
 
 MALFORMED = "malformed-annotation"
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # Hugging Face imagefolder's captions files
+FILE_COLUMNS = ("file", "file_name")  # file_name: Hugging Face imagefolder's
+CSV_CAPTIONS = ("caption", "text")  # the first present is the caption column; text: Hugging Face's
+JSONL_CAPTIONS = ("caption", "captions", "text")
 
 
 def _extensions(spec: ImageFolderSource) -> set[str]:
@@ -75,51 +84,67 @@ class _Captions:
 
     def __init__(self, root: Path, source: Path, allow_outside: bool = False):
         self.root, self.source, self.allow_outside = root, source, allow_outside
+        self.file_column = "file"
         self.by_file: dict[str, list[str]] = {}
         self.bad_files: dict[str, str] = {}
         self.bad_lines: list[tuple[int, str, str]] = []  # (line, reason, detail)
 
-    def add(self, line: int, file: object, captions: object) -> None:
+    def add(self, line: int, file: object, captions: object, problem: str = "") -> None:
         rel, outside = _relative(file, self.root, self.allow_outside)
         if outside:
             detail = f"{self.source.name} line {line}: file {str(file).strip()!r} is outside the image folder"
             self.bad_lines.append((line, OUTSIDE, detail))
             return
         if rel is None:
-            self.bad_lines.append((line, MALFORMED, f"{self.source.name} line {line}: file: missing or not a path"))
+            detail = f"{self.source.name} line {line}: {self.file_column}: missing or not a path"
+            self.bad_lines.append((line, MALFORMED, detail))
             return
         self.by_file.setdefault(rel, [])
-        problem = _caption_problem(captions)
-        if problem:
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
             self.bad_files.setdefault(rel, f"{self.source.name} line {line}: {problem}")
         else:
             self.by_file[rel].extend(c.strip() for c in captions)
 
+    def columns(self, found: list[str], captions: tuple[str, ...]) -> str:
+        """Set the file column (`file`, or Hugging Face imagefolder's `file_name`) from the columns
+        FOUND and return the first of CAPTIONS among them; a UserError naming the columns found
+        when either is missing."""
+        file = next((c for c in FILE_COLUMNS if c in found), None)
+        caption = next((c for c in captions if c in found), None)
+        if file is None or caption is None:
+            raise UserError(
+                f"{self.source}: a captions file needs a {' or '.join(FILE_COLUMNS)} column and a "
+                f"{' or '.join(captions)} column; found: {_names(found)}"
+            )
+        self.file_column = file
+        return caption
 
-def _caption_problem(captions: object) -> str | None:
-    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-        return "caption: expected a string (or captions: a list of strings)"
-    return None
+
+def _names(columns: list[str], most: int = 20) -> str:
+    shown = [c if len(c) <= 40 else c[:40] + "..." for c in columns[:most]]
+    return ", ".join(shown + ([f"... ({len(columns)} in all)"] if len(columns) > most else [])) or "none"
 
 
 def _read_csv(path: Path, table: _Captions) -> None:
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
-            if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
-                raise UserError(f"{path}: a captions csv needs a header with columns file,caption")
+            column = table.columns(list(reader.fieldnames or []), CSV_CAPTIONS)
             for record in reader:
-                caption = record.get("caption")
-                table.add(reader.line_num, record.get("file"), [caption] if caption is not None else None)
+                caption = record.get(column)
+                captions = [caption] if caption is not None else None
+                table.add(reader.line_num, record.get(table.file_column), captions, f"{column}: expected a string")
     except (UnicodeDecodeError, csv.Error, OSError) as exc:
         raise UserError(f"{path}: cannot read the captions csv: {exc}") from None
 
 
-def _read_jsonl(path: Path, table: _Captions) -> None:
+def _jsonl_records(path: Path, table: _Captions) -> list[tuple[int, dict]]:
+    """(line number, object) of every usable line; the others are bad lines of TABLE."""
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (UnicodeDecodeError, OSError) as exc:
         raise UserError(f"{path}: cannot read the captions jsonl: {exc}") from None
+    records = []
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
@@ -134,16 +159,51 @@ def _read_jsonl(path: Path, table: _Captions) -> None:
         if not isinstance(record, dict):
             table.bad_lines.append((number, MALFORMED, f"{path.name} line {number}: expected an object"))
             continue
+        records.append((number, record))
+    return records
+
+
+def _read_jsonl(path: Path, table: _Captions) -> None:
+    records = _jsonl_records(path, table)
+    if not records:
+        return
+    found = list(dict.fromkeys(key for _, record in records for key in record))
+    column = table.columns(found, JSONL_CAPTIONS)
+    for number, record in records:
         captions: object = None
-        if "caption" in record or "captions" in record:
+        if column == "text":
+            captions = [record["text"]] if "text" in record else None
+            problem = "text: expected a string"
+        else:
             single = [record["caption"]] if "caption" in record else []
             many = record.get("captions", [])
-            captions = single + many if isinstance(many, list) else None
-        table.add(number, record.get("file"), captions)
+            if "caption" in record or "captions" in record:
+                captions = single + many if isinstance(many, list) else None
+            problem = "caption: expected a string (or captions: a list of strings)"
+        table.add(number, record.get(table.file_column), captions, problem)
+
+
+def _captions_path(spec: ImageFolderSource) -> Path | None:
+    """The captions file: `captions_file`, else a Hugging Face imagefolder `metadata.jsonl` /
+    `metadata.csv` at the top of the folder (it must lie inside the folder), else None (sidecars)."""
+    if spec.captions_file is not None:
+        return spec.captions_file
+    found = [spec.path / name for name in METADATA_FILES if os.path.lexists(spec.path / name)]
+    if len(found) > 1:
+        both = " and ".join(METADATA_FILES)
+        raise UserError(f"{spec.path}: holds both {both}; keep one, or name one as captions_file")
+    if not found:
+        return None
+    real, outside = contained_path(spec.path, found[0].name, spec.allow_outside_paths)
+    if real is None:
+        raise UserError(f"{found[0]}: {outside} (a symlink); set allow_outside_paths: true to read it")
+    if not real.is_file():
+        raise UserError(f"{found[0]}: not a regular file")
+    return found[0]
 
 
 def _caption_table(spec: ImageFolderSource) -> _Captions | None:
-    path = spec.captions_file
+    path = _captions_path(spec)
     if path is None:
         return None
     table = _Captions(spec.path, path, spec.allow_outside_paths)
@@ -168,7 +228,7 @@ def items(spec: ImageFolderSource, ctx: SourceContext) -> list[tuple]:
         raise UserError(f"{spec.path}: no images with extensions {', '.join(sorted(_extensions(spec)))} in this folder")
     ordered = sorted(files)
     names = [str(PurePosixPath(rel).with_suffix("")) for rel in ordered]
-    bad_line_keys = [f"{spec.captions_file.stem}-line-{n}" for n, _, _ in table.bad_lines] if table else []
+    bad_line_keys = [f"{table.source.stem}-line-{n}" for n, _, _ in table.bad_lines] if table else []
     keys = unique_keys([safe_key(n) for n in names] + [safe_key(k) for k in bad_line_keys])
     items: list[tuple] = []
     for key, rel in zip(keys, ordered, strict=False):

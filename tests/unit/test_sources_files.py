@@ -177,6 +177,88 @@ def test_image_folder_bad_captions_file_is_a_user_error(tmp_path):
             SOURCES.get("image-folder").plan(spec, ctx())
 
 
+def test_image_folder_hf_metadata_jsonl_is_picked_up(tmp_path):
+    """Hugging Face imagefolder: metadata.jsonl at the top, `file_name` + `text`; sidecars are then ignored."""
+    save_photo(tmp_path / "imgs/cat.jpg", "chelsea")
+    save_photo(tmp_path / "imgs/sub/coffee.png", "coffee")
+    save_photo(tmp_path / "imgs/camera.png", "camera")
+    (tmp_path / "imgs/cat.txt").write_text("a sidecar, ignored beside metadata.jsonl")
+    lines = [
+        json.dumps({"file_name": "cat.jpg", "text": " a cat ", "label": 3}),
+        json.dumps({"file_name": "sub/coffee.png", "text": ["not", "a string"]}),
+        json.dumps({"text": "no file"}),
+        "{broken",
+        json.dumps({"file_name": "../outside.png", "text": "escapes"}),
+    ]
+    (tmp_path / "imgs/metadata.jsonl").write_text("\n".join(lines) + "\n")
+    rows, rejected = run_source(folder_spec(tmp_path))
+    assert {k: r.captions for k, r in rows.items()} == {"cat": ["a cat"], "camera": []}
+    assert reasons(rejected) == {
+        "sub_coffee": "malformed-annotation",
+        "metadata-line-3": "malformed-annotation",
+        "metadata-line-4": "malformed-annotation",
+        "metadata-line-5": "path-outside-dataset",
+    }
+    assert rejected["sub_coffee"].detail == "metadata.jsonl line 2: text: expected a string"
+    assert rejected["metadata-line-3"].detail == "metadata.jsonl line 3: file_name: missing or not a path"
+    assert "line 4: invalid JSON" in rejected["metadata-line-4"].detail
+
+
+def test_image_folder_hf_metadata_csv_and_as_captions_file(tmp_path):
+    save_photo(tmp_path / "imgs/cat.jpg", "chelsea")
+    save_photo(tmp_path / "imgs/coffee.png", "coffee")
+    (tmp_path / "imgs/metadata.csv").write_text("file_name,text,source\ncat.jpg,a cat,web\ncoffee.png\n")
+    rows, rejected = run_source(folder_spec(tmp_path))
+    assert rows["cat"].captions == ["a cat"]
+    assert reasons(rejected) == {"coffee": "malformed-annotation"}
+    assert rejected["coffee"].detail == "metadata.csv line 3: text: expected a string"
+    # the same columns in a captions file named by the spec; `caption` wins over `text`
+    (tmp_path / "caps.csv").write_text("file_name,text,caption\ncat.jpg,ocr words,a cat\ncoffee.png,,a cup\n")
+    rows, rejected = run_source(folder_spec(tmp_path, captions_file="caps.csv"))
+    assert {k: r.captions for k, r in rows.items()} == {"cat": ["a cat"], "coffee": ["a cup"]} and not rejected
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("metadata.csv", "file_name,description\ncat.jpg,a cat\n"),
+        ("metadata.jsonl", json.dumps({"file_name": "cat.jpg", "description": "a cat"}) + "\n"),
+        ("metadata.jsonl", json.dumps({"path": "cat.jpg", "text": "a cat"}) + "\n"),
+    ],
+)
+def test_image_folder_metadata_without_known_columns_names_those_found(tmp_path, name, text):
+    save_photo(tmp_path / "imgs/cat.jpg")
+    (tmp_path / "imgs" / name).write_text(text)
+    with pytest.raises(UserError) as caught:
+        SOURCES.get("image-folder").plan(folder_spec(tmp_path), ctx())
+    message = str(caught.value)
+    assert message.startswith(str(tmp_path / "imgs" / name))
+    assert "file or file_name column" in message and "caption or " in message
+    found = list(json.loads(text)) if name.endswith(".jsonl") else text.splitlines()[0].split(",")
+    assert message.endswith("found: " + ", ".join(found))
+
+
+def test_image_folder_metadata_files_that_cannot_be_read(tmp_path):
+    save_photo(tmp_path / "imgs/cat.jpg")
+    plan = SOURCES.get("image-folder").plan
+    (tmp_path / "imgs/metadata.csv").write_text("file_name,text\ncat.jpg,a cat\n")
+    (tmp_path / "imgs/metadata.jsonl").write_text(json.dumps({"file_name": "cat.jpg", "text": "a cat"}))
+    with pytest.raises(UserError, match=r"holds both metadata\.jsonl and metadata\.csv"):
+        plan(folder_spec(tmp_path), ctx())
+    (tmp_path / "imgs/metadata.csv").unlink()
+    (tmp_path / "imgs/metadata.jsonl").unlink()
+    (tmp_path / "elsewhere.jsonl").write_text(json.dumps({"file_name": "cat.jpg", "text": "from outside"}))
+    (tmp_path / "imgs/metadata.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    with pytest.raises(UserError, match=r"metadata\.jsonl.*outside the dataset folder.*allow_outside_paths"):
+        plan(folder_spec(tmp_path), ctx())
+    rows, _ = run_source(folder_spec(tmp_path, allow_outside_paths=True))
+    assert rows["cat"].captions == ["from outside"]
+    (tmp_path / "imgs/metadata.jsonl").unlink()
+    (tmp_path / "imgs/metadata.jsonl").mkdir()
+    with pytest.raises(UserError, match=r"metadata\.jsonl: not a regular file"):
+        plan(folder_spec(tmp_path), ctx())
+
+
 # ---------------------------------------------------------------- coco
 
 

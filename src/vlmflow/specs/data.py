@@ -50,14 +50,22 @@ class SyntheticShapesSource(SourceBase):
 
 
 class ImageFolderSource(SourceBase):
-    """Images under a folder; captions from sidecar .txt files or a captions.csv/.jsonl."""
+    """Images under a folder (recursively); captions from a captions file, a Hugging Face imagefolder
+    metadata.jsonl / metadata.csv, or sidecar .txt files."""
 
     kind: Literal["image-folder"]
-    path: ExistingDir
+    path: ExistingDir = Field(description="the image folder; every file with one of `extensions` under it is a row")
     captions_file: ExistingFile | None = Field(
-        None, description="csv (columns file,caption) or jsonl ({file, caption|captions}); default: sidecar .txt"
+        None,
+        description="a .csv with a header or a .jsonl of objects: a `file` (or `file_name`) column relative to "
+        "`path`, and a `caption` (jsonl: or a `captions` list) or `text` column; one row per caption. Default: "
+        "`path`/metadata.jsonl or metadata.csv (Hugging Face imagefolder) when present, else each image's "
+        "sidecar .txt (one caption per line)",
     )
-    extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"]
+    extensions: list[str] = Field(
+        [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"],
+        description="the file suffixes read as images (case-insensitive)",
+    )
     label_from_parent: bool = Field(False, description="use the parent folder name as the class label")
     allow_outside_paths: bool = _allow_outside_paths()
 
