@@ -9,7 +9,9 @@ A reader has two halves:
   its reason (a missing image file is `Rejected(key, "missing-image-file", detail)`).
   Nothing may be dropped silently. A path named by an annotation (or a symlink in an image
   folder) is opened only when it resolves inside the dataset's folder (`contained_path`),
-  else the row is `path-outside-dataset`, whether or not the file exists.
+  else the row is `path-outside-dataset`, whether or not the file exists. An image file over
+  the source's `max_image_bytes` is `too-large`, refused before it is read whole
+  (`read_dataset_image` does all three checks).
 A reader may also offer, for incremental refreshes (components/refresh.py):
 - `items(spec, ctx) -> list[tuple]`: the rows `plan` cuts into units, in order, each a small
   picklable tuple whose second element is its key (a unit's payload is a list of them);
@@ -25,7 +27,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from vlmflow.errors import UserError
 from vlmflow.registry import Registry
@@ -88,26 +90,69 @@ def chunk(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)] or []
 
 
-def read_file_bytes(path: Path) -> tuple[bytes | None, str | None]:
-    """Bytes of an image file, or (None, detail) when it is missing or unreadable. Only a regular
-    file is read: a FIFO, socket or device under the name would block or never end."""
+MISSING = "missing-image-file"
+TOO_LARGE = "too-large"
+
+
+def read_file_bytes(path: Path, max_bytes: int | None = None) -> tuple[bytes | None, str | None]:
+    """Bytes of a file, or (None, detail) when it is missing, unreadable or over MAX_BYTES. Only a
+    regular file is read: a FIFO, socket or device under the name would block or never end."""
+    data, _, detail = read_capped(path, max_bytes)
+    return data, detail or None
+
+
+def read_capped(path: Path, max_bytes: int | None) -> tuple[bytes | None, str, str]:
+    """(bytes, "", "") of a regular file, or (None, reason, detail): `missing-image-file` when it
+    is absent or unreadable, `too-large` when it holds more than MAX_BYTES (None: no cap). The
+    size is checked before reading, and the read stops one byte past the cap, so a file that
+    grows after the check is refused too without being read whole."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        return None, f"no such file: {path}"
+        return None, MISSING, f"no such file: {path}"
     except OSError as exc:
-        return None, f"cannot read {path}: {exc.strerror or exc}"
+        return None, MISSING, f"cannot read {path}: {exc.strerror or exc}"
     except ValueError as exc:  # a NUL byte in the name
-        return None, f"cannot read {str(path)!r}: {exc}"
+        return None, MISSING, f"cannot read {str(path)!r}: {exc}"
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None, f"cannot read {path}: not a regular file"
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None, MISSING, f"cannot read {path}: not a regular file"
+        if max_bytes is not None and info.st_size > max_bytes:
+            return None, TOO_LARGE, f"{path}: {info.st_size} bytes, over max_image_bytes {max_bytes}"
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read(), None
+            data = _read_up_to(handle, info.st_size, max_bytes)
     except OSError as exc:
-        return None, f"cannot read {path}: {exc.strerror or exc}"
+        return None, MISSING, f"cannot read {path}: {exc.strerror or exc}"
     finally:
         os.close(fd)
+    if data is None:
+        return None, TOO_LARGE, f"{path}: over max_image_bytes {max_bytes} (it grew while read; reading stopped)"
+    return data, "", ""
+
+
+def _read_up_to(handle: IO[bytes], expected: int, max_bytes: int | None) -> bytes | None:
+    """The file's bytes, reading at most MAX_BYTES + 1 (None: more than MAX_BYTES). EXPECTED (the
+    size seen before reading) sizes the first read, so a small file never allocates the cap."""
+    if max_bytes is None:
+        return handle.read()
+    data = handle.read(expected + 1)
+    if len(data) > expected:  # it grew (or, like /proc files, reports 0): read again, capped
+        handle.seek(0)
+        data = handle.read(max_bytes + 1)
+    return data if len(data) <= max_bytes else None
+
+
+def read_dataset_image(
+    root: Path, name: str | os.PathLike, allow_outside: bool, max_bytes: int | None
+) -> tuple[bytes | None, str, str]:
+    """(bytes, "", "") of the image file an annotation names under the dataset folder ROOT, or
+    (None, reason, detail): `path-outside-dataset` (see `contained_path`), `missing-image-file`
+    or `too-large` (over MAX_BYTES, refused before it is read whole)."""
+    path, outside = contained_path(root, name, allow_outside)
+    if path is None:
+        return None, OUTSIDE, outside
+    return read_capped(path, max_bytes)
 
 
 OUTSIDE = "path-outside-dataset"

@@ -5,7 +5,7 @@ Malformed image entries become `malformed-annotation` rows keyed `image-INDEX`; 
 caption / instance annotations become one row each keyed `annotation-INDEX` /
 `instance-INDEX`, placed after the images. Annotations of a rejected image go with it.
 A `file_name` that resolves outside the `images` folder is `path-outside-dataset` (unless
-`allow_outside_paths`).
+`allow_outside_paths`); an image file over `max_image_bytes` is `too-large`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vlmflow.components.sources.base import (
-    OUTSIDE,
     SOURCES,
     RawRow,
     Rejected,
@@ -22,9 +21,8 @@ from vlmflow.components.sources.base import (
     SourceReader,
     Unit,
     chunk,
-    contained_path,
     load_json,
-    read_file_bytes,
+    read_dataset_image,
     safe_key,
     unique_keys,
 )
@@ -167,13 +165,11 @@ def read(spec: CocoSource, ctx: SourceContext, unit: Unit) -> Iterator[RawRow | 
             yield Rejected(item[1], item[2], item[3])
             continue
         _, key, file_name, captions, objects = item
-        path, outside = contained_path(spec.images, file_name, spec.allow_outside_paths)
-        if path is None:
-            yield Rejected(key, OUTSIDE, outside)
-            continue
-        image, problem = read_file_bytes(path)
+        image, reason, detail = read_dataset_image(
+            spec.images, file_name, spec.allow_outside_paths, spec.max_image_bytes
+        )
         if image is None:
-            yield Rejected(key, "missing-image-file", problem or str(path))
+            yield Rejected(key, reason, detail)
             continue
         extra = {"objects": objects} if objects is not None else {}
         yield RawRow(key=key, image=image, captions=list(captions), extra=extra)

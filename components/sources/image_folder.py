@@ -34,6 +34,7 @@ from vlmflow.components.sources.base import (
     Unit,
     chunk,
     contained_path,
+    read_dataset_image,
     read_file_bytes,
     safe_key,
     unique_keys,
@@ -286,13 +287,9 @@ def read(spec: ImageFolderSource, ctx: SourceContext, unit: Unit) -> Iterator[Ra
             continue
         _, key, rel, captions = item
         path = spec.path / rel
-        real, outside = contained_path(spec.path, rel, spec.allow_outside_paths)
-        if real is None:
-            yield Rejected(key, OUTSIDE, outside)
-            continue
-        image, problem = read_file_bytes(real)
+        image, reason, detail = read_dataset_image(spec.path, rel, spec.allow_outside_paths, spec.max_image_bytes)
         if image is None:
-            yield Rejected(key, "missing-image-file", problem or str(path))
+            yield Rejected(key, reason, detail)
             continue
         if captions is None:
             captions, reason, problem = _sidecar_captions(spec, rel)

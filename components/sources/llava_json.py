@@ -5,7 +5,7 @@ One row per list entry. Roles map human -> user, gpt -> assistant, system -> sys
 `<image>` placeholder included). An entry without an image (a text-only turn list) is
 `no-image`; any other shape problem is `malformed-annotation` naming the field. An `image`
 that resolves outside the `images` folder is `path-outside-dataset` (unless
-`allow_outside_paths`).
+`allow_outside_paths`); an image file over `max_image_bytes` is `too-large`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from vlmflow.components.sources.base import (
-    OUTSIDE,
     SOURCES,
     RawRow,
     Rejected,
@@ -21,9 +20,8 @@ from vlmflow.components.sources.base import (
     SourceReader,
     Unit,
     chunk,
-    contained_path,
     load_json,
-    read_file_bytes,
+    read_dataset_image,
     safe_key,
     unique_keys,
 )
@@ -83,13 +81,11 @@ def read(spec: LlavaJsonSource, ctx: SourceContext, unit: Unit) -> Iterator[RawR
             yield Rejected(item[1], item[2], item[3])
             continue
         _, key, image_path, turns = item
-        path, outside = contained_path(spec.images, image_path, spec.allow_outside_paths)
-        if path is None:
-            yield Rejected(key, OUTSIDE, outside)
-            continue
-        image, problem = read_file_bytes(path)
+        image, reason, detail = read_dataset_image(
+            spec.images, image_path, spec.allow_outside_paths, spec.max_image_bytes
+        )
         if image is None:
-            yield Rejected(key, "missing-image-file", problem or str(path))
+            yield Rejected(key, reason, detail)
             continue
         yield RawRow(key=key, image=image, captions=[], extra={"conversations": turns})
 

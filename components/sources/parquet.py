@@ -8,7 +8,8 @@ unique across the whole source): consecutive row groups are merged into units of
 planned rows as `unreadable-shard`. An image path (a path column or a struct's `path`) is
 read only when it resolves inside `image_root` (default: the parquet file's folder): an
 absolute path or `..` chain leading elsewhere is `path-outside-dataset`, whether or not the
-file exists, unless `allow_outside_paths: true`.
+file exists, unless `allow_outside_paths: true`; an image file over `max_image_bytes` is
+`too-large` (image bytes stored in the parquet file itself are not capped: they are read already).
 """
 
 from __future__ import annotations
@@ -20,15 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmflow.components.sources.base import (
-    OUTSIDE,
     SOURCES,
     RawRow,
     Rejected,
     SourceContext,
     SourceReader,
     Unit,
-    contained_path,
-    read_file_bytes,
+    read_dataset_image,
     safe_key,
     unique_keys,
 )
@@ -153,19 +152,15 @@ def plan(spec: ParquetSource, ctx: SourceContext) -> list[Unit]:
     return [Unit(ctx.name, i, part, sum(p["stop"] - p["start"] for p in part)) for i, part in enumerate(units)]
 
 
-def _image(value: object, base: Path, allow_outside: bool) -> tuple[bytes | None, str | None, str]:
-    """(bytes, None, "") or (None, reason, detail)."""
+def _image(spec: ParquetSource, value: object, base: Path) -> tuple[bytes | None, str, str]:
+    """(bytes, "", "") or (None, reason, detail)."""
     if isinstance(value, dict):
         value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
     if value is None or value == "":
         return None, "no-image", "the image column is null"
     if isinstance(value, bytes):
-        return value, None, ""
-    path, outside = contained_path(base, value, allow_outside)
-    if path is None:
-        return None, OUTSIDE, outside
-    data, problem = read_file_bytes(path)
-    return (data, None, "") if data is not None else (None, "missing-image-file", problem or str(path))
+        return value, "", ""
+    return read_dataset_image(base, value, spec.allow_outside_paths, spec.max_image_bytes)
 
 
 def _captions(value: object) -> list[str]:
@@ -194,9 +189,9 @@ def _read_piece(spec: ParquetSource, piece: dict) -> Iterator[RawRow | Rejected]
         if i in null_keys:
             yield Rejected(key, "malformed-annotation", f"{spec.key_column}: null at row {first + i}")
             continue
-        image, reason, detail = _image(columns[spec.image_column][i], base, spec.allow_outside_paths)
+        image, reason, detail = _image(spec, columns[spec.image_column][i], base)
         if image is None:
-            yield Rejected(key, reason or "no-image", detail)
+            yield Rejected(key, reason, detail)
             continue
         captions = _captions(columns[spec.caption_column][i]) if spec.caption_column else []
         label = columns[spec.label_column][i] if spec.label_column else None

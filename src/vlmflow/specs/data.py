@@ -19,11 +19,23 @@ class SourceBase(StrictModel):
     limit: Int | None = Field(None, ge=1, description="read at most this many rows")
 
 
-def _allow_outside_paths() -> Any:  # a pydantic FieldInfo
+def allow_outside_paths_field() -> Any:  # a pydantic FieldInfo
     return Field(
         False,
         description="read image paths (annotations, symlinks) that resolve outside the dataset's folder; "
         "default: such rows are quarantined as path-outside-dataset",
+    )
+
+
+DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
+
+
+def max_image_bytes_field() -> Any:  # a pydantic FieldInfo
+    return Field(
+        DEFAULT_MAX_IMAGE_BYTES,
+        ge=1,
+        description="largest image file read from local disk, in bytes; a bigger one is quarantined as "
+        "too-large (its size is checked before reading, and the read stops past the limit)",
     )
 
 
@@ -67,7 +79,8 @@ class ImageFolderSource(SourceBase):
         description="the file suffixes read as images (case-insensitive)",
     )
     label_from_parent: bool = Field(False, description="use the parent folder name as the class label")
-    allow_outside_paths: bool = _allow_outside_paths()
+    allow_outside_paths: bool = allow_outside_paths_field()
+    max_image_bytes: Int = max_image_bytes_field()
 
 
 class CocoSource(SourceBase):
@@ -77,7 +90,8 @@ class CocoSource(SourceBase):
     captions: ExistingFile
     images: ExistingDir
     instances: ExistingFile | None = None
-    allow_outside_paths: bool = _allow_outside_paths()
+    allow_outside_paths: bool = allow_outside_paths_field()
+    max_image_bytes: Int = max_image_bytes_field()
 
 
 class LlavaJsonSource(SourceBase):
@@ -86,7 +100,8 @@ class LlavaJsonSource(SourceBase):
     kind: Literal["llava-json"]
     path: ExistingFile
     images: ExistingDir
-    allow_outside_paths: bool = _allow_outside_paths()
+    allow_outside_paths: bool = allow_outside_paths_field()
+    max_image_bytes: Int = max_image_bytes_field()
 
 
 class ParquetSource(SourceBase):
@@ -101,7 +116,8 @@ class ParquetSource(SourceBase):
     image_root: ExistingDir | None = Field(
         None, description="folder of the image paths (default: the parquet file's folder); paths stay inside it"
     )
-    allow_outside_paths: bool = _allow_outside_paths()
+    allow_outside_paths: bool = allow_outside_paths_field()
+    max_image_bytes: Int = max_image_bytes_field()
 
 
 URL_LIST_USER_AGENT = "vlmflow/0.1 (url-list source; honours X-Robots-Tag noai/noimageai/noindex/noimageindex)"
