@@ -1,5 +1,5 @@
-"""`vlmflow recipes | validate | plan | run | evaluate | refresh | schedule | deploy | lineage | verify | status | ui |
-export | compare | mock-llm`. User mistakes print one clear message (exit 2), never a traceback."""
+"""`vlmflow recipes | schema | validate | plan | run | evaluate | refresh | schedule | deploy | lineage | verify |
+status | ui | export | compare | mock-llm`. User mistakes print one clear message (exit 2), never a traceback."""
 
 from __future__ import annotations
 
@@ -117,6 +117,26 @@ def recipes() -> None:
     width = max(len(name) for name in found)
     for name, path in sorted(found.items()):
         click.echo(f"{name:<{width}}  {describe(path)}".rstrip())
+
+
+@cli.command()
+@click.option(
+    "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="write it here (docs/spec.md)"
+)
+@click.option("--json", "as_json", is_flag=True, help="the recipe's JSON Schema instead of the markdown reference")
+def schema(output: Path | None, as_json: bool) -> None:
+    """Print the spec reference: every section and kind with its fields, from the spec models."""
+    from vlmflow import spec_reference
+
+    text = json.dumps(spec_reference.json_schema(), indent=2) + "\n" if as_json else spec_reference.reference()
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
+    click.echo(f"wrote {output}")
 
 
 def _prefect_env(workdir: Path) -> None:
