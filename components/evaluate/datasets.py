@@ -6,7 +6,9 @@ checked record by record: a malformed file or record is a `UserError` naming the
 the record; a record whose image is missing or unreadable goes to the quarantine with a
 reason (nothing is silently dropped). An image path that resolves (symlinks followed) outside
 its dataset folder (an absolute path, a `..` chain, a symlink elsewhere) is quarantined as
-`path-outside-dataset` before any existence check, so the reason says nothing about the host.
+`path-outside-dataset` before any existence check, so the reason says nothing about the host,
+unless the data sets `allow_outside_paths`. An image over the data's `max_image_bytes` is
+`too-large`, refused before it is read (or decoded) whole.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from vlmflow.components.sources.base import OUTSIDE, contained_path
+from vlmflow.components.sources.base import OUTSIDE, TOO_LARGE, contained_path, read_dataset_image
 from vlmflow.components.train.data import IMAGE_EXTS, ShardSamples, choices
 from vlmflow.errors import UserError
 from vlmflow.prompts import LETTERS, options_of
+from vlmflow.specs.data import DEFAULT_MAX_IMAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,24 @@ class Item:
     references: tuple[str, ...]  # captions | human answers | (class label,) | (correct option key,)
     question: str = ""
     options: tuple[tuple[str, str], ...] = ()  # (key, text) of a multiple-choice question
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """How a user file's images are read: paths contained to the dataset folder unless
+    `allow_outside` (the data's allow_outside_paths), at most `max_bytes` each (max_image_bytes)."""
+
+    allow_outside: bool = False
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+
+    @classmethod
+    def of(cls, data: Any) -> ImageFiles:
+        """The rules a data spec sets (the defaults for what it does not set: a TSV has no paths)."""
+        allow_outside = getattr(data, "allow_outside_paths", False)
+        return cls(allow_outside, getattr(data, "max_image_bytes", DEFAULT_MAX_IMAGE_BYTES))
+
+
+CONTAINED = ImageFiles()
 
 
 @dataclass
@@ -163,23 +184,13 @@ def _field(record: dict, key: str, types: type | tuple, path: Path, where: str) 
     return value
 
 
-def dataset_image(root: Path, name: str | Path) -> tuple[bytes | None, str | None]:
-    """(bytes, None) for a readable image NAME under the dataset folder ROOT, else (None, reason);
-    `path-outside-dataset` when NAME resolves outside ROOT, whether or not it exists."""
-    path, _ = contained_path(root, name)
-    if path is None:
-        return None, OUTSIDE
-    return image_bytes(path)
-
-
-def image_bytes(path: Path) -> tuple[bytes | None, str | None]:
-    """(bytes, None) for a readable image, else (None, reason)."""
-    try:
-        if not path.is_file():
-            return None, "missing-image-file"
-        data = path.read_bytes()
-    except OSError:  # a name longer than the OS allows, no permission
-        return None, "unreadable-image"
+def dataset_image(root: Path, name: str | Path, rules: ImageFiles) -> tuple[bytes | None, str | None]:
+    """(bytes, None) for a readable image NAME under the dataset folder ROOT, else (None, reason):
+    `path-outside-dataset` when NAME resolves outside ROOT (whether or not it exists), then
+    `missing-image-file`, `too-large` or an image check's reason (the sources' reader)."""
+    data, reason, _ = read_dataset_image(root, name, rules.allow_outside, rules.max_bytes)
+    if data is None:
+        return None, reason
     return verified(data)
 
 
@@ -198,7 +209,7 @@ def verified(data: bytes) -> tuple[bytes | None, str | None]:
     return data, None
 
 
-def coco_captions(annotations: Path, images: Path, limit: int) -> Loaded:
+def coco_captions(annotations: Path, images: Path, limit: int, rules: ImageFiles = CONTAINED) -> Loaded:
     data = read_json(annotations)
     files: dict[Any, str] = {}
     for i, record in enumerate(_list_of_records(data, annotations, "images")):
@@ -218,7 +229,7 @@ def coco_captions(annotations: Path, images: Path, limit: int) -> Loaded:
         if loaded.full():
             break
         captions = [c for c in refs.get(image_id, []) if c.strip()]
-        data_, reason = dataset_image(images, name)
+        data_, reason = dataset_image(images, name, rules)
         if not captions:
             loaded.reject(str(image_id), str(annotations), "no-caption")
         elif reason:
@@ -228,7 +239,9 @@ def coco_captions(annotations: Path, images: Path, limit: int) -> Loaded:
     return loaded
 
 
-def vqav2(questions: Path, annotations: Path, images: Path, pattern: str, limit: int) -> Loaded:
+def vqav2(
+    questions: Path, annotations: Path, images: Path, pattern: str, limit: int, rules: ImageFiles = CONTAINED
+) -> Loaded:
     answers: dict[Any, list[str]] = {}
     for i, record in enumerate(_list_of_records(read_json(annotations), annotations, "annotations")):
         where = f"annotations[{i}]"
@@ -252,7 +265,7 @@ def vqav2(questions: Path, annotations: Path, images: Path, pattern: str, limit:
             name = pattern.format(image_id=image_id)
         except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
             raise UserError(f"image_pattern {pattern!r} cannot name image {image_id!r}: {exc}") from None
-        data, reason = dataset_image(images, name)
+        data, reason = dataset_image(images, name, rules)
         if reason:
             loaded.reject(str(qid), str(images / name), reason)
         else:
@@ -260,13 +273,14 @@ def vqav2(questions: Path, annotations: Path, images: Path, pattern: str, limit:
     return loaded
 
 
-def image_folder(root: Path, limit: int) -> tuple[Loaded, list[str]]:
+def image_folder(root: Path, limit: int, rules: ImageFiles = CONTAINED) -> tuple[Loaded, list[str]]:
     """Items from ROOT/CLASS/IMAGE files, taken round-robin over the classes (so a limit keeps
     every class); returns the class names (sorted folder names) too. A class folder that is a
-    symlink leading outside ROOT is not listed: it is one `path-outside-dataset` entry; a symlink
-    among the images (dangling or not) is an entry too, checked like any image."""
+    symlink leading outside ROOT is not listed (unless `rules.allow_outside`): it is one
+    `path-outside-dataset` entry; a symlink among the images (dangling or not) is an entry too,
+    checked like any image."""
     entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
-    outside = [p.name for p in entries if p.is_symlink() and contained_path(root, p.name)[0] is None]
+    outside = [p.name for p in entries if p.is_symlink() and not _contained(root, p.name, rules)]
     classes = [p.name for p in entries if p.name not in outside and p.is_dir()]
     if len(classes) < 2:
         raise UserError(f"{root}: an image-folder classification set needs at least two class sub-folders")
@@ -285,7 +299,7 @@ def image_folder(root: Path, limit: int) -> tuple[Loaded, list[str]]:
             if path.suffix.lower().lstrip(".") not in IMAGE_EXTS:
                 loaded.reject(f"{name}/{path.name}", str(path), "not-an-image-file")
                 continue
-            data, reason = dataset_image(root, path.relative_to(root))
+            data, reason = dataset_image(root, path.relative_to(root), rules)
             if reason:
                 loaded.reject(f"{name}/{path.name}", str(path), reason)
             else:
@@ -293,7 +307,11 @@ def image_folder(root: Path, limit: int) -> tuple[Loaded, list[str]]:
     return loaded, classes
 
 
-def choice_jsonl(path: Path, images: Path, limit: int) -> Loaded:
+def _contained(root: Path, name: str, rules: ImageFiles) -> bool:
+    return contained_path(root, name, rules.allow_outside)[0] is not None
+
+
+def choice_jsonl(path: Path, images: Path, limit: int, rules: ImageFiles = CONTAINED) -> Loaded:
     loaded = Loaded(limit=limit)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -321,7 +339,7 @@ def choice_jsonl(path: Path, images: Path, limit: int) -> Loaded:
         id_ = str(record.get("id", number))
         image_name = _field(record, "image", str, path, where)
         image_path = images / image_name
-        data, reason = dataset_image(images, image_name)
+        data, reason = dataset_image(images, image_name, rules)
         if reason:
             loaded.reject(id_, str(image_path), reason)
         else:
@@ -332,7 +350,7 @@ def choice_jsonl(path: Path, images: Path, limit: int) -> Loaded:
 TSV_COLUMNS = ("index", "question", "answer", "image")
 
 
-def choice_tsv(path: Path, limit: int) -> Loaded:
+def choice_tsv(path: Path, limit: int, rules: ImageFiles = CONTAINED) -> Loaded:
     """MMBench TSV rows: the hint (when given) goes before the question; options are the letter
     columns a row fills; a row whose image does not decode goes to the quarantine."""
     loaded = Loaded(limit=limit)
@@ -359,7 +377,7 @@ def choice_tsv(path: Path, limit: int) -> Loaded:
         if hint and hint != "nan":
             question = f"{hint}\n{question}"
         id_ = str(row["index"])
-        data, reason = _base64_image(row["image"] or "")
+        data, reason = _base64_image(row["image"] or "", rules.max_bytes)
         if reason:
             loaded.reject(id_, f"{path}:{number}", reason)
         else:
@@ -367,7 +385,11 @@ def choice_tsv(path: Path, limit: int) -> Loaded:
     return loaded
 
 
-def _base64_image(text: str) -> tuple[bytes | None, str | None]:
+def _base64_image(text: str, max_bytes: int) -> tuple[bytes | None, str | None]:
+    """The decoded, verified image; `too-large` when the base64 holds over MAX_BYTES (from its
+    length, before decoding)."""
+    if len(text) // 4 * 3 - text[-2:].count("=") > max_bytes:
+        return None, TOO_LARGE
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 
 from vlmflow.components.evaluate import datasets, scoring
-from vlmflow.components.evaluate.datasets import Item, Loaded
+from vlmflow.components.evaluate.datasets import ImageFiles, Item, Loaded
 from vlmflow.components.evaluate.examples import write_examples
 from vlmflow.components.evaluate.generate import Decoding
 from vlmflow.components.evaluate.worker import EvalWorker
@@ -35,7 +35,7 @@ ARTIFACTS = ["metrics.json", "predictions.parquet", "quarantine.parquet", "examp
 
 def load_items(task: EvalTask, ctx: StageContext) -> tuple[Loaded, list[str]]:
     """The task's items (and class names for classification)."""
-    data, limit = task.data, task.samples
+    data, limit, rules = task.data, task.samples, ImageFiles.of(task.data)
     classes: list[str] = list(getattr(task, "classes", None) or [])
     if data.kind == "held-out":
         index = build_index(ctx.inputs["data"].path, ctx.store.root)
@@ -44,16 +44,16 @@ def load_items(task: EvalTask, ctx: StageContext) -> tuple[Loaded, list[str]]:
             raise UserError(f"evaluate {task.name}: data artifact {data.artifact!r} has no {data.split!r} split")
         loaded = datasets.held_out(ShardSamples(rows, ctx.store.root), task.kind, limit, data.artifact)
     elif data.kind == "coco-captions":
-        loaded = datasets.coco_captions(data.annotations, data.images, limit)
+        loaded = datasets.coco_captions(data.annotations, data.images, limit, rules)
     elif data.kind == "vqav2":
-        loaded = datasets.vqav2(data.questions, data.annotations, data.images, data.image_pattern, limit)
+        loaded = datasets.vqav2(data.questions, data.annotations, data.images, data.image_pattern, limit, rules)
     elif data.kind == "image-folder":
-        loaded, found = datasets.image_folder(data.path, limit)
+        loaded, found = datasets.image_folder(data.path, limit, rules)
         classes = classes or found
     elif data.kind == "multiple-choice-tsv":
-        loaded = datasets.choice_tsv(data.path, limit)
+        loaded = datasets.choice_tsv(data.path, limit, rules)
     else:
-        loaded = datasets.choice_jsonl(data.path, data.images, limit)
+        loaded = datasets.choice_jsonl(data.path, data.images, limit, rules)
     if task.kind == "zero-shot-classification":
         classes = classes or sorted({item.references[0] for item in loaded.items})
         keep = [item for item in loaded.items if item.references[0] in classes]

@@ -32,13 +32,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from pydantic import TypeAdapter
 from skimage import data as skdata
 
 from vlmflow.components.evaluate import datasets
+from vlmflow.components.evaluate.stage import load_items
 from vlmflow.components.ingest import process_unit
 from vlmflow.components.sources.base import OUTSIDE, SOURCES, RawRow, Rejected, SourceContext, contained_path
+from vlmflow.errors import UserError
 from vlmflow.images import BadImage, CheckedImage, check_image
 from vlmflow.specs.data import CocoSource, ImageFolderSource, LlavaJsonSource, ParquetSource, WebDatasetSource
+from vlmflow.specs.evaluate import EvalTask
 
 CASES = int(os.environ.get("VLMFLOW_FUZZ_CASES", "300"))
 # Pillow warns about the damage it meets in mutated files (corrupt EXIF, tags larger than the file)
@@ -344,7 +348,78 @@ def test_eval_readers_quarantine_escaping_paths(tmp_path, host):
     before = {k: v.quarantine for k, v in results.items()}
     shutil.rmtree(host.dir)
     assert datasets.coco_captions(tmp_path / "coco.json", images, 10_000).quarantine == before["coco"]
+    again = datasets.vqav2(tmp_path / "q.json", tmp_path / "a.json", images, "{image_id}", 10_000)
+    assert again.quarantine == before["vqav2"]
     assert datasets.choice_jsonl(tmp_path / "choice.jsonl", images, 10_000).quarantine == before["choice"]
+
+
+def eval_tasks(tmp_path: Path, names: list[str], **rules) -> dict[str, object]:
+    """One evaluation task per reader of user files with image paths, each naming NAMES under
+    tmp_path/images, validated from the spec as a recipe's evaluate: entry is (RULES: its data's
+    allow_outside_paths / max_image_bytes)."""
+    document = {
+        "images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+        "annotations": [{"image_id": i, "caption": "c"} for i in range(len(names))],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(document))
+    questions = [{"question_id": i, "image_id": n, "question": "q?"} for i, n in enumerate(names)]
+    (tmp_path / "q.json").write_text(json.dumps({"questions": questions}))
+    answers = [{"question_id": i, "answers": ["yes"]} for i in range(len(names))]
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": answers}))
+    lines = [json.dumps({"id": i, "image": n, "question": "q", "options": ["a", "b"], "answer": "A"})
+             for i, n in enumerate(names)]  # fmt: skip
+    (tmp_path / "choice.jsonl").write_text("\n".join(lines))
+    data = {
+        "captioning": {"kind": "coco-captions", "annotations": "coco.json", "images": "images"},
+        "vqa": {"kind": "vqav2", "questions": "q.json", "annotations": "a.json", "images": "images",
+                "image_pattern": "{image_id}"},
+        "multiple-choice": {"kind": "multiple-choice-jsonl", "path": "choice.jsonl", "images": "images"},
+    }  # fmt: skip
+    adapter = TypeAdapter(EvalTask)
+    return {
+        kind: adapter.validate_python(
+            {"kind": kind, "name": "t", "data": fields | rules}, context={"spec_dir": tmp_path}
+        )
+        for kind, fields in data.items()
+    }
+
+
+def test_eval_allow_outside_paths_reads_outside_files(tmp_path, host):
+    """The opt-in, from the spec to the readers: the escaping names are read (a missing one is
+    missing-image-file); without it they are path-outside-dataset."""
+    images = tmp_path / "images"
+    inside_names(images)
+    (images / "link.png").symlink_to(host.dir / "secret.png")
+    (images / "dangling.png").symlink_to(host.dir / "nothing.png")
+    names = [str(host.dir / "secret.png"), os.path.relpath(host.dir / "secret.png", images), "link.png"]
+    names += [str(host.dir / "nothing.png"), "dangling.png", "good.png"]
+    for kind, task in eval_tasks(tmp_path, names, allow_outside_paths=True).items():
+        assert task.data.allow_outside_paths is True
+        loaded, _ = load_items(task, None)
+        assert [i.id for i in loaded.items] == ["0", "1", "2", "5"], kind
+        assert [i.image == host.secret for i in loaded.items] == [True, True, True, False], kind
+        assert {q["id"]: q["reason"] for q in loaded.quarantine} == dict.fromkeys("34", "missing-image-file")
+    for kind, task in eval_tasks(tmp_path, names).items():
+        loaded, _ = load_items(task, None)
+        assert [i.id for i in loaded.items] == ["5"], kind
+        assert {q["id"]: q["reason"] for q in loaded.quarantine} == dict.fromkeys("01234", OUTSIDE), kind
+
+
+def test_eval_image_folder_allow_outside_paths_lists_outside_classes(tmp_path, host):
+    root = tmp_path / "classes"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "ok.png").write_bytes(photo("chelsea"))
+    (root / "cat" / "leak.png").symlink_to(host.dir / "secret.png")
+    (root / "evil").symlink_to(host.dir / "dir")  # a class folder elsewhere
+    fields = {"kind": "zero-shot-classification", "name": "z", "data": {"kind": "image-folder", "path": "classes"}}
+    adapter = TypeAdapter(EvalTask)
+    contained = adapter.validate_python(fields, context={"spec_dir": tmp_path})
+    with pytest.raises(UserError, match="at least two class sub-folders"):  # evil is not a class
+        load_items(contained, None)
+    fields["data"]["allow_outside_paths"] = True
+    loaded, classes = load_items(adapter.validate_python(fields, context={"spec_dir": tmp_path}), None)
+    assert classes == ["cat", "evil"] and not loaded.quarantine
+    assert sorted(i.id for i in loaded.items) == ["cat/leak.png", "cat/ok.png", "evil/secret.png"]
 
 
 def test_eval_image_folder_symlinks_are_quarantined(tmp_path, host):

@@ -1,11 +1,12 @@
-"""The byte cap on image files read from local disk (`max_image_bytes`): a bigger file is a
-`too-large` row, refused from its size before any read, and a file that grows past the cap
+"""The byte cap on image files read from local disk (`max_image_bytes`, sources and evaluation
+data): a bigger file is a `too-large` row, refused from its size before any read, and a file that grows past the cap
 while it is read is refused too, having been read no further than the cap. Big files here are
 sparse (`truncate`), so no disk is used; tracemalloc shows they are never read whole.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -17,9 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from skimage import data as skdata
+from test_hostile_data import eval_tasks
 
+from vlmflow.components.evaluate.stage import load_items
 from vlmflow.components.sources import base
 from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, read_capped
 from vlmflow.specs.data import (
@@ -29,6 +32,7 @@ from vlmflow.specs.data import (
     LlavaJsonSource,
     ParquetSource,
 )
+from vlmflow.specs.evaluate import EvalTask
 
 CTX = SourceContext(name="src", seed=0, shard_size=4)
 MiB = 2**20
@@ -223,3 +227,62 @@ def test_the_default_cap_is_64_mib(tmp_path, kind):
     out, peak = peak_bytes(lambda: run_source(spec))
     assert in_name_order(out, ["small.png", "over.png"]) == ["row", "too-large"]
     assert peak < 2 * MiB
+
+
+# ------------------------------------------------------------------------ the evaluation readers
+
+
+@pytest.mark.parametrize("kind", ["captioning", "vqa", "multiple-choice"])
+def test_eval_readers_quarantine_image_files_over_the_cap(tmp_path, kind):
+    _, names = image_dir(tmp_path, CAP)
+    task = eval_tasks(tmp_path, names, max_image_bytes=CAP)[kind]
+    (loaded, _), peak = peak_bytes(lambda: load_items(task, None))
+    assert [i.id for i in loaded.items] == ["0", "1"]
+    assert {q["id"]: q["reason"] for q in loaded.quarantine} == {"2": "too-large", "3": "too-large"}
+    assert peak < 2 * MiB
+    default = eval_tasks(tmp_path, names)[kind]
+    assert default.data.max_image_bytes == DEFAULT_MAX_IMAGE_BYTES
+    # under the default cap big.png (a PNG header and a hole) is read and fails to decode; the GiB is refused
+    assert [q["reason"] for q in load_items(default, None)[0].quarantine] == ["unreadable-image", "too-large"]
+
+
+def test_eval_image_folder_quarantines_image_files_over_the_cap(tmp_path):
+    root = tmp_path / "classes"
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    (root / "cat" / "ok.png").write_bytes(png())
+    (root / "dog" / "ok.png").write_bytes(png())
+    sparse(root / "dog" / "huge.png", 2**30)
+    fields = {"kind": "zero-shot-classification", "name": "z", "data": {"kind": "image-folder", "path": "classes"}}
+    task = TypeAdapter(EvalTask).validate_python(fields, context={"spec_dir": tmp_path})
+    (loaded, classes), peak = peak_bytes(lambda: load_items(task, None))
+    assert classes == ["cat", "dog"] and sorted(i.id for i in loaded.items) == ["cat/ok.png", "dog/ok.png"]
+    assert loaded.quarantine == [
+        {"id": "dog/huge.png", "source": str(root / "dog" / "huge.png"), "reason": "too-large"}
+    ]
+    assert peak < 2 * MiB
+
+
+def test_eval_tsv_base64_over_the_cap_is_too_large_before_decoding(tmp_path):
+    image = png()
+    header = "index\tquestion\tA\tB\tanswer\timage"
+    rows = [f"{i}\tq?\tx\ty\tA\t{base64.b64encode(data).decode()}" for i, data in enumerate([image, image + b"\0"])]
+    (tmp_path / "mmbench.tsv").write_text("\n".join([header, *rows]) + "\n")
+    fields = {"kind": "multiple-choice", "name": "m", "data": {"kind": "multiple-choice-tsv", "path": "mmbench.tsv"}}
+    adapter = TypeAdapter(EvalTask)
+    for cap, kept in [(len(image) + 1, ["0", "1"]), (len(image), ["0"]), (len(image) - 1, [])]:
+        fields["data"]["max_image_bytes"] = cap
+        loaded, _ = load_items(adapter.validate_python(fields, context={"spec_dir": tmp_path}), None)
+        assert [i.id for i in loaded.items] == kept, cap
+        assert [q["reason"] for q in loaded.quarantine] == ["too-large"] * (2 - len(kept)), cap
+
+
+@pytest.mark.parametrize("value", [0, -5, "1GB", 2.0])
+def test_eval_max_image_bytes_must_be_a_positive_int(tmp_path, value):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "c.json").write_text("{}")
+    data = {"kind": "coco-captions", "annotations": "c.json", "images": "images", "max_image_bytes": value}
+    with pytest.raises(ValidationError, match="max_image_bytes"):
+        TypeAdapter(EvalTask).validate_python(
+            {"kind": "captioning", "name": "c", "data": data}, context={"spec_dir": tmp_path}
+        )

@@ -3,7 +3,9 @@
 A task's model is a training stage of the recipe (default: the last one). Its data is the
 held-out split of a data artifact of the recipe (synthetic shapes: truth known) or a user
 file: COCO captions JSON, VQAv2 questions + annotations JSON, an image folder with one
-sub-folder per class, or multiple-choice JSONL or MMBench-style TSV.
+sub-folder per class, or multiple-choice JSONL or MMBench-style TSV. As with the data sources,
+an image path of a user file stays inside its dataset folder unless `allow_outside_paths`, and
+an image over `max_image_bytes` is quarantined as too-large.
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ from pydantic import Field, field_validator
 from vlmflow.component import operational
 from vlmflow.prompts import CAPTION_PROMPT, CHOICE_TEMPLATE, check_choice_template
 from vlmflow.specs.base import ExistingDir, ExistingFile, Float, Int, StrictModel
-from vlmflow.specs.data import NAME_PATTERN
+from vlmflow.specs.data import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    NAME_PATTERN,
+    allow_outside_paths_field,
+    max_image_bytes_field,
+)
 
 
 class HeldOutData(StrictModel):
@@ -32,6 +39,8 @@ class CocoCaptionsData(StrictModel):
     kind: Literal["coco-captions"]
     annotations: ExistingFile
     images: ExistingDir
+    allow_outside_paths: bool = allow_outside_paths_field()
+    max_image_bytes: Int = max_image_bytes_field()
 
 
 class VqaData(StrictModel):
@@ -43,6 +52,8 @@ class VqaData(StrictModel):
     annotations: ExistingFile
     images: ExistingDir
     image_pattern: str = Field("COCO_val2014_{image_id:012d}.jpg", description="file name of an image id")
+    allow_outside_paths: bool = allow_outside_paths_field()
+    max_image_bytes: Int = max_image_bytes_field()
 
 
 class ImageFolderClasses(StrictModel):
@@ -50,6 +61,8 @@ class ImageFolderClasses(StrictModel):
 
     kind: Literal["image-folder"]
     path: ExistingDir
+    allow_outside_paths: bool = allow_outside_paths_field()
+    max_image_bytes: Int = max_image_bytes_field()
 
 
 class ChoiceTsv(StrictModel):
@@ -58,6 +71,12 @@ class ChoiceTsv(StrictModel):
 
     kind: Literal["multiple-choice-tsv"]
     path: ExistingFile
+    max_image_bytes: Int = Field(
+        DEFAULT_MAX_IMAGE_BYTES,
+        ge=1,
+        description="largest image a row's base64 holds, in bytes; a bigger one is quarantined as too-large "
+        "(its size is checked before decoding)",
+    )
 
 
 class ChoiceJsonl(StrictModel):
@@ -66,6 +85,8 @@ class ChoiceJsonl(StrictModel):
     kind: Literal["multiple-choice-jsonl"]
     path: ExistingFile
     images: ExistingDir
+    allow_outside_paths: bool = allow_outside_paths_field()
+    max_image_bytes: Int = max_image_bytes_field()
 
 
 class Generation(StrictModel):
