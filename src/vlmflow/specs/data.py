@@ -15,7 +15,11 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
 class SourceBase(StrictModel):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="unique name; default: the kind")
-    split: str = Field("train", pattern=NAME_PATTERN)
+    split: str = Field(
+        "train",
+        pattern=NAME_PATTERN,
+        description="the split its rows belong to: train, or val / test to hold them out for evaluation",
+    )
     limit: Int | None = Field(None, ge=1, description="read at most this many rows")
 
 
@@ -43,13 +47,13 @@ class SyntheticShapesSource(SourceBase):
     """Procedural scenes with a scene graph, captions (some corrupted), boxes, VQA and labels."""
 
     kind: Literal["synthetic-shapes"]
-    count: Int = Field(1000, ge=1)
-    image_size: Int = Field(64, ge=16, le=1024)
-    min_objects: Int = Field(1, ge=1, le=12)
-    max_objects: Int = Field(4, ge=1, le=12)
+    count: Int = Field(1000, ge=1, description="scenes generated")
+    image_size: Int = Field(64, ge=16, le=1024, description="pixels per side")
+    min_objects: Int = Field(1, ge=1, le=12, description="fewest objects in a scene")
+    max_objects: Int = Field(4, ge=1, le=12, description="most objects in a scene")
     caption_noise: Float = Field(0.0, ge=0.0, le=1.0, description="fraction of corrupted captions")
-    val_fraction: Float = Field(0.0, ge=0.0, lt=1.0)
-    test_fraction: Float = Field(0.0, ge=0.0, lt=1.0)
+    val_fraction: Float = Field(0.0, ge=0.0, lt=1.0, description="share of the scenes in the val split")
+    test_fraction: Float = Field(0.0, ge=0.0, lt=1.0, description="share of the scenes in the test split")
     seed: Seed | None = Field(None, description="default: the recipe's seed")
 
     @model_validator(mode="after")
@@ -87,9 +91,13 @@ class CocoSource(SourceBase):
     """COCO captions JSON (+ optional instances JSON for boxes) and its image folder."""
 
     kind: Literal["coco"]
-    captions: ExistingFile
-    images: ExistingDir
-    instances: ExistingFile | None = None
+    captions: ExistingFile = Field(
+        description="the COCO captions JSON (images with id and file_name, annotations with image_id and caption)"
+    )
+    images: ExistingDir = Field(description="the folder the images' file_name values are relative to")
+    instances: ExistingFile | None = Field(
+        None, description="a COCO instances JSON of the same images: boxes and categories (for the instruct stage)"
+    )
     allow_outside_paths: bool = allow_outside_paths_field()
     max_image_bytes: Int = max_image_bytes_field()
 
@@ -98,8 +106,8 @@ class LlavaJsonSource(SourceBase):
     """LLaVA conversation JSON (a list of {id, image, conversations}) and its image folder."""
 
     kind: Literal["llava-json"]
-    path: ExistingFile
-    images: ExistingDir
+    path: ExistingFile = Field(description="the JSON: a list of {id, image, conversations: [{from: human|gpt, value}]}")
+    images: ExistingDir = Field(description="the folder the entries' image paths are relative to")
     allow_outside_paths: bool = allow_outside_paths_field()
     max_image_bytes: Int = max_image_bytes_field()
 
@@ -108,11 +116,15 @@ class ParquetSource(SourceBase):
     """Parquet file(s) with image bytes (or HF-style {bytes, path} structs, or paths) and text."""
 
     kind: Literal["parquet"]
-    path: ExistingPath
-    image_column: str = "image"
-    caption_column: str | None = "caption"
-    key_column: str | None = None
-    label_column: str | None = None
+    path: ExistingPath = Field(description="a .parquet file, or a folder read recursively for them")
+    image_column: str = Field(
+        "image", description="the column holding each image: bytes, a {bytes, path} struct, or a path"
+    )
+    caption_column: str | None = Field(
+        "caption", description="the column holding the caption (a string or a list of strings); null: none"
+    )
+    key_column: str | None = Field(None, description="the column holding each row's key (unique); default: FILE-ROW")
+    label_column: str | None = Field(None, description="the column holding a class label")
     image_root: ExistingDir | None = Field(
         None, description="folder of the image paths (default: the parquet file's folder); paths stay inside it"
     )
@@ -172,7 +184,9 @@ class WebDatasetSource(SourceBase):
     """Existing WebDataset shards (a .tar file or a folder of them)."""
 
     kind: Literal["webdataset"]
-    path: ExistingPath
+    path: ExistingPath = Field(
+        description="a .tar shard or a folder of them (each sample KEY.jpg|png|... beside its caption)"
+    )
     caption_key: str = Field("txt", description="extension holding the caption, or json with 'caption(s)'")
     max_image_bytes: Int = Field(
         64 * 2**20, ge=1, description="largest image member read; a sample with a bigger one is member-too-large"
@@ -196,19 +210,23 @@ Source = Annotated[
 
 class MinSizeFilter(StrictModel):
     kind: Literal["min-size"]
-    width: Int = Field(8, ge=1)
-    height: Int = Field(8, ge=1)
+    width: Int = Field(8, ge=1, description="narrowest image kept, in pixels; narrower: image-too-small")
+    height: Int = Field(8, ge=1, description="lowest image kept, in pixels; lower: image-too-small")
 
 
 class CaptionLengthFilter(StrictModel):
     kind: Literal["caption-length"]
-    min_chars: Int = Field(1, ge=0)
-    max_chars: Int = Field(2000, ge=1)
+    min_chars: Int = Field(1, ge=0, description="shortest caption kept (characters); shorter: caption-too-short")
+    max_chars: Int = Field(2000, ge=1, description="longest caption kept (characters); longer: caption-too-long")
 
 
 class AspectRatioFilter(StrictModel):
     kind: Literal["aspect-ratio"]
-    max_ratio: Float = Field(6.0, ge=1.0)
+    max_ratio: Float = Field(
+        6.0,
+        ge=1.0,
+        description="largest ratio of the longer side to the shorter one kept; larger: extreme-aspect-ratio",
+    )
 
 
 Filter = Annotated[MinSizeFilter | CaptionLengthFilter | AspectRatioFilter, Field(discriminator="kind")]
@@ -225,7 +243,9 @@ DEFAULT_CAPTION_THRESHOLD = 0.9
 class DedupSpec(StrictModel):
     exact: bool = Field(True, description="drop images whose decoded pixels are identical")
     near: bool = Field(True, description="drop images whose perceptual hash is within hamming_threshold")
-    hamming_threshold: Int = Field(4, ge=0, le=16)
+    hamming_threshold: Int = Field(
+        4, ge=0, le=16, description="largest perceptual-hash distance (bits of 64) between near duplicates"
+    )
     max_color_difference: Float = Field(
         6.0, ge=0.0, le=255.0, description="near duplicates also differ by at most this mean |RGB| on 8x8 thumbnails"
     )
@@ -251,8 +271,11 @@ class DedupSpec(StrictModel):
 class IngestSpec(StrictModel):
     """The `ingest` component's config: sources read, checked and filtered into shards."""
 
-    sources: list[Source] = Field(min_length=1)
-    filters: list[Filter] = Field(default_factory=_default_filters)
+    sources: list[Source] = Field(min_length=1, description="the sources read, each with a unique name")
+    filters: list[Filter] = Field(
+        default_factory=_default_filters,
+        description="checks every row must pass; a failing row is quarantined with its reason",
+    )
     shard_size: Int = Field(1000, ge=1, description="samples per WebDataset shard")
 
     def source_names(self) -> list[str]:
@@ -273,7 +296,9 @@ class IngestSpec(StrictModel):
 class DataSpec(IngestSpec):
     """The concise form's data section: ingest, then dedup unless it is null."""
 
-    dedup: DedupSpec | None = Field(default_factory=DedupSpec)
+    dedup: DedupSpec | None = Field(
+        default_factory=DedupSpec, description="exact and near duplicate removal after ingest; null: none"
+    )
 
     def ingest(self) -> IngestSpec:
         return IngestSpec(sources=list(self.sources), filters=list(self.filters), shard_size=self.shard_size)

@@ -24,13 +24,17 @@ class TinyVit(FeatureChoice):
     """A small CLIP- or SigLIP-style ViT from a transformers config, random init."""
 
     kind: Literal["tiny-vit"]
-    family: Literal["clip", "siglip"] = "clip"
-    image_size: Int = Field(64, ge=8, le=1024)
-    patch_size: Int = Field(8, ge=2, le=64)
-    hidden_size: Int = Field(64, ge=8)
-    layers: Int = Field(2, ge=1)
-    heads: Int = Field(4, ge=1)
-    intermediate_size: Int = Field(128, ge=8)
+    family: Literal["clip", "siglip"] = Field(
+        "clip", description="clip: a CLIP vision config (CLS token); siglip: a SigLIP one (no CLS token)"
+    )
+    image_size: Int = Field(64, ge=8, le=1024, description="input pixels per side (images are resized to it)")
+    patch_size: Int = Field(
+        8, ge=2, le=64, description="pixels per side of a patch; image_size must be a multiple of it"
+    )
+    hidden_size: Int = Field(64, ge=8, description="width; a multiple of heads")
+    layers: Int = Field(2, ge=1, description="transformer layers")
+    heads: Int = Field(4, ge=1, description="attention heads")
+    intermediate_size: Int = Field(128, ge=8, description="MLP width")
 
     @model_validator(mode="after")
     def _check(self) -> TinyVit:
@@ -45,15 +49,17 @@ class HfVision(FeatureChoice):
     """A CLIP or SigLIP vision tower from a local Hugging Face folder (config.json + safetensors)."""
 
     kind: Literal["hf-clip-vision", "hf-siglip-vision"]
-    path: SpecPath
+    path: SpecPath = Field(description="the local Hugging Face model folder (checked when the model is built)")
 
 
 class NoVision(StrictModel):
     """Encoder-free (Fuyu): the connector sees raw image patches."""
 
     kind: Literal["none"]
-    image_size: Int = Field(64, ge=8, le=4096)
-    patch_size: Int = Field(8, ge=2, le=64)
+    image_size: Int = Field(64, ge=8, le=4096, description="input pixels per side (images are resized to it)")
+    patch_size: Int = Field(
+        8, ge=2, le=64, description="pixels per side of a patch; image_size must be a multiple of it"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> NoVision:
@@ -135,12 +141,12 @@ class TinyLlama(StrictModel):
     vocabulary size comes from the recipe's tokenizer."""
 
     kind: Literal["tiny-llama"]
-    hidden_size: Int = Field(64, ge=8)
-    layers: Int = Field(2, ge=1)
-    heads: Int = Field(4, ge=1)
+    hidden_size: Int = Field(64, ge=8, description="width; a multiple of heads")
+    layers: Int = Field(2, ge=1, description="transformer layers")
+    heads: Int = Field(4, ge=1, description="attention heads")
     kv_heads: Int | None = Field(None, ge=1, description="default: heads")
-    intermediate_size: Int = Field(128, ge=8)
-    max_positions: Int = Field(512, ge=16)
+    intermediate_size: Int = Field(128, ge=8, description="MLP width")
+    max_positions: Int = Field(512, ge=16, description="longest sequence (image and text tokens)")
 
     @model_validator(mode="after")
     def _check(self) -> TinyLlama:
@@ -154,7 +160,7 @@ class HfCausalLm(StrictModel):
     (`tokenizer: {kind: pretrained, path: SAME_FOLDER}`)."""
 
     kind: Literal["hf-causal-lm"]
-    path: SpecPath
+    path: SpecPath = Field(description="the local Hugging Face model folder (checked when the model is built)")
 
 
 Language = Annotated[TinyLlama | HfCausalLm, Field(discriminator="kind")]
@@ -164,10 +170,10 @@ class TinyTextEncoder(StrictModel):
     """A small bidirectional transformer text encoder (dual-encoder and BLIP recipes)."""
 
     kind: Literal["tiny-text"]
-    hidden_size: Int = Field(64, ge=8)
-    layers: Int = Field(2, ge=1)
-    heads: Int = Field(4, ge=1)
-    max_length: Int = Field(64, ge=4)
+    hidden_size: Int = Field(64, ge=8, description="width; a multiple of heads")
+    layers: Int = Field(2, ge=1, description="transformer layers")
+    heads: Int = Field(4, ge=1, description="attention heads")
+    max_length: Int = Field(64, ge=4, description="longest text in tokens")
     match_layers: Int = Field(
         1,
         ge=1,
