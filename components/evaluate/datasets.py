@@ -184,6 +184,14 @@ def _field(record: dict, key: str, types: type | tuple, path: Path, where: str) 
     return value
 
 
+def _new_key(seen: dict, key: Any, path: Path, where: str) -> Any:
+    """KEY, when no earlier record of the file has it: a second record under the same id would
+    replace the first (one item silently lost), so it is a UserError naming the record."""
+    if key in seen:
+        raise UserError(f"{path}: {where}: id {key!r} is used by an earlier record")
+    return key
+
+
 def dataset_image(root: Path, name: str | Path, rules: ImageFiles) -> tuple[bytes | None, str | None]:
     """(bytes, None) for a readable image NAME under the dataset folder ROOT, else (None, reason):
     `path-outside-dataset` when NAME resolves outside ROOT (whether or not it exists), then
@@ -214,9 +222,8 @@ def coco_captions(annotations: Path, images: Path, limit: int, rules: ImageFiles
     files: dict[Any, str] = {}
     for i, record in enumerate(_list_of_records(data, annotations, "images")):
         where = f"images[{i}]"
-        files[_field(record, "id", (int, str), annotations, where)] = _field(
-            record, "file_name", str, annotations, where
-        )
+        image_id = _new_key(files, _field(record, "id", (int, str), annotations, where), annotations, where)
+        files[image_id] = _field(record, "file_name", str, annotations, where)
     refs: dict[Any, list[str]] = defaultdict(list)
     for i, record in enumerate(_list_of_records(data, annotations, "annotations")):
         where = f"annotations[{i}]"
@@ -245,7 +252,7 @@ def vqav2(
     answers: dict[Any, list[str]] = {}
     for i, record in enumerate(_list_of_records(read_json(annotations), annotations, "annotations")):
         where = f"annotations[{i}]"
-        qid = _field(record, "question_id", (int, str), annotations, where)
+        qid = _new_key(answers, _field(record, "question_id", (int, str), annotations, where), annotations, where)
         listed = _field(record, "answers", list, annotations, where)
         answers[qid] = [_field(a, "answer", str, annotations, f"{where}.answers[{j}]") if isinstance(a, dict)
                         else _field({"answer": a}, "answer", str, annotations, f"{where}.answers[{j}]")

@@ -108,6 +108,20 @@ def test_vqav2_parse(tmp_path):
         datasets.vqav2(tmp_path / "q.json", tmp_path / "a.json", tmp_path, "img_{image_id}.png", 10)
 
 
+def test_a_repeated_image_or_question_id_is_an_error_not_a_lost_item(tmp_path):
+    """A second record under an id would have replaced the first: two in, one out, none quarantined."""
+    (tmp_path / "a.png").write_bytes(png())
+    images = [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "a.png"}, {"id": 1, "file_name": "a.png"}]
+    (tmp_path / "c.json").write_text(json.dumps({"images": images, "annotations": []}))
+    with pytest.raises(UserError, match=r"c.json: images\[2\]: id 1 is used by an earlier record"):
+        datasets.coco_captions(tmp_path / "c.json", tmp_path, 10)
+    (tmp_path / "q.json").write_text(json.dumps({"questions": []}))
+    answers = [{"question_id": 5, "answers": ["yes"]}, {"question_id": 5, "answers": ["no"]}]
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": answers}))
+    with pytest.raises(UserError, match=r"a.json: annotations\[1\]: id 5 is used by an earlier record"):
+        datasets.vqav2(tmp_path / "q.json", tmp_path / "a.json", tmp_path, "{image_id}", 10)
+
+
 def test_image_folder_classes_round_robin(tmp_path):
     for name, count in (("cat", 3), ("dog", 1)):
         (tmp_path / name).mkdir()
