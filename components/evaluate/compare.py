@@ -39,7 +39,7 @@ def task_metrics(entry: dict, summary: dict) -> dict[str, float]:
         from mlflow.tracking import MlflowClient
 
         logged = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"]).get_run(entry["mlflow_run_id"])
-        return {k.removeprefix("eval_"): v for k, v in logged.data.metrics.items() if k.startswith("eval_")}
+        return {k.removeprefix("eval/"): v for k, v in logged.data.metrics.items() if k.startswith("eval/")}
     return {}
 
 

@@ -167,5 +167,5 @@ def run(ctx: StageContext) -> StageResult:
         rows_quarantined=n_bad,
         metrics={f"eval_{k}": float(v) for k, v in metrics.items()},
         artifacts=list(ARTIFACTS),
-        details={"task": task.kind, "model": str(folder), "classes": classes},
+        details={"task": task.kind, "model": str(folder), "classes": classes, "tables": ["predictions.parquet"]},
     )

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from vlmflow.errors import UserError
@@ -48,6 +48,67 @@ def download_model(uri: str, tracking: str, destination: Path) -> Path:
     if (Path(local) / "MLmodel").is_file():  # an MLflow model: the vlmflow folder is its artifact `model`
         return Path(local) / "artifacts" / "model"
     return Path(local)  # versions registered before 2026-12-03: the folder itself
+
+
+def metric_name(key: str, group: str) -> str:
+    """The name a metric has in MLflow, `section/name`: the MLflow UI draws one section per
+    prefix, so a stage's loss sits under `train/`, not among dozens of ungrouped charts.
+    Row counts go to `data/`, a stage's wall time to `stage/seconds`, evaluation scores to
+    `eval/`, the plan's predictions to `plan/`, parameter counts to `model/`, workers' memory
+    to `system/` (beside MLflow's own system metrics), anything else to the stage's own
+    `group`, its component (`train/loss`, `dedup/near_duplicates`). A name that already has
+    sections keeps its first one and joins the rest with dots (`mixture/dedup-qa/count` ->
+    `mixture/dedup-qa.count`): one section.
+    summary.json, metrics.json and the components keep the plain names."""
+    head, slash, rest = key.partition("/")
+    if slash:
+        return f"{head}/{rest.replace('/', '.')}"
+    if key.startswith("rows_"):
+        return f"data/{key}"
+    if key == "seconds":
+        return "stage/seconds"
+    for prefix, section in (("eval_", "eval"), ("plan_", "plan")):
+        if key.startswith(prefix):
+            return f"{section}/{key.removeprefix(prefix)}"
+    if key.startswith("params_"):
+        return f"model/{key}"
+    if key.startswith("worker_"):
+        return f"system/{key}"
+    return f"{group}/{key}"
+
+
+def dataset(name: str, digest: str, folder: Path, rows: int | None) -> Dataset:
+    """A stage artifact as an MLflow dataset: its stage name, digest, folder, row count and,
+    where it has a `manifest.parquet` (a samples artifact), that table's columns."""
+    from mlflow.types import ColSpec, Schema
+
+    schema = None
+    manifest = folder / "manifest.parquet"
+    if manifest.is_file():
+        import polars as pl
+
+        columns = [ColSpec(_mlflow_type(dtype), name) for name, dtype in pl.read_parquet_schema(manifest).items()]
+        schema = json.dumps({"mlflow_colspec": Schema(columns).to_dict()})
+    profile = json.dumps({"num_rows": rows}) if rows is not None else None
+    source = json.dumps({"uri": folder.resolve().as_uri()})
+    return Dataset(name=name, digest=digest, source_type="local", source=source, schema=schema, profile=profile)
+
+
+def _mlflow_type(dtype: Any) -> Any:
+    """A polars column type as MLflow's nearest column type (lists as arrays of their items)."""
+    import polars as pl
+    from mlflow.types import DataType
+    from mlflow.types.schema import Array
+
+    if isinstance(dtype, pl.List | pl.Array):
+        return Array(_mlflow_type(dtype.inner))
+    if dtype in (pl.Int8, pl.Int16, pl.Int32, pl.UInt8, pl.UInt16):
+        return DataType.integer
+    if dtype.is_integer():
+        return DataType.long
+    named = {pl.Float32: DataType.float, pl.Float64: DataType.double, pl.Boolean: DataType.boolean}
+    named |= {pl.Binary: DataType.binary, pl.Datetime: DataType.datetime, pl.Date: DataType.datetime}
+    return next((kind for polars_type, kind in named.items() if dtype == polars_type), DataType.string)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -105,11 +166,13 @@ class Tracker:
         params: dict[str, str] | None = None,
         metrics: dict[str, float] | None = None,
         tags: dict[str, str] | None = None,
+        group: str = "run",
     ) -> None:
+        """Params, tags and metrics (named by `metric_name` under `group`) in one batch."""
         now = int(time.time() * 1000)
         self.client.log_batch(
             run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+            metrics=[Metric(metric_name(k, group), float(v), now, 0) for k, v in (metrics or {}).items()],
             params=[Param(k, v) for k, v in (params or {}).items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
@@ -119,19 +182,46 @@ class Tracker:
             if path.is_file():
                 self.client.log_artifact(run_id, str(path), artifact_path)
 
-    def log_history(self, run_id: str, rows: list[dict], step_key: str = "step") -> None:
+    def log_history(self, run_id: str, rows: list[dict], group: str, step_key: str = "step") -> None:
         """Per-step metrics (training curves): one MLflow metric series per numeric key (not the
-        step, its time, or the bookkeeping keys NOT_METRICS), each point stamped with its row's
-        `time` (unix seconds, when the step ended) where the row has one."""
+        step, its time, or the bookkeeping keys NOT_METRICS), named by `metric_name` under
+        `group`, each point stamped with its row's `time` (unix seconds, when the step ended)
+        where the row has one."""
         now = int(time.time() * 1000)
         metrics = [
-            Metric(k, float(v), int(row["time"] * 1000) if "time" in row else now, int(row[step_key]))
+            Metric(
+                metric_name(k, group), float(v), int(row["time"] * 1000) if "time" in row else now, int(row[step_key])
+            )
             for row in rows
             for k, v in row.items()
             if k not in (step_key, "time", *NOT_METRICS) and isinstance(v, int | float) and not isinstance(v, bool)
         ]
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+    def system_metrics(self, run_id: str, interval: float) -> Any:
+        """MLflow's system-metrics monitor on run `run_id`, started: a thread that samples this
+        machine every `interval` seconds and logs `system/...` metrics until `.finish()`."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=self.uri)
+        monitor.start()
+        return monitor
+
+    def log_datasets(self, run_id: str, datasets: list[tuple[Dataset, str]]) -> None:
+        """Inputs of a run as MLflow datasets (the UI's Datasets column), each with its context."""
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)]) for dataset, context in datasets]
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+
+    def log_table(self, run_id: str, table: Path, artifact_file: str, max_rows: int = 1000) -> None:
+        """A parquet table's first `max_rows` rows as an MLflow table (the UI shows it as one);
+        binary columns are left out."""
+        import polars as pl
+
+        frame = pl.read_parquet(table, n_rows=max_rows)
+        frame = frame.select([name for name, dtype in frame.schema.items() if dtype != pl.Binary])
+        self.client.log_table(run_id, frame.to_pandas(), artifact_file)
 
     def register_model(self, run_id: str, name: str, artifact_path: str, tags: dict[str, str]) -> str:
         """A new version of registered model `name` from a run's artifact folder; returns the version."""

@@ -99,13 +99,14 @@ def test_capfilt_accounts_for_every_pair_and_logs_its_report(run):
     client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
     child = client.get_run(filtered["mlflow_run_id"])
     noise = web_train["caption_corrupted"].mean()
-    assert child.data.metrics["web_noise_before"] == pytest.approx(noise)
-    assert {"filter_precision", "filter_recall", "filter_f1", "kept_web", "removed_synthetic"} <= set(
-        child.data.metrics
-    )
-    assert child.data.metrics["filter_itm_threshold"] == pytest.approx(threshold)
-    assert child.data.metrics["calibration_pairs"] == calibration.height
-    assert "synthetic_caption_accuracy" in client.get_run(caption["mlflow_run_id"]).data.metrics
+    assert child.data.metrics["capfilt-filter/web_noise_before"] == pytest.approx(noise)
+    assert {
+        f"capfilt-filter/{k}"
+        for k in ("filter_precision", "filter_recall", "filter_f1", "kept_web", "removed_synthetic")
+    } <= set(child.data.metrics)
+    assert child.data.metrics["capfilt-filter/filter_itm_threshold"] == pytest.approx(threshold)
+    assert child.data.metrics["capfilt-filter/calibration_pairs"] == calibration.height
+    assert "capfilt-caption/synthetic_caption_accuracy" in client.get_run(caption["mlflow_run_id"]).data.metrics
     logged = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {
         "pairs.parquet",

@@ -70,7 +70,9 @@ def test_round_two_retrains_on_round_one_output_and_judges_the_same_pairs_again(
     client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
     for name in ("capfilt-filter", "capfilt-filter-r2"):
         metrics = client.get_run(by_name[name]["mlflow_run_id"]).data.metrics
-        assert {"filter_precision", "filter_recall", "kept_web", "kept_synthetic"} <= set(metrics)
+        assert {
+            f"capfilt-filter/{k}" for k in ("filter_precision", "filter_recall", "kept_web", "kept_synthetic")
+        } <= set(metrics)
     plan = build_plan(load_recipe(SPEC), workdir)  # the plan walks the same rounds and finds them cached
     assert [(e["stage"], e["status"], e["digest"]) for e in plan["stages"]] == [
         (name, "cached", digest[name]) for name in ORDER

@@ -179,7 +179,7 @@ def _check_mlflow_server(uri: str, summary: dict, served: Path, workdir: Path) -
         a.path for a in client.list_artifacts(parent.info.run_id)
     }
     train = next(c for c in children if c.data.tags["vlmflow.stage"] == "train-align")
-    assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "train/loss")] == [1, 2, 3, 4]
     assert list(served.rglob("tokenizer.json")), "no artifact reached the server's store"
     assert not (workdir / "mlartifacts").exists()
 

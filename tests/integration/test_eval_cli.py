@@ -49,7 +49,7 @@ def test_evaluate_section_runs_every_task_and_compare_tables_the_runs(tmp_path):
     assert "shapes-vqa: exact_match" in first.stdout.replace("eval-shapes-vqa", "shapes-vqa")
     client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
     child = client.get_run(by_name["eval-shapes-mc"]["mlflow_run_id"])
-    assert {"eval_accuracy", "eval_accuracy_chance", "eval_extraction_failure_rate"} <= set(child.data.metrics)
+    assert {"eval/accuracy", "eval/accuracy_chance", "eval/extraction_failure_rate"} <= set(child.data.metrics)
     note = client.get_run(summary["mlflow_run_id"]).data.tags["mlflow.note.content"]  # the run's description
     assert "| eval-shapes-mc | accuracy |" in note and "| eval-shapes-vqa | exact_match |" in note
     logged = {a.path for a in client.list_artifacts(child.info.run_id)}

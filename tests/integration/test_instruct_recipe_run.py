@@ -75,8 +75,8 @@ def test_instruct_in_a_recipe_run_is_tracked_and_leaks_no_key(tmp_path):
     for name in ("calls.made", "calls.cached", "calls.failed", "calls.reasked", "tokens.in", "tokens.out",
                  "cost.estimated_usd", "latency.p50_s", "latency.p95_s", "items.conversation", "items.detail",
                  "items.complex_reasoning"):  # fmt: skip
-        assert name in metrics
-    assert metrics["calls.made"] >= stages["instruct"]["rows_out"] > 0
+        assert f"instruct/{name}" in metrics
+    assert metrics["instruct/calls.made"] >= stages["instruct"]["rows_out"] > 0
     assert run.data.params["generator.api_key_env"] == "LLM_KEY"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"sample_conversations.json", "instruct_summary.json", "quarantine.parquet"} <= artifacts

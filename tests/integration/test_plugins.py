@@ -125,7 +125,7 @@ def test_a_plugin_step_runs_is_tracked_and_cached_like_a_builtin(plugin_site, tm
     client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
     run = client.get_run(clean["mlflow_run_id"])
     assert run.data.tags["vlmflow.component"] == "wordfilter" and run.data.params["words"] == '["red"]'
-    assert run.data.metrics["rows_quarantined"] == clean["rows_quarantined"]
+    assert run.data.metrics["data/rows_quarantined"] == clean["rows_quarantined"]
 
     second = vlmflow(["run", str(spec), "--workdir", str(workdir)], plugin_site, tmp_path)
     assert second.returncode == 0, second.stderr[-2000:]

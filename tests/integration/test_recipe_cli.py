@@ -101,7 +101,20 @@ def test_mlflow_run_tree_has_a_child_per_stage_with_lineage(cold):
         child = by_stage[name]
         assert child.data.tags["vlmflow.artifact_digest"] == entry["artifact_digest"]
         assert json.loads(child.data.tags["vlmflow.input_digests"]) == entry["input_digests"]
-        assert child.data.metrics["rows_out"] == entry["rows_out"]
+        assert child.data.metrics["data/rows_out"] == entry["rows_out"]
+        assert all("/" in key for key in child.data.metrics), sorted(child.data.metrics)  # one UI section each
+    # Lineage in MLflow's own terms: each stage's data inputs are datasets of its run (the UI's
+    # Datasets column), with the stage that wrote them, their digest, rows and columns.
+    ingest, dedup = stages(summary)["ingest"], stages(summary)["dedup"]
+    (read,) = by_stage["dedup"].inputs.dataset_inputs
+    assert (read.dataset.name, read.dataset.digest) == ("ingest", ingest["artifact_digest"])
+    assert json.loads(read.dataset.profile) == {"num_rows": ingest["rows_out"]}
+    columns = {c["name"] for c in json.loads(read.dataset.schema)["mlflow_colspec"]}
+    assert {"key", "shard", "caption", "split"} <= columns
+    assert [t.value for t in read.tags if t.key == "mlflow.data.context"] == ["data"]
+    assert not by_stage["ingest"].inputs.dataset_inputs
+    listed = [(i.dataset.name, i.dataset.digest) for i in parent.inputs.dataset_inputs]
+    assert sorted(listed) == [("dedup", dedup["artifact_digest"]), ("ingest", ingest["artifact_digest"])]
     assert by_stage["ingest"].data.params["sources.0.kind"] == "synthetic-shapes"
     artifacts = {a.path for a in client.list_artifacts(by_stage["ingest"].info.run_id)}
     assert {"sample_grid.png", "quarantine.parquet", "quarantine_summary.json"} <= artifacts

@@ -93,7 +93,7 @@ def test_scheduled_refresh_ingests_only_new_files(tmp_path):
     assert run.data.tags["vlmflow.previous_manifest"] == first["manifest"]
     assert run.data.tags["vlmflow.previous_run"] == first["mlflow_run_id"]
     assert run.data.tags["vlmflow.manifest"] == later["manifest"]
-    assert run.data.metrics["rows_ingested"] == 3
+    assert run.data.metrics["data/rows_ingested"] == 3
 
     shown = CliRunner().invoke(cli, ["lineage", "--versions", "--workdir", str(workdir)])
     assert shown.exit_code == 0, shown.output

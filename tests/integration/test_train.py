@@ -24,7 +24,8 @@ SPEC = REPO / "specs" / "recipes" / "shapes-tiny.yaml"
 ALIGN = ["--set", "stages.0.max_steps=4", "--set", "stages.0.eval_samples=4", "--set", "stages.0.hflip=0.5",
          "--set", "stages.0.shift=2"]  # fmt: skip
 SHORT = [*ALIGN, "--set", "stages.1.max_steps=12", "--set", "stages.1.checkpoint_every=4",
-         "--set", "stages.1.eval_samples=8", "--set", "evaluate=[]"]  # fmt: skip
+         "--set", "stages.1.eval_samples=8", "--set", "evaluate=[]",
+         "--set", "runtime.mlflow.system_metrics_interval=1"]  # fmt: skip
 pytestmark = pytest.mark.slow
 
 
@@ -77,7 +78,7 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
 
     client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
     child = client.get_run(instruct["mlflow_run_id"])
-    losses = client.get_metric_history(child.info.run_id, "loss")
+    losses = client.get_metric_history(child.info.run_id, "train/loss")
     assert [m.step for m in losses] == list(range(1, 13))
     # Streamed while training: each point stamped when its step ended, the run as long as the stage.
     assert [m.timestamp for m in losses] == [int(r["time"] * 1000) for r in rows]
@@ -85,15 +86,23 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     assert abs(duration - instruct["seconds"]) <= 2.0, (duration, instruct["seconds"])
     times = [m.timestamp for m in losses]
     assert times == sorted(set(times)), "one timestamp for all points"
-    assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(child.data.metrics)
-    assert child.data.metrics["mixture/dedup-qa/count"] == mix["counts"][1]
+    assert {"train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s"} <= set(child.data.metrics)
+    # MLflow's own system metrics, sampled each second while the stage trained.
+    cpu = client.get_metric_history(child.info.run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and {"system/system_memory_usage_megabytes"} <= set(child.data.metrics), len(cpu)
+    assert child.data.metrics["mixture/dedup-qa.count"] == mix["counts"][1]
     align_run = by_name["train-align"]["mlflow_run_id"]
     for key, values in (("hflip_share", flips), ("shift_pixels", moves)):
-        assert [m.value for m in sorted(client.get_metric_history(align_run, key), key=lambda m: m.step)] == values
+        assert [
+            m.value for m in sorted(client.get_metric_history(align_run, f"train/{key}"), key=lambda m: m.step)
+        ] == values
     # The plan's memory per worker against the busiest worker's measured peak resident memory.
-    planned, measured = child.data.metrics["plan_memory_gb"] * 1024, child.data.metrics["worker_rss_peak_mb"]
+    planned, measured = child.data.metrics["plan/memory_gb"] * 1024, child.data.metrics["system/worker_rss_peak_mb"]
     assert 0.75 <= planned / measured <= 1.25, (planned, measured)
-    assert child.data.metrics["params_trainable"] > 0 and child.data.params["trainable"] == '["connector", "language"]'
+    assert (
+        child.data.metrics["model/params_trainable"] > 0
+        and child.data.params["trainable"] == '["connector", "language"]'
+    )
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "model")}
     assert {"model/model.safetensors", "model/vlmflow_model.json"} <= artifacts
     version = client.get_model_version("shapes-tiny", "1")
@@ -132,7 +141,7 @@ def live_stage_run(workdir: Path, stage: str, min_points: int):
             [e.experiment_id for e in client.search_experiments()],
             f"tags.`vlmflow.stage` = '{stage}' and attributes.status = 'RUNNING'",
         )
-        if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= min_points:
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= min_points:
             return runs[0]
         assert time.monotonic() < deadline, f"no RUNNING {stage} run with {min_points} loss points in MLflow"
         time.sleep(0.5)

@@ -1,8 +1,10 @@
-"""`vlmflow ui` looked at in a real browser: headless Chromium renders the MLflow UI (a React app
-that fetches the runs from the server) and the recipe's run and its stage runs must be listed.
+"""`vlmflow ui` looked at in a real browser: headless Chromium renders the MLflow UI and the
+Prefect UI (React and Vue apps that fetch from their servers) for a short run of the default
+recipe, and must show what a user comes for: the recipe run with its stage runs, a training
+stage's loss chart, and the flow run's stage table.
 
-Needs Debian's Chromium (`apt-get install chromium`); without it the test is skipped (CI does
-not install a browser). It takes a screenshot of the recipe run page like docs/mlflow-ui.png.
+Needs Debian's Chromium (`apt-get install chromium`; `.ci/run` installs it where it can);
+without it the test is skipped. Screenshots land in the test's folder (docs/ holds copies).
 """
 
 from __future__ import annotations
@@ -15,46 +17,76 @@ from pathlib import Path
 import httpx
 import pytest
 from live_servers import answers, clean_env, free_port, start, stop, wait
-from test_recipe_cli import stages, summary_of, vlmflow
+from test_recipe_cli import REPO, stages, summary_of, vlmflow
 
-SPEC = Path(__file__).with_name("data-tiny.yaml")
+SPEC = REPO / "specs" / "recipes" / "shapes-tiny.yaml"
+SHORT = ["--set", "stages.0.max_steps=4", "--set", "stages.0.eval_samples=4", "--set", "stages.1.max_steps=6",
+         "--set", "stages.1.eval_samples=4", "--set", "evaluate=[]"]  # fmt: skip
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium)")]
 
 
-def _chromium(url: str, *args: str) -> str:
+def _chromium(url: str, *args: str, height: int = 900) -> str:
+    """The page after its scripts ran (up to 30 s of virtual time): --dump-dom prints its DOM.
+    A tall window renders every chart: the MLflow UI draws charts only once they are in view."""
     command = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               "--window-size=1500,900", "--virtual-time-budget=20000", *args, url]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+               f"--window-size=1500,{height}", "--virtual-time-budget=30000", *args, url]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
 
-def test_mlflow_ui_lists_the_recipe_run_and_its_stage_runs(tmp_path):
+def _screenshot(url: str, path: Path) -> None:
+    _chromium(url, f"--screenshot={path}", height=1000)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+    print(f"screenshot: {path}")
+
+
+def test_the_uis_show_the_runs_a_loss_chart_and_the_stage_table(tmp_path):
     workdir = tmp_path / "work"
-    result = vlmflow("run", str(SPEC), "--workdir", str(workdir))
+    result = vlmflow("run", str(SPEC), "--workdir", str(workdir), *SHORT)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = summary_of(workdir)
+    by_name = stages(summary)
     port, prefect_port = free_port(), free_port()
     log = tmp_path / "ui.log"
     command = [sys.executable, "-m", "vlmflow.cli", "ui", "--workdir", str(workdir), "--port", str(port),
                "--prefect-port", str(prefect_port)]  # fmt: skip
     ui = start(command, clean_env(), log)
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait("the MLflow UI", lambda: answers(f"{base}/health"), [(ui, log)], 120)
+        base, prefect = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{prefect_port}"
+        wait("the MLflow UI", lambda: answers(f"{base}/health"), [(ui, log)], 180)
+        wait("the Prefect UI", lambda: answers(f"{prefect}/api/health"), [(ui, log)], 60)
         experiments = httpx.post(f"{base}/ajax-api/2.0/mlflow/experiments/search", json={"max_results": 10}).json()
-        experiment = next(e for e in experiments["experiments"] if e["name"] == "data-tiny")["experiment_id"]
-        runs = _chromium(f"{base}/#/experiments/{experiment}/runs", "--dump-dom")  # the runs table
-        assert f">{summary['recipe']}<" in runs and ">4<" in runs, runs[-2000:]  # 1 parent run (+3 children)
+        experiment = next(e for e in experiments["experiments"] if e["name"] == "shapes-tiny")["experiment_id"]
+
+        # The runs table lists the recipe run; its page lists every stage run.
+        runs = _chromium(f"{base}/#/experiments/{experiment}/runs", "--dump-dom")
+        assert f">{summary['recipe']}<" in runs, runs[-2000:]
         run_page = f"{base}/#/experiments/{experiment}/runs/{summary['mlflow_run_id']}"
         page = _chromium(run_page, "--dump-dom")
         assert "Child runs" in page and summary["run_id"] in page, page[-2000:]
-        for name in stages(summary):
+        for name in by_name:
             assert f">{name}<" in page, name
-        shot = tmp_path / "mlflow-ui.png"
-        _chromium(run_page, f"--screenshot={shot}")
-        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
-        print(f"screenshot: {shot}")
+
+        # A training stage's metrics page: its charts in sections, the loss among `train`'s.
+        charts = f"{base}/#/experiments/{experiment}/runs/{by_name['train-instruct']['mlflow_run_id']}/model-metrics"
+        shown = _chromium(charts, "--dump-dom", height=9000)
+        for title in (">train<", ">loss<", ">grad_norm<", ">lr<", ">data<", ">eval<"):
+            assert title in shown, title
+        _screenshot(charts, tmp_path / "mlflow-metrics.png")
+
+        # The Prefect flow run's stage table, rendered from its markdown artifact.
+        found = httpx.post(
+            f"{prefect}/api/artifacts/filter",
+            json={"artifacts": {"key": {"any_": ["shapes-tiny-stages"]}}, "limit": 1},
+        ).json()
+        assert found and found[0]["flow_run_id"] == summary["prefect_flow_run_id"], found
+        artifact = f"{prefect}/artifacts/artifact/{found[0]['id']}"
+        table = _chromium(artifact, "--dump-dom")
+        assert "<table" in table, table[-2000:]
+        for name, entry in by_name.items():
+            assert f">{name}<" in table and entry["artifact_digest"] in table, name
+        _screenshot(artifact, tmp_path / "prefect-stages.png")
     finally:
         stop(ui)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vlmflow.progress import StepProgress
-from vlmflow.tracking import HistoryTail, Tracker
+from vlmflow.tracking import HistoryTail, Tracker, metric_name
 
 
 def _append(path: Path, *rows: dict, tail: str = "") -> None:
@@ -73,10 +73,10 @@ def test_a_failing_log_is_retried_on_the_next_look(tmp_path: Path):
 def test_points_carry_their_own_step_time(tmp_path: Path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tail", tmp_path / "art")
     run = tracker.start("train", {})
-    tracker.log_history(run, [{"step": 1, "loss": 2.0, "time": 1_700_000_000.25, "resumed": True}])
-    (point,) = tracker.client.get_metric_history(run, "loss")
+    tracker.log_history(run, [{"step": 1, "loss": 2.0, "time": 1_700_000_000.25, "resumed": True}], "train")
+    (point,) = tracker.client.get_metric_history(run, "train/loss")
     assert (point.step, point.value, point.timestamp) == (1, 2.0, 1_700_000_000_250)
-    assert set(tracker.client.get_run(run).data.metrics) == {"loss"}  # no `time` or boolean series
+    assert set(tracker.client.get_run(run).data.metrics) == {"train/loss"}  # no `time` or boolean series
 
 
 def test_the_console_shows_steps_and_loss_and_each_resume_once(tmp_path: Path, caplog):
@@ -107,5 +107,27 @@ def test_the_console_shows_steps_and_loss_and_each_resume_once(tmp_path: Path, c
 def test_bookkeeping_keys_are_not_curves(tmp_path: Path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tail", tmp_path / "art")
     run = tracker.start("train", {})
-    tracker.log_history(run, [{"step": 3, "loss": 2.0, "total_steps": 10, "resumed_from": 2}])
-    assert set(tracker.client.get_run(run).data.metrics) == {"loss"}
+    tracker.log_history(run, [{"step": 3, "loss": 2.0, "total_steps": 10, "resumed_from": 2}], "train")
+    assert set(tracker.client.get_run(run).data.metrics) == {"train/loss"}
+
+
+@pytest.mark.parametrize(
+    ("key", "group", "name"),
+    [
+        ("loss", "train", "train/loss"),
+        ("grad_norm", "train", "train/grad_norm"),
+        ("rows_out", "train", "data/rows_out"),
+        ("rows_out.shapes", "ingest", "data/rows_out.shapes"),
+        ("eval_vqa_accuracy", "evaluate", "eval/vqa_accuracy"),
+        ("eval_vqa_accuracy", "train", "eval/vqa_accuracy"),
+        ("plan_memory_gb", "train", "plan/memory_gb"),
+        ("params_trainable", "train", "model/params_trainable"),
+        ("worker_rss_peak_mb", "train", "system/worker_rss_peak_mb"),
+        ("mixture/dedup-qa/count", "train", "mixture/dedup-qa.count"),
+        ("calls.made", "instruct", "instruct/calls.made"),
+        ("seconds", "dedup", "stage/seconds"),
+        ("stages_cached", "run", "run/stages_cached"),
+    ],
+)
+def test_metric_names_have_one_section_each(key: str, group: str, name: str):
+    assert metric_name(key, group) == name

@@ -26,6 +26,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,10 @@ from vlmflow.runtime.environment import environment
 from vlmflow.runtime.ray import init_ray
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import StageOutput, run_stage
-from vlmflow.tracking import HistoryTail, Tracker, flatten, tracking_uri
+from vlmflow.tracking import HistoryTail, Tracker, dataset, flatten, tracking_uri
 
 log = logging.getLogger("vlmflow")
+DATA_TYPES = ("samples", "captions")  # artifact types that are datasets (MLflow's Datasets column)
 
 
 class PrefectRunLogs(APILogHandler):
@@ -146,6 +148,7 @@ class RecipeRun:
         # Stages finish on several threads: the summary, summary.json and the MLflow client
         # (sqlite allows one writer) are used under this lock only.
         self._lock = threading.RLock()
+        self._datasets: set[tuple[str, str]] = set()  # (stage, digest) of the datasets the recipe run lists
         self._ray_lock = threading.Lock()
 
     def __enter__(self) -> RecipeRun:
@@ -332,17 +335,43 @@ class RecipeRun:
         with self._lock:
             child = self.tracker.start(stage.name, tags, parent=self.parent_run)
             self.tracker.log(child, params=flatten(stage.component.dump(stage.config)))
+            self._log_datasets(stage, inputs, child)
         return child
 
-    def tail_history(self, stage: Step, digest: str, child: str) -> HistoryTail:
-        """Streams the stage's `history.jsonl` (training steps) into its run while it is built, and
-        shows its progress on the console."""
+    def _log_datasets(self, stage: Step, inputs: dict[str, StageOutput], child: str) -> None:
+        """The stage's data inputs (artifacts of a data type) as MLflow datasets of its run, by
+        port; and of the recipe run, each once, with the first stage that read it."""
+        assert self.tracker is not None and self.parent_run is not None
+        ports = stage.component.ports(stage.config)
+        read = [
+            (dataset(out.stage, out.digest, out.path, out.stats.get("rows_out")), port)
+            for port, out in inputs.items()
+            if port in ports and ports[port].type in DATA_TYPES
+        ]
+        self.tracker.log_datasets(child, read)
+        new = [(found, stage.name) for found, _ in read if (found.name, found.digest) not in self._datasets]
+        self._datasets |= {(found.name, found.digest) for found, _ in new}
+        self.tracker.log_datasets(self.parent_run, new)
+
+    def watch(self, stage: Step, digest: str, child: str) -> StageWatch:
+        """What streams into the stage's run while it is built: its `history.jsonl` (training
+        steps, also shown on the console) and, for a stage that trains a model, MLflow's system
+        metrics (CPU, memory, disk, network, GPU where present; of the machine the driver runs on)."""
         assert self.tracker is not None
         tracker = self.tracker
         paths = [self.store.partial_path(stage.name, digest), self.store.path(stage.name, digest)]  # built, committed
         paths = [folder / "history.jsonl" for folder in paths]
         progress = StepProgress(stage.name, self.recipe.runtime.progress)
-        return HistoryTail(lambda rows: tracker.log_history(child, rows), paths, self._lock, progress=progress).start()
+        group = stage.component.name
+
+        def log(rows: list[dict]) -> None:
+            tracker.log_history(child, rows, group)
+
+        tail = HistoryTail(log, paths, self._lock, progress=progress).start()
+        system = None
+        if stage.component.writes == "model" and self.recipe.runtime.mlflow.system_metrics:
+            system = tracker.system_metrics(child, self.recipe.runtime.mlflow.system_metrics_interval)
+        return StageWatch(tail, system)
 
     def record(
         self,
@@ -391,8 +420,8 @@ class RecipeRun:
             seconds = stats.get("seconds") or 0.0
             rows["rows_per_s"] = rows["rows_in"] / seconds if seconds else 0.0
             metrics = {**rows, **self._planned(stage.name), **stats["metrics"]}
-            self.tracker.log(child, tags=tags, metrics=metrics)
-            self._log_outputs(child, path, stats, status, streamed)
+            self.tracker.log(child, tags=tags, metrics=metrics, group=stage.component.name)
+            self._log_outputs(child, path, stats, status, streamed, stage.component.name)
             self.tracker.finish(child, status != "failed")
             entry["mlflow_run_id"] = child
             if error is not None:
@@ -449,7 +478,7 @@ class RecipeRun:
             return {}
         return {"plan_memory_gb": train["memory"]["total_gb"], "plan_flops_per_step": float(train["flops_per_step"])}
 
-    def _log_outputs(self, child: str, path: Path, stats: dict, status: str, streamed: int = 0) -> None:
+    def _log_outputs(self, child: str, path: Path, stats: dict, status: str, streamed: int, group: str) -> None:
         """Artifacts (keeping their sub-folders), the per-step history (unless it was streamed
         while the stage ran), and a registered model."""
         assert self.tracker is not None
@@ -457,9 +486,12 @@ class RecipeRun:
             folder = Path(name).parent
             self.tracker.log_files(child, [path / name], None if folder == Path(".") else str(folder))
         details = stats.get("details") or {}
+        for name in details.get("tables", []):  # e.g. an evaluation's predictions: MLflow shows them as tables
+            if (path / name).is_file():
+                self.tracker.log_table(child, path / name, str(Path(name).with_suffix(".json")))
         if details.get("history") and not streamed and (path / details["history"]).is_file():
             lines = (path / details["history"]).read_text().splitlines()
-            self.tracker.log_history(child, [json.loads(line) for line in lines if line.strip()])
+            self.tracker.log_history(child, [json.loads(line) for line in lines if line.strip()], group)
         model = details.get("register_model")
         if model and status == "computed":
             tags = {**model["tags"], "vlmflow.spec_digest": self.summary["spec_digest"], "vlmflow.run_id": self.run_id}
@@ -467,22 +499,36 @@ class RecipeRun:
             self.summary.setdefault("registered_models", []).append({"name": model["name"], "version": version})
 
 
+@dataclass
+class StageWatch:
+    """A running stage's streams into its MLflow run (see RecipeRun.watch)."""
+
+    tail: HistoryTail
+    system: Any = None  # an MLflow SystemMetricsMonitor
+
+    def stop(self) -> int:
+        """Stops both; returns the history rows logged."""
+        if self.system is not None:
+            self.system.finish()
+        return self.tail.stop()
+
+
 @task(cache_policy=NO_CACHE, persist_result=False)
 def stage_task(run: RecipeRun, step: Step, digest: str, inputs: dict[str, StageOutput]) -> StageOutput:
     started = _now()  # summary.json's `started` (and a cached stage's `finished`)
     child = run.open_stage(step, digest, inputs)
-    tail = run.tail_history(step, digest, child)
+    watch = run.watch(step, digest, child)
     try:
         status, stats = run_stage(
             step, digest, inputs, run.recipe, run.store, run.recipe.runtime.progress, before_compute=run.ensure_ray
         )
     except BaseException as error:
-        streamed = tail.stop()
+        streamed = watch.stop()
         failed = {"metrics": {}, "artifacts": [], "seconds": 0.0}
         run.record(step, digest, inputs, "failed", failed, child, started, f"{type(error).__name__}: {error}", streamed)
         run.publish_stage(step, "failed")
         raise
-    streamed = tail.stop()
+    streamed = watch.stop()
     run.record(step, digest, inputs, status, stats, child, started, streamed=streamed)
     run.publish_stage(step, status)
     return StageOutput(step.name, digest, run.store.path(step.name, digest), stats)

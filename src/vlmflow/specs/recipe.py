@@ -53,6 +53,10 @@ class RaySpec(StrictModel):
 class MlflowSpec(StrictModel):
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI or sqlite in the workdir")
     experiment: str | None = Field(None, description="default: the recipe name")
+    system_metrics: bool = Field(
+        True, description="log MLflow's system metrics (CPU, memory, GPU) on the runs of training stages"
+    )
+    system_metrics_interval: float = Field(10.0, gt=0, allow_inf_nan=False, description="seconds between samples")
 
 
 class RuntimeSpec(StrictModel):
