@@ -6,7 +6,11 @@ applied; COCO / LLaVA / image-folder captions files and the evaluation readers (
 captions, VQAv2, multiple-choice JSONL, class folders) get random and broken records. Whatever
 comes in, the only exception allowed out is the user-facing one: a `SpecError` whose
 problems read `FILE:LINE:COL: field: message` (specs), or a `UserError` naming the file
-(annotations). Anything else (KeyError, TypeError, RecursionError...) is a bug.
+(annotations). Anything else (KeyError, TypeError, RecursionError...) is a bug. And no row is
+lost: every record of an annotation file that is read is an output row or a quarantined one.
+
+Each case's outcome is a hypothesis event: `--hypothesis-show-statistics` prints, per fuzzer,
+the cases generated and the share that loaded, were quarantined, or stopped at a clear error.
 
 The `@example`s pin inputs that once crashed the readers with a raw traceback.
 """
@@ -23,12 +27,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from vlmflow.components.evaluate import datasets
-from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext
+from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, safe_key
+from vlmflow.components.sources.image_folder import items as image_folder_items
 from vlmflow.errors import SpecError, UserError
 from vlmflow.specs import Recipe, load_recipe
 from vlmflow.specs.data import CocoSource, ImageFolderSource, LlavaJsonSource
@@ -113,6 +118,7 @@ def check_spec_outcome(path: Path, overrides: tuple[str, ...] = ()) -> list:
     try:
         recipe = load_recipe(path, overrides)
     except SpecError as exc:
+        event("outcome: clear error (located SpecError)")
         lines = path.read_text(encoding="utf-8", errors="replace").count("\n") + 1
         assert exc.problems
         for problem in exc.problems:
@@ -128,6 +134,7 @@ def check_spec_outcome(path: Path, overrides: tuple[str, ...] = ()) -> list:
                 assert int(problem.source[6:-1]) < len(overrides), text
         return exc.problems
     assert isinstance(recipe, Recipe)
+    event("outcome: valid spec, loaded")
     return []
 
 
@@ -306,6 +313,7 @@ def files(tmp_path_factory) -> Path:
 
 
 IMAGE_NAMES = ["a.png", "b.jpg", "sub/c.png", "bad.png", "empty.png", "missing.png"]
+DISK_IMAGES = IMAGE_NAMES[:5]  # the images the `files` fixture writes
 file_name = st.sampled_from(IMAGE_NAMES) | odd_path | safe_text | junk_scalar
 ident = st.one_of(
     st.integers(-2, 4),
@@ -348,12 +356,18 @@ def json_file(draw, document: st.SearchStrategy) -> bytes:
 
 
 def check_user_error(exc: UserError, *paths: Path) -> None:
+    event("outcome: clear error (UserError naming the file)")
     message = str(exc)
     assert message.strip()
     assert any(p.name in message for p in paths) or "image_pattern" in message, message
 
 
-SOURCE_REASONS = ("malformed-annotation", "missing-image-file", "no-image", "path-outside-dataset")
+SOURCE_REASONS = ("malformed-annotation", "missing-image-file", "no-image", "path-outside-dataset", "too-large")
+
+
+def record_rows(rows: int, quarantined: int) -> None:
+    """The outcome of a case whose file was read (all its rows accounted for by the caller)."""
+    event("outcome: read, some rows quarantined" if quarantined else "outcome: read, no row quarantined")
 
 
 def run_source(spec, ctx: SourceContext) -> list[RawRow | Rejected]:
@@ -375,6 +389,8 @@ def run_source(spec, ctx: SourceContext) -> list[RawRow | Rejected]:
             json.dumps(item.extra)  # written into the sample's JSON
         else:
             assert isinstance(item, Rejected) and item.reason in SOURCE_REASONS
+    rejected = sum(isinstance(item, Rejected) for item in produced)
+    record_rows(len(produced) - rejected, rejected)
     return produced
 
 
@@ -420,8 +436,13 @@ def test_coco_source_rejects_rows_or_raises_a_user_error(files, captions, instan
     except UserError as exc:
         check_user_error(exc, files / "captions.json", files / "instances.json")
         return
-    parsed = json.loads(captions.decode("utf-8-sig"))
-    assert len(produced) >= len(parsed["images"])  # every image entry is a row, kept or rejected
+    document = json.loads(captions.decode("utf-8-sig"))
+    # rows lost = 0: one row (kept or rejected) per image entry, plus one per malformed annotation
+    annotation_rows = [
+        i for i in produced if isinstance(i, Rejected) and i.key.startswith(("annotation-", "instance-"))
+    ]
+    assert len(produced) - len(annotation_rows) == len(document["images"])
+    assert all(i.reason == "malformed-annotation" for i in annotation_rows)
 
 
 role = st.sampled_from(["human", "gpt", "system", "user", "assistant", "bot"]) | junk_scalar
@@ -450,7 +471,7 @@ def test_llava_source_rejects_rows_or_raises_a_user_error(files, document):
     except UserError as exc:
         check_user_error(exc, files / "llava.json")
         return
-    assert len(produced) == len(json.loads(document.decode("utf-8-sig")))  # one row per entry
+    assert len(produced) == len(json.loads(document.decode("utf-8-sig")))  # one row per entry: none lost
 
 
 csv_cell = st.sampled_from(IMAGE_NAMES) | odd_path | safe_text
@@ -497,19 +518,40 @@ def test_image_folder_source_rejects_rows_or_raises_a_user_error(files, table, s
     except UserError as exc:
         check_user_error(exc, files / "caps.csv", files / "caps.jsonl", files / "images")
         return
-    assert len(produced) >= 5  # every image on disk is a row, kept or rejected
+    # rows lost = 0: every planned row came out, and every image on disk is planned: as a row
+    # with its path, or (its captions line malformed) a malformed-annotation row under its name
+    planned = image_folder_items(spec, CTX)
+    assert [item.key for item in produced] == [item[1] for item in planned]
+    rows = {item[2] for item in planned if item[0] == "row"}
+    malformed = [item[1] for item in planned if item[0] == "rejected" and item[2] == "malformed-annotation"]
+    for rel in DISK_IMAGES:
+        stem = safe_key(Path(rel).with_suffix(""))
+        assert rel in rows or any(key == stem or key.startswith(f"{stem}-") for key in malformed), rel
 
 
 # ------------------------------------------------------------------------- evaluation readers
 
 
-def check_loaded(loaded: datasets.Loaded) -> None:
+def check_loaded(loaded: datasets.Loaded, records: int) -> None:
+    """Items and quarantine are well formed, and no record is lost: each of the file's RECORDS is an
+    item or a quarantined entry, up to the limit (`samples`: the records after it are not read)."""
     for item in loaded.items:
         assert isinstance(item.id, str) and isinstance(item.image, bytes) and item.image
         assert item.references and all(isinstance(r, str) for r in item.references)
     for entry in loaded.quarantine:
         assert set(entry) == {"id", "source", "reason"} and all(isinstance(v, str) for v in entry.values())
     loaded.quarantine_frame()  # written as parquet
+    accounted = len(loaded.items) + len(loaded.quarantine)
+    if loaded.full():
+        assert len(loaded.items) == loaded.limit and accounted <= records
+    else:
+        assert accounted == records
+    record_rows(len(loaded.items), len(loaded.quarantine))
+
+
+def records_of(path: Path, name: str) -> list:
+    """The records list NAME of a JSON file the reader accepted."""
+    return json.loads(path.read_text(encoding="utf-8"))[name]
 
 
 LONG_NAME_CAPTIONS = json.dumps(
@@ -517,16 +559,27 @@ LONG_NAME_CAPTIONS = json.dumps(
 ).encode()
 
 
+REPEATED_ID = json.dumps(
+    {
+        "images": [{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.jpg"}],
+        "annotations": [{"image_id": 1, "caption": "a"}],
+    }
+).encode()  # the second image replaced the first: two records in, one item out
+
+
 @FUZZ
 @given(document=json_file(coco_captions_doc), limit=st.integers(1, 8))
 @example(document=LONG_NAME_CAPTIONS, limit=4)
+@example(document=REPEATED_ID, limit=4)
 def test_eval_coco_captions_quarantine_or_user_error(files, document, limit):
     path = files / "eval-captions.json"
     path.write_bytes(document)
     try:
-        check_loaded(datasets.coco_captions(path, files / "images", limit))
+        loaded = datasets.coco_captions(path, files / "images", limit)
     except UserError as exc:
         check_user_error(exc, path)
+    else:
+        check_loaded(loaded, len(records_of(path, "images")))
 
 
 vqa_questions = (
@@ -555,9 +608,11 @@ def test_eval_vqav2_quarantine_or_user_error(files, questions, annotations, patt
     q_path.write_bytes(questions)
     a_path.write_bytes(annotations)
     try:
-        check_loaded(datasets.vqav2(q_path, a_path, files / "images", pattern, 8))
+        loaded = datasets.vqav2(q_path, a_path, files / "images", pattern, 8)
     except UserError as exc:
         check_user_error(exc, q_path, a_path)
+    else:
+        check_loaded(loaded, len(records_of(q_path, "questions")))
 
 
 choice_record = records(
@@ -581,9 +636,11 @@ def test_eval_multiple_choice_jsonl_quarantine_or_user_error(files, lines, tail)
     path = files / "choice.jsonl"
     path.write_bytes("\n".join(lines).encode("utf-8") + tail)
     try:
-        check_loaded(datasets.choice_jsonl(path, files / "images", 8))
+        loaded = datasets.choice_jsonl(path, files / "images", 8)
     except UserError as exc:
         check_user_error(exc, path)
+    else:
+        check_loaded(loaded, sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
 
 
 @FUZZ
@@ -605,5 +662,5 @@ def test_eval_image_folder_classes_quarantine_or_user_error(tmp_path_factory, co
         (root / label).mkdir(exist_ok=True)
         (root / label / name).write_bytes(payload)
     loaded, classes = datasets.image_folder(root, 8)
-    check_loaded(loaded)
+    check_loaded(loaded, sum(1 for p in root.glob("*/*") if not p.name.startswith(".")))
     assert set(classes) >= {"cat", "dog"} and all(i.references[0] in classes for i in loaded.items)
