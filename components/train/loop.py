@@ -207,9 +207,19 @@ def train_worker(raw: dict) -> None:
             ray.train.report({"step": step + 1, "loss": row["loss"]})
     state = final_weights(model, sharded, rank, lambda: build_stage_model(spec, vocab, stage, None, load_weights=False))
     if rank == 0:
+        check_finite(state, stage.name)
         write_model_folder(out / "model", state, config, Path(cfg.tokenizer))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     (out / f"memory-rank{rank}.json").write_text(json.dumps({"start_rss": start_rss, "peak_rss": peak}))
+
+
+def check_finite(state: dict, stage: str) -> None:
+    """Refuse weights that hold NaN or inf (the last step's update can make them so after its
+    loss was checked): such a model is never written, so never registered."""
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise FloatingPointError(f"train {stage}: the trained weights hold NaN or inf values ({shown}): not written")
 
 
 def final_weights(model: torch.nn.Module, sharded: bool, rank: int, build: Callable[[], torch.nn.Module]) -> dict:
