@@ -5,10 +5,28 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from tqdm import tqdm
 
 log = logging.getLogger("vlmflow")
+# Where a stage's progress also goes (its MLflow run): set around a stage's work by the runtime,
+# read by each Progress made in that context (the stage's own thread).
+Sink = Callable[[str, int, int], None]  # (desc, done, total)
+_sink: ContextVar[Sink | None] = ContextVar("vlmflow_progress_sink", default=None)
+
+
+@contextmanager
+def reporting_to(sink: Sink) -> Iterator[None]:
+    """Progress made inside this block is also given to `sink`, at the pace of the log lines
+    (every `every_s` seconds and when done), whatever the console shows."""
+    token = _sink.set(sink)
+    try:
+        yield
+    finally:
+        _sink.reset(token)
 
 
 class Progress:
@@ -22,10 +40,12 @@ class Progress:
         use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr) if use_bar else None
         self.every_s, self.last_log, self.started = every_s, 0.0, time.monotonic()
+        self.sink, self.last_sunk = _sink.get(), 0.0
 
     def update(self, n: int = 1, note: str = "") -> None:
         """`n` more units done; `note` (e.g. `loss 0.52`) follows the count."""
         self.done += n
+        self._to_sink()
         if self.bar is not None:
             self.bar.update(n)
             if note:
@@ -36,6 +56,16 @@ class Progress:
             self.last_log = now
             shown = f", {note}" if note else ""
             log.info("%s: %d/%d %ss%s%s", self.desc, self.done, self.total, self.unit, shown, self.pace(now))
+
+    def _to_sink(self) -> None:
+        now = time.monotonic()
+        if self.sink is None or (self.done < self.total and now - self.last_sunk < self.every_s):
+            return
+        self.last_sunk = now
+        try:
+            self.sink(self.desc, self.done, self.total)
+        except Exception as exc:  # a tracking server that is down never stops the work
+            log.debug("progress of %s not recorded: %s", self.desc, exc)
 
     def pace(self, now: float) -> str:
         """` (2.5 units/s, 12 s left)`: the rate so far and, while unfinished, the time left at it."""

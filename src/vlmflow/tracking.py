@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -176,6 +177,12 @@ class Tracker:
             params=[Param(k, v) for k, v in (params or {}).items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
+
+    def log_progress(self, run_id: str, desc: str, done: int, total: int) -> None:
+        """A long stage's progress as a curve: `progress/<desc>`, the share done (0..1), with
+        the units done as its step."""
+        name = "progress/" + re.sub(r"[^A-Za-z0-9_.-]+", "_", desc).strip("_")
+        self.client.log_batch(run_id, metrics=[Metric(name, done / max(total, 1), int(time.time() * 1000), done)])
 
     def log_files(self, run_id: str, files: list[Path], artifact_path: str | None = None) -> None:
         for path in files:

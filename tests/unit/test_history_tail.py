@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmflow.progress import StepProgress
+from vlmflow.progress import Progress, StepProgress, reporting_to
 from vlmflow.tracking import HistoryTail, Tracker, metric_name
 
 
@@ -131,3 +131,27 @@ def test_bookkeeping_keys_are_not_curves(tmp_path: Path):
 )
 def test_metric_names_have_one_section_each(key: str, group: str, name: str):
     assert metric_name(key, group) == name
+
+
+def test_progress_inside_a_stage_also_goes_to_its_sink_at_the_log_pace(tmp_path: Path):
+    seen: list[tuple[str, int, int]] = []
+    with reporting_to(lambda desc, done, total: seen.append((desc, done, total))):
+        bar = Progress("eval vqa", 4, mode="log", every_s=3600)
+        for _ in range(4):
+            bar.update()
+    assert seen == [("eval vqa", 1, 4), ("eval vqa", 4, 4)]  # the first look, then done (not every unit)
+    Progress("elsewhere", 1, mode="log").update()  # outside the block: no sink
+    assert len(seen) == 2
+
+    def broken(desc: str, done: int, total: int) -> None:
+        raise ConnectionError("tracking server down")
+
+    with reporting_to(broken):
+        Progress("ingest", 2, mode="log").update(2)  # the work goes on
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "progress", tmp_path / "art")
+    run = tracker.start("eval-vqa", {})
+    for desc, done, total in seen:
+        tracker.log_progress(run, desc, done, total)
+    points = tracker.client.get_metric_history(run, "progress/eval_vqa")
+    assert [(p.step, p.value) for p in points] == [(1, 0.25), (4, 1.0)]

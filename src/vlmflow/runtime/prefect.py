@@ -24,7 +24,7 @@ import queue
 import secrets
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,7 +44,7 @@ from vlmflow import __version__
 from vlmflow.artifacts import ArtifactStore, atomic_write_text, digest_of
 from vlmflow.fingerprint import HashCache, code_digest
 from vlmflow.pipeline import Step, graph_digests
-from vlmflow.progress import StepProgress
+from vlmflow.progress import StepProgress, reporting_to
 from vlmflow.results import run_note
 from vlmflow.runtime.environment import environment
 from vlmflow.runtime.ray import init_ray
@@ -373,6 +373,18 @@ class RecipeRun:
             system = tracker.system_metrics(child, self.recipe.runtime.mlflow.system_metrics_interval)
         return StageWatch(tail, system)
 
+    def progress_sink(self, child: str) -> Callable[[str, int, int], None]:
+        """Where a stage's progress (ingest units, evaluation and CapFilt batches, instruct
+        requests) goes beside the console: its MLflow run, as `progress/...` curves."""
+        assert self.tracker is not None
+        tracker = self.tracker
+
+        def sink(desc: str, done: int, total: int) -> None:
+            with self._lock:
+                tracker.log_progress(child, desc, done, total)
+
+        return sink
+
     def record(
         self,
         stage: Step,
@@ -519,9 +531,10 @@ def stage_task(run: RecipeRun, step: Step, digest: str, inputs: dict[str, StageO
     child = run.open_stage(step, digest, inputs)
     watch = run.watch(step, digest, child)
     try:
-        status, stats = run_stage(
-            step, digest, inputs, run.recipe, run.store, run.recipe.runtime.progress, before_compute=run.ensure_ray
-        )
+        with reporting_to(run.progress_sink(child)):
+            status, stats = run_stage(
+                step, digest, inputs, run.recipe, run.store, run.recipe.runtime.progress, before_compute=run.ensure_ray
+            )
     except BaseException as error:
         streamed = watch.stop()
         failed = {"metrics": {}, "artifacts": [], "seconds": 0.0}
