@@ -40,3 +40,16 @@ def run_note(summary: dict, stage_table: str) -> str:
             mark = "above" if value > base else "**not above**"
             lines.append(f"| {stage} | {name.removeprefix('eval_')} | {value:.3f} | {base:.3f} | {mark} |")
     return "\n".join([*lines, "", stage_table])
+
+
+def model_eval_tags(summary: dict, stage: str) -> dict[str, str]:
+    """Tags for the model stage `stage` wrote: `eval.EVAL_STAGE.METRIC` for each evaluation
+    metric of the run's stages that read it as their `model` (evaluations: not a later training
+    stage that starts from it) and did not fail."""
+    return {
+        f"eval.{entry['name']}.{metric.removeprefix('eval_')}": f"{value:.4g}"
+        for entry in summary["stages"]
+        if (entry.get("input_stages") or {}).get("model") == stage and entry["status"] != "failed"
+        for metric, value in (entry.get("metrics") or {}).items()
+        if metric.startswith("eval_")
+    }

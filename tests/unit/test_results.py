@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vlmflow.results import run_note, with_baselines
+from vlmflow.results import model_eval_tags, run_note, with_baselines
 
 
 def test_each_metric_is_paired_with_the_baseline_its_stage_wrote():
@@ -31,3 +31,24 @@ def test_the_run_note_says_which_evaluation_metrics_are_not_above_their_baseline
     assert "| eval-vqa | exact_match | 0.700 | 0.600 | above |" in note
     assert "| eval-choice | accuracy | 0.200 | 0.250 | **not above** |" in note
     assert "train-a" not in note and note.endswith("STAGES")
+
+
+def test_a_registered_model_is_tagged_with_the_scores_of_the_evaluations_that_read_it():
+    summary = {
+        "stages": [
+            {"name": "train-instruct", "status": "computed", "input_stages": {"init": "train-align"},
+             "metrics": {"eval_vqa_accuracy": 0.5, "final_loss": 0.2}},
+            {"name": "eval-vqa", "status": "computed", "input_stages": {"model": "train-instruct", "data": "dedup"},
+             "metrics": {"eval_vqa_accuracy": 0.6481, "eval_vqa_accuracy_baseline": 0.578}},
+            {"name": "eval-old", "status": "cached", "input_stages": {"model": "train-align"},
+             "metrics": {"eval_cider": 1.0}},
+            {"name": "eval-broken", "status": "failed", "input_stages": {"model": "train-instruct"},
+             "metrics": {"eval_cider": 9.0}},
+            {"name": "eval-skipped", "status": "skipped", "input_stages": {"model": "train-instruct"}},
+        ]
+    }  # fmt: skip
+    assert model_eval_tags(summary, "train-instruct") == {
+        "eval.eval-vqa.vqa_accuracy": "0.6481",
+        "eval.eval-vqa.vqa_accuracy_baseline": "0.578",
+    }
+    assert model_eval_tags(summary, "train-align") == {"eval.eval-old.cider": "1"}  # not train-instruct's own
