@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr
 
-from vlmflow.specs.base import Int, Seed, SpecPath, StrictModel
+from vlmflow.specs.base import Float, Int, Seed, SpecPath, StrictModel
 from vlmflow.specs.capfilt import HF_BLIP, CapfiltSpec, hf_architecture
 from vlmflow.specs.data import DataSpec
 from vlmflow.specs.evaluate import GENERATIVE, EvalTask
@@ -56,7 +56,7 @@ class MlflowSpec(StrictModel):
     system_metrics: bool = Field(
         True, description="log MLflow's system metrics (CPU, memory, GPU) on the runs of training stages"
     )
-    system_metrics_interval: float = Field(10.0, gt=0, allow_inf_nan=False, description="seconds between samples")
+    system_metrics_interval: Float = Field(10.0, gt=0, description="seconds between samples")
 
 
 class RuntimeSpec(StrictModel):
