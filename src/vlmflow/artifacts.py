@@ -57,6 +57,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:  # a write's own error names no file (a full disk): name the one written
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -65,6 +69,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+PROBE_BYTES = 64 * 1024
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and write (and remove) a small file in it: a workdir that is read-only,
+    not this user's, or on a full disk fails here with the OSError naming it, before a run
+    starts anything (Prefect's server, which keeps its database there, would only time out)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".vlmflow-write-check-{os.getpid()}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * PROBE_BYTES)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(folder)) from exc
+    finally:
+        if os.path.lexists(probe):
+            probe.unlink()
 
 
 @contextmanager

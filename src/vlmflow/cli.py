@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 import yaml
 
-from vlmflow.errors import SpecError, UserError
+from vlmflow.artifacts import check_writable
+from vlmflow.errors import SpecError, StorageError, UserError, storage_fault
 from vlmflow.recipes import builtin_recipes, describe, resolve_spec
 from vlmflow.specs import Recipe, load_recipe
 from vlmflow.specs.data import source_name
@@ -43,11 +44,14 @@ def _load(spec: str, overrides: tuple[str, ...]) -> Recipe:
 
 
 def _workdir(recipe: Recipe | None, workdir: Path | None) -> Path:
-    if workdir is not None:
-        return workdir
-    if recipe is not None and recipe.runtime.workdir is not None:
-        return recipe.runtime.workdir
-    return Path(DEFAULT_WORKDIR)
+    """The workdir a command uses; what runs there left when their driver was killed is stopped first."""
+    if workdir is None:
+        configured = recipe.runtime.workdir if recipe is not None else None
+        workdir = configured if configured is not None else Path(DEFAULT_WORKDIR)
+    from vlmflow.runs import reap_dead_runs
+
+    reap_dead_runs(workdir)
+    return workdir
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -155,7 +159,7 @@ def run(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
     """Run the recipe in SPEC as a Prefect flow; finished stages are reused."""
     recipe = _load(spec, overrides)
     workdir = _workdir(recipe, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_writable(workdir)  # a read-only or full workdir: one line now, not Prefect's time-out
     plan = _checked_plan(spec, overrides, recipe, workdir)
     _prefect_env(workdir)
     from vlmflow.flows.recipe import run_recipe
@@ -302,7 +306,7 @@ def evaluate(spec: str, model: str, workdir: Path | None, overrides: tuple[str, 
     """Run the evaluate: section of SPEC on MODEL (not the recipe's training), tracked as a run."""
     recipe = _load(spec, overrides)
     workdir = _workdir(recipe, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_writable(workdir)
     _prefect_env(workdir)
     from vlmflow.flows.evaluate import evaluate_flow
 
@@ -324,7 +328,7 @@ def refresh(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None
     ingest reads only new or changed source files, and a stage reruns only when its input changed."""
     recipe = _load(spec, overrides)
     workdir = _workdir(recipe, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_writable(workdir)
     _prefect_env(workdir)
     from vlmflow.flows.data_refresh import data_refresh_flow
     from vlmflow.versions import render
@@ -634,8 +638,21 @@ def main() -> None:
     try:
         cli(standalone_mode=True)
     except UserError as exc:
+        if isinstance(exc, StorageError):
+            _storage_fault(exc)
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except Exception as exc:
+        fault = storage_fault(exc)
+        if fault is None:
+            raise
+        _storage_fault(fault)
+
+
+def _storage_fault(fault: StorageError) -> None:
+    """A full disk, a read-only or unwritable workdir: the path and what to do, one line, exit 1."""
+    click.echo(f"vlmflow: error: {fault}", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

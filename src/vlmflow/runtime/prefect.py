@@ -17,6 +17,7 @@ the summary, summary.json and every MLflow call go through `RecipeRun._lock`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,10 +43,12 @@ from prefect.runtime import flow_run
 
 from vlmflow import __version__
 from vlmflow.artifacts import ArtifactStore, atomic_write_text, digest_of
+from vlmflow.errors import storage_fault
 from vlmflow.fingerprint import HashCache, code_digest
 from vlmflow.pipeline import Step, graph_digests
 from vlmflow.progress import StepProgress, reporting_to
 from vlmflow.results import run_note
+from vlmflow.runs import PROCESSES, record_processes, started_processes
 from vlmflow.runtime.environment import environment
 from vlmflow.runtime.ray import init_ray
 from vlmflow.specs.recipe import Recipe
@@ -54,6 +57,32 @@ from vlmflow.tracking import HistoryTail, Tracker, dataset, flatten, tracking_ur
 
 log = logging.getLogger("vlmflow")
 DATA_TYPES = ("samples", "captions")  # artifact types that are datasets (MLflow's Datasets column)
+
+
+class StorageFaultsInOneLine(logging.Filter):
+    """Prefect logs a failed flow or task run with its traceback (a Ray task's inside), then its
+    final state with the exception's text: for a storage fault (a full disk, a read-only
+    workdir) each is one line naming the path instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.faults: dict[str, str] = {}  # task or flow run id -> its fault, until its final state
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        run = str(getattr(record, "task_run_id", None) or getattr(record, "flow_run_id", None))
+        error = record.exc_info[1] if record.exc_info else None
+        fault = storage_fault(error) if error is not None else None
+        if fault is not None:
+            record.msg, record.args = "%s: %s", (str(record.msg).split(":")[0], fault)
+            record.exc_info, record.exc_text = None, None
+            self.faults[run] = str(fault)
+        elif run in self.faults and str(record.msg).startswith("Finished in state Failed"):
+            record.msg, record.args = "Finished in state Failed: %s", (self.faults.pop(run),)
+        return True
+
+
+for _logger in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_logger).addFilter(StorageFaultsInOneLine())
 
 
 class PrefectRunLogs(APILogHandler):
@@ -152,7 +181,23 @@ class RecipeRun:
         self._ray_lock = threading.Lock()
 
     def __enter__(self) -> RecipeRun:
+        try:
+            self._open()
+        except BaseException as error:  # marked failed where summary.json can be written; a fault in one line
+            self.__exit__(type(error), error, error.__traceback__)
+            raise
+        return self
+
+    def _open(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        latest = self.workdir / "runs" / "latest"
+        tmp_link = latest.with_name(f".latest-{self.run_id}")
+        tmp_link.symlink_to(self.run_id)
+        os.replace(tmp_link, latest)
+        self.summary["ray"] = "ray: not started (no stage computed)"
+        self.summary["prefect_flow_run_id"] = str(flow_run.id) if flow_run.id else None
+        self._save()  # from here on a run that fails says so
+        self._record_processes()
         atomic_write_text(self.run_dir / "resolved_spec.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
         atomic_write_text(self.run_dir / "environment.json", json.dumps(environment(), indent=2))
         if self.plan is None:
@@ -160,16 +205,10 @@ class RecipeRun:
 
             self.plan = build_plan(self.recipe, self.workdir)
         atomic_write_text(self.run_dir / "plan.json", json.dumps(self.plan, indent=2))
-        latest = self.workdir / "runs" / "latest"
-        tmp_link = latest.with_name(f".latest-{self.run_id}")
-        tmp_link.symlink_to(self.run_id)
-        os.replace(tmp_link, latest)
-        self.summary["prefect_flow_run_id"] = str(flow_run.id) if flow_run.id else None
         self.in_prefect = bool(flow_run.id)
         if flow_run.id:
             self._prefect_logs = PrefectRunLogs()
             log.addHandler(self._prefect_logs)
-        self.summary["ray"] = "ray: not started (no stage computed)"
         uri = tracking_uri(self.workdir, self.recipe.runtime.mlflow.tracking_uri)
         self.tracker = Tracker(
             uri, self.recipe.runtime.mlflow.experiment or self.recipe.name, self.workdir / "mlartifacts"
@@ -183,26 +222,78 @@ class RecipeRun:
         self.tracker.log_files(self.parent_run, [self.run_dir / name for name in saved])
         self.summary.update(mlflow_run_id=self.parent_run, mlflow_tracking_uri=uri)
         self._save()
-        return self
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        ok = exc_type is None
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        """The run's end in summary.json and MLflow. `succeeded` only when the run and every record
+        of its end were written: a run whose logging failed (a full disk, a lost tracking store)
+        fails. A storage fault, the run's or its records', is raised as one StorageError naming
+        the path and the run."""
+        error = exc
+        try:
+            self._close(exc)
+        except Exception as failure:
+            if error is None:
+                error = failure
+            elif not (storage_fault(failure) and storage_fault(error)):  # else the error line says it
+                cause = storage_fault(failure, self.workdir) or failure
+                log.warning("could not record the end of run %s: %s", self.run_id, cause)
+        finally:
+            if self._prefect_logs is not None:
+                self._publish(self.summary["stages"], f"{self.recipe.name}-stages", f"vlmflow run {self.run_id}")
+                log.removeHandler(self._prefect_logs)
+            if ray.is_initialized():
+                ray.shutdown()
+            with contextlib.suppress(OSError):  # its processes are gone with it: nothing to reap
+                (self.run_dir / PROCESSES).unlink(missing_ok=True)
+        fault = storage_fault(error, self.workdir)
+        if fault is not None:
+            raise fault.of_run(self.run_id) from error
+        if error is not exc:
+            raise error  # type: ignore[misc]
+
+    def _close(self, exc: BaseException | None) -> None:
+        """summary.json and the MLflow run of the run's end. The final summary is staged, logged
+        to MLflow, and the MLflow run closed before it replaces summary.json: any of them failing
+        leaves the run `failed` (summary.json rewritten if it can be, the MLflow run FAILED)."""
+        ok = exc is None
         with self._lock:
             self.summary["status"] = "succeeded" if ok else "failed"
             self.summary["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
             if exc is not None:
-                self.summary["error"] = str(exc)
-            self._save()
-            if self.tracker and self.parent_run:
-                note = run_note(self.summary, stage_table(self.summary["stages"], self.tracker.run_url))
-                self.tracker.log(self.parent_run, metrics=self._totals(), tags={"mlflow.note.content": note})
-                self.tracker.log_files(self.parent_run, [self.run_dir / "summary.json"])
-                self.tracker.finish(self.parent_run, ok)
-        if self._prefect_logs is not None:
-            self._publish(self.summary["stages"], f"{self.recipe.name}-stages", f"vlmflow run {self.run_id}")
-            log.removeHandler(self._prefect_logs)
-        if ray.is_initialized():
-            ray.shutdown()
+                self.summary["error"] = str(storage_fault(exc, self.workdir) or exc)
+            staged = self.run_dir / ".final" / "summary.json"
+            try:
+                atomic_write_text(staged, json.dumps(self.summary, indent=2))
+                if self.tracker and self.parent_run:
+                    note = run_note(self.summary, stage_table(self.summary["stages"], self.tracker.run_url))
+                    self.tracker.log(self.parent_run, metrics=self._totals(), tags={"mlflow.note.content": note})
+                    self.tracker.log_files(self.parent_run, [staged])
+                    self.tracker.finish(self.parent_run, ok)
+                os.replace(staged, self.run_dir / "summary.json")
+            except Exception as failure:
+                self.summary["status"] = "failed"
+                if ok:
+                    cause = storage_fault(failure, self.workdir) or failure
+                    self.summary["error"] = f"recording the run failed: {cause}"
+                with contextlib.suppress(Exception):
+                    self._save()
+                if ok and self.tracker and self.parent_run:
+                    with contextlib.suppress(Exception):
+                        self.tracker.finish(self.parent_run, False)
+                raise
+            finally:
+                with contextlib.suppress(OSError):
+                    staged.unlink(missing_ok=True)
+                    staged.parent.rmdir()
+
+    def _record_processes(self) -> None:
+        """DIR/runs/RUN_ID/processes.json: the driver and the processes it started (Prefect's
+        temporary server; Ray's head processes when it started Ray itself), so that the next
+        vlmflow command can stop them if this driver is killed (`vlmflow.runs.reap_dead_runs`).
+        Removed when the run ends."""
+        started = started_processes(with_ray=str(self.summary.get("ray", "")).startswith("ray: local"))
+        if started:
+            record_processes(self.run_dir, self.summary["driver"], started)
 
     def ensure_ray(self) -> None:
         """Start (or join) Ray for the first stage that computes: a run whose stages are all
@@ -211,6 +302,7 @@ class RecipeRun:
             if not ray.is_initialized():
                 self.summary["ray"] = init_ray(self.recipe.runtime.ray, self.run_dir / "code")
                 self._save()
+                self._record_processes()
 
     def _tags(self) -> dict[str, str]:
         return {
@@ -293,7 +385,11 @@ class RecipeRun:
                 except BaseException as error:  # the stage's own exception (KeyboardInterrupt too)
                     failed[name] = name
                     errors.append(error)
-                    log.error("%s: failed (%s: %s)", name, type(error).__name__, error)
+                    fault = storage_fault(error)
+                    if fault is not None:
+                        log.error("%s: failed: %s", name, fault)
+                    else:
+                        log.error("%s: failed (%s: %s)", name, type(error).__name__, error)
         finally:
             with self._lock:
                 self.summary["stages"][first_entry:] = sorted(
