@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def data_stages(spec: Path, workdir: Path) -> dict[str, Path]:
-    cmd = [sys.executable, "-m", "vlmflow.cli", "run", str(spec), "--workdir", str(workdir), "--set", "stages=[]"]
+    cmd = [sys.executable, "-m", "vlmflow.cli", "run", str(spec), "--workdir", str(workdir), "--set", "stages=[]",
+           "--set", "evaluate=[]"]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
     summary = json.loads((workdir / "runs" / "latest" / "summary.json").read_text())
     return {s["name"]: Path(s["artifact_path"]) for s in summary["stages"]}
