@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlmflow.components.train.checkpoint import load_model
+from vlmflow.components.train.sharding import checkpoint_blocks
 from vlmflow.models.vlm import VLM, Vocab
 from vlmflow.specs.model import ModelSpec
 from vlmflow.specs.train import TrainStageSpec
@@ -48,6 +49,9 @@ def build_stage_model(
         if part is None:
             raise ValueError(f"trainable: the model has no {name} part")
         part.requires_grad_(True)
+    model.train()  # from_pretrained leaves a local HF model in eval mode: its dropout would be off in training
+    if stage.activation_checkpointing:
+        checkpoint_blocks(model)
     return model
 
 

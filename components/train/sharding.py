@@ -10,6 +10,10 @@ embeddings): only parameters that got a gradient are reduced.
 fully_shard refuses scalar (0-dim) parameters, e.g. the contrastive head's temperature and SigLIP's
 bias. They stay plain replicated tensors outside FSDP (`ignored_params`), and their gradients are
 averaged over the workers here, in `gradient_sync` after the last micro-batch's backward, as DDP would.
+
+Activation checkpointing (`checkpoint_blocks`) wraps the same blocks in PyTorch's non-reentrant checkpoint
+wrapper before they are sharded, so FSDP's hooks sit outside the checkpoint: a block is gathered once for
+its forward and once for its backward, where it is recomputed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointWrapper,
+    apply_activation_checkpointing,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -37,7 +45,8 @@ LAYER_TYPES = tuple(t for t in (_HfLayer, nn.TransformerEncoderLayer, nn.Transfo
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's transformer blocks in module order, outermost only: HF encoder / decoder layers
     (CLIP, SigLIP, Llama, ...), nn.TransformerEncoderLayer / DecoderLayer, and every entry of a
-    ModuleList named `layers` or `layer` (Q-Former, resampler). A block inside a block is not listed."""
+    ModuleList named `layers` or `layer` (Q-Former, resampler). A block inside a block is not listed.
+    A checkpointed block (`checkpoint_blocks`) is listed as its checkpoint wrapper."""
     listed: set[int] = set()
     for module in model.modules():
         for name in LAYER_LISTS:
@@ -49,10 +58,22 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     for module in model.modules():  # pre-order: a block comes before its descendants
         if module is model or id(module) in inside:
             continue
-        if id(module) in listed or isinstance(module, LAYER_TYPES):
+        inner = module._checkpoint_wrapped_module if isinstance(module, CheckpointWrapper) else module
+        if id(module) in listed or isinstance(inner, LAYER_TYPES):
             blocks.append(module)
             inside.update(id(m) for m in module.modules())
     return blocks
+
+
+def checkpoint_blocks(model: nn.Module) -> nn.Module:
+    """Activation checkpointing on every transformer block: each is replaced in its parent by a
+    non-reentrant CheckpointWrapper, which keeps only the block's inputs for backward and recomputes the
+    block there (RNG state restored: dropout draws the same masks). One mechanism for HF layers, nn.Transformer
+    layers and the connectors' own; it works with frozen blocks and LoRA adapters, and the state dict keeps
+    its keys (the wrapper drops its prefix). In place, before `shard_model`; returns the model."""
+    blocks = {id(block) for block in transformer_blocks(model)}
+    apply_activation_checkpointing(model, check_fn=lambda module: id(module) in blocks)
+    return model
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:

@@ -5,7 +5,8 @@ batches (each rank its half) under DDP and under FSDP2: the losses and the clipp
 agree step by step. The FSDP run checkpoints at step 10 with the training loop's save_checkpoint,
 and a fresh sharded model resumed from it must redo steps 11-20 as the run did. A few steps of the
 BLIP twin's pre-training (ITC, ITM, LM: modules called several times a step, and scalar parameters
-that FSDP leaves replicated) must match DDP too.
+that FSDP leaves replicated) must match DDP too. With activation checkpointing (every block wrapped,
+then sharded) FSDP must train as it does without, and write the same weights.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ WORLD, STEPS, SAVE_AT, BLIP_STEPS = 2, 20, 10, 4
 PER_RANK, MICRO = 4, 2  # each rank's half of the batch, in two micro-batches
 
 
-def stage_model(recipe: Path = RECIPE) -> torch.nn.Module:
+def stage_model(recipe: Path = RECIPE, checkpointing: bool = False) -> torch.nn.Module:
     from vlmflow.components.train.setup import build_stage_model
     from vlmflow.models.vlm import Vocab
 
     spec = load_recipe(recipe)
+    stage = spec.stages[0].model_copy(update={"activation_checkpointing": checkpointing})
     torch.manual_seed(0)  # the same initial weights on every rank and in every run
-    return build_stage_model(spec.model, Vocab(VOCAB, SPECIAL), spec.stages[0], None)
+    return build_stage_model(spec.model, Vocab(VOCAB, SPECIAL), stage, None)
 
 
 def micro_batches(step: int, rank: int, tokens: int, size: int) -> list[dict[str, torch.Tensor]]:
@@ -137,6 +139,15 @@ def worker(rank: int, port: int, out: str) -> None:
             assert state.keys() == ddp_state.keys()
             result["final_diff"] = max(float((state[k] - ddp_state[k]).abs().max()) for k in state)
 
+        model = stage_model(checkpointing=True)
+        result["checkpointed_blocks"] = [type(b).__name__ for b in transformer_blocks(model)]
+        shard_model(model, "cpu", "fp32")
+        result["checkpointed"] = train(model, model, range(STEPS), rank)
+        state = final_weights(model, True, rank, lambda: stage_model(checkpointing=True))
+        if rank == 0:
+            assert state.keys() == ddp_state.keys()
+            result["checkpointed_final_diff"] = max(float((state[k] - ddp_state[k]).abs().max()) for k in state)
+
         model = shard_model(stage_model(), "cpu", "fp32")
         result["resumed"] = train(model, model, range(SAVE_AT, STEPS), rank, resume_from=checkpoints)
 
@@ -205,6 +216,18 @@ def test_fsdp_trains_as_ddp(runs):
     assert runs[1]["fsdp"][1] == fsdp_norms and runs[1]["fsdp"][0] == fsdp_losses
     # the gathered weights the stage writes are the DDP model's
     assert runs[0]["final_diff"] < 1e-3
+
+
+def test_fsdp_with_activation_checkpointing_trains_as_without(runs):
+    """Each block wrapped in the checkpoint, then sharded (FSDP's hooks outside the recomputation)."""
+    for result in runs:
+        assert result["checkpointed_blocks"] == ["CheckpointWrapper"] * 5
+    losses, norms, reference = runs[0]["fsdp"]
+    ck_losses, ck_norms, ck_reference = runs[0]["checkpointed"]
+    assert max(abs(a - b) for a, b in zip(losses, ck_losses, strict=True)) < 1e-6
+    assert max(abs(a - b) for a, b in zip(norms, ck_norms, strict=True)) < 1e-6
+    assert abs(reference - ck_reference) < 1e-6
+    assert runs[0]["checkpointed_final_diff"] < 1e-3  # the gathered weights, wrapper prefixes gone, as DDP's
 
 
 def test_fsdp_resumes_from_a_full_state_checkpoint(runs):

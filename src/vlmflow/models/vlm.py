@@ -101,8 +101,11 @@ class VLM(nn.Module):
 
     def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         embeds = self.input_embeddings(input_ids, pixels)
-        mask = None if input_ids.is_meta else attention_mask  # HF reads a mask's values to pick the kernel
-        return self.language(inputs_embeds=embeds, attention_mask=mask).logits
+        # No KV cache: nothing reads it, and a checkpointed layer recomputed in backward would write it twice.
+        # Meta (shapes only): HF reads a mask's values to pick the kernel, and without a cache the position ids'
+        # values to find packed sequences; there the cache stays (its K/V are what attention saves anyway).
+        mask, cache = (None, None) if input_ids.is_meta else (attention_mask, False)
+        return self.language(inputs_embeds=embeds, attention_mask=mask, use_cache=cache).logits
 
     # -- objectives -------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], kinds: list[str]) -> dict[str, torch.Tensor]:

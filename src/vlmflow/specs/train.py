@@ -155,6 +155,13 @@ class TrainStageSpec(StrictModel):
         exclude_if=lambda p: p == 0,
     )
     precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = Field(
+        False,
+        description="keep only each transformer block's inputs from the forward pass and recompute the block "
+        "in backward (non-reentrant, same RNG: dropout draws the same masks): activation memory falls to the "
+        "block boundaries plus one block, for about a third more compute; the results are the same",
+        exclude_if=lambda on: not on,  # off: the stage's spec, hence its cache key, is as before the option
+    )
     init_from: str | None = operational(
         "previous", description="concise form: previous (default), a stage name, or null for fresh"
     )
