@@ -57,10 +57,10 @@ def bench_recipe(recipe, steps: int, workers: int):
 
 def stage_config(recipe, artifacts: dict[str, Path], store: Path, out: Path) -> WorkerConfig:
     stage = recipe.stages[-1]
-    (rows,) = mixture_rows({"dedup": build_index(artifacts["dedup"], store)}, stage)
+    parts = mixture_rows({c.data: build_index(artifacts[c.data], store) for c in stage.components()}, stage)
     out.mkdir(parents=True, exist_ok=True)
-    rows.write_parquet(out / "train_rows.parquet")
-    resolved = mixture.resolve(stage, [rows.height])
+    pl.concat(parts).write_parquet(out / "train_rows.parquet")
+    resolved = mixture.resolve(stage, [part.height for part in parts])
     return worker_config(recipe, stage, artifacts["tokenizer"], out / "train_rows.parquet", store, out, None, resolved)
 
 

@@ -47,7 +47,7 @@ from vlmflow.errors import storage_fault
 from vlmflow.fingerprint import HashCache, code_digest
 from vlmflow.pipeline import Step, graph_digests
 from vlmflow.progress import StepProgress, reporting_to
-from vlmflow.results import run_note
+from vlmflow.results import model_eval_tags, run_note
 from vlmflow.runs import PROCESSES, record_processes, started_processes
 from vlmflow.runtime.environment import environment
 from vlmflow.runtime.ray import init_ray
@@ -97,18 +97,18 @@ class PrefectRunLogs(APILogHandler):
 
 def stage_table(stages: list[dict], link: Any) -> str:
     """A markdown table of stages (summary.json entries): what the Prefect artifacts show.
-    link(mlflow_run_id) -> the URL of that run in the MLflow UI."""
+    link(mlflow_run_id) -> the URL of that run in the MLflow UI: each stage's name links to
+    its run (a column of its own did not fit the Prefect UI's artifact page)."""
     lines = [
-        "| stage | status | rows in | rows out | set aside | seconds | digest | MLflow run |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "| stage | status | rows in | rows out | set aside | seconds | digest |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for s in stages:
         run = s.get("mlflow_run_id")
         aside = "" if s.get("rows_quarantined") is None else f"{s['rows_quarantined']} {s.get('set_aside', '')}".strip()
         cells = [
-            s["name"], s["status"], s.get("rows_in"), s.get("rows_out"), aside,
-            f"{s['seconds']:.1f}" if s.get("seconds") is not None else "", s.get("artifact_digest") or "",
-            f"[{run[:12]}]({link(run)})" if run else "",
+            f"[{s['name']}]({link(run)})" if run else s["name"], s["status"], s.get("rows_in"), s.get("rows_out"),
+            aside, f"{s['seconds']:.1f}" if s.get("seconds") is not None else "", s.get("artifact_digest") or "",
         ]  # fmt: skip
         lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -265,6 +265,7 @@ class RecipeRun:
             try:
                 atomic_write_text(staged, json.dumps(self.summary, indent=2))
                 if self.tracker and self.parent_run:
+                    self._tag_registered_models()
                     note = run_note(self.summary, stage_table(self.summary["stages"], self.tracker.run_url))
                     self.tracker.log(self.parent_run, metrics=self._totals(), tags={"mlflow.note.content": note})
                     self.tracker.log_files(self.parent_run, [staged])
@@ -294,6 +295,14 @@ class RecipeRun:
         started = started_processes(with_ray=str(self.summary.get("ray", "")).startswith("ray: local"))
         if started:
             record_processes(self.run_dir, self.summary["driver"], started)
+
+    def _tag_registered_models(self) -> None:
+        """Each model version registered by this run gets the scores of the evaluation stages
+        that read it (`eval.STAGE.METRIC`), known only once they have run."""
+        assert self.tracker is not None
+        for model in self.summary.get("registered_models", []):
+            for key, value in model_eval_tags(self.summary, model["stage"]).items():
+                self.tracker.client.set_model_version_tag(model["name"], model["version"], key, value)
 
     def ensure_ray(self) -> None:
         """Start (or join) Ray for the first stage that computes: a run whose stages are all
@@ -604,7 +613,8 @@ class RecipeRun:
         if model and status == "computed":
             tags = {**model["tags"], "vlmflow.spec_digest": self.summary["spec_digest"], "vlmflow.run_id": self.run_id}
             version = self.tracker.register_model(child, model["name"], model["artifact_path"], tags)
-            self.summary.setdefault("registered_models", []).append({"name": model["name"], "version": version})
+            entry = {"name": model["name"], "version": version, "stage": model["tags"].get("vlmflow.stage")}
+            self.summary.setdefault("registered_models", []).append(entry)
 
 
 @dataclass
