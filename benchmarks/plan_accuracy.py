@@ -8,7 +8,9 @@ counterpart of torch.cuda.max_memory_allocated). Each measurement runs in a fres
 which also reports how much its resident memory grew (the allocator, oneDNN and thread
 pools add to the tensors).
 
-    .venv/bin/python benchmarks/plan_accuracy.py [--twins clip-tiny llava-tiny ...]
+    .venv/bin/python benchmarks/plan_accuracy.py [--twins clip-tiny llava-tiny ...] [--checkpointing]
+
+--checkpointing trains (and plans) every stage with activation_checkpointing: true.
 
 Prints a table and writes benchmarks/results/plan_accuracy.json.
 """
@@ -32,7 +34,7 @@ VOCAB = 1024
 STEPS = 3
 
 
-def setup(twin: str, index: int):
+def setup(twin: str, index: int, checkpointing: bool = False):
     from vlmflow.models.vision import image_spec
     from vlmflow.models.vlm import Vocab
     from vlmflow.specs import load_recipe
@@ -40,18 +42,21 @@ def setup(twin: str, index: int):
     recipe = load_recipe(REPO / "specs" / "recipes" / f"{twin}.yaml")
     special = recipe.tokenizer.special_tokens
     vocab = Vocab(VOCAB, {t: VOCAB - len(special) + i for i, t in enumerate(special)})
-    return recipe, recipe.stages[index], vocab, image_spec(recipe.model.vision)["size"]
+    stage = recipe.stages[index]
+    if checkpointing:
+        stage = stage.model_copy(update={"activation_checkpointing": True})
+    return recipe, stage, vocab, image_spec(recipe.model.vision)["size"]
 
 
-def estimate(twin: str, index: int) -> dict:
+def estimate(twin: str, index: int, checkpointing: bool = False) -> dict:
     from vlmflow.models.estimate import footprint, trace_stage
 
-    recipe, stage, vocab, image = setup(twin, index)
+    recipe, stage, vocab, image = setup(twin, index, checkpointing)
     trace = trace_stage(recipe.model, vocab, stage, image, stage.micro_batch_size)
-    return footprint(trace, stage.precision, "ddp", workers=1).as_dict()
+    return footprint(trace, stage.precision, "ddp", workers=1, checkpointing=checkpointing).as_dict()
 
 
-def measure(twin: str, index: int) -> dict:
+def measure(twin: str, index: int, checkpointing: bool = False) -> dict:
     """Runs in its own process: peak torch CPU bytes and resident growth over three steps."""
     import psutil
     import torch
@@ -60,7 +65,7 @@ def measure(twin: str, index: int) -> dict:
     from vlmflow.components.train.setup import build_stage_model
     from vlmflow.models.estimate import meta_batch
 
-    recipe, stage, vocab, image = setup(twin, index)
+    recipe, stage, vocab, image = setup(twin, index, checkpointing)
     torch.manual_seed(0)
     start_rss = psutil.Process().memory_info().rss
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -108,10 +113,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--twins", nargs="+", default=TWINS)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "plan_accuracy.json")
+    parser.add_argument("--checkpointing", action="store_true", help="activation_checkpointing: true on every stage")
     parser.add_argument("--measure", nargs=2, metavar=("TWIN", "STAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure[0], int(args.measure[1]))))
+        print(json.dumps(measure(args.measure[0], int(args.measure[1]), args.checkpointing)))
         return
     rows = []
     mib = float(1 << 20)
@@ -120,9 +126,10 @@ def main() -> None:
         for index in range(stage_count(twin)):
             stage = setup(twin, index)[1]
             command = [sys.executable, __file__, "--measure", twin, str(index)]
+            command += ["--checkpointing"] if args.checkpointing else []
             result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
             measured = json.loads(result.stdout.strip().splitlines()[-1])
-            planned = estimate(twin, index)
+            planned = estimate(twin, index, args.checkpointing)
             row = {
                 "twin": twin,
                 "stage": stage.name,

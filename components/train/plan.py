@@ -66,8 +66,10 @@ def train_plan(recipe: Recipe, step: object, ctx: PlanContext) -> dict:
     out["steps"] = spec.max_steps or (spec.epochs * (per_epoch // spec.batch_size) if per_epoch else None)
     accumulation = spec.batch_size // (train.num_workers * spec.micro_batch_size)
     out["accumulation"] = accumulation
-    out["flops_per_step"] = trace.flops * accumulation * train.num_workers
-    seconds = trace.flops * accumulation / (device["tflops_per_worker"] * 1e12)
+    out["activation_checkpointing"] = spec.activation_checkpointing
+    flops = trace.step_flops(spec.activation_checkpointing)  # the recomputed blocks' forward included
+    out["flops_per_step"] = flops * accumulation * train.num_workers
+    seconds = flops * accumulation / (device["tflops_per_worker"] * 1e12)
     out["seconds_per_step"] = seconds
     out["hours"] = seconds * out["steps"] / 3600 if out["steps"] else None
     need = memory_need(trace, spec, recipe, device)
@@ -89,6 +91,7 @@ def memory_need(trace: Trace, spec: TrainStageSpec, recipe: Recipe, device: dict
         train.num_workers,
         micro,
         spec.batch_size // (train.num_workers * micro),
+        checkpointing=change.get("checkpointing", spec.activation_checkpointing),
     ).as_dict()
     gb = {f"{k}_gb": v / GIB for k, v in parts.items() if k != "total"}
     gb["runtime_gb"] = device["runtime_overhead_gb"]
@@ -97,10 +100,19 @@ def memory_need(trace: Trace, spec: TrainStageSpec, recipe: Recipe, device: dict
 
 
 def fixes(recipe: Recipe, spec: TrainStageSpec, vocab: Vocab, image: int, trace: Trace, device: dict) -> list[dict]:
-    """Changes that bring the stage under its memory, smallest change first, each with its need."""
+    """Changes that bring the stage under its memory, smallest need first, each with its need: only
+    changes the target device runs (bf16 on a GPU only)."""
     train = recipe.runtime.train
     limit = device["memory_per_worker_gb"]
     found = []
+    if not spec.activation_checkpointing:
+        need = memory_need(trace, spec, recipe, device, checkpointing=True)["total_gb"]
+        found.append({"change": "activation_checkpointing: true", "need_gb": need})
+    # bf16 autocast halves activations; on a CPU it is not offered: its matmuls run in bf16 at speed only
+    # on CPUs with bf16 instructions (AVX512-BF16, AMX), and the plan's time is measured in fp32.
+    if spec.precision == "fp32" and device["kind"] == "gpu":
+        need = memory_need(trace, spec, recipe, device, precision="bf16")["total_gb"]
+        found.append({"change": "precision: bf16", "need_gb": need})
     per_worker = spec.batch_size // train.num_workers
     for micro in sorted((m for m in range(1, spec.micro_batch_size) if per_worker % m == 0), reverse=True):
         need = memory_need(trace, spec, recipe, device, micro=micro)["total_gb"]

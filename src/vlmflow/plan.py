@@ -245,6 +245,7 @@ def render_training(entry: dict) -> list[str]:
     lines.append(
         f"  steps {steps}, micro-batch {trace['micro_batch']} x {train['accumulation']} accumulation, "
         f"{trace['sequence']} tokens per sample ({trace['image_tokens']} image)"
+        + (", activation checkpointing" if train.get("activation_checkpointing") else "")
     )
     lines.append(
         "  parameters: "
