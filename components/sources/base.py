@@ -16,21 +16,29 @@ A reader may also offer, for incremental refreshes (components/refresh.py):
 - `items(spec, ctx) -> list[tuple]`: the rows `plan` cuts into units, in order, each a small
   picklable tuple whose second element is its key (a unit's payload is a list of them);
 - `item_files(spec, item) -> list[Path]`: the files `read` opens for that item.
+
+Inputs named by fsspec URLs (`s3://...`, see vlmflow.remote) go through the same helpers as local
+files: `input_files` lists a file or a folder / prefix, `open_input` opens one, and
+`read_dataset_image` reads an image an annotation names under a local folder or a URL prefix.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from vlmflow.errors import UserError
 from vlmflow.registry import Registry
+from vlmflow.remote import URL, list_objects, open_object
+
+Location = Path | URL  # a local file or folder, or an fsspec URL (an object or a prefix)
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,41 @@ def chunk(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)] or []
 
 
+@dataclass(frozen=True)
+class InputFile:
+    location: Location
+    prefix: str  # the key prefix of its rows: unique within the source
+    identity: dict | None = None  # a remote object's ETag / size / version as listed (None: a local file)
+
+
+def input_files(location: Location, suffix: str) -> list[InputFile]:
+    """The file LOCATION names, or every SUFFIX file under it as a folder (recursively) or a URL
+    prefix, sorted by name. Key prefixes are the file's stem, or its path relative to the folder
+    without SUFFIX (made unique). A UserError when a folder or prefix holds no SUFFIX file."""
+    if isinstance(location, URL):
+        objects = list_objects(location)
+        if len(objects) == 1 and objects[0].name == "":
+            return [InputFile(location, safe_key(location.stem), objects[0].identity)]
+        found = [(o.url, o.name, o.identity) for o in objects if o.name.lower().endswith(suffix)]
+    elif location.is_file():
+        return [InputFile(location, safe_key(location.stem))]
+    else:
+        files = sorted((p for p in location.rglob(f"*{suffix}") if p.is_file()), key=lambda p: p.as_posix())
+        found = [(p, p.relative_to(location).as_posix(), None) for p in files]
+    if not found:
+        raise UserError(f"{location}: no {suffix} files in this {'prefix' if isinstance(location, URL) else 'folder'}")
+    names = [safe_key(PurePosixPath(name).with_suffix("")) for _, name, _ in found]
+    return [InputFile(where, key, ident) for (where, _, ident), key in zip(found, unique_keys(names), strict=True)]
+
+
+def open_input(location: Location | str, identity: dict | None = None) -> IO[bytes]:
+    """A local file or an fsspec URL opened for binary reading (a str is a local path). A remote
+    object whose identity is no longer IDENTITY (the listing the run planned with) raises OSError."""
+    if isinstance(location, URL):
+        return open_object(location, identity)
+    return open(location, "rb")
+
+
 MISSING = "missing-image-file"
 TOO_LARGE = "too-large"
 
@@ -144,11 +187,13 @@ def _read_up_to(handle: IO[bytes], expected: int, max_bytes: int | None) -> byte
 
 
 def read_dataset_image(
-    root: Path, name: str | os.PathLike, allow_outside: bool, max_bytes: int | None
+    root: Location, name: str | os.PathLike, allow_outside: bool, max_bytes: int | None
 ) -> tuple[bytes | None, str, str]:
     """(bytes, "", "") of the image file an annotation names under the dataset folder ROOT, or
     (None, reason, detail): `path-outside-dataset` (see `contained_path`), `missing-image-file`
-    or `too-large` (over MAX_BYTES, refused before it is read whole)."""
+    or `too-large` (over MAX_BYTES, refused before it is read whole). ROOT may be a URL prefix."""
+    if isinstance(root, URL):
+        return _read_remote_image(root, os.fspath(name), allow_outside, max_bytes)
     path, outside = contained_path(root, name, allow_outside)
     if path is None:
         return None, OUTSIDE, outside
@@ -156,6 +201,36 @@ def read_dataset_image(
 
 
 OUTSIDE = "path-outside-dataset"
+
+
+def _read_remote_image(
+    root: URL, name: str, allow_outside: bool, max_bytes: int | None
+) -> tuple[bytes | None, str, str]:
+    """`read_dataset_image` under a URL prefix: NAME is a path relative to it (`..` may not leave it,
+    an absolute path or a URL is outside it, unless ALLOW_OUTSIDE), read from the same store."""
+    if "://" in name:
+        if not allow_outside:
+            return None, OUTSIDE, f"{name!r} is a URL outside the dataset prefix {root}"
+        url = URL(name, root.options)
+    else:
+        joined = posixpath.normpath(posixpath.join(root.path, name))
+        if not allow_outside and not joined.startswith(root.path + "/"):
+            return None, OUTSIDE, f"{name!r} is outside the dataset prefix {root}"
+        url = root.at(joined)
+    try:
+        fs = url.filesystem()
+        size = fs.info(url.path).get("size")
+        if max_bytes is not None and size is not None and size > max_bytes:
+            return None, TOO_LARGE, f"{url}: {size} bytes, over max_image_bytes {max_bytes}"
+        with open_input(url) as handle:
+            data = handle.read(max_bytes + 1) if max_bytes is not None else handle.read()
+    except FileNotFoundError:
+        return None, MISSING, f"no such object: {url}"
+    except Exception as exc:  # the store's client raises its own types
+        return None, MISSING, f"cannot read {url}: {type(exc).__name__}: {exc}"
+    if max_bytes is not None and len(data) > max_bytes:
+        return None, TOO_LARGE, f"{url}: over max_image_bytes {max_bytes} (it grew while read; reading stopped)"
+    return data, "", ""
 
 
 def contained_path(root: Path, name: str | os.PathLike, allow_outside: bool = False) -> tuple[Path | None, str]:

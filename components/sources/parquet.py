@@ -10,12 +10,18 @@ read only when it resolves inside `image_root` (default: the parquet file's fold
 absolute path or `..` chain leading elsewhere is `path-outside-dataset`, whether or not the
 file exists, unless `allow_outside_paths: true`; an image file over `max_image_bytes` is
 `too-large` (image bytes stored in the parquet file itself are not capped: they are read already).
+
+`path` (and `image_root`) may be fsspec URLs: a remote parquet file is read through fsspec (its
+footer, then the row groups a unit needs: range reads), a prefix is listed for .parquet objects,
+and image paths resolve under the URL prefix the same way, `..` never leaving it. A remote file
+is read with the ETag it was listed with; one changed since rejects its rows as `unreadable-shard`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path, PurePosixPath
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,23 +33,15 @@ from vlmflow.components.sources.base import (
     SourceContext,
     SourceReader,
     Unit,
+    input_files,
+    open_input,
     read_dataset_image,
     safe_key,
     unique_keys,
 )
 from vlmflow.errors import UserError
+from vlmflow.remote import URL
 from vlmflow.specs.data import ParquetSource
-
-
-def _files(spec: ParquetSource) -> list[tuple[Path, str]]:
-    """(file, key prefix) pairs, sorted; prefixes are unique."""
-    if spec.path.is_file():
-        return [(spec.path, safe_key(spec.path.stem))]
-    files = sorted((p for p in spec.path.rglob("*.parquet") if p.is_file()), key=lambda p: p.as_posix())
-    if not files:
-        raise UserError(f"{spec.path}: no .parquet files in this folder")
-    names = [safe_key(PurePosixPath(p.relative_to(spec.path).as_posix()).with_suffix("")) for p in files]
-    return list(zip(files, unique_keys(names), strict=True))
 
 
 def _is_text(kind: pa.DataType) -> bool:
@@ -54,7 +52,7 @@ def _is_bytes(kind: pa.DataType) -> bool:
     return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
 
 
-def _check_schema(spec: ParquetSource, path: Path, schema: pa.Schema) -> None:
+def _check_schema(spec: ParquetSource, path: Path | URL, schema: pa.Schema) -> None:
     named = {"image": spec.image_column, "caption": spec.caption_column, "key": spec.key_column}
     for what, name in {**named, "label": spec.label_column}.items():
         if name is not None and name not in schema.names:
@@ -71,7 +69,7 @@ def _check_schema(spec: ParquetSource, path: Path, schema: pa.Schema) -> None:
 
 
 def check_caption_column(
-    path: Path, schema: pa.Schema, column: str, is_text: Callable[[pa.DataType], bool] = _is_text
+    path: Path | URL, schema: pa.Schema, column: str, is_text: Callable[[pa.DataType], bool] = _is_text
 ) -> None:
     """A caption column holds strings or lists of strings (`is_text` says what a string is)."""
     caption = schema.field(column).type
@@ -80,9 +78,20 @@ def check_caption_column(
         raise UserError(f"{path}: caption column {column!r} has type {caption}; expected a string or a list of strings")
 
 
-def _open(path: Path) -> pq.ParquetFile:
+@contextmanager
+def parquet_file(path: Path | URL | str, identity: dict | None = None) -> Iterator[pq.ParquetFile]:
+    """The parquet file (local, or remote through `open_input`) with its metadata read, closed
+    afterwards; raises pyarrow's errors or OSError."""
+    with ExitStack() as stack:
+        parquet = pq.ParquetFile(stack.enter_context(open_input(path, identity)) if isinstance(path, URL) else path)
+        stack.callback(parquet.close)
+        yield parquet
+
+
+def _metadata(path: Path | URL, identity: dict | None) -> tuple[pa.Schema, pq.FileMetaData]:
     try:
-        return pq.ParquetFile(path)
+        with parquet_file(path, identity) as parquet:
+            return parquet.schema_arrow, parquet.metadata
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"{path}: cannot read parquet metadata: {exc}") from None
 
@@ -91,19 +100,21 @@ def _pieces(spec: ParquetSource, ctx: SourceContext) -> list[dict]:
     """Row ranges of at most shard_size rows, in file / row-group order, cut at `limit`."""
     pieces: list[dict] = []
     left = spec.limit if spec.limit is not None else float("inf")
-    for path, prefix in _files(spec):
-        parquet = _open(path)
-        _check_schema(spec, path, parquet.schema_arrow)
+    for file in input_files(spec.path, ".parquet"):
+        path = file.location
+        schema, metadata = _metadata(path, file.identity)
+        _check_schema(spec, path, schema)
         first_row = 0
-        for group in range(parquet.metadata.num_row_groups):
-            rows = parquet.metadata.row_group(group).num_rows
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
             for start in range(0, rows, ctx.shard_size):
                 stop = int(min(rows, start + ctx.shard_size, start + left))
                 if stop > start:
                     pieces.append(
                         {
-                            "file": str(path),
-                            "prefix": prefix,
+                            "file": path if isinstance(path, URL) else str(path),
+                            "identity": file.identity,
+                            "prefix": file.prefix,
                             "row_group": group,
                             "first_row": first_row,
                             "start": start,
@@ -124,7 +135,8 @@ def _assign_keys(spec: ParquetSource, pieces: list[dict]) -> None:
     names: list[str] = []
     for piece in pieces:
         if piece["file"] not in columns:
-            columns[piece["file"]] = pq.read_table(piece["file"], columns=[spec.key_column]).column(0).to_pylist()
+            with parquet_file(piece["file"], piece["identity"]) as parquet:
+                columns[piece["file"]] = parquet.read(columns=[spec.key_column]).column(0).to_pylist()
         values = columns[piece["file"]][piece["first_row"] + piece["start"] : piece["first_row"] + piece["stop"]]
         piece["null_keys"] = [i for i, v in enumerate(values) if v is None]
         rows = range(piece["first_row"] + piece["start"], piece["first_row"] + piece["stop"])
@@ -152,7 +164,7 @@ def plan(spec: ParquetSource, ctx: SourceContext) -> list[Unit]:
     return [Unit(ctx.name, i, part, sum(p["stop"] - p["start"] for p in part)) for i, part in enumerate(units)]
 
 
-def _image(spec: ParquetSource, value: object, base: Path) -> tuple[bytes | None, str, str]:
+def _image(spec: ParquetSource, value: object, base: Path | URL) -> tuple[bytes | None, str, str]:
     """(bytes, "", "") or (None, reason, detail)."""
     if isinstance(value, dict):
         value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
@@ -178,13 +190,15 @@ def _read_piece(spec: ParquetSource, piece: dict) -> Iterator[RawRow | Rejected]
     null_keys = set(piece.get("null_keys", []))
     wanted = [c for c in (spec.image_column, spec.caption_column, spec.label_column) if c is not None]
     try:
-        table = pq.ParquetFile(piece["file"]).read_row_group(piece["row_group"], columns=list(dict.fromkeys(wanted)))
+        with parquet_file(piece["file"], piece["identity"]) as parquet:
+            table = parquet.read_row_group(piece["row_group"], columns=list(dict.fromkeys(wanted)))
         columns = {name: table.column(name).slice(piece["start"], count).to_pylist() for name in wanted}
     except (pa.ArrowException, OSError) as exc:
         for key in keys:
             yield Rejected(key, "unreadable-shard", f"{piece['file']}: {exc}")
         return
-    base = spec.image_root or Path(piece["file"]).parent
+    file = piece["file"]
+    base = spec.image_root or (file.parent if isinstance(file, URL) else Path(file).parent)
     for i, key in enumerate(keys):
         if i in null_keys:
             yield Rejected(key, "malformed-annotation", f"{spec.key_column}: null at row {first + i}")

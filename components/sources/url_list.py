@@ -6,6 +6,7 @@ img2dataset does not install beside the pinned stack, so this is a small downloa
 response whose `X-Robots-Tag` holds `noai`, `noimageai`, `noindex` or `noimageindex` (for any
 user agent, `X-Robots-Tag: otherbot: noai` included) is `opted-out`, and its body is not read.
 
+The table may be an fsspec URL (`s3://bucket/urls.parquet`), read through fsspec like a local file.
 The plan reads the table on the driver and cuts its rows into units of `shard_size` rows; a
 unit's payload carries its rows' (key, url, captions), so a worker never opens the table. Keys
 are the row's index in the table, zero-padded to 9 digits: a rerun gives the same keys. A
@@ -41,16 +42,25 @@ import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, SourceReader, Unit, chunk
-from vlmflow.components.sources.parquet import check_caption_column
+from vlmflow.components.sources.base import (
+    SOURCES,
+    RawRow,
+    Rejected,
+    SourceContext,
+    SourceReader,
+    Unit,
+    chunk,
+    open_input,
+)
+from vlmflow.components.sources.parquet import check_caption_column, parquet_file
 from vlmflow.errors import UserError
 from vlmflow.images import to_rgb
 from vlmflow.specs.data import UrlListSource, UrlResize
@@ -97,21 +107,23 @@ def _is_text(kind: pa.DataType) -> bool:
 
 
 def _parquet_items(spec: UrlListSource) -> list[Item]:
-    try:
-        schema = pq.read_schema(spec.path)
-    except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{spec.path}: cannot read parquet metadata: {exc}") from None
     columns = [spec.url_column] + ([spec.caption_column] if spec.caption_column else [])
-    _check_columns(spec, schema.names)
-    url_type = schema.field(spec.url_column).type
-    if not _is_text(url_type):
-        raise UserError(f"{spec.path}: url column {spec.url_column!r} has type {url_type}; expected string")
-    if spec.caption_column:
-        check_caption_column(spec.path, schema, spec.caption_column, _is_text)
-    try:
-        table = pq.read_table(spec.path, columns=list(dict.fromkeys(columns)))
-    except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{spec.path}: cannot read the table: {exc}") from None
+    with ExitStack() as stack:
+        try:
+            parquet = stack.enter_context(parquet_file(spec.path))
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{spec.path}: cannot read parquet metadata: {exc}") from None
+        schema = parquet.schema_arrow
+        _check_columns(spec, schema.names)
+        url_type = schema.field(spec.url_column).type
+        if not _is_text(url_type):
+            raise UserError(f"{spec.path}: url column {spec.url_column!r} has type {url_type}; expected string")
+        if spec.caption_column:
+            check_caption_column(spec.path, schema, spec.caption_column, _is_text)
+        try:
+            table = parquet.read(columns=list(dict.fromkeys(columns)))
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{spec.path}: cannot read the table: {exc}") from None
     if spec.limit is not None:
         table = table.slice(0, spec.limit)
     urls = table.column(spec.url_column).to_pylist()
@@ -128,7 +140,7 @@ def _check_columns(spec: UrlListSource, names: list[str]) -> None:
 def _csv_items(spec: UrlListSource) -> list[Item]:
     items: list[Item] = []
     try:
-        with open(spec.path, encoding="utf-8-sig", newline="") as handle:
+        with open_input(spec.path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
             _check_columns(spec, list(reader.fieldnames or []))
             for row in reader:
@@ -149,7 +161,8 @@ def _jsonl_items(spec: UrlListSource) -> list[Item]:
     """One row per non-blank line; a line that is no JSON object is a malformed-annotation row."""
     items: list[Item] = []
     try:
-        lines = spec.path.read_text(encoding="utf-8-sig").splitlines()
+        with open_input(spec.path) as raw:
+            lines = raw.read().decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         raise UserError(f"{spec.path}: not UTF-8 text: {exc}") from None
     except OSError as exc:

@@ -1,8 +1,13 @@
-"""`webdataset`: existing WebDataset shards (a .tar file, or a folder of them searched recursively).
+"""`webdataset`: existing WebDataset shards (a .tar file, or a folder of them searched recursively;
+or an fsspec URL of one, or of a prefix holding them: `s3://bucket/shards/`).
 
-One unit per tar. The plan lists each tar's member headers (tarfile reads one 512-byte
+One unit per tar. The plan lists each local tar's member headers (tarfile reads one 512-byte
 header per member and seeks over the data, no image is read) to count its samples, so
-`Unit.rows` is exact for a sound tar and a lower estimate for a damaged one.
+`Unit.rows` is exact for a sound tar and a lower estimate for a damaged one. A remote tar is
+not read at plan time (its headers are spread over the whole object: counting them would
+download it twice), so its `Unit.rows` is 0, unknown, unless `limit` is set: then the tars are
+streamed in order to count their samples until the limit is reached. A remote tar is read with
+the ETag it was listed with; one changed since is `unreadable-shard` (see vlmflow.remote).
 
 Members are grouped the WebDataset way: the key is the path up to the first dot of the
 basename, the rest is the extension, and a sample is a run of consecutive members with
@@ -28,20 +33,21 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 
 from vlmflow.components.sources.base import (
     SOURCES,
+    InputFile,
     RawRow,
     Rejected,
     SourceContext,
     SourceReader,
     Unit,
+    input_files,
+    open_input,
     safe_key,
-    unique_keys,
 )
-from vlmflow.errors import UserError
+from vlmflow.remote import URL
 from vlmflow.specs.data import WebDatasetSource
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -59,16 +65,6 @@ def _split(name: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2).lower()) if match else None
 
 
-def _tars(spec: WebDatasetSource) -> list[tuple[Path, str]]:
-    if spec.path.is_file():
-        return [(spec.path, safe_key(spec.path.stem))]
-    tars = sorted((p for p in spec.path.rglob("*.tar") if p.is_file()), key=lambda p: p.as_posix())
-    if not tars:
-        raise UserError(f"{spec.path}: no .tar files in this folder")
-    names = [safe_key(PurePosixPath(p.relative_to(spec.path).as_posix()).with_suffix("")) for p in tars]
-    return list(zip(tars, unique_keys(names), strict=True))
-
-
 def _kind(member: tarfile.TarInfo) -> str | None:
     """The member's kind, "file", "link" or "special" (it belongs to a sample); None for a directory."""
     if member.isfile():
@@ -80,11 +76,13 @@ def _kind(member: tarfile.TarInfo) -> str | None:
     return "special"  # character / block device, FIFO, or a type tarfile does not know
 
 
-def _count_samples(path: Path) -> int:
-    """Samples in the tar from its member headers; the count so far when the tar is damaged."""
+def _count_samples(tar_file: InputFile) -> int:
+    """Samples in the tar from its member headers (a remote tar is streamed); the count so far
+    when the tar is damaged."""
     count, previous = 0, None
+    mode = "r|" if isinstance(tar_file.location, URL) else "r:"
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open_input(tar_file.location, tar_file.identity) as raw, tarfile.open(fileobj=raw, mode=mode) as tar:
             for member in tar:
                 parts = _split(member.name) if _kind(member) else None
                 if parts and parts[0] != previous:
@@ -97,18 +95,21 @@ def _count_samples(path: Path) -> int:
 def plan(spec: WebDatasetSource, ctx: SourceContext) -> list[Unit]:
     units = []
     left = spec.limit
-    for path, prefix in _tars(spec):
+    for tar in input_files(spec.path, ".tar"):
         if left is not None and left <= 0:
             break
-        count = _count_samples(path)
+        remote = isinstance(tar.location, URL)
+        count = 0 if remote and left is None else _count_samples(tar)
         rows = count if left is None else min(count, left)
-        units.append(Unit(ctx.name, len(units), {"path": str(path), "prefix": prefix, "max_samples": left}, rows))
+        where = tar.location if remote else str(tar.location)
+        payload = {"path": where, "prefix": tar.prefix, "max_samples": left, "identity": tar.identity}
+        units.append(Unit(ctx.name, len(units), payload, rows))
         if left is not None:
             left -= count
     return units
 
 
-def _members(path: str) -> Iterator[tuple[str, str, tarfile.TarInfo, IO[bytes] | None]]:
+def _members(path: str | URL, identity: dict | None) -> Iterator[tuple[str, str, tarfile.TarInfo, IO[bytes] | None]]:
     """(sample key, extension, header, data stream) of each member but directories, streamed;
     raises the tar's errors. The stream (None for a link or special member) is read, if at all,
     before the next member is asked for (the tar is read in one pass).
@@ -116,7 +117,7 @@ def _members(path: str) -> Iterator[tuple[str, str, tarfile.TarInfo, IO[bytes] |
     tarfile ends quietly at a truncated or garbled header, so the bytes after the last
     member must be the end-of-archive zero blocks: anything else is reported as damage.
     """
-    with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+    with open_input(path, identity) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
         for member in tar:
             kind = _kind(member)
             parts = _split(member.name) if kind else None
@@ -249,7 +250,7 @@ def read(spec: WebDatasetSource, ctx: SourceContext, unit: Unit) -> Iterator[Raw
         return _sample(spec, key, sample)
 
     done, current = 0, None
-    members = _members(path)
+    members = _members(path, unit.payload.get("identity"))
     try:
         for sample_key, ext, member, stream in members:
             if current is not None and sample_key != current.key:

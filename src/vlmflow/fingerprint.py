@@ -23,6 +23,13 @@ Files
     fifos and devices are skipped (never opened). The folder given itself is always walked,
     whatever its name.
 
+Remote inputs
+    An fsspec URL in a config (`vlmflow.remote.URL`, e.g. `s3://bucket/shards/`) is described
+    by the objects it names, each by what its store reports of its content from one listing
+    call: ETag, size, and version id where present (`vlmflow.remote.identity`). Nothing is
+    downloaded for it (the ingest reads each object once), and a changed object changes the key.
+    The URL itself is part of the description, as a local path's name is.
+
 Code
     `code_digest` hashes the static import closure of some modules, parsed with `ast` and never
     imported (locating a module only asks the import system's finders; see `_find_spec`).
@@ -59,6 +66,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from vlmflow.artifacts import canonical_json, digest_of, file_sha256
+from vlmflow.remote import URL, list_objects
 
 log = logging.getLogger(__name__)
 
@@ -331,8 +339,15 @@ def fingerprint_path(path: Path | str, base: Path | str | None = None, cache: Ha
     return {"path": rel, "special": True}
 
 
+def fingerprint_url(url: URL) -> dict:
+    """{"url": URL, "objects": [[name relative to the URL, {size, etag[, version]}], ...]} (see
+    "Remote inputs" above); a UserError naming the URL when it names nothing or cannot be listed."""
+    return {"url": str(url), "objects": [[o.name, o.identity] for o in list_objects(url)]}
+
+
 def fingerprint_value(value: Any, base: Path | str | None = None, cache: HashCache | None = None) -> Any:
-    """JSON-like data with every `pathlib` path replaced by its `fingerprint_path`; strings stay strings.
+    """JSON-like data with every `pathlib` path replaced by its `fingerprint_path`, every remote URL
+    by its `fingerprint_url`; other strings stay strings.
 
     Walks dicts (values), lists, tuples, sets (sorted), pydantic models (`model_dump(mode="python")`)
     and dataclass instances; other scalars are returned as they are.
@@ -343,6 +358,8 @@ def fingerprint_value(value: Any, base: Path | str | None = None, cache: HashCac
 
 
 def _fingerprint_value(value: Any, base: Path | str | None, cache: HashCache) -> Any:
+    if isinstance(value, URL):
+        return fingerprint_url(value)
     if isinstance(value, PurePath):
         return fingerprint_path(Path(value), base, cache)
     if isinstance(value, BaseModel):

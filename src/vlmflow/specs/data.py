@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, ValidatorFunctionWrapHandler, WrapValidator, model_validator
 
 from vlmflow.component import operational
+from vlmflow.remote import CREDENTIALS_HELP, URL, looks_like_url
+from vlmflow.specs import base
 from vlmflow.specs.base import ExistingDir, ExistingFile, ExistingPath, Float, Int, Seed, StrictModel
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
@@ -41,6 +45,99 @@ def max_image_bytes_field() -> Any:  # a pydantic FieldInfo
         description="largest image file read from local disk, in bytes; a bigger one is quarantined as "
         "too-large (its size is checked before reading, and the read stops past the limit)",
     )
+
+
+def _path_or_url(*checks: Callable[[Path], Path]) -> WrapValidator:
+    """A `scheme://...` string is a URL (its form checked, no network); anything else a path,
+    resolved against the spec's folder, that passes CHECKS (exists, is a file / a folder)."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        if isinstance(value, URL):
+            return value
+        if isinstance(value, str) and looks_like_url(value):
+            return URL.parse(value)
+        if not isinstance(value, str | PurePath):
+            raise ValueError(f"expected a path or an fsspec URL, got {type(value).__name__}")
+        path = base._resolve(Path(value), info)
+        for check in checks:
+            path = check(path)
+        return path
+
+    return WrapValidator(validate)
+
+
+# An input that is a local path (relative to the spec's folder, existing) or an fsspec URL.
+ExistingPathOrUrl = Annotated[ExistingPath | URL, _path_or_url(base._must_exist)]
+ExistingFileOrUrl = Annotated[ExistingFile | URL, _path_or_url(base._must_exist, base._must_be_file)]
+ExistingDirOrUrl = Annotated[ExistingDir | URL, _path_or_url(base._must_exist, base._must_be_dir)]
+
+SECRET_OPTIONS = frozenset(
+    {"key", "secret", "token", "password", "session_token", "access_key", "secret_key", "credentials"}
+    | {"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "client_kwargs", "config_kwargs"}
+)
+
+
+class StorageOptions(StrictModel):
+    """How an `s3://` input is reached (non-secret settings only; credentials come from the environment)."""
+
+    endpoint_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^@/?#\s]+(/[^@?#\s]*)?$",
+        description="an S3-compatible store's endpoint "
+        "(MinIO...); default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS",
+    )
+    region: str | None = Field(None, pattern=r"^[a-z0-9-]+$", description="the bucket's region; default: AWS_REGION")
+    profile: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.+=@-]+$", description="a profile of ~/.aws/credentials; default: AWS_PROFILE"
+    )
+    anon: bool = Field(False, description="read a public bucket without credentials")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            secrets = sorted(str(k) for k in data if str(k).lower() in SECRET_OPTIONS)
+            if secrets:
+                raise ValueError(f"{', '.join(secrets)}: {CREDENTIALS_HELP}")
+        return data
+
+    def fsspec_options(self, protocol: str) -> dict[str, Any]:
+        """The s3fs keyword arguments these settings make."""
+        if protocol not in ("s3", "s3a"):
+            raise ValueError(
+                f"storage_options apply to s3:// URLs; {protocol}:// reads its settings from its environment"
+            )
+        options: dict[str, Any] = {"anon": self.anon} if self.anon else {}
+        if self.endpoint_url:
+            options["endpoint_url"] = self.endpoint_url
+        if self.region:
+            options["client_kwargs"] = {"region_name": self.region}
+        if self.profile:
+            options["profile"] = self.profile
+        return options
+
+
+def storage_options_field() -> Any:  # a pydantic FieldInfo
+    return operational(
+        None,
+        description="for s3:// URLs: endpoint_url, region, profile, anon (never credentials: those come from "
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile); what is read is in the cache key by its ETags",
+    )
+
+
+class RemoteInputs(SourceBase):
+    """A source whose inputs may be fsspec URLs: its `storage_options` reach them."""
+
+    storage_options: StorageOptions | None = storage_options_field()
+
+    @model_validator(mode="after")
+    def _bind_urls(self) -> RemoteInputs:
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, URL):
+                options = self.storage_options.fsspec_options(value.protocol) if self.storage_options else {}
+                object.__setattr__(self, name, value.with_options(options))
+        return self
 
 
 class SyntheticShapesSource(SourceBase):
@@ -112,11 +209,14 @@ class LlavaJsonSource(SourceBase):
     max_image_bytes: Int = max_image_bytes_field()
 
 
-class ParquetSource(SourceBase):
+class ParquetSource(RemoteInputs):
     """Parquet file(s) with image bytes (or HF-style {bytes, path} structs, or paths) and text."""
 
     kind: Literal["parquet"]
-    path: ExistingPath = Field(description="a .parquet file, or a folder read recursively for them")
+    path: ExistingPathOrUrl = Field(
+        description="a .parquet file, or a folder read recursively for them; or an fsspec URL "
+        "(s3://bucket/file.parquet, or a prefix read recursively for .parquet objects)"
+    )
     image_column: str = Field(
         "image", description="the column holding each image: bytes, a {bytes, path} struct, or a path"
     )
@@ -125,8 +225,10 @@ class ParquetSource(SourceBase):
     )
     key_column: str | None = Field(None, description="the column holding each row's key (unique); default: FILE-ROW")
     label_column: str | None = Field(None, description="the column holding a class label")
-    image_root: ExistingDir | None = Field(
-        None, description="folder of the image paths (default: the parquet file's folder); paths stay inside it"
+    image_root: ExistingDirOrUrl | None = Field(
+        None,
+        description="folder (or fsspec URL prefix) of the image paths (default: the parquet file's folder); "
+        "paths stay inside it",
     )
     allow_outside_paths: bool = allow_outside_paths_field()
     max_image_bytes: Int = max_image_bytes_field()
@@ -146,11 +248,13 @@ class UrlResize(StrictModel):
     size: Int = Field(ge=8, le=8192, description="pixels")
 
 
-class UrlListSource(SourceBase):
+class UrlListSource(RemoteInputs):
     """A table of image URLs and captions (img2dataset's input), downloaded by the ingest tasks."""
 
     kind: Literal["url-list"]
-    path: ExistingFile = Field(description="the table: a .parquet, .csv or .jsonl file (by suffix)")
+    path: ExistingFileOrUrl = Field(
+        description="the table: a .parquet, .csv or .jsonl file (by suffix), or an fsspec URL of one (s3://...)"
+    )
     url_column: str = Field("url", min_length=1, description="the column (jsonl: key) holding each image's URL")
     caption_column: str | None = Field(
         "caption", min_length=1, description="the column holding the caption (a string or a list); null: none"
@@ -180,12 +284,13 @@ class UrlListSource(SourceBase):
         return self
 
 
-class WebDatasetSource(SourceBase):
-    """Existing WebDataset shards (a .tar file or a folder of them)."""
+class WebDatasetSource(RemoteInputs):
+    """Existing WebDataset shards (a .tar file or a folder of them, local or behind an fsspec URL)."""
 
     kind: Literal["webdataset"]
-    path: ExistingPath = Field(
-        description="a .tar shard or a folder of them (each sample KEY.jpg|png|... beside its caption)"
+    path: ExistingPathOrUrl = Field(
+        description="a .tar shard or a folder of them (each sample KEY.jpg|png|... beside its caption); or an "
+        "fsspec URL of one, or of a prefix read recursively for .tar objects (s3://bucket/shards/)"
     )
     caption_key: str = Field("txt", description="extension holding the caption, or json with 'caption(s)'")
     max_image_bytes: Int = Field(
