@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,26 @@ def _same_process(entry: dict) -> Any:
         return None
 
 
+RAY_SESSION = re.compile(r"/session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+/")
+
+
+def _ray_session_workers(data: dict, known: set[int]) -> list[Any]:
+    """Ray workers the run's Ray started after it recorded its processes: those whose command
+    line names that Ray's own session folder (its name holds the start time and the driver's
+    pid) and that started after the driver."""
+    import psutil
+
+    sessions = {m[0] for e in data.get("processes", []) if e.get("role") == "ray"
+                for m in RAY_SESSION.finditer(" ".join(e.get("cmdline", [])))}  # fmt: skip
+    started = data.get("driver", {}).get("create_time", 0.0)
+    found = []
+    for proc in psutil.process_iter(["cmdline", "create_time"]) if sessions else []:
+        text = " ".join(proc.info["cmdline"] or [])
+        if proc.pid not in known and proc.info["create_time"] >= started and any(s in text for s in sessions):
+            found.append(proc)
+    return found
+
+
 def reap_dead_runs(workdir: Path, grace_s: float = 3.0) -> list[str]:
     """Stop what runs in `workdir` left behind when their driver died (SIGKILL, OOM, a lost
     machine): for each run folder still holding processes.json whose driver (on this host) is
@@ -148,6 +169,7 @@ def reap_dead_runs(workdir: Path, grace_s: float = 3.0) -> list[str]:
         if driver_alive(data.get("driver")) is not False:
             continue
         procs = [p for p in (_same_process(e) for e in data.get("processes", [])) if p is not None]
+        procs += _ray_session_workers(data, {p.pid for p in procs})
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.terminate()

@@ -215,6 +215,7 @@ class RecipeRun:
         )
         name = self.recipe.name if self.flow == "recipe" else f"{self.recipe.name} {self.flow}"
         self.parent_run = self.tracker.start(name, self._tags())
+        self.summary.update(mlflow_run_id=self.parent_run, mlflow_tracking_uri=uri)  # a failed run names it too
         self.tracker.log(
             self.parent_run, params={"seed": str(self.recipe.seed), "spec_path": self.summary["spec_path"]}
         )
