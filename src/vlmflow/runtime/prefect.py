@@ -279,7 +279,7 @@ class RecipeRun:
                     self.summary["error"] = f"recording the run failed: {cause}"
                 with contextlib.suppress(Exception):
                     self._save()
-                if ok and self.tracker and self.parent_run:
+                if self.tracker and self.parent_run:  # never left RUNNING, nor FINISHED
                     with contextlib.suppress(Exception):
                         self.tracker.finish(self.parent_run, False)
                 raise
