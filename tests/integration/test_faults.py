@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -216,7 +217,11 @@ def test_an_unwritable_workdir_is_one_line_for_a_user_without_write_permission(t
         command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command[:-1], str(workdir / "inner")]
     workdir.mkdir()
     workdir.chmod(0o555)
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    try:
+        result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    finally:
+        if workdir.parent != tmp_path:
+            shutil.rmtree(workdir.parent)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
