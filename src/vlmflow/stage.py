@@ -1,17 +1,18 @@
 """The stage contract every component implements, the data a stage hands on, and `run_stage`:
 the one place a step's artifact is reused or built (the Prefect task, tests and benchmarks
-call it)."""
+call it), on the executor it is given (vlmflow.runtime.executor: Ray by default)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmflow.artifacts import ArtifactStore, file_lock
+from vlmflow.runtime.executor import Executor, executor_for, trains_on_ray
 
 if TYPE_CHECKING:
     from vlmflow.pipeline import Step
@@ -33,7 +34,8 @@ class StageOutput:
 class StageContext:
     """What a component's run function gets: `config` is the step's typed config, `inputs` the
     upstream artifacts by port, `out` the build folder (DIGEST.partial, committed as DIGEST when
-    run returns); `recipe` carries the settings every step shares (seed, model, runtime)."""
+    run returns); `recipe` carries the settings every step shares (seed, model, runtime);
+    `executor` runs the step's maps (Ray by default; a LocalExecutor runs them in process)."""
 
     recipe: Any
     store: ArtifactStore
@@ -45,6 +47,7 @@ class StageContext:
     name: str = ""
     field: tuple = ()  # where the spec declares the step (or the settings it runs with)
     register: bool = False  # the run registers the model this step writes
+    executor: Executor = dataclasses.field(default_factory=lambda: executor_for("ray"))  # `field` is taken
 
 
 @dataclass
@@ -77,22 +80,24 @@ def run_stage(
     recipe: Any,
     store: ArtifactStore,
     progress: str = "auto",
-    before_compute: Callable[[], Any] | None = None,
+    executor: Executor | None = None,
 ) -> tuple[str, dict]:
     """Reuse the step's artifact (`cached`) or build and commit it (`computed`): (status, stats).
     A lock per artifact makes a second run at the same time wait and then find it cached.
-    before_compute: called before a build starts (the run starts Ray there, once)."""
+    executor: where the build's work runs (default: Ray, started by a plain `ray.init()` on first
+    use); a step that trains starts Ray through it (Ray Train runs on Ray whatever the executor)."""
+    executor = executor or executor_for("ray")
     with file_lock(store.root / step.name / f"{digest}.lock"):
         if store.is_complete(step.name, digest):
             log.info("%s: cached (%s)", step.name, digest)
             return "cached", store.stats(step.name, digest)
-        if before_compute is not None:
-            before_compute()
+        if trains_on_ray(step.component):
+            executor.start_ray()
         log.info("%s: computing (%s)", step.name, digest)
         started = time.monotonic()
         ctx = StageContext(
             recipe, store, store.partial(step.name, digest), digest, inputs, progress,
-            step.config, step.name, step.field, step.register,
+            step.config, step.name, step.field, step.register, executor,
         )  # fmt: skip
         result = step.component.call("run", ctx)
         stats = result.stats(time.monotonic() - started)

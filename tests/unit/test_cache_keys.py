@@ -158,6 +158,7 @@ FIELD_CASES = {
     "ray cpus": (["runtime.ray.num_cpus=1", "runtime.ray.include_dashboard=true"], set()),
     "ray address": (["runtime.ray.address=ray://head:10001"], set()),
     "progress": (["runtime.progress=log"], set()),
+    "executor": (["runtime.executor=local"], set()),  # the same artifacts in process or on Ray
     "mlflow": (["runtime.mlflow.experiment=other", "runtime.mlflow.tracking_uri=sqlite:///x.db"], set()),
     "workdir": (["runtime.workdir=elsewhere"], set()),
     "train knobs": (

@@ -50,6 +50,7 @@ from vlmflow.progress import StepProgress, reporting_to
 from vlmflow.results import model_eval_tags, run_note
 from vlmflow.runs import PROCESSES, record_processes, started_processes
 from vlmflow.runtime.environment import environment
+from vlmflow.runtime.executor import executor_for
 from vlmflow.runtime.ray import init_ray
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import StageOutput, run_stage
@@ -639,8 +640,9 @@ def stage_task(run: RecipeRun, step: Step, digest: str, inputs: dict[str, StageO
     watch = run.watch(step, digest, child)
     try:
         with reporting_to(run.progress_sink(child)):
+            executor = executor_for(run.recipe.runtime.executor, start_ray=run.ensure_ray)
             status, stats = run_stage(
-                step, digest, inputs, run.recipe, run.store, run.recipe.runtime.progress, before_compute=run.ensure_ray
+                step, digest, inputs, run.recipe, run.store, run.recipe.runtime.progress, executor
             )
     except BaseException as error:
         streamed = watch.stop()

@@ -1,5 +1,6 @@
 """Ray, written once: start or join a cluster, map a function over units of work, and map
 batches over a pool of actors that hold a model (evaluation; CapFilt through Ray Data).
+`RayExecutor` is the default executor of a stage (vlmflow.runtime.executor).
 
 One unit of work is one task (an ingest unit is one shard). Tasks retry when a worker
 dies (`max_retries`), so a killed worker does not change a stage's output; results come
@@ -24,6 +25,7 @@ from ray.util import ActorPool
 
 from vlmflow.errors import UserError
 from vlmflow.progress import Progress
+from vlmflow.runtime.executor import BLOCKS_PER_ACTOR
 from vlmflow.specs.recipe import RaySpec
 
 log = logging.getLogger("vlmflow")
@@ -187,9 +189,6 @@ def release_actors() -> None:
     _pool.clear()
 
 
-BLOCKS_PER_ACTOR = 8
-
-
 def require_gpus(per_actor: float, what: str) -> None:
     """Actors asking for GPUs the Ray cluster does not have would wait forever: say so instead."""
     if per_actor <= 0:
@@ -250,6 +249,49 @@ def map_jobs_on_ray_data(
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = saved
     return results
+
+
+class RayExecutor:
+    """The executor on Ray (vlmflow.runtime.executor.Executor): the maps above, with Ray started by
+    `start` (the run's start-up; None: a plain `ray.init()`) before its first use, so that a stage
+    with nothing to map, and a run whose stages are all cached, never starts it."""
+
+    def __init__(self, start: Callable[[], Any] | None = None):
+        self._start = start
+
+    def start_ray(self) -> None:
+        if self._start is not None:
+            self._start()
+        elif not ray.is_initialized():
+            ray.init()
+
+    def map_units(self, fn: Callable[..., T], units: Sequence[Any], **options: Any) -> list[T]:
+        if units:
+            self.start_ray()
+        return map_units(fn, units, **options)
+
+    def map_on_actors(
+        self, actor_class: type, init_args: tuple, method: str, batches: Sequence[Any], **options: Any
+    ) -> list[Any]:
+        if batches:
+            self.start_ray()
+        return map_on_actors(actor_class, init_args, method, batches, **options)
+
+    def map_jobs(self, actor_class: type, init_args: tuple, jobs: Sequence[dict], **options: Any) -> list[dict]:
+        if jobs:
+            self.start_ray()
+        return map_jobs_on_ray_data(actor_class, init_args, jobs, **options)
+
+    def require_gpus(self, per_actor: float, what: str) -> None:
+        if per_actor > 0:
+            self.start_ray()
+        require_gpus(per_actor, what)
+
+    def dask_scheduler(self) -> Any:
+        from ray.util.dask import ray_dask_get
+
+        self.start_ray()
+        return ray_dask_get
 
 
 class _JsonRows:

@@ -66,6 +66,13 @@ class RuntimeSpec(StrictModel):
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
     allow_outside_paths: bool = Field(False, description="allow paths outside the spec's folder")
     progress: Literal["auto", "bar", "log"] = "auto"
+    executor: Literal["ray", "local"] = Field(
+        "ray",
+        description="where the stages' work runs: `ray` (Ray tasks and actor pools, Ray started when a stage "
+        "first needs it) or `local` (in this process, in order: for tests and debugging). A stage writes the "
+        "same artifact either way, so it is in no cache key. Training runs on Ray Train under both: with "
+        "`local`, a run that trains still starts Ray, for Ray Train only",
+    )
 
 
 CONCISE_SECTIONS = ("data", "tokenizer", "instruct", "stages", "capfilt", "evaluate")
