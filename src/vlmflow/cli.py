@@ -151,6 +151,14 @@ def _prefect_env(workdir: Path) -> None:
         os.environ.setdefault("PREFECT_HOME", str((workdir / "prefect").resolve()))
 
 
+def _check_servers(recipe: Recipe, workdir: Path) -> None:
+    """The tracking and Prefect servers the run will use answer (one line now if not)."""
+    from vlmflow.runtime.servers import check_servers
+    from vlmflow.tracking import tracking_uri
+
+    check_servers(tracking_uri(workdir, recipe.runtime.mlflow.tracking_uri))
+
+
 @cli.command()
 @click.argument("spec", type=SpecPath(dir_okay=False))
 @workdir_option
@@ -160,6 +168,7 @@ def run(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
     recipe = _load(spec, overrides)
     workdir = _workdir(recipe, workdir)
     check_writable(workdir)  # a read-only or full workdir: one line now, not Prefect's time-out
+    _check_servers(recipe, workdir)
     plan = _checked_plan(spec, overrides, recipe, workdir)
     _prefect_env(workdir)
     from vlmflow.flows.recipe import run_recipe
@@ -307,6 +316,7 @@ def evaluate(spec: str, model: str, workdir: Path | None, overrides: tuple[str, 
     recipe = _load(spec, overrides)
     workdir = _workdir(recipe, workdir)
     check_writable(workdir)
+    _check_servers(recipe, workdir)
     _prefect_env(workdir)
     from vlmflow.flows.evaluate import evaluate_flow
 
@@ -329,6 +339,7 @@ def refresh(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None
     recipe = _load(spec, overrides)
     workdir = _workdir(recipe, workdir)
     check_writable(workdir)
+    _check_servers(recipe, workdir)
     _prefect_env(workdir)
     from vlmflow.flows.data_refresh import data_refresh_flow
     from vlmflow.versions import render
