@@ -580,12 +580,11 @@ class RecipeRun:
         self._publish([entry], f"stage-{stage.name}", f"{stage.name}: {status} ({stage.component.name})")
 
     def _publish(self, stages: list[dict], key: str, description: str) -> None:
-        """The stages as a markdown table artifact of the current Prefect task or flow run."""
-        assert self.tracker is not None
+        """The stages as a markdown table artifact of the current Prefect task or flow run (also
+        of a run that failed before its MLflow run opened: then no stage has a run to link)."""
+        link = self.tracker.run_url if self.tracker is not None else str
         try:
-            create_markdown_artifact(
-                markdown=stage_table(stages, self.tracker.run_url), key=artifact_key(key), description=description
-            )
+            create_markdown_artifact(markdown=stage_table(stages, link), key=artifact_key(key), description=description)
         except Exception as exc:  # the run's own record (summary.json, MLflow) is complete without it
             log.warning("could not publish the Prefect artifact %s: %s", key, exc)
 
