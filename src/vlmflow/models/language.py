@@ -49,7 +49,7 @@ class TextEncoder(nn.Module):
     def __init__(self, spec: TinyTextEncoder, vocab_size: int, pad_id: int):
         super().__init__()
         self.max_length = spec.max_length
-        self.hidden_size = spec.hidden_size
+        self.hidden_size, self.heads = spec.hidden_size, spec.heads
         self.tokens = nn.Embedding(vocab_size, spec.hidden_size, padding_idx=pad_id)
         self.positions = nn.Embedding(spec.max_length, spec.hidden_size)
         layer = nn.TransformerEncoderLayer(

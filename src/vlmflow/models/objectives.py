@@ -141,12 +141,13 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class ContrastiveHead(nn.Module):
-    """Projections into a shared space; CLIP's temperature (init 1/0.07) and SigLIP's bias (init -10)."""
+    """Projections into a shared space; CLIP's temperature (init 1/0.07) and SigLIP's bias (init -10).
+    `text_proj`: a pretrained text tower's own projection into the shared space (default: a new one)."""
 
-    def __init__(self, image_dim: int, text_dim: int, embed_dim: int):
+    def __init__(self, image_dim: int, text_dim: int, embed_dim: int, text_proj: nn.Linear | None = None):
         super().__init__()
         self.image_proj = nn.Linear(image_dim, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
+        self.text_proj = text_proj if text_proj is not None else nn.Linear(text_dim, embed_dim, bias=False)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.bias = nn.Parameter(torch.tensor(-10.0))
 

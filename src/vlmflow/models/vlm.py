@@ -16,7 +16,8 @@ from torch import nn
 
 from vlmflow.models import objectives as obj
 from vlmflow.models.connectors import build_connector
-from vlmflow.models.language import TextEncoder, build_language
+from vlmflow.models.language import build_language
+from vlmflow.models.text import build_text
 from vlmflow.models.vision import build_vision
 from vlmflow.specs.model import ModelSpec
 
@@ -49,14 +50,14 @@ class VLM(nn.Module):
         if spec.connector is not None and self.language is not None:
             width = self.language.get_input_embeddings().embedding_dim
             self.connector = build_connector(spec.connector, self.vision.hidden_size, width, self.vision.num_tokens)
-        self.text = TextEncoder(spec.text, vocab.size, vocab.pad_id) if spec.text else None
+        self.text, text_proj = build_text(spec, vocab.size, vocab.pad_id, load_weights) if spec.text else (None, None)
         self.heads = nn.ModuleDict()
         if self.text is not None:
             self.heads["contrastive"] = obj.ContrastiveHead(
-                self.vision.hidden_size, self.text.hidden_size, spec.embed_dim
+                self.vision.hidden_size, self.text.hidden_size, spec.embed_dim, text_proj
             )
             self.heads["match"] = obj.MatchHead(
-                self.vision.hidden_size, self.text.hidden_size, spec.text.heads, spec.text.match_layers
+                self.vision.hidden_size, self.text.hidden_size, self.text.heads, spec.text.match_layers
             )
 
     @property

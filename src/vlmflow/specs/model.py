@@ -8,9 +8,11 @@ fails with a clear error.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from vlmflow.specs.base import Int, SpecPath, StrictModel
 
@@ -185,11 +187,82 @@ class TinyTextEncoder(StrictModel):
     )
 
 
+def hf_model_type_problem(folder: Path, accepted: tuple[str, ...], what: str) -> str | None:
+    """Why the Hugging Face folder's config.json is not one of the `accepted` model types (None: it is,
+    or the folder or its config.json is absent: checked again when the model is built)."""
+    config = folder / "config.json"
+    try:
+        data = json.loads(config.read_text()) if config.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{config}: cannot read it as JSON: {exc}"
+    found = data.get("model_type") if isinstance(data, dict) else None
+    if not config.is_file() or found in accepted:
+        return None
+    return (
+        f"{folder} holds a {found or 'model of no model_type'} model; {what} takes model_type {' or '.join(accepted)}"
+    )
+
+
+class HfText(StrictModel):
+    """A pretrained text tower from a local Hugging Face folder (config.json, safetensors and the
+    tokenizer.json it was trained with). The recipe's tokenizer must be that folder's
+    (`tokenizer: {kind: pretrained, path: SAME_FOLDER}`); the tower adds the special tokens its
+    tokenizer adds (CLIP's start/end of text, BERT's [CLS]/[SEP], SigLIP's </s>)."""
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
+    kind: str  # each kind's Literal
+    path: SpecPath = Field(description="the local Hugging Face model folder (its model type is checked when it exists)")
+    max_length: Int = Field(64, ge=1, description="longest text in tokens, without the tower's special tokens")
+    match_layers: Int = Field(1, ge=1, le=12, description="layers of the ITM head (as tiny-text's match_layers)")
+
+    @field_validator("path")
+    @classmethod
+    def _model_type(cls, path: Path) -> Path:
+        problem = hf_model_type_problem(path, cls.MODEL_TYPES, cls.model_fields["kind"].annotation.__args__[0])
+        if problem:
+            raise ValueError(problem)
+        return path
+
+
+class HfClipText(HfText):
+    """CLIP's text transformer (a CLIPTextModel, CLIPTextModelWithProjection or whole CLIPModel folder):
+    the end-of-text token's output is the text's embedding; the folder's text_projection (a
+    ...WithProjection or CLIPModel folder) projects it into the shared space (embed_dim must be its
+    projection_dim), else a new linear layer does."""
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("clip_text_model", "clip")
+    kind: Literal["hf-clip-text"]
+    max_length: Int = Field(75, ge=1, description="longest text in tokens, without the start/end tokens")
+
+
+class HfSiglipText(HfText):
+    """SigLIP's text transformer (a SiglipTextModel or whole SiglipModel folder), fed as it was
+    trained: padded to its positions with no attention mask; the last position's output through the
+    folder's head is the text's embedding (embed_dim must be the head's projection_size)."""
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("siglip_text_model", "siglip")
+    kind: Literal["hf-siglip-text"]
+    max_length: Int = Field(63, ge=1, description="longest text in tokens, without the end token")
+
+
+class HfBert(HfText):
+    """BERT (BLIP's text encoder, a BertModel or BertFor... folder): the [CLS] output, through a new
+    linear layer, is the text's ITC embedding; ITM is the model's match head (`match_layers` layers of
+    cross-attention to the image on the BERT's states, new weights)."""
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("bert",)
+    kind: Literal["hf-bert"]
+    max_length: Int = Field(62, ge=1, description="longest text in tokens, without [CLS] and [SEP]")
+
+
+Text = Annotated[TinyTextEncoder | HfClipText | HfSiglipText | HfBert, Field(discriminator="kind")]
+
+
 class ModelSpec(StrictModel):
     vision: Vision
     connector: Connector | None = Field(None, description="needed with a language model")
     language: Language | None = Field(None, description="a causal LM for the lm objective")
-    text: TinyTextEncoder | None = Field(None, description="a text encoder for itc / siglip / itm")
+    text: Text | None = Field(None, description="a text encoder for itc / siglip / itm")
     embed_dim: Int = Field(64, ge=4, description="shared embedding size of itc / siglip")
 
     @model_validator(mode="after")

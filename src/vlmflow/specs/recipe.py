@@ -163,7 +163,27 @@ def cross_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
         if recipe.model is not None:
             problems += _model_checks(recipe.model, stage, loc)
         seen.append(stage.name)
-    return problems + _capfilt_checks(recipe) + _evaluate_checks(recipe)
+    return problems + _text_tokenizer_checks(recipe) + _capfilt_checks(recipe) + _evaluate_checks(recipe)
+
+
+def _text_tokenizer_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """A pretrained text tower reads its own tokenizer's ids: the recipe's tokenizer is its folder's."""
+    text, tokenizer = recipe.model.text if recipe.model else None, recipe.tokenizer
+    if text is None or text.kind == "tiny-text" or tokenizer is None:
+        return []
+    language = recipe.model.language
+    if language is not None and language.kind == "hf-causal-lm" and language.path != text.path:
+        message = (
+            f"model.text ({text.kind}, {text.path}) and model.language (hf-causal-lm, {language.path}) read the ids "
+            "of different tokenizers, and a recipe has one: use a tiny-text encoder or a language model of the "
+            "text tower's tokenizer (tiny-llama)"
+        )
+        return [(("model", "text", "path"), message)]
+    if tokenizer.kind == "pretrained" and tokenizer.path in (text.path, text.path / "tokenizer.json"):
+        return []
+    loc = ("tokenizer", "path") if tokenizer.kind == "pretrained" else ("tokenizer", "kind")
+    message = f"model.text is a pretrained {text.kind} tower: feed it its own tokenizer's ids with "
+    return [(loc, message + f"tokenizer: {{kind: pretrained, path: {text.path}}}")]
 
 
 def _source_checks(recipe: Recipe, fields: list[tuple[tuple, list[str] | None]]) -> list[tuple[tuple, str]]:
