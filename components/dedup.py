@@ -1,7 +1,7 @@
 """Dedup: exact duplicates (same decoded pixels) and near duplicates (perceptual hash).
 
-The work is a join over the manifest, so it runs on dask dataframes (on Ray through
-`ray.util.dask` when Ray is up, else dask's threads), partitioned, never all in memory:
+The work is a join over the manifest, so it runs on dask dataframes on the stage executor's
+scheduler (Ray through `ray.util.dask`; dask's threads in process), partitioned, never all in memory:
 - exact: group by pixel_sha256; every row whose key is not the group's smallest key is a
   duplicate of it;
 - near: a 64-bit pHash split into threshold+1 bands (pigeonhole: two hashes within the
@@ -37,7 +37,7 @@ import unicodedata
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -52,26 +52,17 @@ if TYPE_CHECKING:
     import dask.dataframe as dd
     import pandas as pd
 
-# dask, pandas and Ray are imported by the functions that use them: declaring the component (and
-# validating or planning a recipe) imports none of them.
+# dask and pandas are imported by the functions that use them: declaring the component (and
+# validating or planning a recipe) imports neither. `scheduler`: what dask computes on (the stage
+# executor's dask_scheduler()).
 
 
-def _scheduler() -> object:
-    import ray
-
-    if ray.is_initialized():
-        from ray.util.dask import ray_dask_get
-
-        return ray_dask_get
-    return "threads"
-
-
-def exact_duplicates(frame: dd.DataFrame) -> pd.DataFrame:
+def exact_duplicates(frame: dd.DataFrame, scheduler: Any = "threads") -> pd.DataFrame:
     """(key, canonical) for every row whose pixels equal a row with a smaller key."""
     canonical = frame.groupby("pixel_sha256")["key"].min().rename("canonical").reset_index()
     joined = frame[["key", "pixel_sha256"]].merge(canonical, on="pixel_sha256")
     dups = joined[joined["key"] != joined["canonical"]][["key", "canonical"]]
-    return dups.compute(scheduler=_scheduler())
+    return dups.compute(scheduler=scheduler)
 
 
 def band_masks(threshold: int, bits: int = 64) -> list[tuple[int, int]]:
@@ -123,7 +114,7 @@ def _verify(part: pd.DataFrame, threshold: int, max_color: float) -> pd.DataFram
     return out[(out["distance"] <= threshold) & (out["color"] <= max_color)]
 
 
-def near_pairs(frame: dd.DataFrame, threshold: int, max_color: float) -> pd.DataFrame:
+def near_pairs(frame: dd.DataFrame, threshold: int, max_color: float, scheduler: Any = "threads") -> pd.DataFrame:
     """(key_a, key_b, distance, color) with key_a < key_b, Hamming(phash) <= threshold and
     mean |RGB| difference of the thumbnails <= max_color."""
     import pandas as pd
@@ -150,7 +141,7 @@ def near_pairs(frame: dd.DataFrame, threshold: int, max_color: float) -> pd.Data
             "color": pd.Series(dtype=np.float64),
         }
     )
-    found = candidates.map_partitions(_verify, threshold, max_color, meta=meta_out).compute(scheduler=_scheduler())
+    found = candidates.map_partitions(_verify, threshold, max_color, meta=meta_out).compute(scheduler=scheduler)
     return found.sort_values(["key_a", "key_b"]).reset_index(drop=True)
 
 
@@ -185,28 +176,28 @@ def clusters(pairs: pd.DataFrame) -> dict[str, tuple[str, int]]:
     return {k: (root, joined_by.get(k, 0)) for k, root in found.items() if root != k}
 
 
-def find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
+def find_duplicates(manifest: Path, spec: DedupSpec, scheduler: Any = "threads") -> pl.DataFrame:
     """Quarantine rows (key, reason, detail) for every duplicate in the manifest."""
     import dask
 
     with dask.config.set({"dataframe.convert-string": False}):  # one string dtype on both sides of the joins
-        return _find_duplicates(manifest, spec)
+        return _find_duplicates(manifest, spec, scheduler)
 
 
-def _find_duplicates(manifest: Path, spec: DedupSpec) -> pl.DataFrame:
+def _find_duplicates(manifest: Path, spec: DedupSpec, scheduler: Any) -> pl.DataFrame:
     import dask.dataframe as dd
     import pandas as pd
 
     frame = dd.read_parquet(str(manifest), columns=["key", "pixel_sha256", "phash", "thumb"])
     frame = frame.repartition(npartitions=spec.partitions)
     rows: list[dict] = []
-    exact = exact_duplicates(frame) if spec.exact else pd.DataFrame(columns=["key", "canonical"])
+    exact = exact_duplicates(frame, scheduler) if spec.exact else pd.DataFrame(columns=["key", "canonical"])
     for key, canonical in exact.sort_values("key").itertuples(index=False):
         rows.append({"key": key, "reason": f"duplicate-of:{canonical}", "detail": "exact: identical pixels"})
     if spec.near:
         survivors = frame[~frame["key"].isin(set(exact["key"]))]
         for key, (canonical, distance) in sorted(
-            clusters(near_pairs(survivors, spec.hamming_threshold, spec.max_color_difference)).items()
+            clusters(near_pairs(survivors, spec.hamming_threshold, spec.max_color_difference, scheduler)).items()
         ):
             rows.append(
                 {"key": key, "reason": f"duplicate-of:{canonical}", "detail": f"near: phash distance {distance}"}
@@ -360,7 +351,9 @@ def _verify_captions(part: pd.DataFrame, threshold: float) -> pd.DataFrame:
     return out[out["jaccard"] >= threshold]
 
 
-def caption_pairs(manifest: Path, spec: DedupSpec, skip: Iterable[str] = ()) -> pl.DataFrame:
+def caption_pairs(
+    manifest: Path, spec: DedupSpec, skip: Iterable[str] = (), scheduler: Any = "threads"
+) -> pl.DataFrame:
     """(key, duplicate_of, jaccard_estimate, jaccard) with duplicate_of < key for every pair of
     near-duplicate captions among the manifest's rows not in `skip`: a row with the same normalised
     text as a smaller key (jaccard 1), and pairs of distinct texts (their groups' smallest keys) whose
@@ -370,10 +363,10 @@ def caption_pairs(manifest: Path, spec: DedupSpec, skip: Iterable[str] = ()) -> 
     if "caption" not in pl.read_parquet_schema(manifest):
         return pl.DataFrame(schema=CAPTION_PAIRS_SCHEMA)
     with dask.config.set({"dataframe.convert-string": False}):
-        return _caption_pairs(manifest, spec, set(skip))
+        return _caption_pairs(manifest, spec, set(skip), scheduler)
 
 
-def _caption_pairs(manifest: Path, spec: DedupSpec, skip: set[str]) -> pl.DataFrame:
+def _caption_pairs(manifest: Path, spec: DedupSpec, skip: set[str], scheduler: Any) -> pl.DataFrame:
     import dask
     import dask.dataframe as dd
     import pandas as pd
@@ -411,7 +404,7 @@ def _caption_pairs(manifest: Path, spec: DedupSpec, skip: set[str]) -> pl.DataFr
         }
     )
     near = candidates.map_partitions(_verify_captions, spec.caption_threshold, meta=meta_out)
-    same, near = dask.compute(exact, near, scheduler=_scheduler())
+    same, near = dask.compute(exact, near, scheduler=scheduler)
     rows_out = [(k, c, 1.0, 1.0) for k, c in same.itertuples(index=False)]
     rows_out += list(near.itertuples(index=False, name=None))
     pairs = pl.DataFrame(rows_out, schema=CAPTION_PAIRS_SCHEMA, orient="row")
@@ -443,11 +436,12 @@ def run(ctx: StageContext) -> StageResult:
     source = ctx.inputs["data"]
     spec: DedupSpec = ctx.config
     manifest = pl.read_parquet(source.path / "manifest.parquet")
-    images = find_duplicates(source.path / "manifest.parquet", spec)
+    scheduler = ctx.executor.dask_scheduler()
+    images = find_duplicates(source.path / "manifest.parquet", spec, scheduler)
     metrics: dict[str, float] = {}
     dups = images
     if spec.captions != "none":  # on the rows the image dedup keeps: a row is quarantined once
-        pairs = caption_pairs(source.path / "manifest.parquet", spec, skip=images["key"].to_list())
+        pairs = caption_pairs(source.path / "manifest.parquet", spec, images["key"].to_list(), scheduler)
         pairs.write_parquet(ctx.out / "caption_pairs.parquet", statistics=False)
         by_caption = caption_quarantine(pairs)
         metrics |= {"caption_duplicate_pairs": pairs.height, "caption_duplicates": by_caption.height}

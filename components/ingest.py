@@ -142,9 +142,9 @@ def run(ctx: StageContext) -> StageResult:
     todo = [w for w in work if not (units_dir / f"{unit_name(w[2])}.manifest.parquet").exists()]
     shard_prefix = ctx.store.relative(ctx.store.path(ctx.name, ctx.digest)) + "/shards"
     filters = list(ctx.config.filters)
-    from vlmflow.runtime.ray import map_units  # Ray: imported when the stage runs
-
-    map_units(process_unit, todo, desc="ingest", args=(filters, str(ctx.out), shard_prefix), progress=ctx.progress)
+    ctx.executor.map_units(
+        process_unit, todo, desc="ingest", args=(filters, str(ctx.out), shard_prefix), progress=ctx.progress
+    )
     names = [unit_name(w[2]) for w in work]
     manifest = (
         pl.concat([pl.read_parquet(units_dir / f"{n}.manifest.parquet") for n in names], how="vertical")

@@ -29,7 +29,6 @@ from vlmflow.components import ingest, report
 from vlmflow.components.sources.base import SOURCES, SourceContext, Unit
 from vlmflow.fingerprint import HashCache, code_digest, fingerprint_path, fingerprint_value
 from vlmflow.pipeline import Step
-from vlmflow.runtime.ray import map_units
 from vlmflow.specs.base import StrictModel
 from vlmflow.specs.data import IngestSpec, source_name
 from vlmflow.specs.recipe import Recipe
@@ -187,7 +186,7 @@ class Refresh:
         todo = [u for u in self.units if not store.is_complete(UNITS, u.digest)]
         jobs = [(u.work, u.digest) for u in todo]
         args = (list(self.config.filters), str(store.root))
-        read = map_units(build_unit, jobs, desc="ingest: new units", args=args, progress=ctx.progress)
+        read = ctx.executor.map_units(build_unit, jobs, desc="ingest: new units", args=args, progress=ctx.progress)
         frames = [_unit_frames(store, u) for u in self.units]
         manifest = pl.concat([f[0] for f in frames] or [pl.DataFrame(schema=ingest.MANIFEST_SCHEMA)])
         quarantine = pl.concat([f[1] for f in frames] or [pl.DataFrame(schema=ingest.QUARANTINE_SCHEMA)])

@@ -85,15 +85,13 @@ def round_trip_rate(tokenizer: Tokenizer, texts: list[str], limit: int = 2000) -
 
 
 def corpus(ctx: StageContext) -> list[str]:
-    from vlmflow.runtime.ray import map_units  # here, so that train_bpe needs no Ray (a GPU test machine has none)
-
     source = ctx.inputs["data"]
     manifest = pl.read_parquet(source.path / "manifest.parquet", columns=["key", "shard"])
     shards = pl.read_parquet(source.path / "shards.parquet")
     sha = dict(zip(shards["shard"], shards["sha256"], strict=True))
     groups = manifest.group_by("shard", maintain_order=True).agg("key")
     work = [(str(ctx.store.root / s), sha[s], keys) for s, keys in groups.iter_rows()]
-    parts = map_units(shard_texts, work, desc="tokenizer: read text", progress=ctx.progress)
+    parts = ctx.executor.map_units(shard_texts, work, desc="tokenizer: read text", progress=ctx.progress)
     return [t for part in parts for t in part]
 
 

@@ -1,5 +1,6 @@
 """Shared by the instruct tests: a recipe with an `instruct:` section, an ingest artifact built
-in process (no Ray), and the instruct step run into a fresh build folder."""
+in process (run_stage on a LocalExecutor: no Ray), and the instruct step run into a fresh build
+folder (its context's executor local too)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from vlmflow.components.instruct import COMPONENT as INSTRUCT
 from vlmflow.components.instruct import stage as instruct_stage
 from vlmflow.fingerprint import HashCache
 from vlmflow.pipeline import Step, step_digest
-from vlmflow.runtime import ray as ray_runtime
+from vlmflow.runtime.executor import LocalExecutor
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import StageContext, StageOutput, StageResult, run_stage
 
@@ -31,10 +32,6 @@ def make_recipe(spec_dir: Path, instruct: dict | None = None, sources: list | No
     return Recipe.model_validate(raw, context={"spec_dir": spec_dir, "allow_outside_paths": True})
 
 
-def _serial(fn, units, *, desc, args=(), **_kw):
-    return [fn(unit, *args) for unit in units]
-
-
 def _digest(step: Step, recipe: Recipe, inputs: dict[str, StageOutput]) -> str:
     digests = {port: out.digest for port, out in inputs.items()}
     return step_digest(step, recipe, digests, HashCache(None), recipe.spec_dir())
@@ -48,12 +45,11 @@ def instruct_step(recipe: Recipe, upstream: str = "ingest") -> Step:
     return Step("instruct", INSTRUCT, recipe.instruct, {"data": upstream}, ("instruct",))
 
 
-def run_ingest(store: ArtifactStore, recipe: Recipe, monkeypatch) -> StageOutput:
-    """The ingest step, its Ray map replaced by a loop."""
-    monkeypatch.setattr(ray_runtime, "map_units", _serial)  # ingest imports it when it runs
+def run_ingest(store: ArtifactStore, recipe: Recipe) -> StageOutput:
+    """The ingest step, built (or found) in process."""
     step = ingest_step(recipe)
     digest = _digest(step, recipe, {})
-    run_stage(step, digest, {}, recipe, store, "log")
+    run_stage(step, digest, {}, recipe, store, "log", LocalExecutor())
     return StageOutput(step.name, digest, store.path(step.name, digest), store.stats(step.name, digest))
 
 
@@ -65,7 +61,9 @@ def instruct_context(store: ArtifactStore, recipe: Recipe, inputs: dict[str, Sta
     ports = {"data": upstream}
     digest = _digest(step, recipe, ports)
     out = store.partial(step.name, digest)
-    return StageContext(recipe, store, out, digest, ports, "log", step.config, step.name, step.field)
+    return StageContext(
+        recipe, store, out, digest, ports, "log", step.config, step.name, step.field, executor=LocalExecutor()
+    )
 
 
 def run_instruct(store: ArtifactStore, recipe: Recipe, inputs: dict[str, StageOutput]) -> tuple[Path, StageResult]:

@@ -45,7 +45,6 @@ from vlmflow.components.shards import write_shard
 from vlmflow.components.train.data import build_index, read_member
 from vlmflow.errors import UserError
 from vlmflow.progress import Progress
-from vlmflow.runtime.ray import map_jobs_on_ray_data, require_gpus
 from vlmflow.specs.capfilt import CapfiltSpec, FilterSpec, ModelRef
 from vlmflow.stage import StageContext, StageResult
 from vlmflow.tracking import download_model, tracking_uri
@@ -99,9 +98,9 @@ def _where(rows: pl.DataFrame, kind: str) -> list[list]:
 
 def run_jobs(jobs: list[dict], folder: Path, ctx: StageContext, desc: str) -> list[dict]:
     resources = ctx.config.resources
-    require_gpus(resources.gpus_per_actor, "capfilt.resources.gpus_per_actor")
+    ctx.executor.require_gpus(resources.gpus_per_actor, "capfilt.resources.gpus_per_actor")
     device = "cuda" if resources.gpus_per_actor > 0 else "cpu"
-    return map_jobs_on_ray_data(
+    return ctx.executor.map_jobs(
         CapfiltWorker,
         (str(folder), str(ctx.store.root), max(1, int(resources.cpus_per_actor)), device),
         jobs,

@@ -25,7 +25,7 @@ from vlmflow.components.evaluate.worker import EvalWorker
 from vlmflow.components.train.data import ShardSamples, build_index
 from vlmflow.errors import UserError
 from vlmflow.prompts import choice_prompt
-from vlmflow.runtime.ray import map_on_actors, require_gpus
+from vlmflow.runtime.executor import Executor
 from vlmflow.specs.evaluate import EvalTask, ZeroShotTask
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import StageContext, StageResult
@@ -84,17 +84,20 @@ class Runner:
     name: str
     actors: int
     progress: str
+    executor: Executor
     gpus: float = 0
 
     def __call__(self, jobs: list[tuple[str, object]]) -> list:
         device = "cuda" if self.gpus > 0 else "cpu"
-        return map_on_actors(EvalWorker, (str(self.folder), 1, device), "run", jobs, desc=f"eval {self.name}",
-                             num_actors=self.actors, num_gpus=self.gpus, progress=self.progress)  # fmt: skip
+        return self.executor.map_on_actors(
+            EvalWorker, (str(self.folder), 1, device), "run", jobs,
+            desc=f"eval {self.name}", num_actors=self.actors, num_gpus=self.gpus, progress=self.progress,
+        )  # fmt: skip
 
 
-def check_gpus(task: EvalTask) -> None:
-    """A task asking for GPUs the Ray cluster does not have would wait forever: say so instead."""
-    require_gpus(task.gpus, f"evaluate {task.name}: gpus")
+def check_gpus(task: EvalTask, executor: Executor) -> None:
+    """A task asking for GPUs the executor does not have would wait forever: say so instead."""
+    executor.require_gpus(task.gpus, f"evaluate {task.name}: gpus")
 
 
 def generate_all(task: EvalTask, items: list[Item], runner: Runner, seed: int) -> list[str]:
@@ -153,8 +156,8 @@ def run(ctx: StageContext) -> StageResult:
     if not loaded.items:
         reasons = sorted({q["reason"] for q in loaded.quarantine}) or ["no items"]
         raise UserError(f"evaluate {task.name}: nothing to score ({', '.join(reasons)})")
-    check_gpus(task)
-    runner = Runner(folder, task.name, task.actors, ctx.progress, task.gpus)
+    check_gpus(task, ctx.executor)
+    runner = Runner(folder, task.name, task.actors, ctx.progress, ctx.executor, task.gpus)
     metrics, rows = evaluate(task, recipe, loaded, classes, runner)
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     pl.DataFrame(rows).write_parquet(ctx.out / "predictions.parquet")

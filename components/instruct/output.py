@@ -19,12 +19,9 @@ import json
 import re
 import statistics
 from collections import Counter
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import polars as pl
-import ray
 
 from vlmflow.artifacts import atomic_path, atomic_write_text
 from vlmflow.components.ingest import QUARANTINE_SCHEMA
@@ -35,20 +32,12 @@ from vlmflow.components.instruct.replies import Turn
 from vlmflow.components.instruct.templates import Templates
 from vlmflow.components.shards import read_shard, sample_json, write_shard
 from vlmflow.components.sources.synthetic import SHAPES
-from vlmflow.runtime.ray import map_units
 from vlmflow.specs.instruct import OPERATIONAL, TASKS, InstructSpec, OpenAICompatibleGenerator
 from vlmflow.stage import StageContext, StageResult
 
 IMAGE_TOKEN = "<image>"
 VERIFY_AT_MOST = 2000  # offline answers re-checked against their scene graph (a metric)
 SHARDS_SCHEMA = {"shard": pl.String, "sha256": pl.String, "bytes": pl.Int64, "samples": pl.Int64}
-
-
-def map_work(fn: Callable[..., Any], units: Sequence[Any], desc: str, progress: str) -> list[Any]:
-    """Ray tasks when Ray is up (a recipe run), else in process (tests, tools)."""
-    if ray.is_initialized():
-        return map_units(fn, units, desc=desc, progress=progress)
-    return [fn(unit) for unit in units]
 
 
 def shard_sha(ctx: StageContext) -> dict[str, str]:
@@ -178,7 +167,7 @@ def _write_shards(
             (str(ctx.store.root / in_shard), sha[in_shard], str(ctx.out / "shards" / name), images_dir, samples)
         )
         names.append(f"{prefix}/{name}")
-    results = map_work(write_unit, units, "instruct: write shards", ctx.progress)
+    results = ctx.executor.map_units(write_unit, units, desc="instruct: write shards", progress=ctx.progress)
     shard_rows = pl.DataFrame([{"shard": n, **r} for n, r in zip(names, results, strict=True)], schema=SHARDS_SCHEMA)
     manifest_rows = []
     for name, group in zip(names, by_shard.values(), strict=True):

@@ -25,7 +25,7 @@ from vlmflow.components.instruct.backends import Item, OpenAIBackend, generate_o
 from vlmflow.components.instruct.cache import ResponseCache
 from vlmflow.components.instruct.client import CallStats
 from vlmflow.components.instruct.context import build_context
-from vlmflow.components.instruct.output import map_work, shard_sha, write_outputs
+from vlmflow.components.instruct.output import shard_sha, write_outputs
 from vlmflow.components.instruct.templates import load_templates
 from vlmflow.components.shards import read_shard, sample_json
 from vlmflow.errors import UserError
@@ -69,7 +69,8 @@ def plan(ctx: StageContext, spec: InstructSpec) -> tuple[pl.DataFrame, list[Item
     sha = shard_sha(ctx)
     groups = generate.group_by("shard", maintain_order=True).agg("key")
     work = [(str(ctx.store.root / s), sha[s], keys) for s, keys in groups.iter_rows()]
-    records = dict(r for part in map_work(read_records, work, "instruct: read context", ctx.progress) for r in part)
+    parts = ctx.executor.map_units(read_records, work, desc="instruct: read context", progress=ctx.progress)
+    records = dict(r for part in parts for r in part)
     items = []
     for key, width, height in generate.select("key", "width", "height").iter_rows():
         task = assign_task(ctx.recipe.seed, key, spec.mix)

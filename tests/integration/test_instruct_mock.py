@@ -70,12 +70,12 @@ def key(monkeypatch):
     return "sk-mock-key-123"
 
 
-def test_ten_percent_faults_every_item_once_and_rerun_makes_no_requests(tmp_path, key, monkeypatch):
+def test_ten_percent_faults_every_item_once_and_rerun_makes_no_requests(tmp_path, key):
     config = MockConfig(fault_rate=0.1, slow_s=1.5, retry_after_s=0.1, api_key=key, seed=1)
     with running_mock(config) as mock:
         recipe = shapes_recipe(tmp_path, mock.base_url, 400)
         store = ArtifactStore(tmp_path / "artifacts")
-        ingest = run_ingest(store, recipe, monkeypatch)
+        ingest = run_ingest(store, recipe)
         out, result = run_instruct(store, recipe, {"ingest": ingest})
         stats = dict(mock.server.stats)
         first = (out / "llava_instruct.json").read_bytes()
@@ -121,7 +121,6 @@ def _check_answers_against_contexts(store, out):
 RESUME_SCRIPT = """
 import sys
 sys.path.insert(0, sys.argv[1])
-import pytest
 from pathlib import Path
 from tests.integration.test_instruct_mock import shapes_recipe
 from tests.instruct_helpers import run_ingest, run_instruct
@@ -129,15 +128,15 @@ from vlmflow.artifacts import ArtifactStore
 tmp = Path(sys.argv[2])
 recipe = shapes_recipe(tmp, sys.argv[3], 120, concurrency=4)
 store = ArtifactStore(tmp / "artifacts")
-run_instruct(store, recipe, {"ingest": run_ingest(store, recipe, pytest.MonkeyPatch())})
+run_instruct(store, recipe, {"ingest": run_ingest(store, recipe)})
 """
 
 
-def test_a_killed_run_resumes_with_only_the_missing_items(tmp_path, key, monkeypatch):
+def test_a_killed_run_resumes_with_only_the_missing_items(tmp_path, key):
     with running_mock(MockConfig(latency_ms=30, api_key=key)) as mock:
         recipe = shapes_recipe(tmp_path, mock.base_url, 120, concurrency=4)
         store = ArtifactStore(tmp_path / "artifacts")
-        ingest = run_ingest(store, recipe, monkeypatch)
+        ingest = run_ingest(store, recipe)
         env = {**os.environ, KEY_ENV: key}
         child = subprocess.Popen(
             [sys.executable, "-c", RESUME_SCRIPT, str(REPO), str(tmp_path), mock.base_url], env=env, cwd=REPO
@@ -174,7 +173,7 @@ def test_missing_key_variable_fails_before_anything_is_written(tmp_path, monkeyp
     with running_mock() as mock:
         recipe = shapes_recipe(tmp_path, mock.base_url, 10)
         store = ArtifactStore(tmp_path / "artifacts")
-        ingest = run_ingest(store, recipe, monkeypatch)
+        ingest = run_ingest(store, recipe)
         ctx = instruct_context(store, recipe, {"ingest": ingest})
         with pytest.raises(UserError, match=rf"environment variable {KEY_ENV} is not set"):
             run(ctx)
@@ -206,7 +205,7 @@ def test_bad_server_settings_fail_before_anything_is_written(tmp_path, key, monk
             monkeypatch.setenv(KEY_ENV, "sk-the-right-one")
         recipe = shapes_recipe(tmp_path, url, 10, **extra)
         store = ArtifactStore(tmp_path / "artifacts")
-        ctx = instruct_context(store, recipe, {"ingest": run_ingest(store, recipe, monkeypatch)})
+        ctx = instruct_context(store, recipe, {"ingest": run_ingest(store, recipe)})
         with pytest.raises(UserError) as caught:
             run(ctx)
         assert message in str(caught.value)

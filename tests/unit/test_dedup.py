@@ -210,6 +210,7 @@ def test_caption_pairs_recall_and_precision_against_exact_jaccard(tmp_path):
 def _stage(tmp_path, photos, captions: dict[str, str | None], spec: DedupSpec):
     """Run the dedup stage on rows of distinct images (plus `z-dup`: the same pixels as the first)."""
     from vlmflow.components.dedup import run
+    from vlmflow.runtime.executor import LocalExecutor
     from vlmflow.stage import StageContext, StageOutput
 
     rng = np.random.default_rng(2)
@@ -229,7 +230,8 @@ def _stage(tmp_path, photos, captions: dict[str, str | None], spec: DedupSpec):
     pl.DataFrame({"shard": ["s0.tar"], "sha256": ["0" * 64]}).write_parquet(source / "shards.parquet")
     out = tmp_path / f"out-{spec.captions}"
     out.mkdir()
-    ctx = StageContext(None, None, out, "x", {"data": StageOutput("ingest", "d", source, {})}, "log", spec, "dedup")
+    inputs = {"data": StageOutput("ingest", "d", source, {})}
+    ctx = StageContext(None, None, out, "x", inputs, "log", spec, "dedup", executor=LocalExecutor())
     result = run(ctx)
     assert result.rows_in == len(captions) == result.rows_out + result.rows_quarantined  # nothing vanishes
     return result, out, pl.read_parquet(out / "manifest.parquet"), pl.read_parquet(out / "quarantine.parquet")

@@ -285,16 +285,32 @@ def test_a_task_asking_for_gpus_the_cluster_lacks_is_a_clear_error():
     import ray
 
     from vlmflow.components.evaluate.stage import check_gpus
+    from vlmflow.runtime.ray import RayExecutor
     from vlmflow.specs.evaluate import VqaTask
 
     task = VqaTask(kind="vqa", name="vqa", gpus=1)
-    check_gpus(task.model_copy(update={"gpus": 0}))  # nothing asked, nothing checked
-    ray.init(num_cpus=1, include_dashboard=False, address="local")
+    started = []
+    executor = RayExecutor(lambda: started.append(ray.init(num_cpus=1, include_dashboard=False, address="local")))
+    check_gpus(task.model_copy(update={"gpus": 0}), executor)  # nothing asked, nothing checked, no Ray started
+    assert not started and not ray.is_initialized()
     try:
         with pytest.raises(UserError, match=r"evaluate vqa: gpus: 1 per actor, the Ray cluster has 0 GPUs"):
-            check_gpus(task)
+            check_gpus(task, executor)
+        assert len(started) == 1  # Ray started through the executor's start-up
     finally:
         ray.shutdown()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_a_task_asking_for_gpus_this_machine_lacks_is_a_clear_error_in_process():
+    from vlmflow.components.evaluate.stage import check_gpus
+    from vlmflow.runtime.executor import LocalExecutor
+    from vlmflow.specs.evaluate import VqaTask
+
+    task = VqaTask(kind="vqa", name="vqa", gpus=1)
+    check_gpus(task.model_copy(update={"gpus": 0}), LocalExecutor())
+    with pytest.raises(UserError, match=r"evaluate vqa: gpus: 1 per actor, this machine has 0 GPUs"):
+        check_gpus(task, LocalExecutor())
 
 
 # ------------------------------------------------------------------------------ scoring

@@ -26,12 +26,10 @@ from vlmflow.specs.instruct import LLAVA_MIX
 def shapes(tmp_path_factory):
     """One ingest of 60 synthetic scenes and the offline instruct stage over it."""
     tmp = tmp_path_factory.mktemp("instruct")
-    monkeypatch = pytest.MonkeyPatch()
     recipe = make_recipe(tmp)
     store = ArtifactStore(tmp / "artifacts")
-    ingest = run_ingest(store, recipe, monkeypatch)
+    ingest = run_ingest(store, recipe)
     out, result = run_instruct(store, recipe, {"ingest": ingest})
-    monkeypatch.undo()
     return store, ingest, out, result
 
 
@@ -132,7 +130,7 @@ def test_duplicate_questions_of_an_image_are_dropped():
     assert internal_conversation(kept)[0] == {"role": "user", "content": "<image>\nWhat color is it?"}
 
 
-def test_coco_boxes_feed_the_offline_generator_and_images_without_boxes_are_quarantined(tmp_path, photos, monkeypatch):
+def test_coco_boxes_feed_the_offline_generator_and_images_without_boxes_are_quarantined(tmp_path, photos):
     (tmp_path / "imgs").mkdir()
     for name in ("astronaut", "coffee"):
         (tmp_path / "imgs" / f"{name}.png").write_bytes(encode(photos[name][:128, :128]))
@@ -156,7 +154,7 @@ def test_coco_boxes_feed_the_offline_generator_and_images_without_boxes_are_quar
     }
     recipe = make_recipe(tmp_path, {"mix": {"conversation": 1}, "export_images": True}, sources=[source], dedup=None)
     store = ArtifactStore(tmp_path / "artifacts")
-    out, result = run_instruct(store, recipe, {"ingest": run_ingest(store, recipe, monkeypatch)})
+    out, result = run_instruct(store, recipe, {"ingest": run_ingest(store, recipe)})
     assert (result.rows_in, result.rows_out, result.rows_quarantined) == (2, 1, 1)
     quarantine = pl.read_parquet(out / "quarantine.parquet")
     assert quarantine.row(0, named=True)["reason"] == "no-objects" and quarantine["key"][0] == "coco-1-conversation"

@@ -1,5 +1,6 @@
 """Incremental refresh: units keep their rows across versions, are content-addressed by the files
-they read, and a version references the unchanged units' shards (Ray's map replaced by a loop)."""
+they read, and a version references the unchanged units' shards (built by run_stage on a
+LocalExecutor: in process, no Ray)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import pytest
 
 from tests.conftest import encode
 from vlmflow.artifacts import ArtifactStore
-from vlmflow.components import refresh
 from vlmflow.components.ingest import COMPONENT as INGEST
 from vlmflow.components.refresh import Refresh, assign, plan_units
 from vlmflow.components.shards import read_shard
 from vlmflow.fingerprint import HashCache
 from vlmflow.pipeline import Step, graph_digests
+from vlmflow.runtime.executor import LocalExecutor
 from vlmflow.specs.loader import Marked, validate
-from vlmflow.stage import StageContext, StageOutput, run_stage
+from vlmflow.stage import StageOutput, run_stage
 
 
 def _recipe(tmp_path, data=None, **extra):
@@ -34,10 +35,6 @@ def _images(folder, start, count):
         (folder / f"img{i:03d}.txt").write_text(f"picture {i}\n")
 
 
-def _serial(fn, units, *, desc, args=(), **_kw):
-    return [fn(unit, *args) for unit in units]
-
-
 def _ingest_step(recipe):
     """The recipe's ingest step, as the concise `data:` section expands to."""
     return Step("ingest", INGEST, recipe.data.ingest(), {}, ("data",))
@@ -47,13 +44,12 @@ def _units(recipe, previous):
     return plan_units(recipe.data.ingest(), recipe.seed, previous, recipe.spec_dir(), HashCache(None))
 
 
-def _refresh(store, recipe, previous, monkeypatch):
+def _refresh(store, recipe, previous):
     """One refresh's ingest, as the flow runs it: (Refresh, version digest, its folder)."""
-    monkeypatch.setattr(refresh, "map_units", _serial)
     planned = Refresh.plan(recipe, _ingest_step(recipe), store, previous)
     step = planned.step(_ingest_step(recipe))
     digest = graph_digests([step], recipe)[step.name]
-    run_stage(step, digest, {}, recipe, store, "log")
+    run_stage(step, digest, {}, recipe, store, "log", LocalExecutor())
     return planned, digest, store.path("ingest", digest)
 
 
@@ -106,14 +102,14 @@ def test_unit_digest_follows_the_files_its_rows_read(tmp_path):
 # ---------------------------------------------------------------- versions
 
 
-def test_refresh_reads_only_new_files_and_references_the_old_shards(tmp_path, monkeypatch):
+def test_refresh_reads_only_new_files_and_references_the_old_shards(tmp_path):
     _images(tmp_path / "imgs", 0, 6)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"not an image")  # quarantined, in its unit
     store, recipe = ArtifactStore(tmp_path / "artifacts"), _recipe(tmp_path)
-    first, v1, v1_dir = _refresh(store, recipe, None, monkeypatch)
+    first, v1, v1_dir = _refresh(store, recipe, None)
     assert first.built == {"units_built": 2, "rows_ingested": 7}
     _images(tmp_path / "imgs", 6, 3)
-    second, v2, v2_dir = _refresh(store, recipe, v1, monkeypatch)
+    second, v2, v2_dir = _refresh(store, recipe, v1)
     assert second.previous == v1 and v2 != v1
     assert second.built == {"units_built": 1, "rows_ingested": 3}
     stats = store.stats("ingest", v2)
@@ -130,15 +126,15 @@ def test_refresh_reads_only_new_files_and_references_the_old_shards(tmp_path, mo
     assert sorted(read) == sorted(new)
 
 
-def test_deleted_and_changed_files_leave_or_rebuild_their_unit_only(tmp_path, monkeypatch):
+def test_deleted_and_changed_files_leave_or_rebuild_their_unit_only(tmp_path):
     _images(tmp_path / "imgs", 0, 9)
     store, recipe = ArtifactStore(tmp_path / "artifacts"), _recipe(tmp_path)
-    _, v1, v1_dir = _refresh(store, recipe, None, monkeypatch)
+    _, v1, v1_dir = _refresh(store, recipe, None)
     (tmp_path / "imgs" / "img001.png").unlink()
     (tmp_path / "imgs" / "img001.txt").unlink()
     (tmp_path / "imgs" / "img006.txt").write_text("a changed caption\n")
     os.utime(tmp_path / "imgs" / "img006.txt", ns=(2, 2))
-    third, v2, v2_dir = _refresh(store, recipe, v1, monkeypatch)
+    third, v2, v2_dir = _refresh(store, recipe, v1)
     assert third.built == {"units_built": 2, "rows_ingested": 3 + 4}  # units 0 and 1 rebuilt, unit 2 kept
     old, new = _shards(v1_dir), _shards(v2_dir)
     assert "web-img001" not in new and len(new) == 8
@@ -147,47 +143,45 @@ def test_deleted_and_changed_files_leave_or_rebuild_their_unit_only(tmp_path, mo
     assert captions.to_list() == ["a changed caption"]
     metrics = store.stats("ingest", v2)["metrics"]
     assert (metrics["rows_added"], metrics["rows_removed"], metrics["rows_moved"]) == (0, 1, 7)
-    unchanged, v3, _ = _refresh(store, recipe, v2, monkeypatch)
+    unchanged, v3, _ = _refresh(store, recipe, v2)
     assert v3 == v2 and unchanged.built == {}  # nothing new: the same version, cached
 
 
-def test_a_version_is_byte_identical_however_it_is_built(tmp_path, monkeypatch):
+def test_a_version_is_byte_identical_however_it_is_built(tmp_path):
     _images(tmp_path / "imgs", 0, 6)
     recipe = _recipe(tmp_path)
     built = []
     for name in ("a", "b"):
         store = ArtifactStore(tmp_path / name)
-        digest = _refresh(store, recipe, None, monkeypatch)[1]
+        digest = _refresh(store, recipe, None)[1]
         files = sorted(p for p in store.root.rglob("*") if p.is_file() and p.name != "_SUCCESS" and p.suffix != ".lock")
         built.append((digest, {str(p.relative_to(store.root)): p.read_bytes() for p in files}))
     assert built[0] == built[1]  # _SUCCESS files hold timings; .lock files are empty
 
 
-def test_downstream_stages_read_a_version_that_references_unit_shards(tmp_path, monkeypatch):
+def test_downstream_stages_read_a_version_that_references_unit_shards(tmp_path):
     from vlmflow.components import dedup, tokenize
-    from vlmflow.runtime import ray as ray_runtime
 
     _images(tmp_path / "imgs", 0, 5)
     (tmp_path / "imgs" / "copy.png").write_bytes((tmp_path / "imgs" / "img002.png").read_bytes())
     (tmp_path / "imgs" / "copy.txt").write_text("the same picture again\n")
     store = ArtifactStore(tmp_path / "artifacts")
     recipe = _recipe(tmp_path, data={"dedup": {"exact": True, "near": False}}, tokenizer={"kind": "bpe"})
-    monkeypatch.setattr(ray_runtime, "map_units", _serial)  # tokenize imports it when it runs
-    _, digest, folder = _refresh(store, recipe, None, monkeypatch)
-    outputs = {"ingest": StageOutput("ingest", digest, folder, store.stats("ingest", digest))}
+    planned = Refresh.plan(recipe, _ingest_step(recipe), store, None)
     steps = [
+        planned.step(_ingest_step(recipe)),
         Step("dedup", dedup.COMPONENT, recipe.data.dedup, {"data": "ingest"}),
         Step("tokenizer", tokenize.COMPONENT, recipe.tokenizer, {"data": "dedup"}),
     ]
-    for step in steps:
-        out = tmp_path / step.name
-        out.mkdir()
+    digests, outputs = graph_digests(steps, recipe), {}
+    for step in steps:  # as the data-refresh flow runs them
         inputs = {port: outputs[up] for port, up in step.inputs.items()}
-        ctx = StageContext(recipe, store, out, "x", inputs, "log", step.config, step.name)
-        outputs[step.name] = StageOutput(step.name, "x", out, step.component.run(ctx).stats(0.0))
-    inputs = outputs
-    assert inputs["dedup"].stats["rows_quarantined"] == 1  # copy or img002: one of them is a duplicate
-    assert inputs["tokenizer"].stats["rows_in"] == 5  # texts read back from the units' shards
+        digest = digests[step.name]
+        assert run_stage(step, digest, inputs, recipe, store, "log", LocalExecutor())[0] == "computed"
+        path, stats = store.path(step.name, digest), store.stats(step.name, digest)
+        outputs[step.name] = StageOutput(step.name, digest, path, stats)
+    assert outputs["dedup"].stats["rows_quarantined"] == 1  # copy or img002: one of them is a duplicate
+    assert outputs["tokenizer"].stats["rows_in"] == 5  # texts read back from the units' shards
 
 
 @pytest.mark.parametrize("sections", [{}, {"tokenizer": {"kind": "bpe"}}, {"instruct": {}}])
