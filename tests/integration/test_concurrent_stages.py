@@ -1,10 +1,10 @@
-"""`RecipeRun.run_graph` in a real Prefect flow (a temporary Prefect server), with a real local Ray
-and MLflow on sqlite, over graphs of hand-made stages whose work is a short sleep: independent
-stages overlap, a stage starts only after the stages it reads, and a failure stops its
-descendants only (skipped, never started) while the other branch finishes and is reused by the
-next run. Three recipe runs share one workdir (one MLflow database, one artifact store) and one
-local Ray, started once by `init_ray` as a run starts it (each run would otherwise start and stop
-its own: about 10 s each on 2 cores).
+"""`RecipeRun.run_graph` in a real Prefect flow (a temporary Prefect server) and MLflow on sqlite,
+over graphs of hand-made stages whose work is a short sleep: independent stages overlap, a stage
+starts only after the stages it reads, and a failure stops its descendants only (skipped, never
+started) while the other branch finishes and is reused by the next run. Three recipe runs share
+one workdir (one MLflow database, one artifact store). The stages run in process
+(`runtime.executor: local`): their work needs no Ray, and no run starts it (a local Ray costs
+about 10 s per run on 2 cores).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import ray
 from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
@@ -26,7 +25,6 @@ from vlmflow.artifacts import ArtifactStore
 from vlmflow.component import Component
 from vlmflow.pipeline import Step
 from vlmflow.runtime.prefect import RecipeRun
-from vlmflow.runtime.ray import init_ray
 from vlmflow.specs import load_recipe
 from vlmflow.specs.base import StrictModel
 from vlmflow.stage import StageContext, StageResult
@@ -75,15 +73,9 @@ def setting(tmp_path_factory):
             patch.delenv(name, raising=False)
         patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         patch.setattr(logging.getLogger("vlmflow"), "level", logging.INFO)  # as the CLI sets it
-        recipe = load_recipe(REPO / "specs/recipes/shapes-tiny.yaml", ["runtime.ray.num_cpus=2"])
-        init_ray(recipe.runtime.ray)  # RecipeRun uses a Ray already started and stops it on exit:
-        shutdown, ray.shutdown = ray.shutdown, lambda *args, **kwargs: None  # not here, once at the end
-        try:
-            with prefect_test_harness(server_startup_timeout=180):
-                yield recipe, tmp_path_factory.mktemp("concurrent")
-        finally:
-            ray.shutdown = shutdown
-            ray.shutdown()
+        recipe = load_recipe(REPO / "specs/recipes/shapes-tiny.yaml", ["runtime.executor=local"])
+        with prefect_test_harness(server_startup_timeout=180):
+            yield recipe, tmp_path_factory.mktemp("concurrent")
 
 
 def run_flow(setting, nodes: list[Step]) -> tuple[dict, float]:
@@ -104,6 +96,7 @@ def run_flow(setting, nodes: list[Step]) -> tuple[dict, float]:
         graph_flow()
     finally:
         summary = json.loads((workdir / "runs" / "latest" / "summary.json").read_text())
+    assert summary["ray"].startswith("ray: not started")  # in process: no Ray for a sleep
     return summary, elapsed[0]
 
 
