@@ -195,7 +195,7 @@ class RecipeRun:
         tmp_link = latest.with_name(f".latest-{self.run_id}")
         tmp_link.symlink_to(self.run_id)
         os.replace(tmp_link, latest)
-        self.summary["ray"] = "ray: not started (no stage computed)"
+        self.summary["ray"] = "ray: not started (no stage needed it)"
         self.summary["prefect_flow_run_id"] = str(flow_run.id) if flow_run.id else None
         self._save()  # from here on a run that fails says so
         self._record_processes()
@@ -610,8 +610,7 @@ class RecipeRun:
         if details.get("history") and not streamed and (path / details["history"]).is_file():
             lines = (path / details["history"]).read_text().splitlines()
             self.tracker.log_history(child, [json.loads(line) for line in lines if line.strip()], group)
-        model = details.get("register_model")
-        if model and status == "computed":
+        for model in details.get("register_models", []) if status == "computed" else []:
             tags = {**model["tags"], "vlmflow.spec_digest": self.summary["spec_digest"], "vlmflow.run_id": self.run_id}
             version = self.tracker.register_model(child, model["name"], model["artifact_path"], tags)
             entry = {"name": model["name"], "version": version, "stage": model["tags"].get("vlmflow.stage")}
