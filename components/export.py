@@ -24,10 +24,10 @@ from transformers import (
 )
 from transformers.image_utils import PILImageResampling
 
+from vlmflow.components.train.checkpoint import is_checkpoint
 from vlmflow.components.train.setup import (
     CHECKPOINT_CONFIG,
     CONFIG_FILE,
-    MODEL_FILE,
     TOKENIZER_FILE,
     model_from_checkpoint,
     read_model_folder,
@@ -161,7 +161,7 @@ def resolve_model(run: str, workdir: Path) -> Iterator[Path]:
         yield path / "model"
     elif (path / "summary.json").is_file():
         yield last_trained_model(path / "summary.json")
-    elif (path / MODEL_FILE).is_file() and (path.parent / CHECKPOINT_CONFIG).is_file():
+    elif is_checkpoint(path) and (path.parent / CHECKPOINT_CONFIG).is_file():
         model, config = model_from_checkpoint(path)
         with tempfile.TemporaryDirectory(prefix="vlmflow-export-") as tmp:
             tokenizer = path.parent / TOKENIZER_FILE

@@ -28,8 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
+    set_state_dict,
 )
 
 from vlmflow.artifacts import atomic_write_text
@@ -203,7 +202,7 @@ def train_worker(raw: dict) -> None:
                 handle.write(json.dumps(row) + "\n")
         done = step + 1 == cfg.total_steps
         if (step + 1) % stage.checkpoint_every == 0 or done:
-            save_checkpoint(checkpoints, step + 1, wrapped, optimizer, scheduler, rank)
+            save_checkpoint(checkpoints, step + 1, wrapped, optimizer, scheduler, rank, stage.keep_last)
             ray.train.report({"step": step + 1, "loss": row["loss"]})
     state = final_weights(model, sharded, rank, lambda: build_stage_model(spec, vocab, stage, None, load_weights=False))
     if rank == 0:
@@ -269,25 +268,37 @@ def averaged(values: dict[str, float], world: int, device: torch.device) -> dict
     return dict(zip(values, (tensor / world).tolist(), strict=True))
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, rank: int) -> None:  # noqa: ANN001
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer,  # noqa: ANN001
+    scheduler,  # noqa: ANN001
+    rank: int,
+    keep_last: int | None = None,
+) -> None:
+    """Every worker writes its part of the model and optimizer state into checkpoints/step-N (a
+    collective: under FSDP its shards); once it is complete, rank 0 removes the checkpoints before
+    the last `keep_last` (None: keeps all)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    folder = ckpt.step_folder(root, step)
+    ckpt.save_state(folder, model_state, optim_state, scheduler.state_dict(), {"step": step}, rank)
     if rank == 0:
-        ckpt.save_state(ckpt.step_folder(root, step), model_state, optim_state, scheduler.state_dict(), {"step": step})
-    if dist.is_initialized():
-        dist.barrier()
+        ckpt.prune(root, keep_last)
+    ckpt.barrier()
 
 
 def resume(root: Path, model: torch.nn.Module, optimizer, scheduler) -> int:  # noqa: ANN001
-    """Load the latest checkpoint into every worker; the step to continue from (0: none)."""
+    """Load the latest checkpoint into every worker, each its own part (on any number of workers,
+    sharded or not, whatever wrote it); the step to continue from (0: none)."""
     folder = ckpt.latest(root)
     if folder is None:
         return 0
-    model_state, optim_state, scheduler_state, extra = ckpt.load_state(folder)
-    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=True))
-    # Not strict: a trainable parameter that never got a gradient (e.g. the ViT layer after the
-    # feature layer) has no optimizer state to restore.
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    optim_state, scheduler_state, extra = ckpt.load_state(folder, model_state, optim_state)
+    # Not strict: a trainable parameter without optimizer state (load_state) is not an error. Every model
+    # tensor was read: dcp.load refuses a checkpoint without one of them.
+    options = StateDictOptions(strict=False)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
     scheduler.load_state_dict(scheduler_state)
     return int(extra["step"])

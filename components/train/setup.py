@@ -13,7 +13,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
-from vlmflow.components.train.checkpoint import load_model
+from vlmflow.components.train.checkpoint import load_model, load_model_weights
 from vlmflow.components.train.sharding import checkpoint_blocks
 from vlmflow.models.vlm import VLM, Vocab
 from vlmflow.specs.model import ModelSpec
@@ -105,7 +105,7 @@ def model_from_checkpoint(folder: Path) -> tuple[VLM, dict]:
     spec = ModelSpec.model_validate(config["model"])
     vocab = Vocab(config["vocab"]["size"], config["vocab"]["special"])
     model = build_stage_model(spec, vocab, TrainStageSpec.model_validate(config["stage"]), None)
-    load_model(model, folder / MODEL_FILE)
+    load_model_weights(model, folder)  # each worker's shards, read in this process
     plain = VLM(spec, vocab)
     plain.load_state_dict(merge_lora(model), strict=True)
     return plain, config

@@ -2,8 +2,10 @@
 
 The default recipe's tiny model trains 20 steps of two micro-batches each on the same fixed random
 batches (each rank its half) under DDP and under FSDP2: the losses and the clipped gradient norms must
-agree step by step. The FSDP run checkpoints at step 10 with the training loop's save_checkpoint,
-and a fresh sharded model resumed from it must redo steps 11-20 as the run did. A few steps of the
+agree step by step. The FSDP run checkpoints at step 10 with the training loop's save_checkpoint
+(each rank writes its own shards), and a fresh sharded model resumed from it on two ranks, and an
+unsharded one on a single rank (the same global batches in four micro-batches), must redo steps 11-20
+as the run did. A few steps of the
 BLIP twin's pre-training (ITC, ITM, LM: modules called several times a step, and scalar parameters
 that FSDP leaves replicated) must match DDP too. With activation checkpointing (every block wrapped,
 then sharded) FSDP must train as it does without, and write the same weights.
@@ -11,6 +13,7 @@ then sharded) FSDP must train as it does without, and write the same weights.
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -39,8 +42,9 @@ def stage_model(recipe: Path = RECIPE, checkpointing: bool = False) -> torch.nn.
     return build_stage_model(spec.model, Vocab(VOCAB, SPECIAL), stage, None)
 
 
-def micro_batches(step: int, rank: int, tokens: int, size: int) -> list[dict[str, torch.Tensor]]:
-    """This rank's micro-batches of the step's fixed random batch (a function of the step only)."""
+def micro_batches(step: int, rank: int, tokens: int, size: int, world: int = WORLD) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of the step's fixed random batch (a function of the step only): the
+    same micro-batches in the same order on any number of ranks."""
     g = torch.Generator().manual_seed(1000 + step)
     n = WORLD * PER_RANK
     prompt = torch.randint(8, VOCAB, (n, 5), generator=g)
@@ -60,8 +64,9 @@ def micro_batches(step: int, rank: int, tokens: int, size: int) -> list[dict[str
         "text_ids": torch.randint(8, VOCAB, (n, 6), generator=g),
         "text_mask": torch.ones(n, 6, dtype=torch.long),
     }
-    mine = {k: v[rank * PER_RANK : (rank + 1) * PER_RANK] for k, v in batch.items()}
-    return [{k: v[i : i + MICRO] for k, v in mine.items()} for i in range(0, PER_RANK, MICRO)]
+    share = n // world
+    mine = {k: v[rank * share : (rank + 1) * share] for k, v in batch.items()}
+    return [{k: v[i : i + MICRO] for k, v in mine.items()} for i in range(0, share, MICRO)]
 
 
 def train(wrapped, model, steps: range, rank: int, recipe: Path = RECIPE, checkpoint=None, resume_from=None):
@@ -80,10 +85,11 @@ def train(wrapped, model, steps: range, rank: int, recipe: Path = RECIPE, checkp
     if resume_from is not None:
         assert loop.resume(resume_from, wrapped, optimizer, scheduler) == steps.start
     size = load_recipe(recipe).model.vision.image_size
+    world = dist.get_world_size()
     losses, norms, reference = [], [], None
     for step in steps:
         torch.manual_seed(loop.step_seed(0, step, rank))  # ITM draws its negatives
-        parts = micro_batches(step, rank, model.num_image_tokens, size)
+        parts = micro_batches(step, rank, model.num_image_tokens, size, world)
         total_loss = 0.0
         for i, batch in enumerate(parts):
             with gradient_sync(wrapped, last=i == len(parts) - 1):
@@ -100,7 +106,7 @@ def train(wrapped, model, steps: range, rank: int, recipe: Path = RECIPE, checkp
         optimizer.zero_grad(set_to_none=True)
         value = torch.tensor(total_loss, dtype=torch.float64)
         dist.all_reduce(value)
-        losses.append(float(value) / WORLD)
+        losses.append(float(value) / world)
         if checkpoint is not None and step + 1 == SAVE_AT:
             loop.save_checkpoint(checkpoint, step + 1, wrapped, optimizer, scheduler, rank)
     return losses, norms, reference
@@ -150,6 +156,7 @@ def worker(rank: int, port: int, out: str) -> None:
 
         model = shard_model(stage_model(), "cpu", "fp32")
         result["resumed"] = train(model, model, range(SAVE_AT, STEPS), rank, resume_from=checkpoints)
+        result["at_checkpoint"] = weights_at_checkpoint(checkpoints, rank)
 
         blip = RECIPES / "blip-tiny.yaml"
         model = stage_model(blip)
@@ -163,14 +170,59 @@ def worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("fsdp")
+def weights_at_checkpoint(checkpoints: Path, rank: int) -> dict[str, torch.Tensor]:
+    """The whole weights of the checkpoint at SAVE_AT as the sharded model resumes them, gathered on
+    rank 0 (a collective)."""
+    from vlmflow.components.train import loop
+
+    model = shard_model_of(stage_model())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(loop.param_groups(params, load_recipe(RECIPE).stages[0].optimizer.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    assert loop.resume(checkpoints, model, optimizer, scheduler) == SAVE_AT
+    return loop.final_weights(model, True, rank, stage_model)
+
+
+def shard_model_of(model: torch.nn.Module) -> torch.nn.Module:
+    from vlmflow.components.train.sharding import shard_model
+
+    return shard_model(model, "cpu", "fp32")
+
+
+def single_worker(rank: int, port: int, out: str) -> None:
+    """Steps SAVE_AT..STEPS resumed from the two ranks' sharded checkpoint on one rank, as the loop runs
+    one worker: unsharded, no DDP."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=1)
+    try:
+        model = stage_model()
+        result = train(model, model, range(SAVE_AT, STEPS), rank, resume_from=Path(out) / "checkpoints")
+        torch.save({"resumed": result}, Path(out) / "single.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fsdp_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fsdp")
+
+
+@pytest.fixture(scope="module")
+def runs(fsdp_out: Path) -> list[dict]:
+    mp.spawn(worker, args=(free_port(), str(fsdp_out)), nprocs=WORLD, join=True)
+    return [torch.load(fsdp_out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single(runs: list[dict], fsdp_out: Path) -> dict:
+    mp.spawn(single_worker, args=(free_port(), str(fsdp_out)), nprocs=1, join=True)
+    return torch.load(fsdp_out / "single.pt")
 
 
 def test_transformer_blocks_of_the_tiny_models():
@@ -230,11 +282,45 @@ def test_fsdp_with_activation_checkpointing_trains_as_without(runs):
     assert runs[0]["checkpointed_final_diff"] < 1e-3  # the gathered weights, wrapper prefixes gone, as DDP's
 
 
-def test_fsdp_resumes_from_a_full_state_checkpoint(runs):
+def test_each_rank_writes_its_own_shards_and_nothing_pickled(runs, fsdp_out):
+    from safetensors import safe_open
+
+    folder = fsdp_out / "checkpoints" / f"step-{SAVE_AT:08d}"
+    shards = [f"shard-{r + 1:05d}-model-00001-of-00001.safetensors" for r in range(WORLD)]
+    assert sorted(p.name for p in folder.iterdir()) == [*shards, "state.json"]  # no pickled .metadata
+    weight = "model.language.model.layers.0.mlp.up_proj.weight"  # one decoder weight: half on each rank
+    rows = runs[0]["at_checkpoint"][weight.removeprefix("model.")].shape[0]
+    offsets = []
+    for name in shards:
+        with safe_open(str(folder / name), "pt") as f:
+            offsets.append(json.loads(f.metadata()["DCP_SHARDING_INFO"])[weight]["saved_offsets"])
+            assert f.get_slice(weight).get_shape()[0] == rows // WORLD
+    assert offsets == [[0, 0], [rows // WORLD, 0]]
+
+
+def test_fsdp_resumes_its_sharded_checkpoint_on_two_ranks_and_on_one(runs, single):
     losses, norms, _ = runs[0]["fsdp"]
-    resumed_losses, resumed_norms, _ = runs[0]["resumed"]
-    assert max(abs(a - b) for a, b in zip(losses[SAVE_AT:], resumed_losses, strict=True)) < 1e-5
-    assert max(abs(a - b) for a, b in zip(norms[SAVE_AT:], resumed_norms, strict=True)) < 1e-5
+    for workers, resumed in ((2, runs[0]["resumed"]), (2, runs[1]["resumed"]), (1, single["resumed"])):
+        resumed_losses, resumed_norms, _ = resumed
+        loss_diff = max(abs(a - b) for a, b in zip(losses[SAVE_AT:], resumed_losses, strict=True))
+        norm_diff = max(abs(a - b) for a, b in zip(norms[SAVE_AT:], resumed_norms, strict=True))
+        print(f"resumed on {workers} worker(s): max loss difference {loss_diff:.3g}, grad norm {norm_diff:.3g}")
+        assert loss_diff < 1e-5 and norm_diff < 1e-5
+
+
+def test_a_sharded_checkpoint_loads_in_one_process_without_a_process_group(runs, fsdp_out):
+    """What export and evaluation do with a checkpoint: the weights the sharded model resumed."""
+    from vlmflow.components.train.checkpoint import load_model_weights
+
+    model = stage_model()
+    torch.manual_seed(1)
+    for param in model.parameters():  # not the initial weights: every tensor must come from the checkpoint
+        param.data.normal_()
+    load_model_weights(model, fsdp_out / "checkpoints" / f"step-{SAVE_AT:08d}")
+    gathered = runs[0]["at_checkpoint"]
+    assert model.state_dict().keys() == gathered.keys()
+    assert all(torch.equal(value, gathered[key]) for key, value in model.state_dict().items())
+    assert not all(torch.equal(value, stage_model().state_dict()[key]) for key, value in gathered.items())
 
 
 def test_fsdp_with_scalar_parameters_and_several_objectives_trains_as_ddp(runs):

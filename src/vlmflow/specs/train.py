@@ -166,6 +166,12 @@ class TrainStageSpec(StrictModel):
         "previous", description="concise form: previous (default), a stage name, or null for fresh"
     )
     checkpoint_every: Int = Field(50, ge=1, description="optimizer steps between checkpoints")
+    keep_last: Int | None = operational(
+        None,
+        ge=1,
+        description="keep only the last N checkpoints (checkpoints/step-*): older ones are removed once a "
+        "newer one is complete; default: keep all",
+    )
     eval_samples: Int = Field(128, ge=0, description="held-out samples scored at the end of the stage")
 
     _choice_template = field_validator("choice_template")(check_choice_template)
