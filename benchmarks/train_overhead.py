@@ -1,7 +1,8 @@
 """The fixed cost of a training stage's Ray Train run: `fit()` wall clock of a trainer whose
 workers only report once, vlmflow's Trainer (components/train/stage.py: Ray Train's TorchTrainer
-without its PlacementGroupCleaner) vs Ray Train's own TorchTrainer, alternated on one local Ray
-so both sides see the same machine. Every training stage pays this on top of its steps.
+without its PlacementGroupCleaner, see without_placement_group_cleaner for why no public Ray
+setting does this) vs Ray Train's own TorchTrainer, alternated on one local Ray so both sides see
+the same machine. Every training stage pays this on top of its steps.
 
     .venv/bin/python benchmarks/train_overhead.py [--repeats 3] [--workers 2] [--out FILE]
 """

@@ -18,7 +18,6 @@ import numpy as np
 import polars as pl
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from tokenizers import Tokenizer
 
 from vlmflow.components.train import data_inputs, evaluate, mixture
@@ -144,19 +143,25 @@ def run(ctx: StageContext) -> StageResult:
     if register:
         data_digest = ",".join(f"{name}={ctx.inputs[key].digest}" for key, name in data_inputs(spec).items())
         from vlmflow.components.mlflow_model import save as save_mlflow_model
+        from vlmflow.components.mlflow_model import save_transformers
 
-        save_mlflow_model(ctx.out / "model", ctx.out / "mlflow-model")  # what the registry serves
-        artifacts += sorted(str(p.relative_to(ctx.out)) for p in (ctx.out / "mlflow-model").rglob("*") if p.is_file())
-        details["register_model"] = {
-            "name": recipe.name,
-            "artifact_path": "mlflow-model",
-            "tags": {
-                "vlmflow.stage": spec.name,
-                "vlmflow.data_digest": data_digest if len(indexes) > 1 else ctx.inputs["data"].digest,
-                "vlmflow.tokenizer_digest": ctx.inputs["tokenizer"].digest,
-                **{f"vlmflow.{k}": f"{v:.4g}" for k, v in metrics.items() if k.startswith("eval_")},
-            },
+        tags = {
+            "vlmflow.stage": spec.name,
+            "vlmflow.data_digest": data_digest if len(indexes) > 1 else ctx.inputs["data"].digest,
+            "vlmflow.tokenizer_digest": ctx.inputs["tokenizer"].digest,
+            **{f"vlmflow.{k}": f"{v:.4g}" for k, v in metrics.items() if k.startswith("eval_")},
         }
+        # What the registry serves: a pyfunc of vlmflow's own model (every model), and MLflow's
+        # transformers flavor of the Hugging Face LLaVA export (a model that exports) as NAME-hf.
+        save_mlflow_model(ctx.out / "model", ctx.out / "mlflow-model")
+        registered = {"mlflow-model": recipe.name}
+        if not save_transformers(ctx.out / "model", ctx.out / "mlflow-transformers"):
+            registered["mlflow-transformers"] = f"{recipe.name}-hf"
+        for folder in registered:
+            artifacts += sorted(str(p.relative_to(ctx.out)) for p in (ctx.out / folder).rglob("*") if p.is_file())
+        details["register_models"] = [
+            {"name": name, "artifact_path": folder, "tags": tags} for folder, name in registered.items()
+        ]
     rows_in = sum(index.height for index in indexes.values())
     return StageResult(
         rows_in=rows_in,
@@ -216,18 +221,33 @@ def vocab_of(tokenizer: Path) -> dict:
     return {"size": max(size, max(special.values()) + 1), "special": special}
 
 
+def without_placement_group_cleaner(callbacks: list) -> list:
+    """Ray Train's default callbacks less its PlacementGroupCleanerCallback: the one place vlmflow
+    reaches into Ray's internals (tests/unit/test_train_trainer.py fails when they change).
+
+    Ray Train 2.60 starts, for every run, a detached PlacementGroupCleaner actor that removes the
+    workers' placement group should the Train controller die while the driver lives on. When the run
+    ends the controller stops it and waits: the actor's monitor thread is inside a state-API call
+    (`get_actor`, through the dashboard, up to GET_ACTOR_TIMEOUT_S = 10 s) and the stop waits up to
+    12 s for it, logging a traceback when that runs out. On a 2-core machine that cost every training
+    stage 13-18 s (benchmarks/train_overhead.py). Ray 2.60 has no public setting for it: the callback
+    is added unconditionally in DataParallelTrainer._create_default_callbacks (not behind an env var
+    like its metrics and state-tracking callbacks), its timeouts are module constants, and
+    RunConfig(callbacks=...) and RAY_TRAIN_CALLBACKS can only add callbacks. Turning the dashboard off
+    would make the state-API call fail fast, but takes the dashboard from users. In vlmflow the driver
+    does not live on without its controller: a controller that dies fails its stage and the run, and
+    every recipe run is one Ray job (`ray.shutdown()` when it ends), whose placement groups Ray removes
+    then."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+
 class Trainer(TorchTrainer):
-    """Ray Train's TorchTrainer without its PlacementGroupCleaner. That detached actor removes the
-    workers' placement group should the Train controller die while the driver lives on; stopping
-    it waits for its monitor thread's pending state-API call (up to 12 s, with a traceback when that
-    runs out), which cost every training stage 13-18 s on a 2-core machine
-    (benchmarks/train_overhead.py). In vlmflow the driver does not live on: a controller that
-    dies fails its stage and the run, and every recipe run is one Ray job (`ray.shutdown()` when
-    it ends), whose placement groups Ray removes then."""
+    """Ray Train's TorchTrainer without its PlacementGroupCleaner (`without_placement_group_cleaner`)."""
 
     def _create_default_callbacks(self) -> list:
-        callbacks = super()._create_default_callbacks()
-        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+        return without_placement_group_cleaner(super()._create_default_callbacks())
 
 
 def fit(config: WorkerConfig, recipe: Recipe, name: str, storage: Path) -> None:
