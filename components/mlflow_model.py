@@ -6,6 +6,8 @@ The input frame has a column `image` (encoded image bytes, or a path to an image
 column `prompt` (the question or instruction; empty for a plain caption); the output is one
 generated answer per row. The vlmflow model folder is the pyfunc's artifact `model`
 (`artifacts/model/` inside the MLflow model), so vlmflow itself reads a registered version too.
+A model that exports to Hugging Face LLaVA is also saved as MLflow's transformers flavor
+(`save_transformers`), registered as NAME-hf.
 """
 
 from __future__ import annotations
@@ -71,6 +73,55 @@ def save(model_folder: Path, destination: Path) -> Path:
                 signature=signature(),
             )
     return destination
+
+
+def save_transformers(model_folder: Path, destination: Path) -> list[str]:
+    """The model as MLflow's transformers flavor at `destination`, for a model that exports to a
+    Hugging Face LlavaForConditionalGeneration (`vlmflow export`'s folder, processor included);
+    returns why not (nothing written) for one that does not.
+
+    MLflow 3.17 cannot rebuild an image-text-to-text pipeline that needs a processor by itself:
+    load it as components and hand them to transformers,
+    `transformers.pipeline(**mlflow.transformers.load_model(URI, return_type="components"))`."""
+    import logging
+    import tempfile
+    from importlib.metadata import version
+
+    import mlflow.transformers
+    import transformers
+
+    from vlmflow.components.export import export_hf, export_problems
+    from vlmflow.components.train.setup import read_model_folder
+
+    model, _ = read_model_folder(model_folder)
+    problems = export_problems(model)
+    if problems:
+        return problems
+    quiet = [logging.getLogger(name) for name in ("mlflow.transformers", "mlflow.transformers.signature")]
+    levels = [logger.level for logger in quiet]
+    with tempfile.TemporaryDirectory(prefix="vlmflow-hf-") as tmp:
+        notes = export_hf(model_folder, Path(tmp) / "hf")
+        if notes:  # no tokenizer: no processor, and no pipeline without one
+            return notes
+        progress = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            for logger in quiet:  # no model card or license to find offline, no signature for this task
+                logger.setLevel(logging.ERROR)
+            pipe = transformers.pipeline("image-text-to-text", model=str(Path(tmp) / "hf"))
+            mlflow.transformers.save_model(
+                pipe,
+                str(destination),
+                processor=pipe.processor,
+                # vlmflow's own pins: MLflow's defaults would name torchvision, which is not installed
+                pip_requirements=[f"transformers=={version('transformers')}", f"torch=={version('torch')}"],
+            )
+        finally:
+            for logger, level in zip(quiet, levels, strict=True):
+                logger.setLevel(level)
+            if progress:
+                transformers.utils.logging.enable_progress_bar()
+    return []
 
 
 def signature() -> ModelSignature:

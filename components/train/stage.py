@@ -143,19 +143,25 @@ def run(ctx: StageContext) -> StageResult:
     if register:
         data_digest = ",".join(f"{name}={ctx.inputs[key].digest}" for key, name in data_inputs(spec).items())
         from vlmflow.components.mlflow_model import save as save_mlflow_model
+        from vlmflow.components.mlflow_model import save_transformers
 
-        save_mlflow_model(ctx.out / "model", ctx.out / "mlflow-model")  # what the registry serves
-        artifacts += sorted(str(p.relative_to(ctx.out)) for p in (ctx.out / "mlflow-model").rglob("*") if p.is_file())
-        details["register_model"] = {
-            "name": recipe.name,
-            "artifact_path": "mlflow-model",
-            "tags": {
-                "vlmflow.stage": spec.name,
-                "vlmflow.data_digest": data_digest if len(indexes) > 1 else ctx.inputs["data"].digest,
-                "vlmflow.tokenizer_digest": ctx.inputs["tokenizer"].digest,
-                **{f"vlmflow.{k}": f"{v:.4g}" for k, v in metrics.items() if k.startswith("eval_")},
-            },
+        tags = {
+            "vlmflow.stage": spec.name,
+            "vlmflow.data_digest": data_digest if len(indexes) > 1 else ctx.inputs["data"].digest,
+            "vlmflow.tokenizer_digest": ctx.inputs["tokenizer"].digest,
+            **{f"vlmflow.{k}": f"{v:.4g}" for k, v in metrics.items() if k.startswith("eval_")},
         }
+        # What the registry serves: a pyfunc of vlmflow's own model (every model), and MLflow's
+        # transformers flavor of the Hugging Face LLaVA export (a model that exports) as NAME-hf.
+        save_mlflow_model(ctx.out / "model", ctx.out / "mlflow-model")
+        registered = {"mlflow-model": recipe.name}
+        if not save_transformers(ctx.out / "model", ctx.out / "mlflow-transformers"):
+            registered["mlflow-transformers"] = f"{recipe.name}-hf"
+        for folder in registered:
+            artifacts += sorted(str(p.relative_to(ctx.out)) for p in (ctx.out / folder).rglob("*") if p.is_file())
+        details["register_models"] = [
+            {"name": name, "artifact_path": folder, "tags": tags} for folder, name in registered.items()
+        ]
     rows_in = sum(index.height for index in indexes.values())
     return StageResult(
         rows_in=rows_in,

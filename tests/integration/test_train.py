@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -112,6 +113,26 @@ def test_two_workers_train_both_stages_and_mlflow_tracks_them(trained):
     assert version.tags["vlmflow.spec_digest"] == summary["spec_digest"] and "vlmflow.eval_vqa_accuracy" in version.tags
     # An MLflow model (tests/integration/test_mlflow_model.py loads one as a pyfunc and asks it).
     assert "mlflow-model/MLmodel" in {a.path for a in client.list_artifacts(child.info.run_id, "mlflow-model")}
+    # The model exports to HF LLaVA, so it is also MLflow's transformers flavor, NAME-hf: a fresh
+    # process builds an image-text-to-text pipeline from it that answers.
+    hf = client.get_model_version("shapes-tiny-hf", "1")
+    assert hf.run_id == child.info.run_id and hf.tags["vlmflow.data_digest"] == version.tags["vlmflow.data_digest"]
+    uri = summary["mlflow_tracking_uri"]
+    env = {**_env(), "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+    loaded = subprocess.run([sys.executable, "-c", HF_PIPELINE], capture_output=True, text=True, env=env, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert isinstance(json.loads(loaded.stdout.strip().splitlines()[-1]), str)
+
+
+HF_PIPELINE = """\
+import json, mlflow.transformers, transformers
+from PIL import Image
+components = mlflow.transformers.load_model("models:/shapes-tiny-hf/1", return_type="components")
+pipe = transformers.pipeline(**components)
+image = Image.new("RGB", (32, 32), (200, 20, 40))
+asked = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What color?"}]}]
+print(json.dumps(pipe(text=asked, max_new_tokens=4)[0]["generated_text"][-1]["content"]))
+"""
 
 
 def start(workdir: Path, *extra: str) -> subprocess.Popen:
