@@ -41,7 +41,7 @@ from vlmflow.components.sources.base import (
 )
 from vlmflow.errors import UserError
 from vlmflow.remote import URL
-from vlmflow.specs.data import ParquetSource
+from vlmflow.specs.data import HfDiskSource, ParquetSource
 
 
 def _is_text(kind: pa.DataType) -> bool:
@@ -52,7 +52,9 @@ def _is_bytes(kind: pa.DataType) -> bool:
     return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
 
 
-def _check_schema(spec: ParquetSource, path: Path | URL, schema: pa.Schema) -> None:
+def check_columns(spec: ParquetSource | HfDiskSource, path: Path | URL, schema: pa.Schema) -> None:
+    """The columns SPEC names (image, caption, key, label) are in SCHEMA with types it can read;
+    a UserError naming PATH and the columns present otherwise."""
     named = {"image": spec.image_column, "caption": spec.caption_column, "key": spec.key_column}
     for what, name in {**named, "label": spec.label_column}.items():
         if name is not None and name not in schema.names:
@@ -96,6 +98,22 @@ def _metadata(path: Path | URL, identity: dict | None) -> tuple[pa.Schema, pq.Fi
         raise UserError(f"{path}: cannot read parquet metadata: {exc}") from None
 
 
+def row_ranges(group_rows: list[int], shard_size: int, left: float) -> list[tuple[int, int, int, int]]:
+    """(group, first row of the group, start, stop) of row ranges of at most SHARD_SIZE rows cut from
+    groups of GROUP_ROWS rows (row groups, record batches), in order, LEFT rows at most in all."""
+    ranges, first_row = [], 0
+    for group, rows in enumerate(group_rows):
+        for start in range(0, rows, shard_size):
+            stop = int(min(rows, start + shard_size, start + left))
+            if stop > start:
+                ranges.append((group, first_row, start, stop))
+                left -= stop - start
+        first_row += rows
+        if left <= 0:
+            break
+    return ranges
+
+
 def _pieces(spec: ParquetSource, ctx: SourceContext) -> list[dict]:
     """Row ranges of at most shard_size rows, in file / row-group order, cut at `limit`."""
     pieces: list[dict] = []
@@ -103,55 +121,63 @@ def _pieces(spec: ParquetSource, ctx: SourceContext) -> list[dict]:
     for file in input_files(spec.path, ".parquet"):
         path = file.location
         schema, metadata = _metadata(path, file.identity)
-        _check_schema(spec, path, schema)
-        first_row = 0
-        for group in range(metadata.num_row_groups):
-            rows = metadata.row_group(group).num_rows
-            for start in range(0, rows, ctx.shard_size):
-                stop = int(min(rows, start + ctx.shard_size, start + left))
-                if stop > start:
-                    pieces.append(
-                        {
-                            "file": path if isinstance(path, URL) else str(path),
-                            "identity": file.identity,
-                            "prefix": file.prefix,
-                            "row_group": group,
-                            "first_row": first_row,
-                            "start": start,
-                            "stop": stop,
-                            "keys": None,
-                        }
-                    )
-                    left -= stop - start
-            first_row += rows
-            if left <= 0:
-                return pieces
+        check_columns(spec, path, schema)
+        groups = [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
+        for group, first_row, start, stop in row_ranges(groups, ctx.shard_size, left):
+            pieces.append(
+                {
+                    "file": path if isinstance(path, URL) else str(path),
+                    "identity": file.identity,
+                    "prefix": file.prefix,
+                    "row_group": group,
+                    "first_row": first_row,
+                    "start": start,
+                    "stop": stop,
+                    "key_row": first_row + start,
+                    "keys": None,
+                }
+            )
+            left -= stop - start
+        if left <= 0:
+            break
     return pieces
 
 
-def _assign_keys(spec: ParquetSource, pieces: list[dict]) -> None:
-    """With a key column: read it, make the keys unique over the source, store them per piece."""
-    columns: dict[str, list] = {}
+def default_keys(piece: dict) -> list[str]:
+    """`<prefix>-<row>` of each row of the piece, numbered from its `key_row`."""
+    return [safe_key(piece["prefix"], piece["key_row"] + i) for i in range(piece["stop"] - piece["start"])]
+
+
+def assign_keys(pieces: list[dict], key_values: Callable[[dict], list]) -> None:
+    """With a key column (KEY_VALUES: a piece's rows' values): make the keys unique over the source,
+    store them per piece; a null value keeps the default key and is remembered in `null_keys`."""
     names: list[str] = []
     for piece in pieces:
-        if piece["file"] not in columns:
-            with parquet_file(piece["file"], piece["identity"]) as parquet:
-                columns[piece["file"]] = parquet.read(columns=[spec.key_column]).column(0).to_pylist()
-        values = columns[piece["file"]][piece["first_row"] + piece["start"] : piece["first_row"] + piece["stop"]]
+        values = key_values(piece)
         piece["null_keys"] = [i for i, v in enumerate(values) if v is None]
-        rows = range(piece["first_row"] + piece["start"], piece["first_row"] + piece["stop"])
-        for value, row in zip(values, rows, strict=True):
-            names.append(safe_key(value) if value is not None else safe_key(piece["prefix"], row))
+        defaults = default_keys(piece)
+        names += [safe_key(v) if v is not None else default for v, default in zip(values, defaults, strict=True)]
     keys, offset = unique_keys(names), 0
     for piece in pieces:
         count = piece["stop"] - piece["start"]
         piece["keys"], offset = keys[offset : offset + count], offset + count
 
 
-def plan(spec: ParquetSource, ctx: SourceContext) -> list[Unit]:
-    pieces = _pieces(spec, ctx)
-    if spec.key_column is not None:
-        _assign_keys(spec, pieces)
+def _key_values(spec: ParquetSource) -> Callable[[dict], list]:
+    """A piece's values of the key column; each file's column is read once."""
+    columns: dict[str, list] = {}
+
+    def values(piece: dict) -> list:
+        if piece["file"] not in columns:
+            with parquet_file(piece["file"], piece["identity"]) as parquet:
+                columns[piece["file"]] = parquet.read(columns=[spec.key_column]).column(0).to_pylist()
+        return columns[piece["file"]][piece["first_row"] + piece["start"] : piece["first_row"] + piece["stop"]]
+
+    return values
+
+
+def pack_units(ctx: SourceContext, pieces: list[dict]) -> list[Unit]:
+    """Consecutive pieces (dicts with `start` / `stop`) merged into units of at most shard_size rows."""
     units: list[list[dict]] = []
     size = ctx.shard_size
     for piece in pieces:
@@ -164,7 +190,14 @@ def plan(spec: ParquetSource, ctx: SourceContext) -> list[Unit]:
     return [Unit(ctx.name, i, part, sum(p["stop"] - p["start"] for p in part)) for i, part in enumerate(units)]
 
 
-def _image(spec: ParquetSource, value: object, base: Path | URL) -> tuple[bytes | None, str, str]:
+def plan(spec: ParquetSource, ctx: SourceContext) -> list[Unit]:
+    pieces = _pieces(spec, ctx)
+    if spec.key_column is not None:
+        assign_keys(pieces, _key_values(spec))
+    return pack_units(ctx, pieces)
+
+
+def _image(spec: ParquetSource | HfDiskSource, value: object, base: Path | URL) -> tuple[bytes | None, str, str]:
     """(bytes, "", "") or (None, reason, detail)."""
     if isinstance(value, dict):
         value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
@@ -183,38 +216,61 @@ def _captions(value: object) -> list[str]:
     return [c.strip() for c in value if c is not None]
 
 
-def _read_piece(spec: ParquetSource, piece: dict) -> Iterator[RawRow | Rejected]:
+Columns = dict[str, list]
+
+
+def read_piece(
+    spec: ParquetSource | HfDiskSource,
+    piece: dict,
+    load: Callable[[dict, list[str]], Columns],
+    base: Path | URL,
+    label: Callable[[object], str | None] = lambda value: None if value is None else str(value),
+) -> Iterator[RawRow | Rejected]:
+    """Every row of a piece: LOAD(piece, column names) gives the piece's rows of those columns (a
+    pyarrow error or OSError rejects each row as `unreadable-shard`); image paths resolve under BASE;
+    LABEL turns a label value into the row's label."""
     count = piece["stop"] - piece["start"]
-    first = piece["first_row"] + piece["start"]
-    keys = piece["keys"] or [safe_key(piece["prefix"], first + i) for i in range(count)]
+    keys = piece["keys"] or default_keys(piece)
     null_keys = set(piece.get("null_keys", []))
-    wanted = [c for c in (spec.image_column, spec.caption_column, spec.label_column) if c is not None]
+    wanted = list(dict.fromkeys(c for c in (spec.image_column, spec.caption_column, spec.label_column) if c))
     try:
-        with parquet_file(piece["file"], piece["identity"]) as parquet:
-            table = parquet.read_row_group(piece["row_group"], columns=list(dict.fromkeys(wanted)))
-        columns = {name: table.column(name).slice(piece["start"], count).to_pylist() for name in wanted}
+        columns = load(piece, wanted)
+        short = {len(values) for values in columns.values()} - {count}
+        if short:
+            raise OSError(f"{min(short)} rows where the plan saw {count} (changed since it was planned)")
     except (pa.ArrowException, OSError) as exc:
         for key in keys:
             yield Rejected(key, "unreadable-shard", f"{piece['file']}: {exc}")
         return
-    file = piece["file"]
-    base = spec.image_root or (file.parent if isinstance(file, URL) else Path(file).parent)
     for i, key in enumerate(keys):
         if i in null_keys:
-            yield Rejected(key, "malformed-annotation", f"{spec.key_column}: null at row {first + i}")
+            yield Rejected(key, "malformed-annotation", f"{spec.key_column}: null at row {piece['key_row'] + i}")
             continue
         image, reason, detail = _image(spec, columns[spec.image_column][i], base)
         if image is None:
             yield Rejected(key, reason, detail)
             continue
         captions = _captions(columns[spec.caption_column][i]) if spec.caption_column else []
-        label = columns[spec.label_column][i] if spec.label_column else None
-        yield RawRow(key=key, image=image, captions=captions, label=None if label is None else str(label))
+        yield RawRow(
+            key=key,
+            image=image,
+            captions=captions,
+            label=label(columns[spec.label_column][i]) if spec.label_column else None,
+        )
+
+
+def _load_row_range(piece: dict, wanted: list[str]) -> Columns:
+    with parquet_file(piece["file"], piece["identity"]) as parquet:
+        table = parquet.read_row_group(piece["row_group"], columns=wanted)
+    count = piece["stop"] - piece["start"]
+    return {name: table.column(name).slice(piece["start"], count).to_pylist() for name in wanted}
 
 
 def read(spec: ParquetSource, ctx: SourceContext, unit: Unit) -> Iterator[RawRow | Rejected]:
     for piece in unit.payload:
-        yield from _read_piece(spec, piece)
+        file = piece["file"]
+        base = spec.image_root or (file.parent if isinstance(file, URL) else Path(file).parent)
+        yield from read_piece(spec, piece, _load_row_range, base)
 
 
 SOURCES.register("parquet", SourceReader("parquet", plan, read))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path, PurePath
@@ -234,6 +235,86 @@ class ParquetSource(RemoteInputs):
     max_image_bytes: Int = max_image_bytes_field()
 
 
+# A DatasetDict split's rows go to this vlmflow split unless `split` is given.
+HF_SPLITS = {"validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
+
+
+class HfDiskSource(SourceBase):
+    """A Hugging Face dataset saved with `save_to_disk` (a Dataset, or one split of a DatasetDict),
+    read from its Arrow files without the `datasets` package."""
+
+    kind: Literal["hf-disk"]
+    path: ExistingDir = Field(
+        description="the folder `Dataset.save_to_disk` wrote (state.json, dataset_info.json, data-*.arrow) or "
+        "`DatasetDict.save_to_disk` wrote (dataset_dict.json and a folder per split)"
+    )
+    dataset_split: str | None = Field(
+        None,
+        pattern=r"^\w+(\.\w+)*$",  # the split names `datasets` accepts
+        description="the DatasetDict split read (required for a DatasetDict folder, an error for a Dataset "
+        "folder); its rows go to `split`, which defaults to val for validation / valid / val / dev, test for "
+        "test, else train",
+    )
+    image_column: str = Field(
+        "image",
+        description="the column holding each image: an Image feature ({bytes, path}), bytes, or a path; a path "
+        "is relative to `path` and stays inside it",
+    )
+    caption_column: str | None = Field(
+        "text", description="the column holding the caption (a string or a list of strings); null: none"
+    )
+    key_column: str | None = Field(
+        None, description="the column holding each row's key (unique); default: SPLIT-ROW (row number in the split)"
+    )
+    label_column: str | None = Field(
+        None, description="the column holding a class label (a ClassLabel's names are used where it has them)"
+    )
+    allow_outside_paths: bool = allow_outside_paths_field()
+    max_image_bytes: Int = max_image_bytes_field()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_from_dataset_split(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "split" not in data and isinstance(data.get("dataset_split"), str):
+            return {**data, "split": HF_SPLITS.get(data["dataset_split"], "train")}
+        return data
+
+    @model_validator(mode="after")
+    def _check_folder(self) -> HfDiskSource:
+        if (self.path / "dataset_dict.json").is_file():
+            splits = hf_splits(self.path)
+            if self.dataset_split is None or self.dataset_split not in splits:
+                given = "no dataset_split" if self.dataset_split is None else f"dataset_split {self.dataset_split!r}"
+                raise ValueError(
+                    f"{self.path} is a saved DatasetDict with splits {', '.join(splits) or '(none)'}; "
+                    f"{given}: set dataset_split to one of them"
+                )
+        elif (self.path / "state.json").is_file():
+            if self.dataset_split is not None:
+                raise ValueError(
+                    f"{self.path} is a saved Dataset (state.json), not a DatasetDict: it has no splits; "
+                    "remove dataset_split"
+                )
+        else:
+            raise ValueError(
+                f"{self.path} is not a folder written by save_to_disk: it holds neither state.json (a Dataset) "
+                "nor dataset_dict.json (a DatasetDict)"
+            )
+        return self
+
+
+def hf_splits(folder: Path) -> list[str]:
+    """The split names a saved DatasetDict's dataset_dict.json lists (a ValueError naming the file)."""
+    file = folder / "dataset_dict.json"
+    try:
+        splits = json.loads(file.read_text(encoding="utf-8")).get("splits")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{file}: cannot read it as a DatasetDict's JSON: {exc}") from None
+    if not isinstance(splits, list) or not all(isinstance(name, str) for name in splits):
+        raise ValueError(f"{file}: 'splits' is not a list of split names")
+    return splits
+
+
 URL_LIST_USER_AGENT = "vlmflow/0.1 (url-list source; honours X-Robots-Tag noai/noimageai/noindex/noimageindex)"
 
 
@@ -307,6 +388,7 @@ Source = Annotated[
     | CocoSource
     | LlavaJsonSource
     | ParquetSource
+    | HfDiskSource
     | UrlListSource
     | WebDatasetSource,
     Field(discriminator="kind"),
