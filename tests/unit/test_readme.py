@@ -92,12 +92,26 @@ def data_dir(tmp_path_factory) -> Path:
                 info = tarfile.TarInfo(name)
                 info.size = len(content)
                 tar.addfile(info, io.BytesIO(content))
+    saved_hf_dataset(root / "data/coco_captions")
     return root
+
+
+def saved_hf_dataset(folder: Path) -> None:
+    """A DatasetDict (train, validation) with an Image() and a caption column, as `datasets` saves it."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    splits = {}
+    for name, start in (("train", 0), ("validation", 2)):
+        images = [Image.open(io.BytesIO(photo(start + i))) for i in range(2)]
+        captions = [f"{name} photo {i}" for i in range(2)]
+        splits[name] = datasets.Dataset.from_dict({"image": images, "caption": captions}, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(folder))
 
 
 def test_the_walkthrough_covers_every_file_source():
     text = "\n".join(BLOCKS)
-    for kind in ("image-folder", "coco", "llava-json", "parquet", "webdataset"):
+    for kind in ("image-folder", "coco", "llava-json", "parquet", "webdataset", "hf-disk"):
         assert f"kind: {kind}" in text, kind
     assert "captions_file:" in text and "path: hf-photos}" in text and "path: photos, label_from_parent" in text
     assert any("stages:" in block for block in BLOCKS)
