@@ -26,7 +26,8 @@ ALIGN = ["--set", "stages.0.max_steps=4", "--set", "stages.0.eval_samples=4", "-
          "--set", "stages.0.shift=2"]  # fmt: skip
 SHORT = [*ALIGN, "--set", "stages.1.max_steps=12", "--set", "stages.1.checkpoint_every=4",
          "--set", "stages.1.eval_samples=8", "--set", "evaluate=[]",
-         "--set", "runtime.mlflow.system_metrics_interval=1"]  # fmt: skip
+         "--set", "runtime.mlflow.system_metrics_interval=1",
+         "--set", "runtime.mlflow.history_interval=0.2"]  # fmt: skip
 pytestmark = pytest.mark.slow
 
 
@@ -165,7 +166,7 @@ def live_stage_run(workdir: Path, stage: str, min_points: int):
         if runs and len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= min_points:
             return runs[0]
         assert time.monotonic() < deadline, f"no RUNNING {stage} run with {min_points} loss points in MLflow"
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 def ray_train_workers(driver: subprocess.Popen) -> list[psutil.Process]:
@@ -186,7 +187,8 @@ def test_killed_driver_resumes_from_the_last_checkpoint_with_the_same_losses(tra
     clean = history(stage_dir(trained, "train-instruct"))
     # eval_samples changes the stage digest but not its training: a fresh build to kill.
     proc = start(trained, "--set", "stages.1.eval_samples=7")
-    partial = wait_for_step(proc, trained, "artifacts/train-instruct/*.partial", 6)
+    # Step 5 is logged after step 4's checkpoint; from then, 7 steps (a few seconds) to kill it in.
+    partial = wait_for_step(proc, trained, "artifacts/train-instruct/*.partial", 5)
     # While it trains, MLflow shows the stage's run RUNNING with its loss points arriving.
     live = live_stage_run(trained, "train-instruct", min_points=3)
     assert live.info.status == "RUNNING" and live.data.tags["vlmflow.status"] == "running"

@@ -474,7 +474,8 @@ class RecipeRun:
         def log(rows: list[dict]) -> None:
             tracker.log_history(child, rows, group)
 
-        tail = HistoryTail(log, paths, self._lock, progress=progress).start()
+        interval = self.recipe.runtime.mlflow.history_interval
+        tail = HistoryTail(log, paths, self._lock, interval, progress=progress).start()
         system = None
         if stage.component.writes == "model" and self.recipe.runtime.mlflow.system_metrics:
             system = tracker.system_metrics(child, self.recipe.runtime.mlflow.system_metrics_interval)

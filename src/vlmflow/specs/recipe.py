@@ -57,6 +57,9 @@ class MlflowSpec(StrictModel):
         True, description="log MLflow's system metrics (CPU, memory, GPU) on the runs of training stages"
     )
     system_metrics_interval: Float = Field(10.0, gt=0, description="seconds between samples")
+    history_interval: Float = Field(
+        2.0, gt=0, description="seconds between two looks of the driver at a training stage's step history"
+    )
 
 
 class RuntimeSpec(StrictModel):
