@@ -44,7 +44,11 @@ Tokenizer = Annotated[BpeTokenizer | PretrainedTokenizer, Field(discriminator="k
 class RaySpec(StrictModel):
     address: str | None = Field(None, description="join this cluster; default: $RAY_ADDRESS or a local Ray")
     num_cpus: Int | None = Field(None, ge=1, description="CPUs for a local Ray; default: all")
-    include_dashboard: bool = False
+    include_dashboard: bool = Field(
+        False,
+        description="start Ray's dashboard with a local Ray (http://127.0.0.1:8265: tasks, actors, logs); "
+        "off by default: it costs start-up time and memory",
+    )
     ship_code: bool = Field(
         True, description="on a cluster, send this vlmflow code to the workers (runtime_env py_modules)"
     )
