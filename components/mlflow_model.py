@@ -99,13 +99,13 @@ def save_transformers(model_folder: Path, destination: Path) -> list[str]:
         return problems
     quiet = [logging.getLogger(name) for name in ("mlflow.transformers", "mlflow.transformers.signature")]
     levels = [logger.level for logger in quiet]
+    progress = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # its bars (writing, loading weights) on the run's console
     with tempfile.TemporaryDirectory(prefix="vlmflow-hf-") as tmp:
-        notes = export_hf(model_folder, Path(tmp) / "hf")
-        if notes:  # no tokenizer: no processor, and no pipeline without one
-            return notes
-        progress = transformers.utils.logging.is_progress_bar_enabled()
-        transformers.utils.logging.disable_progress_bar()
         try:
+            notes = export_hf(model_folder, Path(tmp) / "hf")
+            if notes:  # no tokenizer: no processor, and no pipeline without one
+                return notes
             for logger in quiet:  # no model card or license to find offline, no signature for this task
                 logger.setLevel(logging.ERROR)
             pipe = transformers.pipeline("image-text-to-text", model=str(Path(tmp) / "hf"))

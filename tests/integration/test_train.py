@@ -205,6 +205,7 @@ def test_killed_driver_resumes_from_the_last_checkpoint_with_the_same_losses(tra
     # The driver shows the progress from the step history; the Ray workers' own lines stay in Ray's logs.
     assert "train-instruct: 12/12 steps, loss " in console
     assert "RayTrainWorker" not in console and "TrainController" not in console, console
+    assert "\r" not in console and "it/s]" not in console, console  # no library progress bars in a file
     assert [s["status"] for s in summary_of(trained)["stages"]] == ["cached"] * 5 + ["computed"]
     assert_same_curve(history(stage_dir(trained, "train-instruct")), clean)
 
