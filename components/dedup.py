@@ -32,6 +32,7 @@ cluster (union-find, as for images) but its smallest key as `caption-duplicate-o
 
 from __future__ import annotations
 
+import threading
 import time
 import unicodedata
 import zlib
@@ -55,6 +56,12 @@ if TYPE_CHECKING:
 # dask and pandas are imported by the functions that use them: declaring the component (and
 # validating or planning a recipe) imports neither. `scheduler`: what dask computes on (the stage
 # executor's dask_scheduler()).
+
+# Two dedup stages of parallel branches run in threads of one driver. dask's expression optimiser
+# relies on functools.cached_property, which on Python 3.11 holds one lock per property for all
+# instances of its class: two threads optimising at once take those locks in opposite orders and
+# deadlock (seen: two dedup stages of test_s3_sources waited for ever). Their dask work takes turns.
+DASK_LOCK = threading.Lock()
 
 
 def exact_duplicates(frame: dd.DataFrame, scheduler: Any = "threads") -> pd.DataFrame:
@@ -180,7 +187,8 @@ def find_duplicates(manifest: Path, spec: DedupSpec, scheduler: Any = "threads")
     """Quarantine rows (key, reason, detail) for every duplicate in the manifest."""
     import dask
 
-    with dask.config.set({"dataframe.convert-string": False}):  # one string dtype on both sides of the joins
+    # One string dtype on both sides of the joins; one dask computation at a time (DASK_LOCK).
+    with DASK_LOCK, dask.config.set({"dataframe.convert-string": False}):
         return _find_duplicates(manifest, spec, scheduler)
 
 
@@ -362,7 +370,7 @@ def caption_pairs(
 
     if "caption" not in pl.read_parquet_schema(manifest):
         return pl.DataFrame(schema=CAPTION_PAIRS_SCHEMA)
-    with dask.config.set({"dataframe.convert-string": False}):
+    with DASK_LOCK, dask.config.set({"dataframe.convert-string": False}):
         return _caption_pairs(manifest, spec, set(skip), scheduler)
 
 
