@@ -9,6 +9,7 @@ without it the test is skipped. Screenshots land in the test's folder (docs/ hol
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cdp import Browser
 from live_servers import answers, clean_env, free_port, start, stop, wait
 from test_recipe_cli import REPO, stages, summary_of, vlmflow
 
@@ -26,19 +28,17 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium)")]
 
 
-def _chromium(url: str, *args: str, height: int = 900, budget_s: int = 30) -> str:
-    """The page after its scripts ran (`budget_s` of virtual time): --dump-dom prints its DOM.
-    A tall window renders every chart: the MLflow UI draws charts only once they are in view,
-    and draws them after its first 30 s of virtual time."""
+def _chromium(url: str, *args: str) -> str:
+    """The page after its scripts ran (30 s of virtual time): --dump-dom prints its DOM."""
     command = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               f"--window-size=1500,{height}", f"--virtual-time-budget={budget_s * 1000}", *args, url]  # fmt: skip
+               "--window-size=1500,1000", "--virtual-time-budget=30000", *args, url]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
 
-def _screenshot(url: str, path: Path, budget_s: int = 30) -> None:
-    _chromium(url, f"--screenshot={path}", height=1000, budget_s=budget_s)
+def _screenshot(url: str, path: Path) -> None:
+    _chromium(url, f"--screenshot={path}")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
     print(f"screenshot: {path}")
 
@@ -70,16 +70,21 @@ def test_the_uis_show_the_runs_a_loss_chart_and_the_stage_table(tmp_path):
         for name in by_name:
             assert f">{name}<" in page, name
 
-        # A training stage's metrics page: its charts in sections, the loss among `train`'s.
+        # A training stage's metrics page, searched for train/ as a user would: its `train` section
+        # with the loss curve (a chart is drawn when in view, one request per metric: wait for it).
         charts = f"{base}/#/experiments/{experiment}/runs/{by_name['train-instruct']['mlflow_run_id']}/model-metrics"
-        titles = (">train<", ">loss<", ">grad_norm<", ">lr<", ">data<", ">eval<")
-        for _ in range(4):  # the charts come after one request per metric: slow on a busy machine
-            shown = _chromium(charts, "--dump-dom", height=9000, budget_s=60)
-            if all(title in shown for title in titles):
-                break
-        for title in titles:
-            assert title in shown, title
-        _screenshot(charts, tmp_path / "mlflow-metrics.png", budget_s=60)
+        with Browser(CHROMIUM) as browser:
+            shown = browser.visit(
+                charts,
+                type_into=('input[placeholder="Search metric charts"]', "train/"),
+                until="[...document.querySelectorAll('.js-plotly-plot')].length >= 3"
+                " && document.body.innerText.includes('grad_norm')",
+                screenshot=tmp_path / "mlflow-metrics.png",
+            )
+        lines = shown.splitlines()
+        assert "loss" in lines and "grad_norm" in lines and "lr" in lines, shown[-2000:]
+        section = lines.index("train")  # the section, then its chart count: "(14)"
+        assert re.fullmatch(r"\(\d+\)", lines[section + 1]), lines[section : section + 2]
 
         # The Prefect flow run's stage table, rendered from its markdown artifact.
         found = httpx.post(
