@@ -40,7 +40,7 @@ class Progress:
         use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr) if use_bar else None
         self.every_s, self.last_log, self.started = every_s, 0.0, time.monotonic()
-        self.sink, self.last_sunk = _sink.get(), 0.0
+        self.sink, self.last_sunk = _sink.get(), float("-inf")  # the first update is given at once
 
     def update(self, n: int = 1, note: str = "") -> None:
         """`n` more units done; `note` (e.g. `loss 0.52`) follows the count."""
