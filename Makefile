@@ -16,12 +16,12 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch comes first and alone: `pip install torch==2.13.0` takes the local CPU wheel,
-# so the project install below finds it satisfied and never pulls a CUDA build.
+# so the project install below finds it satisfied and never pulls a CUDA build. setuptools'
+# boxed notice about editable installs with a package map is not for users (PYTHONWARNINGS).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==26.3
 	$(PY) -m pip install --quiet torch==2.13.0
-	# setuptools' notice about editable installs with a package map (a boxed warning) is not for users
 	PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
