@@ -54,6 +54,11 @@ def test_evaluate_section_runs_every_task_and_compare_tables_the_runs(tmp_path):
     assert "| eval-shapes-mc | accuracy |" in note and "| eval-shapes-vqa | exact_match |" in note
     logged = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"predictions.parquet", "examples.png", "quarantine.parquet", "metrics.json"} <= logged
+    # The predictions as an MLflow table (the UI shows it as one): a row per evaluated item.
+    (tmp_path / "download").mkdir()
+    table = Path(client.download_artifacts(child.info.run_id, "predictions.json", str(tmp_path / "download")))
+    table = json.loads(table.read_text())
+    assert len(table["data"]) == by_name["eval-shapes-mc"]["rows_out"] and "prediction" in table["columns"]
 
     csv = tmp_path / "table.csv"
     # Two references to runs (an id and the latest folder) give two columns; one CLI run keeps
