@@ -27,14 +27,13 @@ import ray
 import torch
 
 from vlmflow.components.capfilt.worker import CapfiltWorker
-from vlmflow.components.shards import write_shard
 from vlmflow.components.sources.synthetic import make_row
 from vlmflow.components.tokenize import train_bpe
-from vlmflow.components.train.data import build_index
 from vlmflow.components.train.setup import model_config, write_model_folder
 from vlmflow.models.vision import image_spec
 from vlmflow.models.vlm import VLM, Vocab
 from vlmflow.runtime.ray import BLOCKS_PER_ACTOR, map_jobs_on_ray_data
+from vlmflow.samples import build_index, write_shard
 from vlmflow.specs import load_recipe
 from vlmflow.specs.data import SyntheticShapesSource
 from vlmflow.specs.recipe import BpeTokenizer

@@ -34,9 +34,9 @@ import ray
 from PIL import Image
 
 from vlmflow.components.ingest import plan_units, process_unit
-from vlmflow.components.shards import read_shard
 from vlmflow.components.sources.synthetic import make_row
 from vlmflow.runtime.ray import init_ray, map_units
+from vlmflow.samples import read_shard
 from vlmflow.specs.data import SyntheticShapesSource
 from vlmflow.specs.loader import Marked, validate
 from vlmflow.specs.recipe import Recipe

@@ -28,12 +28,13 @@ import ray
 import torch
 
 from vlmflow.components.train import mixture
-from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, build_index
+from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec
 from vlmflow.components.train.data import worker_micro_batches as micro_batches
 from vlmflow.components.train.loop import WorkerConfig
 from vlmflow.components.train.setup import build_stage_model
 from vlmflow.components.train.stage import fit, mixture_rows, worker_config
 from vlmflow.models.vlm import Vocab
+from vlmflow.samples import build_index
 from vlmflow.specs import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,7 +45,7 @@ import polars as pl
 
 from vlmflow.component import Component, Port
 from vlmflow.components import report
-from vlmflow.components.ingest import QUARANTINE_SCHEMA
+from vlmflow.samples import QUARANTINE_SCHEMA, write_tables
 from vlmflow.specs.data import DedupSpec
 from vlmflow.stage import StageContext, StageResult
 
@@ -457,10 +457,8 @@ def run(ctx: StageContext) -> StageResult:
             dups = pl.concat([images, by_caption])
     quarantine = dups.join(manifest.select("key", "source"), on="key", how="left").select(list(QUARANTINE_SCHEMA))
     kept = manifest.filter(~pl.col("key").is_in(dups["key"].implode()))
-    kept.write_parquet(ctx.out / "manifest.parquet", statistics=False)
-    quarantine.write_parquet(ctx.out / "quarantine.parquet", statistics=False)
     shards = pl.read_parquet(source.path / "shards.parquet")
-    shards.filter(pl.col("shard").is_in(kept["shard"].unique().implode())).write_parquet(ctx.out / "shards.parquet")
+    write_tables(ctx.out, kept, quarantine, shards.filter(pl.col("shard").is_in(kept["shard"].unique().implode())))
     report.write_quarantine_summary(quarantine, ctx.out / "quarantine_summary.json")
     seconds = max(time.monotonic() - started, 1e-9)
     near = images.filter(pl.col("detail").str.starts_with("near")).height

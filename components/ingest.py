@@ -20,36 +20,11 @@ from vlmflow.artifacts import atomic_path
 from vlmflow.component import Component
 from vlmflow.components import report
 from vlmflow.components.filters import first_failure
-from vlmflow.components.shards import write_shard
 from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, Unit, safe_key
 from vlmflow.images import BadImage, check_image, sha256_bytes
+from vlmflow.samples import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, SHARDS_SCHEMA, write_shard, write_tables
 from vlmflow.specs.data import IngestSpec, source_name
 from vlmflow.stage import StageContext, StageResult
-
-MANIFEST_SCHEMA = {
-    "key": pl.String,
-    "shard": pl.String,
-    "sha256": pl.String,
-    "pixel_sha256": pl.String,
-    "phash": pl.UInt64,
-    "thumb": pl.Binary,
-    "width": pl.Int32,
-    "height": pl.Int32,
-    "mode": pl.String,
-    "ext": pl.String,
-    "source": pl.String,
-    "split": pl.String,
-    "caption": pl.String,
-    "captions": pl.List(pl.String),
-    "n_captions": pl.Int32,
-    "caption_chars": pl.Int32,
-    "label": pl.String,
-    "n_objects": pl.Int32,
-    "n_qa": pl.Int32,
-    "n_turns": pl.Int32,
-    "caption_corrupted": pl.Boolean,
-}
-QUARANTINE_SCHEMA = {"key": pl.String, "source": pl.String, "reason": pl.String, "detail": pl.String}
 
 
 def unit_name(unit: Unit) -> str:
@@ -158,12 +133,8 @@ def run(ctx: StageContext) -> StageResult:
     )
     manifest, quarantine = _drop_repeated_keys(manifest, quarantine)
     shards = [json.loads((units_dir / f"{n}.shard.json").read_text()) for n in names]
-    shards_df = pl.DataFrame(
-        shards, schema={"shard": pl.String, "sha256": pl.String, "bytes": pl.Int64, "samples": pl.Int64}, orient="row"
-    ).filter(pl.col("samples") > 0)
-    manifest.write_parquet(ctx.out / "manifest.parquet", statistics=False)
-    quarantine.write_parquet(ctx.out / "quarantine.parquet", statistics=False)
-    shards_df.write_parquet(ctx.out / "shards.parquet", statistics=False)
+    shards_df = pl.DataFrame(shards, schema=SHARDS_SCHEMA, orient="row").filter(pl.col("samples") > 0)
+    write_tables(ctx.out, manifest, quarantine, shards_df)
     shutil.rmtree(units_dir, ignore_errors=True)
     report.write_quarantine_summary(quarantine, ctx.out / "quarantine_summary.json")
     report.write_sample_grid(manifest, lambda rel: ctx.out / "shards" / Path(rel).name, ctx.out / "sample_grid.png")

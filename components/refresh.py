@@ -29,6 +29,7 @@ from vlmflow.components import ingest, report
 from vlmflow.components.sources.base import SOURCES, SourceContext, Unit
 from vlmflow.fingerprint import HashCache, code_digest, fingerprint_path, fingerprint_value
 from vlmflow.pipeline import Step
+from vlmflow.samples import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, SHARDS_SCHEMA, write_tables
 from vlmflow.specs.base import StrictModel
 from vlmflow.specs.data import IngestSpec, source_name
 from vlmflow.specs.recipe import Recipe
@@ -188,10 +189,10 @@ class Refresh:
         args = (list(self.config.filters), str(store.root))
         read = ctx.executor.map_units(build_unit, jobs, desc="ingest: new units", args=args, progress=ctx.progress)
         frames = [_unit_frames(store, u) for u in self.units]
-        manifest = pl.concat([f[0] for f in frames] or [pl.DataFrame(schema=ingest.MANIFEST_SCHEMA)])
-        quarantine = pl.concat([f[1] for f in frames] or [pl.DataFrame(schema=ingest.QUARANTINE_SCHEMA)])
+        manifest = pl.concat([f[0] for f in frames] or [pl.DataFrame(schema=MANIFEST_SCHEMA)])
+        quarantine = pl.concat([f[1] for f in frames] or [pl.DataFrame(schema=QUARANTINE_SCHEMA)])
         manifest, quarantine = ingest._drop_repeated_keys(manifest, quarantine)
-        shards = pl.DataFrame([f[2] for f in frames], schema=ingest_shards_schema(), orient="row")
+        shards = pl.DataFrame([f[2] for f in frames], schema=SHARDS_SCHEMA, orient="row")
         shards = shards.filter(pl.col("samples") > 0)
         rows = [f[0].height + f[1].height for f in frames]
         units = pl.DataFrame(
@@ -199,8 +200,8 @@ class Refresh:
             schema=UNITS_SCHEMA,
             orient="row",
         )
-        for name, frame in (("manifest", manifest), ("quarantine", quarantine), ("shards", shards), ("units", units)):
-            frame.write_parquet(ctx.out / f"{name}.parquet", statistics=False)
+        write_tables(ctx.out, manifest, quarantine, shards)
+        units.write_parquet(ctx.out / "units.parquet", statistics=False)
         report.write_quarantine_summary(quarantine, ctx.out / "quarantine_summary.json")
         report.write_sample_grid(manifest, lambda rel: store.root / rel, ctx.out / "sample_grid.png")
         self.built = {"units_built": sum(n > 0 for n in read), "rows_ingested": sum(read)}  # 0: built by another run
@@ -235,7 +236,3 @@ class Refresh:
             "rows_removed": both.filter(pl.col("shard").is_null()).height,
             "rows_moved": both.filter(pl.col("shard") != pl.col("shard_old")).height,
         }
-
-
-def ingest_shards_schema() -> dict:
-    return {"shard": pl.String, "sha256": pl.String, "bytes": pl.Int64, "samples": pl.Int64}

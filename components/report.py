@@ -11,8 +11,8 @@ import polars as pl
 from PIL import Image, ImageDraw
 
 from vlmflow.artifacts import atomic_path
-from vlmflow.components.shards import read_shard
 from vlmflow.images import to_rgb
+from vlmflow.samples import read_shard
 
 
 def write_quarantine_summary(quarantine: pl.DataFrame, path: Path) -> dict:

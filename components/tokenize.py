@@ -15,8 +15,8 @@ import polars as pl
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from vlmflow.component import Component, Port
-from vlmflow.components.shards import read_shard, sample_json
 from vlmflow.errors import UserError
+from vlmflow.samples import read_shard, sample_json
 from vlmflow.specs.recipe import BpeTokenizer, PretrainedTokenizer
 from vlmflow.specs.recipe import Tokenizer as TokenizerSpec
 from vlmflow.stage import StageContext, StageResult

@@ -11,8 +11,8 @@ import polars as pl
 from PIL import Image, ImageDraw
 
 from vlmflow.artifacts import atomic_path
-from vlmflow.components.train.data import read_member
 from vlmflow.images import to_rgb
+from vlmflow.samples import read_member
 
 BINS, PLOT_W, PLOT_H, PAD = 20, 360, 160, 24
 KEPT, REMOVED, INK = (40, 150, 70), (200, 60, 50), (0, 0, 0)

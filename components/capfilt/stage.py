@@ -40,11 +40,9 @@ from vlmflow.components.capfilt import (
     report,
 )
 from vlmflow.components.capfilt.worker import CapfiltWorker
-from vlmflow.components.ingest import QUARANTINE_SCHEMA
-from vlmflow.components.shards import write_shard
-from vlmflow.components.train.data import build_index, read_member
 from vlmflow.errors import UserError
 from vlmflow.progress import Progress
+from vlmflow.samples import QUARANTINE_SCHEMA, SHARDS_SCHEMA, build_index, read_member, write_shard, write_tables
 from vlmflow.specs.capfilt import CapfiltSpec, FilterSpec, ModelRef
 from vlmflow.stage import StageContext, StageResult
 from vlmflow.tracking import download_model, tracking_uri
@@ -408,9 +406,7 @@ def run_filter(ctx: StageContext) -> StageResult:
         "key", "source", pl.lit("capfilt:no-caption-kept").alias("reason"), pl.lit("").alias("detail")
     )
     quarantine = pl.concat([removed, emptied]).cast(QUARANTINE_SCHEMA)
-    quarantine.write_parquet(ctx.out / "quarantine.parquet")
-    out_manifest.write_parquet(ctx.out / "manifest.parquet", statistics=False)
-    shard_rows.write_parquet(ctx.out / "shards.parquet", statistics=False)
+    write_tables(ctx.out, out_manifest, quarantine, shard_rows)
 
     metrics |= quality(pairs) | {"images_in": float(index.height), "images_out": float(out_manifest.height)}
     metrics["pairs_judged"] = float(pairs["judged"].sum())
@@ -470,7 +466,7 @@ def _write_shards(
     return pl.DataFrame(
         [{"shard": prefix + name, "sha256": sha, "bytes": size, "samples": len(units[name]["samples"])}
          for name, sha, size in written],
-        schema={"shard": pl.String, "sha256": pl.String, "bytes": pl.Int64, "samples": pl.Int64},
+        schema=SHARDS_SCHEMA,
         orient="row",
     )  # fmt: skip
 

@@ -18,7 +18,8 @@ from vlmflow.components.capfilt.hf import HfBlip
 from vlmflow.components.evaluate.generate import Decoding
 from vlmflow.components.evaluate.worker import EvalWorker
 from vlmflow.components.sources.synthetic import describes
-from vlmflow.components.train.data import pad_rows, read_member
+from vlmflow.components.train.data import pad_rows
+from vlmflow.samples import read_member
 from vlmflow.specs.capfilt import hf_architecture
 
 

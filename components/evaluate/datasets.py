@@ -28,9 +28,10 @@ import polars as pl
 from PIL import Image
 
 from vlmflow.components.sources.base import OUTSIDE, TOO_LARGE, contained_path, read_dataset_image
-from vlmflow.components.train.data import IMAGE_EXTS, ShardSamples, choices
+from vlmflow.components.train.data import ShardSamples
 from vlmflow.errors import UserError
-from vlmflow.prompts import LETTERS, options_of
+from vlmflow.prompts import LETTERS, choice_items, options_of
+from vlmflow.samples import IMAGE_EXTS
 from vlmflow.specs.data import DEFAULT_MAX_IMAGE_BYTES
 
 
@@ -131,7 +132,7 @@ def _choices_from_qa(loaded: Loaded, records: list[tuple[str, bytes, dict]], sou
             pools[_family(qa["question"])].add(qa["answer"])
     for key, image, record in records:
         rng = np.random.default_rng(zlib.crc32(key.encode()))
-        own = choices(record)
+        own = choice_items(record)
         if own:
             question, options, answer = own[int(rng.integers(len(own)))]
             loaded.add(Item(key, image, (answer,), question, options))

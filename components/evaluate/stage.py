@@ -22,10 +22,11 @@ from vlmflow.components.evaluate.datasets import ImageFiles, Item, Loaded
 from vlmflow.components.evaluate.examples import write_examples
 from vlmflow.components.evaluate.generate import Decoding
 from vlmflow.components.evaluate.worker import EvalWorker
-from vlmflow.components.train.data import ShardSamples, build_index
+from vlmflow.components.train.data import ShardSamples
 from vlmflow.errors import UserError
 from vlmflow.prompts import choice_prompt
 from vlmflow.runtime.executor import Executor
+from vlmflow.samples import build_index
 from vlmflow.specs.evaluate import EvalTask, ZeroShotTask
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import StageContext, StageResult

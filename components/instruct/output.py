@@ -24,20 +24,18 @@ from pathlib import Path
 import polars as pl
 
 from vlmflow.artifacts import atomic_path, atomic_write_text
-from vlmflow.components.ingest import QUARANTINE_SCHEMA
 from vlmflow.components.instruct import verify
 from vlmflow.components.instruct.backends import Item, Outcome
 from vlmflow.components.instruct.client import CallStats
 from vlmflow.components.instruct.replies import Turn
 from vlmflow.components.instruct.templates import Templates
-from vlmflow.components.shards import read_shard, sample_json, write_shard
 from vlmflow.components.sources.synthetic import SHAPES
+from vlmflow.samples import QUARANTINE_SCHEMA, SHARDS_SCHEMA, read_shard, sample_json, write_shard, write_tables
 from vlmflow.specs.instruct import OPERATIONAL, TASKS, InstructSpec, OpenAICompatibleGenerator
 from vlmflow.stage import StageContext, StageResult
 
 IMAGE_TOKEN = "<image>"
 VERIFY_AT_MOST = 2000  # offline answers re-checked against their scene graph (a metric)
-SHARDS_SCHEMA = {"shard": pl.String, "sha256": pl.String, "bytes": pl.Int64, "samples": pl.Int64}
 
 
 def shard_sha(ctx: StageContext) -> dict[str, str]:
@@ -128,9 +126,7 @@ def write_outputs(
         llava.append({"id": item.id, "image": image, "conversations": llava_conversation(turns), "task": item.task})
     shard_rows, manifest = _write_shards(ctx, spec, entries, dict(rows.schema))
     quarantine_df = pl.DataFrame(quarantine, schema=QUARANTINE_SCHEMA, orient="row")
-    manifest.write_parquet(ctx.out / "manifest.parquet", statistics=False)
-    shard_rows.write_parquet(ctx.out / "shards.parquet", statistics=False)
-    quarantine_df.write_parquet(ctx.out / "quarantine.parquet", statistics=False)
+    write_tables(ctx.out, manifest, quarantine_df, shard_rows)
     entries_json = [{k: v for k, v in e.items() if k != "task"} for e in llava]
     atomic_write_text(ctx.out / "llava_instruct.json", json.dumps(entries_json, ensure_ascii=False, indent=1))
     samples = json.dumps(llava[: spec.sample_conversations], indent=2, ensure_ascii=False)

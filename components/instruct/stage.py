@@ -27,8 +27,8 @@ from vlmflow.components.instruct.client import CallStats
 from vlmflow.components.instruct.context import build_context
 from vlmflow.components.instruct.output import shard_sha, write_outputs
 from vlmflow.components.instruct.templates import load_templates
-from vlmflow.components.shards import read_shard, sample_json
 from vlmflow.errors import UserError
+from vlmflow.samples import read_shard, sample_json
 from vlmflow.specs.instruct import TASKS, InstructSpec, OpenAICompatibleGenerator
 from vlmflow.stage import StageContext, StageResult
 

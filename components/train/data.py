@@ -1,8 +1,7 @@
-"""Training data: random access into WebDataset shards, samples -> tensors, deterministic batches.
+"""Training data: samples -> tensors, deterministic batches.
 
-A data artifact (ingest, dedup, instruct) holds `manifest.parquet` (key, shard, split) and
-`shards.parquet` (shard, sha256). `build_index` checks every shard's sha256 once and
-records where each sample's image and JSON members sit in its tar, so workers read any
+Stages read a samples artifact through `vlmflow.samples.build_index` (every shard's sha256
+checked once, each sample's image and JSON members located in its tar), so workers read any
 sample with one seek: the order of samples is then a pure function of (seed, epoch) and a
 resumed run continues at exactly the batch where it stopped.
 """
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,79 +20,11 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from vlmflow.artifacts import file_sha256
-from vlmflow.components.shards import ShardCorrupt
-from vlmflow.errors import UserError
 from vlmflow.models.objectives import IGNORE, pad_rows
-from vlmflow.prompts import CHOICE_TEMPLATE, Options, choice_prompt, options_of
+from vlmflow.prompts import CHOICE_TEMPLATE, choice_items, choice_prompt
+from vlmflow.samples import read_member
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-INDEX_SCHEMA = {
-    "key": pl.String,
-    "split": pl.String,
-    "source": pl.String,
-    "shard": pl.String,
-    "image_offset": pl.Int64,
-    "image_size": pl.Int64,
-    "json_offset": pl.Int64,
-    "json_size": pl.Int64,
-    "n_captions": pl.Int64,
-    "n_qa": pl.Int64,
-    "n_turns": pl.Int64,
-    "n_choices": pl.Int64,
-}
-LISTED = ("split", "source")  # index columns read from the manifest (the rest from the shards)
 FORMAT_COLUMN = {"caption": "n_captions", "qa": "n_qa", "conversations": "n_turns", "choice": "n_choices"}
-
-
-def build_index(data_dir: Path, store_root: Path) -> pl.DataFrame:
-    """One row per manifest sample: where its image and JSON bytes are. Verifies shard sha256s."""
-    manifest = pl.read_parquet(data_dir / "manifest.parquet", columns=["key", "shard", "split", "source"])
-    shards = pl.read_parquet(data_dir / "shards.parquet", columns=["shard", "sha256"])
-    sha = dict(zip(shards["shard"], shards["sha256"], strict=True))
-    wanted = set(manifest["key"].to_list())
-    rows: list[dict] = []
-    for shard in manifest["shard"].unique(maintain_order=True).to_list():
-        path = store_root / shard
-        if shard not in sha:
-            raise UserError(f"{data_dir / 'shards.parquet'}: shard {shard} of the manifest is not listed")
-        if file_sha256(path) != sha[shard]:
-            raise ShardCorrupt(f"{path}: sha256 does not match {data_dir / 'shards.parquet'}")
-        rows += _members(path, shard, wanted)
-    located = pl.DataFrame(rows, schema={k: v for k, v in INDEX_SCHEMA.items() if k not in LISTED}, orient="row")
-    index = manifest.select("key", *LISTED).join(located, on="key", how="left")
-    missing = index.filter(pl.col("image_offset").is_null() | pl.col("json_offset").is_null())
-    if missing.height:
-        raise ShardCorrupt(
-            f"{missing.height} manifest samples lack an image or JSON in their shard, e.g. {missing[0, 0]}"
-        )
-    return index.select(list(INDEX_SCHEMA))
-
-
-def _members(path: Path, shard: str, wanted: set[str]) -> list[dict]:
-    found: dict[str, dict] = {}
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if key not in wanted or not member.isfile():
-                continue
-            row = found.setdefault(key, {"key": key, "shard": shard})
-            if ext == "json":
-                row["json_offset"], row["json_size"] = member.offset_data, member.size
-                record = json.loads(tar.extractfile(member).read())
-                row["n_captions"] = sum(1 for c in record.get("captions") or [] if c)
-                row["n_qa"] = len(record.get("qa") or [])
-                row["n_turns"] = sum(t.get("role") == "assistant" for t in record.get("conversations") or [])
-                row["n_choices"] = len(choices(record))
-            elif ext in IMAGE_EXTS:
-                row["image_offset"], row["image_size"] = member.offset_data, member.size
-    return [{k: r.get(k) for k in INDEX_SCHEMA if k not in LISTED} for r in found.values()]
-
-
-def read_member(path: Path, offset: int, size: int) -> bytes:
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        return handle.read(size)
 
 
 @dataclass(frozen=True)
@@ -155,22 +85,6 @@ class TextCodec:
         return ids
 
 
-def choices(record: dict) -> list[tuple[str, Options, str]]:
-    """A record's well-formed multiple-choice items as (question, (letter, text) options, answer letter).
-    `choices` holds {question, options: [texts] or {letter: text}, answer: letter}, as a
-    multiple-choice JSONL line; an item with fewer than two options or an answer that is not
-    one of them is not trained on."""
-    found = []
-    for item in record.get("choices") or []:
-        if not isinstance(item, dict) or not isinstance(item.get("question"), str):
-            continue
-        options, problem = options_of(item.get("options"))
-        answer = str(item.get("answer", "")).strip()
-        if problem is None and answer in dict(options):
-            found.append((item["question"], options, answer))
-    return found
-
-
 def sample_turns(record: dict, fmt: str, prompt: str, epoch: int, template: str = CHOICE_TEMPLATE) -> list[dict] | None:
     """The conversation a sample trains on, or None when it has nothing for this format.
     `prompt` is the caption format's user turn, `template` the choice format's (as evaluation asks)."""
@@ -192,7 +106,7 @@ def sample_turns(record: dict, fmt: str, prompt: str, epoch: int, template: str 
     if fmt == "choice":
         # One multiple-choice item per sample and epoch, asked with the template evaluation uses:
         # the answer is the option's letter.
-        items = choices(record)
+        items = choice_items(record)
         if not items:
             return None
         question, options, answer = items[_pick(record, epoch, len(items))]

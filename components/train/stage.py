@@ -21,11 +21,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from tokenizers import Tokenizer
 
 from vlmflow.components.train import data_inputs, evaluate, mixture
-from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, build_index, split_rows
+from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, split_rows
 from vlmflow.components.train.loop import WorkerConfig, memory_of, train_worker
 from vlmflow.components.train.setup import read_model_folder
 from vlmflow.errors import StageError, UserError
 from vlmflow.models.vision import image_spec
+from vlmflow.samples import build_index
 from vlmflow.specs.recipe import Recipe
 from vlmflow.specs.train import TrainStageSpec
 from vlmflow.stage import StageContext, StageResult

@@ -44,3 +44,19 @@ def check_choice_template(template: str) -> str:
     if "{options}" not in template:
         raise ValueError(f"template {template!r} must hold {{options}}")
     return template
+
+
+def choice_items(record: dict) -> list[tuple[str, Options, str]]:
+    """A sample record's well-formed multiple-choice items as (question, (letter, text) options,
+    answer letter). `choices` holds {question, options: [texts] or {letter: text}, answer: letter},
+    as a multiple-choice JSONL line; an item with fewer than two options or an answer that is
+    not one of them is not trained on."""
+    found = []
+    for item in record.get("choices") or []:
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+            continue
+        options, problem = options_of(item.get("options"))
+        answer = str(item.get("answer", "")).strip()
+        if problem is None and answer in dict(options):
+            found.append((item["question"], options, answer))
+    return found

@@ -22,9 +22,9 @@ from tests.hf_blip import write_blip
 from tests.tiny_vlm import write_model
 from vlmflow.artifacts import ArtifactStore, file_sha256
 from vlmflow.components.capfilt.stage import calibrated_threshold
-from vlmflow.components.train.data import build_index
 from vlmflow.pipeline import recipe_graph
 from vlmflow.runtime.ray import init_ray
+from vlmflow.samples import build_index
 from vlmflow.specs.loader import load_recipe
 from vlmflow.stage import StageContext, StageOutput
 

@@ -32,8 +32,8 @@ from vlmflow.components.instruct.context import build_context, context_text, par
 from vlmflow.components.instruct.mock_server import FAULTS, MockConfig, running_mock
 from vlmflow.components.instruct.stage import CACHE_PATH, run
 from vlmflow.components.instruct.verify import check_answer
-from vlmflow.components.shards import read_shard, sample_json
 from vlmflow.errors import UserError
+from vlmflow.samples import read_shard, sample_json
 
 KEY_ENV = "VLMFLOW_TEST_LLM_KEY"
 

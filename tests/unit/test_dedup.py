@@ -227,7 +227,9 @@ def _stage(tmp_path, photos, captions: dict[str, str | None], spec: DedupSpec):
     schema = {"key": pl.String, "shard": pl.String, "pixel_sha256": pl.String, "phash": pl.UInt64,
               "thumb": pl.Binary, "source": pl.String, "caption": pl.String}  # fmt: skip
     pl.DataFrame(rows, schema=schema).write_parquet(source / "manifest.parquet")
-    pl.DataFrame({"shard": ["s0.tar"], "sha256": ["0" * 64]}).write_parquet(source / "shards.parquet")
+    pl.DataFrame({"shard": ["s0.tar"], "sha256": ["0" * 64], "bytes": [0], "samples": [len(rows)]}).write_parquet(
+        source / "shards.parquet"
+    )
     out = tmp_path / f"out-{spec.captions}"
     out.mkdir()
     inputs = {"data": StageOutput("ingest", "d", source, {})}

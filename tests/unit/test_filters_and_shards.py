@@ -24,9 +24,9 @@ from vlmflow.artifacts import (
     stage_digest,
 )
 from vlmflow.components.filters import FILTERS, first_failure, row_texts
-from vlmflow.components.shards import ShardCorrupt, read_shard, sample_json, write_shard
 from vlmflow.components.sources.base import RawRow
 from vlmflow.images import CheckedImage, check_image
+from vlmflow.samples import ShardCorrupt, read_shard, sample_json, write_shard
 from vlmflow.specs.data import AspectRatioFilter, CaptionLengthFilter, MinSizeFilter
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.conftest import encode
 from vlmflow.components.ingest import plan_units, process_unit
-from vlmflow.components.shards import read_shard, sample_json
+from vlmflow.samples import read_shard, sample_json
 from vlmflow.specs.loader import Marked, validate
 
 

@@ -14,10 +14,10 @@ from tests.instruct_helpers import make_recipe, run_ingest, run_instruct
 from vlmflow.artifacts import ArtifactStore
 from vlmflow.components.instruct.output import dedup_questions, internal_conversation
 from vlmflow.components.instruct.stage import assign_task
-from vlmflow.components.shards import read_shard, sample_json
 from vlmflow.components.sources.base import SourceContext
 from vlmflow.components.sources.llava_json import plan as llava_plan
 from vlmflow.components.sources.llava_json import read as llava_read
+from vlmflow.samples import read_shard, sample_json
 from vlmflow.specs.data import LlavaJsonSource
 from vlmflow.specs.instruct import LLAVA_MIX
 

@@ -14,10 +14,10 @@ from tests.conftest import encode
 from vlmflow.artifacts import ArtifactStore
 from vlmflow.components.ingest import COMPONENT as INGEST
 from vlmflow.components.refresh import Refresh, assign, plan_units
-from vlmflow.components.shards import read_shard
 from vlmflow.fingerprint import HashCache
 from vlmflow.pipeline import Step, graph_digests
 from vlmflow.runtime.executor import LocalExecutor
+from vlmflow.samples import read_shard
 from vlmflow.specs.loader import Marked, validate
 from vlmflow.stage import StageOutput, run_stage
 

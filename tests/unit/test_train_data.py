@@ -9,7 +9,6 @@ import polars as pl
 import pytest
 import torch
 
-from vlmflow.components.shards import ShardCorrupt, write_shard
 from vlmflow.components.sources.synthetic import make_row
 from vlmflow.components.tokenize import train_bpe
 from vlmflow.components.train import mixture
@@ -18,8 +17,6 @@ from vlmflow.components.train.data import (
     ImageSpec,
     ShardSamples,
     TextCodec,
-    build_index,
-    choices,
     epoch_order,
     offset,
     preprocess,
@@ -30,6 +27,8 @@ from vlmflow.components.train.data import (
 from vlmflow.components.train.loop import lr_factor, param_groups
 from vlmflow.components.train.stage import accounting, mixture_rows, sources_read
 from vlmflow.models.objectives import IGNORE
+from vlmflow.prompts import choice_items
+from vlmflow.samples import ShardCorrupt, build_index, write_shard
 from vlmflow.specs.data import SyntheticShapesSource
 from vlmflow.specs.recipe import BpeTokenizer
 from vlmflow.specs.train import TrainStageSpec
@@ -196,9 +195,9 @@ def test_choice_format_asks_as_evaluation_does_and_answers_with_the_letter():
 )
 def test_malformed_choice_items_are_not_trained_on(item):
     record = {"key": "k", "choices": [item]}
-    assert choices(record) == [] and sample_turns(record, "choice", "", 0) is None
+    assert choice_items(record) == [] and sample_turns(record, "choice", "", 0) is None
     keyed = {"key": "k", "choices": [{"question": "q", "options": {"X": "a", "Y": "b"}, "answer": "Y"}]}
-    assert choices(keyed) == [("q", (("X", "a"), ("Y", "b")), "Y")]
+    assert choice_items(keyed) == [("q", (("X", "a"), ("Y", "b")), "Y")]
 
 
 def test_batches_split_the_global_batch_exactly_across_workers():
