@@ -9,22 +9,22 @@ from pathlib import Path
 from prefect import flow
 
 from vlmflow.pipeline import recipe_graph
+from vlmflow.plan import Plan
 from vlmflow.runtime.prefect import RecipeRun
 from vlmflow.specs.recipe import Recipe
 
 
 @flow(name="vlmflow-recipe", flow_run_name="{recipe.name}", validate_parameters=False, log_prints=True)
-def recipe_flow(recipe: Recipe, workdir: Path, spec_path: str, plan: dict | None = None) -> dict:
+def recipe_flow(recipe: Recipe, workdir: Path, spec_path: str, plan: Plan | None = None) -> dict:
     with RecipeRun(recipe, workdir, spec_path, plan) as run:
         run.run_graph(recipe_graph(recipe))
     return run.summary
 
 
-def run_recipe(recipe: Recipe, workdir: Path, spec_path: str, plan: dict | None = None) -> dict:
+def run_recipe(recipe: Recipe, workdir: Path, spec_path: str, plan: Plan | None = None) -> dict:
     """The recipe flow; or, when the plan finds every stage cached, the same run recorded without
     a flow (summary.json and MLflow: every stage `cached`): no Prefect server, no Ray, seconds."""
-    stages = (plan or {}).get("stages") or []
-    if stages and all(entry.get("status") == "cached" for entry in stages):
+    if plan is not None and plan.stages and all(entry.status == "cached" for entry in plan.stages):
         with RecipeRun(recipe, workdir, spec_path, plan) as run:
             run.run_graph(recipe_graph(recipe), sequential=True)
         return run.summary

@@ -29,7 +29,7 @@ from vlmflow.runtime.executor import Executor
 from vlmflow.samples import build_index
 from vlmflow.specs.evaluate import EvalTask, ZeroShotTask
 from vlmflow.specs.recipe import Recipe
-from vlmflow.stage import StageContext, StageResult
+from vlmflow.stage import Outputs, StageContext, StageResult
 
 ARTIFACTS = ["metrics.json", "predictions.parquet", "quarantine.parquet", "examples.png"]
 
@@ -171,5 +171,6 @@ def run(ctx: StageContext) -> StageResult:
         rows_quarantined=n_bad,
         metrics={f"eval_{k}": float(v) for k, v in metrics.items()},
         artifacts=list(ARTIFACTS),
-        details={"task": task.kind, "model": str(folder), "classes": classes, "tables": ["predictions.parquet"]},
+        details={"task": task.kind, "model": str(folder), "classes": classes},
+        outputs=Outputs(tables=("predictions.parquet",)),  # MLflow shows the predictions as a table
     )

@@ -47,6 +47,7 @@ from vlmflow.components.train.sharding import clip_gradients, gradient_sync, sha
 from vlmflow.models.vlm import Vocab, count_parameters
 from vlmflow.specs.model import ModelSpec
 from vlmflow.specs.train import TrainStageSpec
+from vlmflow.stage import HISTORY
 
 
 @dataclass
@@ -132,7 +133,7 @@ def train_worker(raw: dict) -> None:
     kinds = [o.kind for o in stage.objectives]
     weights = {o.kind: o.weight for o in stage.objectives}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if stage.precision == "bf16" else None
-    history = out / "history.jsonl"
+    history = out / HISTORY
     config = model_config(spec, vocab, cfg.image, model.num_image_tokens)
     if rank == 0 and start > 0 and history.exists():  # steps after the checkpoint are redone
         rows = [row for row in map(parse_row, history.read_text().splitlines()) if row and row["step"] <= start]

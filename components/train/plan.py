@@ -6,6 +6,7 @@ fit, each with the memory it would need (the train component's `plan` hook)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import polars as pl
 from tokenizers import Tokenizer
@@ -17,14 +18,97 @@ from vlmflow.errors import UserError
 from vlmflow.models.estimate import Trace, footprint, trace_stage
 from vlmflow.models.vision import image_spec
 from vlmflow.models.vlm import Vocab
-from vlmflow.plan import GIB, PlanContext
+from vlmflow.plan import GIB, PlanContext, PlanError, count_text, duration_text
 from vlmflow.specs.recipe import PretrainedTokenizer, Recipe
 from vlmflow.specs.train import LoraSpec, TrainStageSpec
 
 
-def plan_step(step: object, ctx: PlanContext) -> dict:
-    """The plan of a training step (entry["train"])."""
-    return train_plan(ctx.recipe, step, ctx)
+def plan_step(step: object, ctx: PlanContext) -> TrainingPlan:
+    """The plan of a training step (the train component's `plan` hook)."""
+    return TrainingPlan(train_plan(ctx.recipe, step, ctx))
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """A training step's plan (a `vlmflow.plan.StepPlan`): `details` is what `train_plan` found,
+    as `vlmflow plan --json` prints it under `train`."""
+
+    details: dict
+
+    def as_json(self) -> dict:
+        return self.details
+
+    def problems(self, stage: str, device: dict) -> list[PlanError]:
+        train, found = self.details, []
+        if train["problem"]:
+            found.append(PlanError(tuple(train["problem"]["field"]), train["problem"]["message"]))
+        if train.get("fits") is False:
+            found.append(PlanError((*train["field"], "micro_batch_size"), self.memory_message(stage, device)))
+        return found
+
+    def memory_message(self, stage: str, device: dict) -> str:
+        need, limit = self.details["memory"], device["memory_per_worker_gb"]
+        over = need["total_gb"] - limit
+        parts = ", ".join(f"{k.removesuffix('_gb')} {v:.2f}" for k, v in need.items() if k != "total_gb")
+        fixes = "; ".join(f"{f['change']} -> {f['need_gb']:.2f} GiB" for f in self.details["fixes"] if f["fits"])
+        return (
+            f"{stage} needs about {need['total_gb']:.2f} GiB per worker ({parts}), {over:.2f} GiB "
+            f"({over / limit:.0%}) more than the {limit:.2f} GiB it may use ({device['memory_source']}). "
+            + (f"Would fit: {fixes}." if fixes else "No single change fits; combine them or add workers with FSDP.")
+        )
+
+    def tracked(self) -> dict[str, float]:
+        """The predicted memory and compute, logged beside the measured worker_rss_* (plan/...)."""
+        if "memory" not in self.details:
+            return {}
+        return {
+            "plan_memory_gb": self.details["memory"]["total_gb"],
+            "plan_flops_per_step": float(self.details["flops_per_step"]),
+        }
+
+    def lines(self, stage: str) -> list[str]:
+        train = self.details
+        lines = [f"{stage}:"]
+        if train["mixture"]:
+            mix = train["mixture"]
+            parts = ", ".join(
+                f"{label} {count} of {available}"
+                for label, count, available in zip(mix["labels"], mix["counts"], mix["available"], strict=True)
+            )
+            lines.append(f"  data: {parts} per epoch ({train['mixture_source']})")
+        else:
+            lines.append(f"  data: {train['mixture_source']}")
+        if train["problem"]:
+            field = ".".join(str(f) for f in train["problem"]["field"])
+            lines.append(f"  PROBLEM {field}: {train['problem']['message']}")
+        if "unknown" in train:
+            return [*lines, f"  model: not estimated: {train['unknown']}"]
+        trace = train["trace"]
+        params = trace["params"]
+        modules = [k.removesuffix("_total") for k in params if k.endswith("_total") and params[k]]
+        steps = train["steps"] if train["steps"] is not None else "?"
+        lines.append(
+            f"  steps {steps}, micro-batch {trace['micro_batch']} x {train['accumulation']} accumulation, "
+            f"{trace['sequence']} tokens per sample ({trace['image_tokens']} image)"
+            + (", activation checkpointing" if train.get("activation_checkpointing") else "")
+        )
+        counts = ", ".join(
+            f"{m} {count_text(params[f'{m}_total'])} ({count_text(params[f'{m}_trainable'])} trainable)"
+            for m in modules
+        )
+        lines.append(
+            f"  parameters: {counts}; total {count_text(params['total'])}, trainable {count_text(params['trainable'])}"
+        )
+        memory = train["memory"]
+        parts = ", ".join(f"{k.removesuffix('_gb')} {v:.3f}" for k, v in memory.items() if k != "total_gb")
+        verdict = {True: "fits", False: "DOES NOT FIT", None: "limit unknown"}[train["fits"]]
+        lines.append(f"  memory per worker: {memory['total_gb']:.3f} GiB [{verdict}] = {parts}")
+        hours = f", {duration_text(train['hours'] * 3600)} for the stage" if train["hours"] is not None else ""
+        flops, seconds = train["flops_per_step"], train["seconds_per_step"]
+        lines.append(f"  compute: {flops:.3g} FLOPs per step, {seconds:.3g} s per step{hours}")
+        for fix in train.get("fixes", []):
+            lines.append(f"  {'fix' if fix['fits'] else 'not enough'}: {fix['change']} -> {fix['need_gb']:.2f} GiB")
+        return lines
 
 
 def plan_vocab(tokenizer: object, store: ArtifactStore, digests: dict[str, str]) -> tuple[Vocab, str]:

@@ -29,7 +29,7 @@ from vlmflow.models.vision import image_spec
 from vlmflow.samples import build_index
 from vlmflow.specs.recipe import Recipe
 from vlmflow.specs.train import TrainStageSpec
-from vlmflow.stage import StageContext, StageResult
+from vlmflow.stage import HISTORY, ModelRegistration, Outputs, StageContext, StageResult
 
 EVAL_SPLITS = ("val", "test")
 
@@ -126,7 +126,6 @@ def run(ctx: StageContext) -> StageResult:
     metrics.update(held_out_checks(ctx.out, held_out, spec, config, ctx.store.root))
     (ctx.out / "eval.json").write_text(json.dumps(metrics, indent=2))
     details: dict = {
-        "history": "history.jsonl",
         "checkpoints": str(ctx.out / "checkpoints"),
         "steps": config.total_steps,
         "mixture": resolved.as_dict(),
@@ -135,12 +134,13 @@ def run(ctx: StageContext) -> StageResult:
         "model/model.safetensors",
         "model/vlmflow_model.json",
         "model/tokenizer.json",
-        "history.jsonl",
+        HISTORY,
         "parameters.json",
         "eval.json",
         "mixture.json",
         "unused.parquet",
     ]
+    models: tuple[ModelRegistration, ...] = ()  # what the run registers (its last training stage)
     if register:
         data_digest = ",".join(f"{name}={ctx.inputs[key].digest}" for key, name in data_inputs(spec).items())
         from vlmflow.components.mlflow_model import save as save_mlflow_model
@@ -160,9 +160,7 @@ def run(ctx: StageContext) -> StageResult:
             registered["mlflow-transformers"] = f"{recipe.name}-hf"
         for folder in registered:
             artifacts += sorted(str(p.relative_to(ctx.out)) for p in (ctx.out / folder).rglob("*") if p.is_file())
-        details["register_models"] = [
-            {"name": name, "artifact_path": folder, "tags": tags} for folder, name in registered.items()
-        ]
+        models = tuple(ModelRegistration(name, folder, tags) for folder, name in registered.items())
     rows_in = sum(index.height for index in indexes.values())
     return StageResult(
         rows_in=rows_in,
@@ -172,6 +170,7 @@ def run(ctx: StageContext) -> StageResult:
         metrics=metrics,
         artifacts=artifacts,
         details=details,
+        outputs=Outputs(history=HISTORY, models=models),
     )
 
 
@@ -275,7 +274,7 @@ def fit(config: WorkerConfig, recipe: Recipe, name: str, storage: Path) -> None:
 
 
 def summarise(out: Path) -> dict[str, float]:
-    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (out / HISTORY).read_text().splitlines() if line.strip()]
     tail = rows[-min(10, len(rows)) :]
     metrics = {f"final_{k}": sum(r[k] for r in tail) / len(tail) for k in tail[0] if k.startswith("loss")}
     metrics["first_loss"] = rows[0]["loss"]

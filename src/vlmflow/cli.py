@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import yaml
@@ -17,6 +18,9 @@ from vlmflow.errors import SpecError, StorageError, UserError, storage_fault
 from vlmflow.recipes import builtin_recipes, describe, resolve_spec
 from vlmflow.specs import Recipe, load_recipe
 from vlmflow.specs.data import source_name
+
+if TYPE_CHECKING:
+    from vlmflow.plan import Plan
 
 DEFAULT_WORKDIR = "vlmflow-work"
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a spec field")
@@ -207,11 +211,11 @@ def plan(spec: str, workdir: Path | None, overrides: tuple[str, ...], as_json: b
         click.echo(yaml.safe_dump({"pipeline": steps}, sort_keys=False, width=100), nl=False)
         return
     result = build_plan(recipe, _workdir(recipe, workdir))
-    click.echo(json.dumps(result, indent=2) if as_json else render(result))
+    click.echo(json.dumps(result.as_json(), indent=2) if as_json else render(result))
     _exit_on_plan_errors(spec, overrides, check(result))
 
 
-def _checked_plan(spec: str, overrides: tuple[str, ...], recipe: Recipe, workdir: Path) -> dict:
+def _checked_plan(spec: str, overrides: tuple[str, ...], recipe: Recipe, workdir: Path) -> Plan:
     from vlmflow.plan import build_plan, check
 
     result = build_plan(recipe, workdir)

@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 import torch
@@ -41,6 +42,75 @@ class PlanError(Exception):
         self.field, self.message = field, message
 
 
+class StepPlan(Protocol):
+    """What a component's `plan` hook returns about its step (a training step: mixture, steps,
+    parameters, memory, compute; components/train/plan.py)."""
+
+    def as_json(self) -> dict:
+        """The details as `vlmflow plan --json` prints them (under the component's name)."""
+
+    def problems(self, stage: str, device: dict) -> list[PlanError]:
+        """What keeps the step from running as declared, each at the spec field to change."""
+
+    def lines(self, stage: str) -> list[str]:
+        """The step's block in `vlmflow plan`'s text."""
+
+    def tracked(self) -> dict[str, float]:
+        """Predictions the run logs beside what the step measures (e.g. memory per worker)."""
+
+
+@dataclass
+class StagePlan:
+    """One step of the plan: cached or to run, its rows (exact when cached, else estimated)."""
+
+    stage: str
+    component: str
+    writes: str
+    digest: str
+    inputs: dict[str, str]  # input port -> upstream step
+    status: str  # "cached" | "runs"
+    rows_in: int | None
+    rows_out: int | None
+    rows_exact: bool
+    detail: StepPlan | None = None  # the component's own plan of the step
+
+    def as_json(self) -> dict:
+        out = {
+            "stage": self.stage,
+            "component": self.component,
+            "writes": self.writes,
+            "digest": self.digest,
+            "inputs": dict(self.inputs),
+            "status": self.status,
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
+            "rows_exact": self.rows_exact,
+        }
+        return out | ({self.component: self.detail.as_json()} if self.detail is not None else {})
+
+
+@dataclass
+class Plan:
+    """A recipe's plan: the device it was planned for and every step, in graph order."""
+
+    recipe: str
+    workdir: str
+    device: dict
+    stages: list[StagePlan]
+
+    def as_json(self) -> dict:
+        """What `vlmflow plan --json` prints and a run keeps as `plan.json`."""
+        return {
+            "recipe": self.recipe,
+            "workdir": self.workdir,
+            "device": self.device,
+            "stages": [s.as_json() for s in self.stages],
+        }
+
+    def stage(self, name: str) -> StagePlan | None:
+        return next((s for s in self.stages if s.stage == name), None)
+
+
 @dataclass
 class PlanContext:
     """What a component's plan hooks see: the steps by name, their digests, the rows known or
@@ -64,7 +134,7 @@ def file_hashes(store: ArtifactStore) -> HashCache:
     return HashCache(store.root / "_cache" / "file-hashes.sqlite")
 
 
-def build_plan(recipe: Recipe, workdir: Path) -> dict:
+def build_plan(recipe: Recipe, workdir: Path) -> Plan:
     store = ArtifactStore(workdir.resolve() / "artifacts")
     steps = recipe_graph(recipe)
     with file_hashes(store) as hashes:
@@ -74,26 +144,23 @@ def build_plan(recipe: Recipe, workdir: Path) -> dict:
     stages = []
     for step in steps:
         digest = digests[step.name]
-        entry: dict = {
-            "stage": step.name,
-            "component": step.component.name,
-            "writes": step.writes,
-            "digest": digest,
-            "inputs": dict(step.inputs),
-        }
         estimate = rows_estimate(step, ctx)  # also for a cached ingest: it fills the rows per source
         if store.is_complete(step.name, digest):
             stats = store.stats(step.name, digest)
-            entry.update(status="cached", rows_in=stats["rows_in"], rows_out=stats["rows_out"], rows_exact=True)
-            ctx.rows[step.name] = stats["rows_out"]
+            status, rows_in, rows_out, exact = "cached", stats["rows_in"], stats["rows_out"], True
+            ctx.rows[step.name] = rows_out
         else:
-            entry.update(status="runs", rows_in=estimate[0], rows_out=estimate[1], rows_exact=False)
-            ctx.rows[step.name] = estimate[1] if estimate[1] is not None else estimate[0]
-        stages.append(entry)
+            status, (rows_in, rows_out), exact = "runs", estimate, False
+            ctx.rows[step.name] = rows_out if rows_out is not None else rows_in
+        stages.append(
+            StagePlan(
+                step.name, step.component.name, step.writes, digest, dict(step.inputs), status, rows_in, rows_out, exact
+            )
+        )
     for step, entry in zip(steps, stages, strict=True):
         if step.component.plan is not None:
-            entry[step.component.name] = step.component.call("plan", step, ctx)
-    return {"recipe": recipe.name, "workdir": str(workdir.resolve()), "device": device, "stages": stages}
+            entry.detail = step.component.call("plan", step, ctx)
+    return Plan(recipe.name, str(workdir.resolve()), device, stages)
 
 
 def rows_estimate(step: Step, ctx: PlanContext) -> tuple[int | None, int | None]:
@@ -160,11 +227,12 @@ def cpu_tflops(threads: int, seconds: float = 0.2) -> float:
         torch.set_num_threads(before)
 
 
-def check(plan: dict, running: bool = False) -> list[PlanError]:
-    """Stages that cannot run as declared (memory, mixtures) as located errors; when `running`,
-    also training workers a local Ray could never place (the stage would wait for ever)."""
+def check(plan: Plan, running: bool = False) -> list[PlanError]:
+    """Stages that cannot run as declared (each component's own problems: memory, mixtures) as
+    located errors; when `running`, also training workers a local Ray could never place (the
+    stage would wait for ever)."""
     errors = []
-    workers, has_training = plan["device"]["workers"], any(e["writes"] == "model" for e in plan["stages"])
+    workers, has_training = plan.device["workers"], any(s.writes == "model" for s in plan.stages)
     if running and has_training and workers["local"] is not None:
         short = {k: v for k, v in workers["needs"].items() if v > workers["local"][k]}
         if short:
@@ -174,107 +242,47 @@ def check(plan: dict, running: bool = False) -> list[PlanError]:
                 f"the training workers need {wanted}, but the local Ray has {have}: lower num_workers "
                 "(or cpus_per_worker), or run on a cluster (runtime.ray.address or RAY_ADDRESS)"
             )))  # fmt: skip
-    for entry in (e for e in plan["stages"] if "train" in e):
-        train = entry["train"]
-        if train["problem"]:
-            errors.append(PlanError(tuple(train["problem"]["field"]), train["problem"]["message"]))
-        if train.get("fits") is False:
-            errors.append(PlanError((*train["field"], "micro_batch_size"), memory_message(entry, plan["device"])))
+    for entry in plan.stages:
+        if entry.detail is not None:
+            errors += entry.detail.problems(entry.stage, plan.device)
     return errors
 
 
-def memory_message(entry: dict, device: dict) -> str:
-    need, limit = entry["train"]["memory"], device["memory_per_worker_gb"]
-    over = need["total_gb"] - limit
-    parts = ", ".join(f"{k.removesuffix('_gb')} {v:.2f}" for k, v in need.items() if k != "total_gb")
-    fixes = "; ".join(f"{f['change']} -> {f['need_gb']:.2f} GiB" for f in entry["train"]["fixes"] if f["fits"])
-    return (
-        f"{entry['stage']} needs about {need['total_gb']:.2f} GiB per worker ({parts}), {over:.2f} GiB "
-        f"({over / limit:.0%}) more than the {limit:.2f} GiB it may use ({device['memory_source']}). "
-        + (f"Would fit: {fixes}." if fixes else "No single change fits; combine them or add workers with FSDP.")
-    )
-
-
-def render(plan: dict) -> str:
-    """The plan as text: the stage DAG, then one block per training stage."""
-    device = plan["device"]
+def render(plan: Plan) -> str:
+    """The plan as text: the stage DAG, then each component's block about its steps."""
+    device = plan.device
     lines = [
-        f"plan for {plan['recipe']} (workdir {plan['workdir']})",
+        f"plan for {plan.recipe} (workdir {plan.workdir})",
         f"device: {device['kind']}, {_gib(device['memory_per_worker_gb'])} per worker ({device['memory_source']}), "
         f"{device['tflops_per_worker']:.3g} TFLOP/s per worker ({device['tflops_source']})",
         _workers_line(device["workers"]),
         "",
         f"{'stage':<22} {'component':<16} {'status':<7} {'rows in':>10} {'rows out':>10}  digest            inputs",
     ]
-    for entry in plan["stages"]:
-        mark = "" if entry["rows_exact"] else "~"
-        rows_in = "?" if entry["rows_in"] is None else f"{mark}{entry['rows_in']}"
-        rows_out = "-" if entry["rows_out"] is None else f"{mark}{entry['rows_out']}"
-        inputs = ", ".join(f"{k}<-{v}" if k != v else k for k, v in entry["inputs"].items())
+    for entry in plan.stages:
+        mark = "" if entry.rows_exact else "~"
+        rows_in = "?" if entry.rows_in is None else f"{mark}{entry.rows_in}"
+        rows_out = "-" if entry.rows_out is None else f"{mark}{entry.rows_out}"
+        inputs = ", ".join(f"{k}<-{v}" if k != v else k for k, v in entry.inputs.items())
         lines.append(
-            f"{entry['stage']:<22} {entry['component']:<16} {entry['status']:<7} {rows_in:>10} {rows_out:>10}  "
-            f"{entry['digest']}  {inputs}"
+            f"{entry.stage:<22} {entry.component:<16} {entry.status:<7} {rows_in:>10} {rows_out:>10}  "
+            f"{entry.digest}  {inputs}"
         )
-    for entry in plan["stages"]:
-        if "train" in entry:
-            lines += ["", *render_training(entry)]
+    for entry in plan.stages:
+        if entry.detail is not None:
+            lines += ["", *entry.detail.lines(entry.stage)]
     return "\n".join(lines)
 
 
-def render_training(entry: dict) -> list[str]:
-    train = entry["train"]
-    lines = [f"{entry['stage']}:"]
-    if train["mixture"]:
-        mix = train["mixture"]
-        parts = ", ".join(
-            f"{label} {count} of {available}"
-            for label, count, available in zip(mix["labels"], mix["counts"], mix["available"], strict=True)
-        )
-        lines.append(f"  data: {parts} per epoch ({train['mixture_source']})")
-    else:
-        lines.append(f"  data: {train['mixture_source']}")
-    if train["problem"]:
-        field = ".".join(str(f) for f in train["problem"]["field"])
-        lines.append(f"  PROBLEM {field}: {train['problem']['message']}")
-    if "unknown" in train:
-        return [*lines, f"  model: not estimated: {train['unknown']}"]
-    trace = train["trace"]
-    params = trace["params"]
-    modules = [k.removesuffix("_total") for k in params if k.endswith("_total") and params[k]]
-    steps = train["steps"] if train["steps"] is not None else "?"
-    lines.append(
-        f"  steps {steps}, micro-batch {trace['micro_batch']} x {train['accumulation']} accumulation, "
-        f"{trace['sequence']} tokens per sample ({trace['image_tokens']} image)"
-        + (", activation checkpointing" if train.get("activation_checkpointing") else "")
-    )
-    lines.append(
-        "  parameters: "
-        + ", ".join(
-            f"{m} {_count(params[f'{m}_total'])} ({_count(params[f'{m}_trainable'])} trainable)" for m in modules
-        )
-        + f"; total {_count(params['total'])}, trainable {_count(params['trainable'])}"
-    )
-    memory = train["memory"]
-    parts = ", ".join(f"{k.removesuffix('_gb')} {v:.3f}" for k, v in memory.items() if k != "total_gb")
-    verdict = {True: "fits", False: "DOES NOT FIT", None: "limit unknown"}[train["fits"]]
-    lines.append(f"  memory per worker: {memory['total_gb']:.3f} GiB [{verdict}] = {parts}")
-    hours = f", {_duration(train['hours'] * 3600)} for the stage" if train["hours"] is not None else ""
-    lines.append(
-        f"  compute: {train['flops_per_step']:.3g} FLOPs per step, {train['seconds_per_step']:.3g} s per step{hours}"
-    )
-    for fix in train.get("fixes", []):
-        lines.append(f"  {'fix' if fix['fits'] else 'not enough'}: {fix['change']} -> {fix['need_gb']:.2f} GiB")
-    return lines
-
-
-def _count(n: int) -> str:
+def count_text(n: int) -> str:
+    """A count as people read it: 1.2K, 3.4M, 7B."""
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
             return f"{n / size:.3g}{unit}"
     return str(n)
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

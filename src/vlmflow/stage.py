@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from vlmflow.pipeline import Step
 
 log = logging.getLogger("vlmflow")
+HISTORY = "history.jsonl"  # a stage's per-step metrics, one JSON row per step, streamed to MLflow as it grows
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,36 @@ class StageContext:
     executor: Executor = dataclasses.field(default_factory=lambda: executor_for("ray"))  # `field` is taken
 
 
+@dataclass(frozen=True)
+class ModelRegistration:
+    """A model folder under the stage's output that the run registers in MLflow's model registry
+    (when the step registers: its recipe's last training stage)."""
+
+    name: str  # the registered model's name
+    artifact_path: str  # the MLflow model folder, relative to the stage's output
+    tags: dict[str, str] = field(default_factory=dict)  # the version's tags
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What the runtime does with a stage's files besides logging its artifacts: the per-step
+    history it streams to MLflow (HISTORY), the tables MLflow shows as tables, the models it registers."""
+
+    history: str | None = None
+    tables: tuple[str, ...] = ()
+    models: tuple[ModelRegistration, ...] = ()
+
+    def as_json(self) -> dict:
+        return {"history": self.history, "tables": list(self.tables), "models": [asdict(m) for m in self.models]}
+
+    @classmethod
+    def of(cls, stats: dict) -> Outputs:
+        """The outputs a committed stage's stats record."""
+        found = stats.get("outputs") or {}
+        models = tuple(ModelRegistration(**m) for m in found.get("models") or [])
+        return cls(found.get("history"), tuple(found.get("tables") or ()), models)
+
+
 @dataclass
 class StageResult:
     rows_in: int
@@ -57,8 +88,9 @@ class StageResult:
     rows_quarantined: int
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)  # files under `out` to log to MLflow
-    details: dict[str, Any] = field(default_factory=dict)  # JSON-able extras for stats
+    details: dict[str, Any] = field(default_factory=dict)  # JSON-able extras for people (stats, lineage)
     set_aside: str = "quarantined"  # what the rows_quarantined are, in logs and `vlmflow lineage`
+    outputs: Outputs = field(default_factory=Outputs)
 
     def stats(self, seconds: float) -> dict:
         return {
@@ -70,6 +102,7 @@ class StageResult:
             "metrics": self.metrics,
             "artifacts": self.artifacts,
             "details": self.details,
+            "outputs": self.outputs.as_json(),
         }
 
 

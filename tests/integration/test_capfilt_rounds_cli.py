@@ -73,7 +73,7 @@ def test_round_two_retrains_on_round_one_output_and_judges_the_same_pairs_again(
         assert {
             f"capfilt-filter/{k}" for k in ("filter_precision", "filter_recall", "kept_web", "kept_synthetic")
         } <= set(metrics)
-    plan = build_plan(load_recipe(SPEC), workdir)  # the plan walks the same rounds and finds them cached
+    plan = build_plan(load_recipe(SPEC), workdir).as_json()  # the plan walks the same rounds and finds them cached
     assert [(e["stage"], e["status"], e["digest"]) for e in plan["stages"]] == [
         (name, "cached", digest[name]) for name in ORDER
     ]

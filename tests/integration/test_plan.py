@@ -93,7 +93,8 @@ def test_a_mixture_asking_for_more_rows_than_exist_is_located(tmp_path):
 
 
 def test_tiny_plan_counts_rows_steps_and_mixture_from_the_sources(tmp_path):
-    plan = build_plan(load_recipe(RECIPES / "shapes-tiny.yaml"), tmp_path)
+    planned = build_plan(load_recipe(RECIPES / "shapes-tiny.yaml"), tmp_path)
+    plan = planned.as_json()  # what `vlmflow plan --json` prints
     assert {e["status"] for e in plan["stages"]} == {"runs"}
     align, instruct = training(plan).values()
     assert align["mixture"]["counts"] == [2048] and align["steps"] == 600
@@ -101,11 +102,12 @@ def test_tiny_plan_counts_rows_steps_and_mixture_from_the_sources(tmp_path):
     assert instruct["mixture"]["counts"] == [683, 2048, 683, 683]  # weights 1 : 3 : 1 : 1, before splits and dedup
     assert instruct["fits"] and instruct["memory"]["total_gb"] < 1.0
     assert plan["device"]["kind"] == "cpu" and plan["device"]["tflops_per_worker"] > 0
-    assert "train-instruct" in render(plan) and "[fits]" in render(plan)
+    assert "train-instruct" in render(planned) and "[fits]" in render(planned)
+    assert planned.stage("train-instruct").detail.tracked()["plan_memory_gb"] == instruct["memory"]["total_gb"]
 
 
 def test_blip_plan_estimates_source_subsets_and_capfilt_pairs(tmp_path):
-    plan = build_plan(load_recipe(RECIPES / "blip-tiny.yaml"), tmp_path)
+    plan = build_plan(load_recipe(RECIPES / "blip-tiny.yaml"), tmp_path).as_json()
     rows = {e["stage"]: e["rows_in"] for e in plan["stages"]}
     train = training(plan)
     assert train["train-captioner"]["mixture"]["counts"] == [2048]  # sources: [coco] of 8192 web + 2048 coco

@@ -133,7 +133,7 @@ def test_plan_knows_the_run_digests_and_what_is_cached(cold, tmp_path):
         (name, "cached", entry["artifact_digest"]) for name, entry in ran.items()
     ]
     assert [e["rows_out"] for e in plan["stages"]] == [entry["rows_out"] for entry in ran.values()]
-    fresh = build_plan(load_recipe(SPEC), tmp_path)  # in process: the same code, no second start-up
+    fresh = build_plan(load_recipe(SPEC), tmp_path).as_json()  # in process: the same code, no second start-up
     assert [e["status"] for e in fresh["stages"]] == ["runs"] * 3
     assert fresh["stages"][0]["rows_in"] == 512 and not fresh["stages"][0]["rows_exact"]  # from the source listing
     assert [e["digest"] for e in fresh["stages"]] == [e["digest"] for e in plan["stages"]]

@@ -46,6 +46,7 @@ from vlmflow.artifacts import ArtifactStore, atomic_write_text, digest_of
 from vlmflow.errors import storage_fault
 from vlmflow.fingerprint import HashCache, code_digest
 from vlmflow.pipeline import Step, graph_digests
+from vlmflow.plan import Plan
 from vlmflow.progress import StepProgress, reporting_to
 from vlmflow.results import model_eval_tags, run_note
 from vlmflow.runs import PROCESSES, record_processes, started_processes
@@ -53,7 +54,7 @@ from vlmflow.runtime.environment import environment
 from vlmflow.runtime.executor import executor_for
 from vlmflow.runtime.ray import init_ray
 from vlmflow.specs.recipe import Recipe
-from vlmflow.stage import StageOutput, run_stage
+from vlmflow.stage import HISTORY, Outputs, StageOutput, run_stage
 from vlmflow.tracking import HistoryTail, Tracker, dataset, flatten, tracking_uri
 
 log = logging.getLogger("vlmflow")
@@ -144,7 +145,7 @@ class RecipeRun:
         recipe: Recipe,
         workdir: Path,
         spec_path: str,
-        plan: dict | None = None,
+        plan: Plan | None = None,
         flow: str = "recipe",
         tags: dict[str, str] | None = None,
     ):
@@ -205,7 +206,7 @@ class RecipeRun:
             from vlmflow.plan import build_plan
 
             self.plan = build_plan(self.recipe, self.workdir)
-        atomic_write_text(self.run_dir / "plan.json", json.dumps(self.plan, indent=2))
+        atomic_write_text(self.run_dir / "plan.json", json.dumps(self.plan.as_json(), indent=2))
         self.in_prefect = bool(flow_run.id)
         if flow_run.id:
             self._prefect_logs = PrefectRunLogs()
@@ -467,7 +468,7 @@ class RecipeRun:
         assert self.tracker is not None
         tracker = self.tracker
         paths = [self.store.partial_path(stage.name, digest), self.store.path(stage.name, digest)]  # built, committed
-        paths = [folder / "history.jsonl" for folder in paths]
+        paths = [folder / HISTORY for folder in paths]
         progress = StepProgress(stage.name, self.recipe.runtime.progress)
         group = stage.component.name
 
@@ -590,12 +591,10 @@ class RecipeRun:
             log.warning("could not publish the Prefect artifact %s: %s", key, exc)
 
     def _planned(self, name: str) -> dict[str, float]:
-        """What the plan predicted for a training stage, beside what it measured (worker_rss_*)."""
-        entry = next((e for e in (self.plan or {}).get("stages", []) if e["stage"] == name), {})
-        train = entry.get("train") or {}
-        if "memory" not in train:
-            return {}
-        return {"plan_memory_gb": train["memory"]["total_gb"], "plan_flops_per_step": float(train["flops_per_step"])}
+        """What the plan predicted for a stage (a training stage's memory and FLOPs), logged beside
+        what it measured (worker_rss_*)."""
+        planned = self.plan.stage(name) if self.plan is not None else None
+        return planned.detail.tracked() if planned is not None and planned.detail is not None else {}
 
     def _log_outputs(self, child: str, path: Path, stats: dict, status: str, streamed: int, group: str) -> None:
         """Artifacts (keeping their sub-folders), the per-step history (unless it was streamed
@@ -604,17 +603,17 @@ class RecipeRun:
         for name in stats.get("artifacts", []):
             folder = Path(name).parent
             self.tracker.log_files(child, [path / name], None if folder == Path(".") else str(folder))
-        details = stats.get("details") or {}
-        for name in details.get("tables", []):  # e.g. an evaluation's predictions: MLflow shows them as tables
+        outputs = Outputs.of(stats)
+        for name in outputs.tables:  # e.g. an evaluation's predictions
             if (path / name).is_file():
                 self.tracker.log_table(child, path / name, str(Path(name).with_suffix(".json")))
-        if details.get("history") and not streamed and (path / details["history"]).is_file():
-            lines = (path / details["history"]).read_text().splitlines()
+        if outputs.history and not streamed and (path / outputs.history).is_file():
+            lines = (path / outputs.history).read_text().splitlines()
             self.tracker.log_history(child, [json.loads(line) for line in lines if line.strip()], group)
-        for model in details.get("register_models", []) if status == "computed" else []:
-            tags = {**model["tags"], "vlmflow.spec_digest": self.summary["spec_digest"], "vlmflow.run_id": self.run_id}
-            version = self.tracker.register_model(child, model["name"], model["artifact_path"], tags)
-            entry = {"name": model["name"], "version": version, "stage": model["tags"].get("vlmflow.stage")}
+        for model in outputs.models if status == "computed" else ():
+            tags = {**model.tags, "vlmflow.spec_digest": self.summary["spec_digest"], "vlmflow.run_id": self.run_id}
+            version = self.tracker.register_model(child, model.name, model.artifact_path, tags)
+            entry = {"name": model.name, "version": version, "stage": model.tags.get("vlmflow.stage")}
             self.summary.setdefault("registered_models", []).append(entry)
 
 
