@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import psutil
 import torch
@@ -42,6 +42,7 @@ class PlanError(Exception):
         self.field, self.message = field, message
 
 
+@runtime_checkable
 class StepPlan(Protocol):
     """What a component's `plan` hook returns about its step (a training step: mixture, steps,
     parameters, memory, compute; components/train/plan.py)."""
