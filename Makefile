@@ -9,6 +9,8 @@ PYTEST_ARGS ?=
 # files first (tests/conftest.py): most of an end-to-end test's time is start-up and waiting,
 # so two side by side use the two cores.
 PYTEST_PARALLEL ?= -n 2 --dist loadfile --no-loadscope-reorder
+# The suite's slowest tests, listed at its end: where CI's time goes.
+PYTEST_REPORT ?= --durations=30 --durations-min=20
 STAMP := $(VENV)/.installed
 
 .PHONY: install run test test-fast lint format clean
@@ -32,7 +34,7 @@ run: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_REPORT) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5): failing"; exit 1; fi; \
 	exit $$rc
 

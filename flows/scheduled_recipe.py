@@ -18,7 +18,7 @@ def scheduled_recipe_flow(spec_path: str, workdir: str, overrides: list[str] | N
     from vlmflow.plan import build_plan, check
 
     recipe = load_recipe(spec_path, overrides or [])
-    plan = build_plan(recipe, Path(workdir))
+    plan = build_plan(recipe, Path(workdir), cached_details=False)
     errors = [located(spec_path, overrides or [], e.field, e.message) for e in check(plan, running=True)]
     if errors:
         raise UserError("\n".join(str(e) for e in errors))

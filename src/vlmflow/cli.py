@@ -218,7 +218,7 @@ def plan(spec: str, workdir: Path | None, overrides: tuple[str, ...], as_json: b
 def _checked_plan(spec: str, overrides: tuple[str, ...], recipe: Recipe, workdir: Path) -> Plan:
     from vlmflow.plan import build_plan, check
 
-    result = build_plan(recipe, workdir)
+    result = build_plan(recipe, workdir, cached_details=False)
     _exit_on_plan_errors(spec, overrides, check(result, running=True))
     return result
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import psutil
-import torch
 
 from vlmflow.artifacts import ArtifactStore
 from vlmflow.fingerprint import HashCache
@@ -135,12 +134,20 @@ def file_hashes(store: ArtifactStore) -> HashCache:
     return HashCache(store.root / "_cache" / "file-hashes.sqlite")
 
 
-def build_plan(recipe: Recipe, workdir: Path) -> Plan:
+def build_plan(recipe: Recipe, workdir: Path, cached_details: bool = True) -> Plan:
+    """The plan of every step. cached_details=False (what `vlmflow run` asks): a component's own
+    plan only for the steps that will run; a cached step has nothing left to estimate, so a rerun
+    with nothing to compute builds no model on the meta device and imports no torch."""
     store = ArtifactStore(workdir.resolve() / "artifacts")
     steps = recipe_graph(recipe)
     with file_hashes(store) as hashes:
         digests = graph_digests(steps, recipe, hashes)
-    device = device_of(recipe) | {"workers": workers_of(recipe)}
+    detailed = [
+        s
+        for s in steps
+        if s.component.plan is not None and (cached_details or not store.is_complete(s.name, digests[s.name]))
+    ]
+    device = device_of(recipe, measure=bool(detailed)) | {"workers": workers_of(recipe)}
     ctx = PlanContext(recipe, store, {s.name: s for s in steps}, digests, device)
     stages = []
     for step in steps:
@@ -159,7 +166,7 @@ def build_plan(recipe: Recipe, workdir: Path) -> Plan:
             )
         )
     for step, entry in zip(steps, stages, strict=True):
-        if step.component.plan is not None:
+        if step in detailed:
             entry.detail = step.component.call("plan", step, ctx)
     return Plan(recipe.name, str(workdir.resolve()), device, stages)
 
@@ -174,9 +181,13 @@ def rows_estimate(step: Step, ctx: PlanContext) -> tuple[int | None, int | None]
     return (sum(counts) if counts and None not in counts else None), None
 
 
-def device_of(recipe: Recipe) -> dict:
+def device_of(recipe: Recipe, measure: bool = True) -> dict:
+    """What a training worker has: memory and FLOP/s (measured on this CPU when not given and
+    `measure`; else None)."""
     train = recipe.runtime.train
     if train.use_gpu:
+        import torch
+
         local = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
         memory = train.memory_per_worker_gb or local
         return {
@@ -195,8 +206,10 @@ def device_of(recipe: Recipe) -> dict:
         "memory_per_worker_gb": memory,
         "memory_source": "runtime.train.memory_per_worker_gb" if train.memory_per_worker_gb else "host RAM / workers",
         "runtime_overhead_gb": CPU_WORKER_RUNTIME / GIB,
-        "tflops_per_worker": train.tflops_per_worker or cpu_tflops(train.cpus_per_worker),
-        "tflops_source": "runtime.train.tflops_per_worker" if train.tflops_per_worker else "measured (fp32 matmul)",
+        "tflops_per_worker": train.tflops_per_worker or (cpu_tflops(train.cpus_per_worker) if measure else None),
+        "tflops_source": "runtime.train.tflops_per_worker"
+        if train.tflops_per_worker
+        else ("measured (fp32 matmul)" if measure else "not measured: no step to plan"),
     }
 
 
@@ -208,12 +221,31 @@ def workers_of(recipe: Recipe) -> dict:
     if ray_spec.address or os.environ.get("RAY_ADDRESS"):
         return {"needs": needs, "local": None}
     cpus = ray_spec.num_cpus or os.cpu_count() or 1
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return {"needs": needs, "local": {"CPU": cpus, "GPU": gpus}}
+    return {"needs": needs, "local": {"CPU": cpus, "GPU": local_gpus()}}
+
+
+def local_gpus() -> int:
+    """The GPUs a local Ray would see (CUDA_VISIBLE_DEVICES when set, else NVML's count), without
+    importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")])
+    import pynvml  # nvidia-ml-py
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no NVIDIA driver here
+        return 0
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def cpu_tflops(threads: int, seconds: float = 0.2) -> float:
     """fp32 matmul throughput of `threads` CPU threads: the ceiling a training step approaches."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -255,7 +287,7 @@ def render(plan: Plan) -> str:
     lines = [
         f"plan for {plan.recipe} (workdir {plan.workdir})",
         f"device: {device['kind']}, {_gib(device['memory_per_worker_gb'])} per worker ({device['memory_source']}), "
-        f"{device['tflops_per_worker']:.3g} TFLOP/s per worker ({device['tflops_source']})",
+        f"{_tflops(device['tflops_per_worker'])} per worker ({device['tflops_source']})",
         _workers_line(device["workers"]),
         "",
         f"{'stage':<22} {'component':<16} {'status':<7} {'rows in':>10} {'rows out':>10}  digest            inputs",
@@ -287,6 +319,10 @@ def duration_text(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _tflops(value: float | None) -> str:
+    return "? TFLOP/s" if value is None else f"{value:.3g} TFLOP/s"
 
 
 def _gib(value: float | None) -> str:

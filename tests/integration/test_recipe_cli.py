@@ -137,6 +137,16 @@ def test_plan_knows_the_run_digests_and_what_is_cached(cold, tmp_path):
     assert [e["status"] for e in fresh["stages"]] == ["runs"] * 3
     assert fresh["stages"][0]["rows_in"] == 512 and not fresh["stages"][0]["rows_exact"]  # from the source listing
     assert [e["digest"] for e in fresh["stages"]] == [e["digest"] for e in plan["stages"]]
+    # What `vlmflow run` plans on a workdir holding every artifact: nothing to estimate, so no torch.
+    code = (
+        "import sys; from pathlib import Path; from vlmflow.plan import build_plan;"
+        "from vlmflow.specs import load_recipe;"
+        f"plan = build_plan(load_recipe({str(SPEC)!r}), Path({str(workdir)!r}), cached_details=False);"
+        "assert {s.status for s in plan.stages} == {'cached'}, plan; print('torch' in sys.modules)"
+    )
+    checked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.strip() == "False"
 
 
 def test_second_run_reports_every_stage_cached(cold):

@@ -205,7 +205,7 @@ class RecipeRun:
         if self.plan is None:
             from vlmflow.plan import build_plan
 
-            self.plan = build_plan(self.recipe, self.workdir)
+            self.plan = build_plan(self.recipe, self.workdir, cached_details=False)
         atomic_write_text(self.run_dir / "plan.json", json.dumps(self.plan.as_json(), indent=2))
         self.in_prefect = bool(flow_run.id)
         if flow_run.id:
