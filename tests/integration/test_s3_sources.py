@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import boto3
@@ -20,11 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from image_server import JPEG, PNG
 from live_servers import clean_env, free_port
 from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 from PIL import Image
-from test_url_list import JPEG, PNG, Server
 
 from tests.conftest import REPO
 from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext
@@ -88,16 +87,6 @@ def s3(monkeypatch):
     client.create_bucket(Bucket=BUCKET)
     yield client, env
     server.stop()
-
-
-@pytest.fixture
-def http():
-    httpd = Server()
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def put(client, key: str, data: bytes) -> None:
@@ -180,12 +169,12 @@ def assert_no_credentials(workdir: Path) -> None:
     assert "s3://vlm/shards/" in params.values()  # the URL is recorded, the credentials are not
 
 
-def test_ingest_from_s3_through_the_cli_cached_and_recomputed_on_change(tmp_path, s3, http):
+def test_ingest_from_s3_through_the_cli_cached_and_recomputed_on_change(tmp_path, s3, image_server):
     client, env = s3
     put(client, "shards/shard-000.tar", shard_000())
     put(client, "shards/shard-001.tar", shard_001())
     put(client, "shards/README.md", b"not a shard: not read")
-    put(client, "lists/urls.parquet", url_table(http.base))
+    put(client, "lists/urls.parquet", url_table(image_server.base))
     spec = tmp_path / "s3.yaml"
     spec.write_text(RECIPE)
     workdir = tmp_path / "work"
@@ -215,11 +204,11 @@ def test_ingest_from_s3_through_the_cli_cached_and_recomputed_on_change(tmp_path
     assert "s3://vlm/shards/" in resolved and "s3://vlm/lists/urls.parquet" in resolved
     assert_no_credentials(workdir)
 
-    hits = sum(http.hits.values())
+    hits = sum(image_server.hits.values())
     warm = run(env, spec, workdir)
     assert {name: s["status"] for name, s in warm.items()} == dict.fromkeys(warm, "cached")
     assert {n: s["artifact_digest"] for n, s in warm.items()} == {n: s["artifact_digest"] for n, s in cold.items()}
-    assert sum(http.hits.values()) == hits  # nothing downloaded again
+    assert sum(image_server.hits.values()) == hits  # nothing downloaded again
 
     put(client, "shards/shard-001.tar", shard_001(seed=20))  # one object changes: new bytes, new ETag
     changed = run(env, spec, workdir)
@@ -232,7 +221,7 @@ def test_ingest_from_s3_through_the_cli_cached_and_recomputed_on_change(tmp_path
     }
     assert changed["ingest-shards"]["artifact_digest"] != cold["ingest-shards"]["artifact_digest"]
     assert (changed["ingest-shards"]["rows_in"], changed["ingest-shards"]["rows_out"]) == (6, 5)
-    assert sum(http.hits.values()) == hits
+    assert sum(image_server.hits.values()) == hits
     assert_no_credentials(workdir)
 
 

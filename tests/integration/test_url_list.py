@@ -6,10 +6,7 @@ from __future__ import annotations
 import io
 import json
 import socket
-import threading
 import time
-from collections import Counter, defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import polars as pl
@@ -17,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from image_server import JPEG, MAX_BYTES, PNG, TIMEOUT_S
 from PIL import Image
 from pydantic import ValidationError
 
@@ -31,132 +29,6 @@ from vlmflow.pipeline import Step, step_digest
 from vlmflow.specs.data import UrlListSource
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import run_stage
-
-
-def picture(width: int, height: int, fmt: str, seed: int = 0) -> bytes:
-    """A real image: a colour gradient with noise, encoded as PNG or JPEG."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], axis=-1)
-    pixels = np.clip(pixels + rng.integers(0, 40, pixels.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-PNG = picture(64, 48, "PNG", 1)
-JPEG = picture(64, 32, "JPEG", 2)
-MAX_BYTES = 200_000
-HUGE = 300_000
-SLOW_S = 3.0
-TIMEOUT_S = 1.0  # slow enough that only /slow times out on a busy machine
-
-
-class Handler(BaseHTTPRequestHandler):
-    """HTTP/1.0: the server closes the connection after each answer (a short body ends there)."""
-
-    server: Server
-
-    def log_message(self, format, *args):  # quiet
-        pass
-
-    def _send(self, status: int, body: bytes = b"", headers: dict | None = None, length: int | None = None):
-        self.send_response(status)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if length is not None:
-            self.send_header("Content-Length", str(length))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _image(self, data: bytes, kind: str = "image/png", **headers: str):
-        self._send(200, data, {"Content-Type": kind, **headers}, len(data))
-
-    def do_GET(self):
-        path = self.path
-        hits = self.server.record(path)
-        if path == "/img.png":
-            self._image(PNG)
-        elif path == "/img.jpg":
-            self._image(JPEG, "image/jpeg")
-        elif path == "/404":
-            self._send(404, b"gone", length=4)
-        elif path == "/410":
-            self._send(410, b"gone", length=4)
-        elif path == "/500":
-            self._send(500, b"oops", length=4)
-        elif path == "/flaky":  # 500, then the image
-            self._send(500, b"later", length=5) if hits == 1 else self._image(PNG)
-        elif path == "/busy":  # 429 with Retry-After, then the image
-            self._send(429, b"", {"Retry-After": "1"}, 0) if hits == 1 else self._image(JPEG, "image/jpeg")
-        elif path == "/always-busy":
-            self._send(429, b"", {"Retry-After": "0"}, 0)
-        elif path == "/slow":
-            time.sleep(SLOW_S)
-            self._image(PNG)
-        elif path == "/truncated":
-            self._send(200, PNG[: len(PNG) // 2], {"Content-Type": "image/png"}, len(PNG))
-        elif path == "/html":
-            page = b"<!doctype html><html><body>not a picture</body></html>"
-            self._send(200, page, {"Content-Type": "image/png"}, len(page))
-        elif path == "/loop-a":
-            self._send(302, headers={"Location": "/loop-b"}, length=0)
-        elif path == "/loop-b":
-            self._send(302, headers={"Location": "/loop-a"}, length=0)
-        elif path.startswith("/chain/"):  # /chain/N redirects N times, then the image
-            left = int(path.rsplit("/", 1)[1])
-            if left == 0:
-                self._image(JPEG, "image/jpeg")
-            else:
-                self._send(301 if left % 2 else 307, headers={"Location": f"/chain/{left - 1}"}, length=0)
-        elif path == "/to-ftp":
-            self._send(302, headers={"Location": "ftp://127.0.0.1/img.png"}, length=0)
-        elif path == "/huge-declared":
-            self._send(200, b"x" * 100, {"Content-Type": "image/png"}, HUGE)
-        elif path == "/huge-streamed":  # no Content-Length: the body ends when the server closes
-            self._send(200, PNG + b"\0" * HUGE, {"Content-Type": "image/png"})
-        elif path == "/noai":
-            self._image(PNG, **{"X-Robots-Tag": "noai"})
-        elif path == "/otherbot":
-            self._image(PNG, **{"X-Robots-Tag": "otherbot: NoImageAI, noarchive"})
-        elif path == "/noarchive":  # a directive that does not opt out
-            self._image(PNG, **{"X-Robots-Tag": "noarchive, nosnippet"})
-        else:
-            self._send(404, b"", length=0)
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # the default 5 drops connections when 32 threads connect at once
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.lock = threading.Lock()
-        self.hits: Counter[str] = Counter()
-        self.times: dict[str, list[float]] = defaultdict(list)
-
-    def record(self, path: str) -> int:
-        with self.lock:
-            self.hits[path] += 1
-            self.times[path].append(time.monotonic())
-            return self.hits[path]
-
-    def handle_error(self, request, client_address):  # a client that hung up on /slow or a big body
-        pass
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-@pytest.fixture
-def server():
-    httpd = Server()
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def closed_port() -> int:
@@ -242,8 +114,8 @@ def check_accounting(table: list[tuple], rows: dict, rejected: dict, base: str) 
         assert row.extra == {"url": url, "original_width": width, "original_height": height, "status": 200}
 
 
-def test_parquet_table_every_row_accounted(tmp_path, server):
-    table = cases(server.base)
+def test_parquet_table_every_row_accounted(tmp_path, image_server):
+    table = cases(image_server.base)
     urls = [u for u, _, _ in table]
     urls[-2] = None  # a null cell is missing-url too
     pq.write_table(pa.table({"url": urls, "caption": [c for _, c, _ in table]}), tmp_path / "urls.parquet")
@@ -252,15 +124,17 @@ def test_parquet_table_every_row_accounted(tmp_path, server):
     assert time.monotonic() - started < 20
     assert [u.rows for u in units] == [10, 10, 6]
     table[-2] = (None, table[-2][1], "missing-url")
-    check_accounting(table, rows, rejected, server.base)
+    check_accounting(table, rows, rejected, image_server.base)
     # retried: 429 / 5xx / timeouts (1 + retries attempts); not retried: 404, opt-out, too-large
-    assert server.hits["/500"] == 3 and server.hits["/always-busy"] == 3 and server.hits["/slow"] == 3
-    assert server.hits["/flaky"] == 2 and server.hits["/busy"] == 2
-    assert server.hits["/404"] == 1 and server.hits["/noai"] == 1 and server.hits["/huge-declared"] == 1
-    first, second = server.times["/busy"]
+    assert image_server.hits["/500"] == 3 and image_server.hits["/always-busy"] == 3 and image_server.hits["/slow"] == 3
+    assert image_server.hits["/flaky"] == 2 and image_server.hits["/busy"] == 2
+    assert (
+        image_server.hits["/404"] == 1 and image_server.hits["/noai"] == 1 and image_server.hits["/huge-declared"] == 1
+    )
+    first, second = image_server.times["/busy"]
     assert second - first >= 0.9  # Retry-After: 1 was honoured
     # /chain/5 follows its 5 redirects; /chain/9 follows 5 (to /chain/4), then stops
-    assert [server.hits[f"/chain/{n}"] for n in range(11)] == [1, 1, 1, 1, 2, 2, 1, 1, 1, 1, 0]
+    assert [image_server.hits[f"/chain/{n}"] for n in range(11)] == [1, 1, 1, 1, 2, 2, 1, 1, 1, 1, 0]
     details = {k: r.detail for k, r in rejected.items()}
     assert "HTTP 500" in details[key(4)] and "3 attempts" in details[key(4)]
     assert "Content-Length 300000" in details[key(15)] and "stopped reading" in details[key(16)]
@@ -269,19 +143,19 @@ def test_parquet_table_every_row_accounted(tmp_path, server):
     assert f"{len(PNG) // 2} of {len(PNG)} bytes" in details[key(9)]
 
 
-def test_csv_table_with_its_own_column_names(tmp_path, server):
-    table = cases(server.base)
+def test_csv_table_with_its_own_column_names(tmp_path, image_server):
+    table = cases(image_server.base)
     table[0] = (table[0][0], 'a png, "quoted"\nover two lines', "row")  # CSV quoting survives
     columns = {"id": list(range(len(table))), "URL": [u for u, _, _ in table], "TEXT": [c for _, c, _ in table]}
     pl.DataFrame(columns).write_csv(tmp_path / "urls.csv")
     rows, rejected, _ = run_source(spec_of(tmp_path, "urls.csv", url_column="URL", caption_column="TEXT"))
-    check_accounting(table, rows, rejected, server.base)
+    check_accounting(table, rows, rejected, image_server.base)
     with pytest.raises(UserError, match=r"no url column 'url' \(columns: id, URL, TEXT\)"):
         run_source(spec_of(tmp_path, "urls.csv"))
 
 
-def test_jsonl_table_with_malformed_lines_and_limit(tmp_path, server):
-    base = server.base
+def test_jsonl_table_with_malformed_lines_and_limit(tmp_path, image_server):
+    base = image_server.base
     lines = [
         {"url": f"{base}/img.png", "caption": ["first", "  ", "second"]},
         {"url": f"{base}/html", "caption": "html"},
@@ -315,11 +189,11 @@ def test_jsonl_table_with_malformed_lines_and_limit(tmp_path, server):
     ("mode", "png_size", "jpeg_size"),
     [("keep-ratio", (21, 16), (32, 16)), ("center-crop", (16, 16), (16, 16)), ("border", (16, 16), (16, 16))],
 )
-def test_resize_modes_reencode_and_keep_the_original_size(tmp_path, server, mode, png_size, jpeg_size):
+def test_resize_modes_reencode_and_keep_the_original_size(tmp_path, image_server, mode, png_size, jpeg_size):
     (tmp_path / "urls.jsonl").write_text(
-        json.dumps({"url": f"{server.base}/img.png", "caption": "p"})
+        json.dumps({"url": f"{image_server.base}/img.png", "caption": "p"})
         + "\n"
-        + json.dumps({"url": f"{server.base}/img.jpg", "caption": "j"})
+        + json.dumps({"url": f"{image_server.base}/img.jpg", "caption": "j"})
     )
     rows, rejected, _ = run_source(spec_of(tmp_path, "urls.jsonl", resize={"mode": mode, "size": 16}))
     assert rejected == {}
@@ -356,10 +230,10 @@ def local_ray():
     ray.shutdown()
 
 
-def test_ingest_stage_downloads_through_ray(tmp_path, server, local_ray):
+def test_ingest_stage_downloads_through_ray(tmp_path, image_server, local_ray):
     """The real ingest stage (its Ray tasks download): rows_in = out + quarantined, with the
     caption-length filter quarantining the row whose caption is empty."""
-    table = cases(server.base)
+    table = cases(image_server.base)
     columns = {"url": [u for u, _, _ in table], "caption": [c for _, c, _ in table]}
     pq.write_table(pa.table(columns), tmp_path / "u.parquet")
     source = {"kind": "url-list", "name": "web", "path": "u.parquet", "timeout_s": TIMEOUT_S, "max_bytes": MAX_BYTES}
