@@ -8,6 +8,7 @@ step), so a run resumed from step k continues exactly as the uninterrupted run w
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import resource
@@ -34,8 +35,9 @@ from torch.distributed.checkpoint.state_dict import (
 from vlmflow.artifacts import atomic_write_text
 from vlmflow.components.train import checkpoint as ckpt
 from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec
-from vlmflow.components.train.data import worker_micro_batches as micro_batches
+from vlmflow.components.train.loader import Share, StepBatches, load_steps
 from vlmflow.components.train.mixture import Resolved
+from vlmflow.components.train.packing import pack_batch
 from vlmflow.components.train.setup import (
     CHECKPOINT_CONFIG,
     build_stage_model,
@@ -47,7 +49,6 @@ from vlmflow.components.train.sharding import clip_gradients, gradient_sync, sha
 from vlmflow.models.vlm import Vocab, count_parameters
 from vlmflow.specs.model import ModelSpec
 from vlmflow.specs.train import TrainStageSpec
-from vlmflow.stage import HISTORY
 
 
 @dataclass
@@ -133,7 +134,7 @@ def train_worker(raw: dict) -> None:
     kinds = [o.kind for o in stage.objectives]
     weights = {o.kind: o.weight for o in stage.objectives}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if stage.precision == "bf16" else None
-    history = out / HISTORY
+    history = out / "history.jsonl"
     config = model_config(spec, vocab, cfg.image, model.num_image_tokens)
     if rank == 0 and start > 0 and history.exists():  # steps after the checkpoint are redone
         rows = [row for row in map(parse_row, history.read_text().splitlines()) if row and row["step"] <= start]
@@ -146,18 +147,21 @@ def train_worker(raw: dict) -> None:
         (checkpoints / CHECKPOINT_CONFIG).write_text(json.dumps({**config, "stage": cfg.stage}, indent=2))
         shutil.copyfile(cfg.tokenizer, checkpoints / "tokenizer.json")
 
-    order_epoch, order = -1, np.zeros(0, dtype=np.int64)
+    share = Share(mix, cfg.seed, cfg.steps_per_epoch, stage.batch_size, stage.micro_batch_size, rank, world)
+    pack = None
+    if stage.packing:  # rows as long as the longest sample the codec writes
+        capacity = 1 + model.num_image_tokens + stage.max_text_tokens
+        pack = functools.partial(pack_batch, capacity=capacity, image_id=vocab.image_id, pad_id=vocab.pad_id)
+    loaded = load_steps(StepBatches(collate, share, pack), start, cfg.total_steps, stage.loader_workers)
     for step in range(start, cfg.total_steps):
         started = time.perf_counter()
         torch.manual_seed(step_seed(cfg.seed, step, rank))
-        epoch, position = divmod(step, cfg.steps_per_epoch)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, mix.epoch_positions(cfg.seed, epoch)
-        parts = micro_batches(order, position, stage.batch_size, stage.micro_batch_size, rank, world)
+        loaded_step = next(loaded)
+        epoch, parts = loaded_step.epoch, loaded_step.parts
         sums = {k: 0.0 for k in kinds}
-        tokens, flipped, moved = 0, collate.flipped, collate.moved
-        for i, positions in enumerate(parts):
-            batch = {k: v.to(device) for k, v in collate(positions, epoch).items()}
+        tokens = 0
+        for i, part in enumerate(parts):
+            batch = {k: v.to(device) for k, v in part.items()}
             tokens += int(batch["attention_mask"].sum())
             with gradient_sync(wrapped, last=i == len(parts) - 1):
                 with autocast or contextlib.nullcontext():
@@ -172,11 +176,11 @@ def train_worker(raw: dict) -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         values = {**{f"loss_{k}": v for k, v in sums.items()}, "tokens": float(tokens)}
-        images = sum(len(p) for p in parts)
+        images = loaded_step.images
         if stage.hflip:  # the share of this step's images that were mirrored
-            values["hflip_share"] = (collate.flipped - flipped) / images
+            values["hflip_share"] = loaded_step.flipped / images
         if stage.shift:  # how far this step's images were moved, in pixels, on average
-            values["shift_pixels"] = (collate.moved - moved) / images
+            values["shift_pixels"] = loaded_step.moved / images
         row = averaged(values, world, device)
         seconds = time.perf_counter() - started
         row.update(

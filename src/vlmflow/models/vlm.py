@@ -17,6 +17,7 @@ from torch import nn
 from vlmflow.models import objectives as obj
 from vlmflow.models.connectors import build_connector
 from vlmflow.models.language import build_language
+from vlmflow.models.packed import block_causal_mask, packed_lm_loss, segment_positions
 from vlmflow.models.text import build_text
 from vlmflow.models.vision import build_vision
 from vlmflow.specs.model import ModelSpec
@@ -82,9 +83,10 @@ class VLM(nn.Module):
         return states, self.heads["contrastive"].text_proj(pooled)
 
     # -- language model with spliced image tokens --------------------------------------------
-    def input_embeddings(self, input_ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    def input_embeddings(self, input_ids: torch.Tensor, pixels: torch.Tensor, packed: bool = False) -> torch.Tensor:
         """Token embeddings with the `<image>` positions replaced, in order, by the image tokens of
-        the rows that have them (training, held-out checks and evaluation all splice this way)."""
+        the rows that have them (training, held-out checks and evaluation all splice this way).
+        Packed rows hold several samples: `pixels` are then the images of their `<image>` runs, in order."""
         embed = self.language.get_input_embeddings()
         is_image = input_ids == self.vocab.image_id
         embeds = embed(input_ids.masked_fill(is_image, self.vocab.pad_id))
@@ -92,7 +94,7 @@ class VLM(nn.Module):
             tokens = self.image_tokens(pixels).to(embeds.dtype)
             if not input_ids.is_meta:
                 has_image = is_image.any(dim=1)
-                if not bool(has_image.all()):
+                if not packed and not bool(has_image.all()):
                     tokens = tokens[has_image[: len(tokens)]]
                 expected = tokens.shape[0] * tokens.shape[1]
                 if int(is_image.sum()) != expected:
@@ -100,8 +102,21 @@ class VLM(nn.Module):
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), tokens)
         return embeds
 
-    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-        embeds = self.input_embeddings(input_ids, pixels)
+    def lm_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixels: torch.Tensor,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Segment ids (packed rows, `models.packed`): each sample attends to itself only, from position 0."""
+        embeds = self.input_embeddings(input_ids, pixels, packed=segments is not None)
+        if segments is not None:
+            kind = torch.bool if self.language.config._attn_implementation == "sdpa" else embeds.dtype
+            mask, positions = block_causal_mask(segments, kind), segment_positions(segments)
+            return self.language(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+            ).logits
         # No KV cache: nothing reads it, and a checkpointed layer recomputed in backward would write it twice.
         # Meta (shapes only): HF reads a mask's values to pick the kernel, and without a cache the position ids'
         # values to find packed sequences; there the cache stays (its K/V are what attention saves anyway).
@@ -116,8 +131,10 @@ class VLM(nn.Module):
     def losses(self, batch: dict[str, torch.Tensor], kinds: list[str]) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
         if "lm" in kinds:
-            logits = self.lm_logits(batch["input_ids"], batch["attention_mask"], batch["pixels"])
-            losses["lm"] = obj.lm_loss(logits, batch["labels"])
+            segments = batch.get("segment_ids")  # packed rows (a stage with packing: true)
+            logits = self.lm_logits(batch["input_ids"], batch["attention_mask"], batch["pixels"], segments)
+            labels = batch["labels"]
+            losses["lm"] = obj.lm_loss(logits, labels) if segments is None else packed_lm_loss(logits, labels, segments)
         if {"itc", "siglip", "itm"} & set(kinds):
             losses.update(self._pair_losses(batch, kinds))
         return losses

@@ -137,6 +137,22 @@ class TrainStageSpec(StrictModel):
     batch_size: Int = Field(32, ge=1, description="global batch per optimizer step")
     micro_batch_size: Int = Field(8, ge=1, description="per worker per forward pass")
     max_text_tokens: Int = Field(96, ge=8, description="text tokens per sample (image tokens come on top)")
+    packing: bool = Field(
+        False,
+        description="sequence packing: the samples of a micro-batch share rows of up to one sample's longest "
+        "(1 + image tokens + max_text_tokens), first-fit decreasing, instead of each padded to the longest; "
+        "each sample attends only to itself, its positions restart at 0 and its loss is its own, so the loss "
+        "is the padded batch's. The lm objective only",
+        exclude_if=lambda on: not on,  # off: the stage's spec, hence its cache key, is as before the option
+    )
+    loader_workers: Int = operational(
+        0,
+        ge=0,
+        le=32,
+        description="processes per training worker that read, decode and collate the coming steps' batches "
+        "while the current step trains; 0: the training thread does it between steps. The same steps see "
+        "the same samples whatever the number",
+    )
     hflip: Float = Field(
         0.0,
         ge=0,
@@ -184,6 +200,9 @@ class TrainStageSpec(StrictModel):
         formats = {c.format or self.format for c in self.components()}
         if formats - {"caption"} and set(kinds) - {"lm"}:
             raise ValueError(f"format {sorted(formats - {'caption'})[0]} trains the lm objective only")
+        if self.packing and set(kinds) != {"lm"}:
+            others = ", ".join(sorted(set(kinds) - {"lm"}))
+            raise ValueError(f"packing trains the lm objective only; {others} compare whole samples, one per row")
         if self.lora is not None and self.lora.module in self.trainable:
             raise ValueError(f"lora.module {self.lora.module} is also in trainable; LoRA keeps its base frozen")
         return self
