@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from transformers import (
     CLIPImageProcessor,
     LlavaConfig,
@@ -24,7 +25,9 @@ from transformers import (
 )
 from transformers.image_utils import PILImageResampling
 
+from vlmflow.chat import ChatFormat, jinja_template
 from vlmflow.components.train.checkpoint import is_checkpoint
+from vlmflow.components.train.data import own_format
 from vlmflow.components.train.setup import (
     CHECKPOINT_CONFIG,
     CONFIG_FILE,
@@ -72,28 +75,33 @@ def llava_config(model: VLM) -> LlavaConfig:
     )
 
 
-# vlmflow's chat format (TextCodec.chat): <bos> then per user turn <|user|>, the image tokens and
-# "\n" before the first user text, the text, <|assistant|>; per assistant turn its text and <eos>.
-# Contents may be strings (a "<image>" in them is moved to the front, as in training) or
-# lists of {"type": "image"} / {"type": "text", "text": ...} items (lmms-eval, HF pipelines).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% set ns = namespace(image_placed=false) %}"
-    "{% for message in messages %}"
-    "{% if message['content'] is string %}{% set text = message['content'].replace('<image>', '') | trim %}"
-    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') "
-    "| map(attribute='text') | join(' ') | trim %}{% endif %}"
-    "{% if message['role'] == 'user' %}<|user|>"
-    "{% if not ns.image_placed %}<image>\n{% set ns.image_placed = true %}{% endif %}"
-    "{{ text }}<|assistant|>"
-    "{% elif message['role'] == 'assistant' %}{{ text }}{{ eos_token }}{% endif %}"
-    "{% endfor %}"
-)
+def export_tokenizer(config: dict, tokenizer_file: Path) -> tuple[PreTrainedTokenizerFast, ChatFormat]:
+    """The model's tokenizer with its special tokens and, as its chat_template, the conversation
+    template the model was trained in (the model folder's `chat`; vlmflow's for a folder of before):
+    the processor called on the rendered text gives the ids vlmflow trained on. The bos token is
+    written by the template only where the tokenizer does not add it itself (a Llama tokenizer does)."""
+    plain = Tokenizer.from_file(str(tokenizer_file))
+    special = config["vocab"]["special"]
+    chat = ChatFormat.of(config["chat"]) if config.get("chat") else own_format(plain, special)
+    token = {role: plain.id_to_token(i) for role, i in special.items()}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_file),
+        bos_token=chat.tokens.bos,
+        eos_token=chat.tokens.eos,
+        pad_token=token["<pad>"],
+        unk_token=token.get("<unk>"),
+        extra_special_tokens={"image_token": chat.tokens.image},
+        padding_side="left",  # batched generation
+    )
+    adds_bos = chat.tokens.bos is not None and tokenizer("a")["input_ids"][:1] == [plain.token_to_id(chat.tokens.bos)]
+    tokenizer.chat_template = jinja_template(chat, bos_in_text=not adds_bos)
+    return tokenizer, chat
 
 
 def llava_processor(model: VLM, config: dict, tokenizer_file: Path) -> LlavaProcessor:
-    """A LlavaProcessor that prepares inputs exactly as vlmflow does: the tokenizer with its
-    special tokens and chat template, and a CLIPImageProcessor doing vlmflow's preprocessing
-    (RGB, bicubic resize to the square size, no crop, rescale to [0, 1], normalise)."""
+    """A LlavaProcessor that prepares inputs exactly as vlmflow does: `export_tokenizer`, and a
+    CLIPImageProcessor doing vlmflow's preprocessing (RGB, bicubic resize to the square size, no crop,
+    rescale to [0, 1], normalise)."""
     image = config["image"]
     size = int(image["size"])
     images = CLIPImageProcessor(
@@ -108,15 +116,7 @@ def llava_processor(model: VLM, config: dict, tokenizer_file: Path) -> LlavaProc
         image_std=list(image["std"]),
         do_convert_rgb=True,
     )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_file),
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",  # batched generation
-    )
+    tokenizer, chat = export_tokenizer(config, tokenizer_file)
     vision = model.vision
     return LlavaProcessor(
         image_processor=images,
@@ -124,8 +124,8 @@ def llava_processor(model: VLM, config: dict, tokenizer_file: Path) -> LlavaProc
         patch_size=vision.patch_size,
         vision_feature_select_strategy="default" if vision.drop_cls else "full",
         num_additional_image_tokens=1 if vision.has_cls else 0,
-        chat_template=CHAT_TEMPLATE,
-        image_token="<image>",
+        chat_template=tokenizer.chat_template,
+        image_token=chat.tokens.image,
     )
 
 
@@ -203,7 +203,9 @@ def export_hf(model_folder: Path, out: Path) -> list[str]:
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     notes = []
     if (model_folder / TOKENIZER_FILE).is_file():
-        llava_processor(model, config, model_folder / TOKENIZER_FILE).save_pretrained(str(out))
+        processor = llava_processor(model, config, model_folder / TOKENIZER_FILE)
+        processor.save_pretrained(str(out))  # the chat template in chat_template.jinja
+        processor.tokenizer.save_pretrained(str(out), save_jinja_files=False)  # and in tokenizer_config.json
     else:
         notes.append("the model folder has no tokenizer.json: no processor was written (AutoProcessor will fail)")
     if model.text is not None:

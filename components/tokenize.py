@@ -1,8 +1,11 @@
 """Tokenizer: train a byte-level BPE (HF `tokenizers`) on the dataset's text, or load one.
 
 The corpus is every caption, VQA pair, multiple-choice item and conversation turn of the rows in the input
-manifest, read from the shards (one Ray task per shard). Special tokens for the VLM
-(`<image>`, pad, bos/eos, chat roles) are always present in the saved tokenizer.json.
+manifest, read from the shards (one Ray task per shard). A trained BPE has vlmflow's special tokens
+(`<image>`, pad, bos/eos, chat roles); a pretrained language model's tokenizer keeps its own and gains
+only `<image>` when it has no image token. The stage writes tokenizer.json, special_tokens.json (the
+ids of the roles `<pad>`, `<bos>`, `<eos>`, `<unk>`, `<image>`, ...) and chat.json (the token strings
+the conversation templates write, and the tokenizer's own chat_template).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from vlmflow.samples import read_shard, sample_json
 from vlmflow.specs.recipe import BpeTokenizer, PretrainedTokenizer
 from vlmflow.specs.recipe import Tokenizer as TokenizerSpec
 from vlmflow.stage import StageContext, StageResult
+
+IMAGE = "<image>"
 
 
 def sample_texts(record: dict) -> list[str]:
@@ -61,18 +66,65 @@ def train_bpe(texts: list[str], spec: BpeTokenizer) -> Tokenizer:
     return tokenizer
 
 
-def load_pretrained(spec: PretrainedTokenizer) -> Tokenizer:
+def load_pretrained(spec: PretrainedTokenizer) -> tuple[Tokenizer, dict[str, int], dict]:
+    """(tokenizer, special ids by role, chat.json) of a pretrained folder. With `special_tokens`
+    unset the folder's own tokenizer is kept (any folder AutoTokenizer loads, SentencePiece-only
+    ones included): its bos, eos (else its sep, else its pad) and unk, its pad (unk where it has
+    none, else eos, as LLaVA), its chat_template; `<image>` is added only when it has no image token. A listed
+    `special_tokens` adds the missing ones to the folder's tokenizer.json (vlmflow's roles)."""
     if not spec.path.exists():
-        raise UserError(f"tokenizer.path: {spec.path} does not exist (a tokenizer.json or a folder holding one)")
-    path = spec.path / "tokenizer.json" if spec.path.is_dir() else spec.path
+        raise UserError(f"tokenizer.path: {spec.path} does not exist (a tokenizer folder or a tokenizer.json)")
+    if spec.special_tokens is not None:
+        tokenizer = _tokenizer_file(spec.path / "tokenizer.json" if spec.path.is_dir() else spec.path)
+        missing = [t for t in spec.special_tokens if tokenizer.token_to_id(t) is None]
+        if missing:
+            tokenizer.add_special_tokens(missing)
+        return tokenizer, special_ids(tokenizer, spec.special_tokens), chat_of(tokenizer, spec.special_tokens)
+    return own_tokenizer(spec.path)
+
+
+def _tokenizer_file(path: Path) -> Tokenizer:
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises plain Exception for unreadable files
         raise UserError(f"{path}: cannot load tokenizer: {exc}") from None
-    missing = [t for t in spec.special_tokens if tokenizer.token_to_id(t) is None]
-    if missing:
-        tokenizer.add_special_tokens(missing)
-    return tokenizer
+
+
+def own_tokenizer(folder: Path) -> tuple[Tokenizer, dict[str, int], dict]:
+    """A language model's own tokenizer through AutoTokenizer, with an image token."""
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for folders it cannot read
+        raise UserError(f"tokenizer.path: {folder}: AutoTokenizer cannot load it: {exc}") from None
+    tokenizer = getattr(hf, "backend_tokenizer", None)
+    if tokenizer is None:
+        raise UserError(f"tokenizer.path: {folder}: {type(hf).__name__} has no fast (tokenizers) form")
+    image = getattr(hf, "image_token", None) or IMAGE
+    if tokenizer.token_to_id(image) is None:
+        tokenizer.add_special_tokens([IMAGE])
+        image = IMAGE
+    pad = hf.pad_token or hf.unk_token or hf.eos_token
+    eos = hf.eos_token or getattr(hf, "sep_token", None) or pad  # a text tower's: BERT ends with [SEP]
+    if not pad:
+        raise UserError(f"tokenizer.path: {folder}: the tokenizer has no pad, unk or eos token")
+    roles = {"<bos>": hf.bos_token, "<eos>": eos, "<unk>": hf.unk_token, "<image>": image, "<pad>": pad}
+    special = {role: tokenizer.token_to_id(token) for role, token in roles.items() if token}
+    tokens = {"bos": hf.bos_token, "eos": eos, "image": image}
+    template = hf.chat_template if isinstance(hf.chat_template, str) else None
+    return tokenizer, special, {"tokens": tokens, "chat_template": template}
+
+
+def special_ids(tokenizer: Tokenizer, tokens: list[str]) -> dict[str, int]:
+    return {t: tokenizer.token_to_id(t) for t in tokens}
+
+
+def chat_of(tokenizer: Tokenizer, tokens: list[str]) -> dict:
+    """chat.json of a tokenizer with vlmflow's special tokens (`<bos>`, `<eos>`, `<image>`)."""
+    known = {t for t in tokens if tokenizer.token_to_id(t) is not None}
+    pick = {"bos": "<bos>", "eos": "<eos>", "image": IMAGE}
+    return {"tokens": {k: t if t in known else None for k, t in pick.items()}, "chat_template": None}
 
 
 def round_trip_rate(tokenizer: Tokenizer, texts: list[str], limit: int = 2000) -> float:
@@ -99,10 +151,14 @@ def run(ctx: StageContext) -> StageResult:
     started = time.monotonic()
     spec = ctx.config
     texts = corpus(ctx)
-    tokenizer = train_bpe(texts, spec) if isinstance(spec, BpeTokenizer) else load_pretrained(spec)
+    if isinstance(spec, BpeTokenizer):
+        tokenizer = train_bpe(texts, spec)
+        special, chat = special_ids(tokenizer, spec.special_tokens), chat_of(tokenizer, spec.special_tokens)
+    else:
+        tokenizer, special, chat = load_pretrained(spec)
     tokenizer.save(str(ctx.out / "tokenizer.json"))
-    special = {t: tokenizer.token_to_id(t) for t in spec.special_tokens}
     (ctx.out / "special_tokens.json").write_text(json.dumps(special, indent=2))
+    (ctx.out / "chat.json").write_text(json.dumps(chat, indent=2))
     lengths = [len(e.ids) for e in tokenizer.encode_batch(texts[:5000])] or [0]
     return StageResult(
         rows_in=len(texts),
@@ -114,7 +170,7 @@ def run(ctx: StageContext) -> StageResult:
             "mean_tokens_per_text": sum(lengths) / len(lengths),
             "seconds_train": time.monotonic() - started,
         },
-        artifacts=["tokenizer.json", "special_tokens.json"],
+        artifacts=["tokenizer.json", "special_tokens.json", "chat.json"],
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlmflow.chat import ChatFormat
 from vlmflow.components.evaluate.generate import Decoding, answer_logprobs, generate
 from vlmflow.components.train.data import ImageSpec, TextCodec, pad_rows, preprocess
 from vlmflow.components.train.setup import TOKENIZER_FILE, read_model_folder
@@ -28,7 +29,10 @@ class EvalWorker:
         self.model.to(self.device).eval()
         self.image = ImageSpec.of(config["image"])
         self.special = config["vocab"]["special"]
-        self.codec = TextCodec(folder / TOKENIZER_FILE, self.special, self.model.num_image_tokens, MAX_PROMPT_TEXT)
+        chat = ChatFormat.of(config["chat"]) if config.get("chat") else None  # the template the model learned
+        tokens = self.model.num_image_tokens
+        self.codec = TextCodec(folder / TOKENIZER_FILE, self.special, tokens, MAX_PROMPT_TEXT, chat)
+        self.stop = self.codec.stop_id  # the end of an assistant turn
 
     def run(self, job: tuple[str, object]) -> object:
         """One job of the actor pool: (method name, its argument)."""
@@ -44,7 +48,7 @@ class EvalWorker:
         """batch: {"images": [bytes], "prompts": [str], "decoding": Decoding as a dict}."""
         options = Decoding(**batch["decoding"])
         prompts = [self.codec.prompt(p) for p in batch["prompts"]]
-        ids = generate(self.model, prompts, self.pixels(batch["images"]), self.special["<eos>"], options)
+        ids = generate(self.model, prompts, self.pixels(batch["images"]), self.stop, options)
         return [self.codec.tokenizer.decode(row) for row in ids]
 
     def answer_logprobs(self, batch: dict) -> list[list[float]]:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from vlmflow.chat import ChatFormat, ChatTokens, Rendered, stop_text
 from vlmflow.models.objectives import IGNORE, pad_rows
 from vlmflow.prompts import CHOICE_TEMPLATE, choice_items, choice_prompt
 from vlmflow.samples import read_member
@@ -48,40 +49,83 @@ def preprocess(data: bytes, spec: ImageSpec) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-class TextCodec:
-    """Chat-formatted token ids and labels: <bos> (<|user|> … <|assistant|> answer <eos>)+."""
+class TooLong(ValueError):
+    """A sample's text is longer than the stage's max_text_tokens (overflow: quarantine)."""
 
-    def __init__(self, tokenizer_file: Path, special: dict[str, int], image_tokens: int, max_text: int):
+    def __init__(self, tokens: int, limit: int):
+        super().__init__(f"too-long:{tokens} tokens > {limit}")
+        self.tokens, self.limit = tokens, limit
+
+
+def own_format(tokenizer: Tokenizer, special: dict[str, int]) -> ChatFormat:
+    """The `vlmflow` template with the tokens of a tokenizer's special ids (a model folder of before
+    chat templates, or a codec built without one)."""
+    name = {role: tokenizer.id_to_token(special[role]) for role in ("<bos>", "<eos>", "<image>") if role in special}
+    return ChatFormat("vlmflow", ChatTokens(eos=name["<eos>"], bos=name.get("<bos>"), image=name["<image>"]))
+
+
+class TextCodec:
+    """Token ids and labels of conversations in a chat template (`vlmflow.chat`); only the
+    assistant turns are learned, the image token becomes `image_tokens` image positions.
+
+    A conversation of more than `max_text` text tokens (every token but the image's) raises
+    `TooLong` with `overflow: quarantine`, and is cut at the limit with `overflow: truncate`;
+    `max_text` None: no limit. Prompts for generation are never cut."""
+
+    def __init__(
+        self,
+        tokenizer_file: Path,
+        special: dict[str, int],
+        image_tokens: int,
+        max_text: int | None,
+        chat: ChatFormat | None = None,
+        overflow: str = "quarantine",
+    ):
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        self.special, self.image_tokens, self.max_text = special, image_tokens, max_text
+        self.special, self.image_tokens, self.max_text, self.overflow = special, image_tokens, max_text, overflow
+        self.format = chat or own_format(self.tokenizer, special)
+        if missing := self.format.missing(self.tokenizer):
+            raise ValueError(f"template {self.format.template}: the tokenizer lacks the tokens {', '.join(missing)}")
+        self.image_id = special["<image>"]
+        stop = self.ids(stop_text(self.format.template, self.format.tokens))
+        self.stop_id = stop[0] if len(stop) == 1 else special["<eos>"]
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode(self, rendered: Rendered) -> tuple[list[int], list[int]]:
+        """(ids, labels) of a rendered conversation: one tokenisation of its whole text (as a
+        processor does); a token is learned when its characters overlap an assistant span."""
+        encoding = self.tokenizer.encode(rendered.text, add_special_tokens=False)
+        ids, labels = ([self.special["<bos>"]], [IGNORE]) if rendered.bos else ([], [])
+        for token, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
+            if token == self.image_id:
+                ids, labels = ids + [token] * self.image_tokens, labels + [IGNORE] * self.image_tokens
+                continue
+            learned = any(start < stop and end > begin for begin, stop in rendered.learned)
+            ids.append(token)
+            labels.append(token if learned else IGNORE)
+        return ids, labels
+
+    def text_tokens(self, ids: list[int]) -> int:
+        return sum(token != self.image_id for token in ids)
+
     def chat(self, turns: list[dict]) -> tuple[list[int], list[int]]:
-        """(input ids, labels): only assistant content and its <eos> are learned; the image
-        tokens open the first user turn."""
-        s = self.special
-        ids, labels = [s["<bos>"]], [IGNORE]
-        image_placed = False
-        for turn in turns:
-            content = turn["content"].replace("<image>", "").strip()
-            if turn["role"] == "user":
-                piece = [s["<|user|>"]]
-                if not image_placed:
-                    piece += [s["<image>"]] * self.image_tokens + self.ids("\n")
-                    image_placed = True
-                piece += [*self.ids(content), s["<|assistant|>"]]
-                ids, labels = ids + piece, labels + [IGNORE] * len(piece)
-            elif turn["role"] == "assistant":
-                piece = [*self.ids(content), s["<eos>"]]
-                ids, labels = ids + piece, labels + piece
-        limit = 1 + self.image_tokens + self.max_text
-        return ids[:limit], labels[:limit]
+        """(input ids, labels) of a training conversation, within max_text text tokens."""
+        ids, labels = self.encode(self.format.render(turns))
+        count = self.text_tokens(ids)
+        if self.max_text is None or count <= self.max_text:
+            return ids, labels
+        if self.overflow != "truncate":
+            raise TooLong(count, self.max_text)
+        cut = len(ids) - (count - self.max_text)  # the text's end (the image comes before it)
+        if self.text_tokens(ids[:cut]) != self.max_text:
+            raise TooLong(count, self.max_text)  # the text before the image alone is too long
+        return ids[:cut], labels[:cut]
 
     def prompt(self, question: str) -> list[int]:
-        """A one-turn prompt ending at <|assistant|>, for generation."""
-        ids, _ = self.chat([{"role": "user", "content": question}])
+        """A one-turn prompt ending where the assistant's answer starts, for generation."""
+        ids, _ = self.encode(self.format.render([{"role": "user", "content": question}], generation=True))
         return ids
 
 

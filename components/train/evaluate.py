@@ -123,9 +123,7 @@ def answer(model: VLM, codec: TextCodec, prompts: list[list[int]], pixels: list[
     out: list[str] = []
     for start in range(0, len(prompts), BATCH):
         images = torch.from_numpy(np.stack(pixels[start : start + BATCH]))
-        ids = generate(
-            model, prompts[start : start + BATCH], images, codec.special["<eos>"], Decoding("greedy", max_new)
-        )
+        ids = generate(model, prompts[start : start + BATCH], images, codec.stop_id, Decoding("greedy", max_new))
         out += [codec.tokenizer.decode(row) for row in ids]
     return out
 

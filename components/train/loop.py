@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from vlmflow.artifacts import atomic_write_text
+from vlmflow.chat import ChatFormat
 from vlmflow.components.train import checkpoint as ckpt
 from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec
 from vlmflow.components.train.loader import Share, StepBatches, load_steps
@@ -68,6 +69,7 @@ class WorkerConfig:
     total_steps: int
     steps_per_epoch: int
     mixture: dict  # Resolved.as_dict(): which rows of `index` each epoch trains on
+    chat: dict | None = None  # ChatFormat.as_dict(): the stage's conversation template
 
 
 def lr_factor(step: int, total: int, stage: TrainStageSpec) -> float:
@@ -126,7 +128,10 @@ def train_worker(raw: dict) -> None:
     samples = ShardSamples(pl.read_parquet(cfg.index), Path(cfg.store_root))
     mix = Resolved.from_dict(cfg.mixture)
     image = ImageSpec.of(cfg.image)
-    codec = TextCodec(Path(cfg.tokenizer), vocab.special, model.num_image_tokens, stage.max_text_tokens)
+    chat = ChatFormat.of(cfg.chat) if cfg.chat else None
+    codec = TextCodec(
+        Path(cfg.tokenizer), vocab.special, model.num_image_tokens, stage.max_text_tokens, chat, stage.overflow
+    )
     text_length = spec.text.max_length if spec.text else None
     collate = Collator(
         samples, image, codec, stage.prompt, text_length, stage.hflip, cfg.seed, stage.shift, stage.choice_template
@@ -136,6 +141,8 @@ def train_worker(raw: dict) -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if stage.precision == "bf16" else None
     history = out / "history.jsonl"
     config = model_config(spec, vocab, cfg.image, model.num_image_tokens)
+    if cfg.chat:  # evaluation and export prompt in the template the model learned
+        config["chat"] = cfg.chat
     if rank == 0 and start > 0 and history.exists():  # steps after the checkpoint are redone
         rows = [row for row in map(parse_row, history.read_text().splitlines()) if row and row["step"] <= start]
         # A new file in its place (not rewritten in place): a reader that has read further sees a new file.

@@ -12,6 +12,7 @@ import polars as pl
 from tokenizers import Tokenizer
 
 from vlmflow.artifacts import ArtifactStore
+from vlmflow.components.tokenize import own_tokenizer
 from vlmflow.components.train import data_inputs, mixture
 from vlmflow.components.train.stage import vocab_of
 from vlmflow.errors import UserError
@@ -117,6 +118,8 @@ def plan_vocab(tokenizer: object, store: ArtifactStore, digests: dict[str, str])
     if store.is_complete(name, digests[name]):
         vocab = vocab_of(store.path(name, digests[name]))
         return Vocab(vocab["size"], vocab["special"]), "tokenizer stage"
+    if isinstance(spec, PretrainedTokenizer) and spec.special_tokens is None:
+        return own_vocab(spec)
     if isinstance(spec, PretrainedTokenizer):
         file = spec.path / "tokenizer.json" if spec.path.is_dir() else spec.path
         if file.is_file():
@@ -131,6 +134,17 @@ def plan_vocab(tokenizer: object, store: ArtifactStore, digests: dict[str, str])
         size, source = spec.vocab_size, "tokenizer.vocab_size"
     special = {token: size - len(spec.special_tokens) + i for i, token in enumerate(spec.special_tokens)}
     return Vocab(size, special), source
+
+
+def own_vocab(spec: PretrainedTokenizer) -> tuple[Vocab, str]:
+    """A language model's own tokenizer (and an image token): read when its folder is there, else
+    the size in its config.json and Llama's ids (unk 0, bos 1, eos 2) plus `<image>`."""
+    if spec.path.is_dir() and any(spec.path.glob("tokenizer*")):
+        tokenizer, special, _ = own_tokenizer(spec.path)
+        return Vocab(tokenizer.get_vocab_size(with_added_tokens=True), special), str(spec.path)
+    config = json.loads((spec.path / "config.json").read_text()) if (spec.path / "config.json").is_file() else {}
+    size, source = config.get("vocab_size", 32000), "language config" if config else "assumed 32000"
+    return Vocab(size + 1, {"<unk>": 0, "<pad>": 0, "<bos>": 1, "<eos>": 2, "<image>": size}), source
 
 
 def train_plan(recipe: Recipe, step: object, ctx: PlanContext) -> dict:

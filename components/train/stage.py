@@ -20,9 +20,11 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from tokenizers import Tokenizer
 
+from vlmflow.chat import ChatFormat
 from vlmflow.components.train import data_inputs, evaluate, mixture
 from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, split_rows
 from vlmflow.components.train.loop import WorkerConfig, memory_of, train_worker
+from vlmflow.components.train.overflow import split_too_long, stage_chat, with_too_long
 from vlmflow.components.train.setup import read_model_folder
 from vlmflow.errors import StageError, UserError
 from vlmflow.models.vision import image_spec
@@ -94,6 +96,13 @@ def run(ctx: StageContext) -> StageResult:
     where = f"{field[0]}[{field[1]}] ({spec.name})"  # stages[1] (captioner), stages[1] (captioner-r2)
     indexes = {name: build_index(ctx.inputs[key].path, ctx.store.root) for key, name in data_inputs(spec).items()}
     parts = mixture_rows(indexes, spec)
+    chat = stage_chat(ctx.inputs["tokenizer"].path, spec)
+    too_long = pl.DataFrame(schema={"data": pl.String, "key": pl.String, "reason": pl.String})
+    if spec.overflow == "quarantine" and "lm" in {o.kind for o in spec.objectives}:
+        tokenizer = ctx.inputs["tokenizer"].path
+        special = vocab_of(tokenizer)["special"]
+        codec = TextCodec(tokenizer / "tokenizer.json", special, 1, spec.max_text_tokens, chat)
+        parts, too_long = split_too_long(parts, ctx.store.root, codec, spec)
     try:
         resolved = mixture.resolve(spec, [p.height for p in parts])
     except mixture.MixtureError as exc:
@@ -119,9 +128,11 @@ def run(ctx: StageContext) -> StageResult:
     )
     used = mixture.used_positions(resolved, recipe.seed, spec.batch_size, config.total_steps)
     unused = accounting(indexes, table, used, sources_read(spec))
+    unused = with_too_long(unused, too_long)
     unused.write_parquet(ctx.out / "unused.parquet")
     fit(config, recipe, f"{ctx.name}-{ctx.digest[:12]}", ctx.out / "ray")
     metrics = summarise(ctx.out) | mixture_metrics(resolved) | memory_of(ctx.out)
+    metrics["rows_too_long"] = float(too_long.height)
     held_out = pl.concat(list(indexes.values())).unique("key", keep="first", maintain_order=True)
     metrics.update(held_out_checks(ctx.out, held_out, spec, config, ctx.store.root))
     (ctx.out / "eval.json").write_text(json.dumps(metrics, indent=2))
@@ -211,6 +222,7 @@ def worker_config(
         total_steps=spec.max_steps or spec.epochs * steps_per_epoch,
         steps_per_epoch=steps_per_epoch,
         mixture=resolved.as_dict(),
+        chat=chat.as_dict() if (chat := stage_chat(tokenizer, spec)) else None,
     )
 
 
@@ -292,7 +304,9 @@ def held_out_checks(out: Path, index: pl.DataFrame, spec: TrainStageSpec, config
     model, saved = read_model_folder(out / "model")
     model.eval()
     image = ImageSpec.of(saved["image"])
-    codec = TextCodec(Path(config.tokenizer), saved["vocab"]["special"], model.num_image_tokens, spec.max_text_tokens)
+    chat = ChatFormat.of(config.chat) if config.chat else None  # held-out samples are scored: a long one is cut
+    special, tokens = saved["vocab"]["special"], model.num_image_tokens
+    codec = TextCodec(Path(config.tokenizer), special, tokens, spec.max_text_tokens, chat, "truncate")
     kinds = {o.kind for o in spec.objectives}
     metrics: dict[str, float] = {}
     if kinds & {"itc", "siglip", "itm"}:

@@ -161,3 +161,35 @@ def test_a_registered_version_downloads_as_a_model_folder_and_a_missing_one_is_a
     read_model_folder(local)  # a complete model folder
     with pytest.raises(UserError, match=r"cannot load models:/tiny/7 from sqlite:"):
         download_model("models:/tiny/7", uri, tmp_path / "nothing")
+
+
+def test_the_export_carries_the_models_conversation_template_and_tokenizer(tmp_path):
+    """A model trained in vicuna_v1 on a SentencePiece LM's own tokenizer: the exported processor's
+    chat template (also in tokenizer_config.json) and tokenizer give the ids vlmflow trained on;
+    the Llama tokenizer adds <s> itself, so the template does not write it."""
+    from tests.sp_lm import write_sp_folder
+    from vlmflow.chat import ChatFormat, ChatTokens
+    from vlmflow.components.tokenize import own_tokenizer
+
+    tokenizer, special, chat = own_tokenizer(write_sp_folder(tmp_path / "lm"))
+    tokenizer_file = tmp_path / "tokenizer.json"
+    tokenizer.save(str(tokenizer_file))
+    vocab = Vocab(tokenizer.get_vocab_size(), special)
+    model, folder = saved_model(tmp_path, {"kind": "mlp", "layers": 2}, None, vocab, tokenizer_file)
+    vicuna = ChatFormat("vicuna_v1", ChatTokens(**chat["tokens"]))
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps({**config, "chat": vicuna.as_dict()}))
+    export_hf(folder, tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert "USER: " in saved["chat_template"] and "bos_token" not in saved["chat_template"]
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"))
+    codec = TextCodec(tokenizer_file, special, model.num_image_tokens, None, vicuna)
+    picture = Image.new("RGB", (32, 32), "red")
+    question = "What color is the circle?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.endswith(f"USER: <image>\n{question} ASSISTANT:")
+    assert processor(images=picture, text=prompt)["input_ids"][0] == codec.prompt(question)
+    turns = [{"role": "user", "content": f"<image>\n{question}"}, {"role": "assistant", "content": "red"},
+             {"role": "user", "content": "How many squares?"}, {"role": "assistant", "content": "2"}]  # fmt: skip
+    assert processor(images=picture, text=processor.apply_chat_template(turns))["input_ids"][0] == codec.chat(turns)[0]

@@ -57,9 +57,10 @@ def spec_of(root: Path, kind: str, folder: str | None = None, **text) -> ModelSp
 
 def recipe_tokenizer(folder: Path):
     """What the tokenizer stage writes for `tokenizer: {kind: pretrained, path: folder}`, and its special ids."""
-    tokenizer = load_pretrained(PretrainedTokenizer.model_validate({"kind": "pretrained", "path": folder},
-                                                                   context={"spec_dir": folder}))  # fmt: skip
-    return tokenizer, {t: tokenizer.token_to_id(t) for t in BpeTokenizer(kind="bpe").special_tokens}
+    listed = BpeTokenizer(kind="bpe").special_tokens  # vlmflow's special tokens, added where missing
+    tokenizer, special, _ = load_pretrained(PretrainedTokenizer.model_validate(
+        {"kind": "pretrained", "path": folder, "special_tokens": listed}, context={"spec_dir": folder}))  # fmt: skip
+    return tokenizer, special
 
 
 def model_of(spec: ModelSpec, folder: Path) -> tuple[VLM, object, dict]:

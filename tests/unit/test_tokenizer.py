@@ -32,24 +32,30 @@ def test_training_is_deterministic():
     assert train_bpe(TEXTS, spec).to_str() == train_bpe(TEXTS, spec).to_str()
 
 
-def test_pretrained_loads_from_folder_and_adds_missing_specials(tmp_path):
+def test_pretrained_with_listed_special_tokens_adds_the_missing_ones(tmp_path):
     base = train_bpe(TEXTS, BpeTokenizer(kind="bpe", vocab_size=300, special_tokens=["<pad>"]))
     (tmp_path / "tok").mkdir()
     base.save(str(tmp_path / "tok" / "tokenizer.json"))
-    spec = PretrainedTokenizer.model_validate({"kind": "pretrained", "path": "tok"}, context={"spec_dir": tmp_path})
-    loaded = load_pretrained(spec)
-    assert loaded.token_to_id("<pad>") == base.token_to_id("<pad>")
-    assert loaded.token_to_id("<image>") is not None
+    spec = PretrainedTokenizer.model_validate(
+        {"kind": "pretrained", "path": "tok", "special_tokens": DEFAULT_SPECIAL_TOKENS}, context={"spec_dir": tmp_path}
+    )
+    loaded, special, chat = load_pretrained(spec)
+    assert loaded.token_to_id("<pad>") == base.token_to_id("<pad>") == special["<pad>"]
+    assert loaded.token_to_id("<image>") == special["<image>"] is not None
+    assert chat == {"tokens": {"bos": "<bos>", "eos": "<eos>", "image": "<image>"}, "chat_template": None}
     assert round_trip_rate(loaded, TEXTS) == 1.0
 
 
 def test_unreadable_pretrained_tokenizer_is_a_user_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     spec = PretrainedTokenizer.model_validate(
-        {"kind": "pretrained", "path": "tokenizer.json"}, context={"spec_dir": tmp_path}
+        {"kind": "pretrained", "path": "tokenizer.json", "special_tokens": ["<image>"]}, context={"spec_dir": tmp_path}
     )
     with pytest.raises(UserError, match=r"tokenizer\.json"):
         load_pretrained(spec)
+    own = PretrainedTokenizer.model_validate({"kind": "pretrained", "path": "."}, context={"spec_dir": tmp_path})
+    with pytest.raises(UserError, match="AutoTokenizer cannot load it"):
+        load_pretrained(own)
 
 
 def test_sample_texts_collects_captions_qa_and_turns():
@@ -59,3 +65,26 @@ def test_sample_texts_collects_captions_qa_and_turns():
         "conversations": [{"role": "user", "content": "hi"}],
     }
     assert sample_texts(record) == ["a cat", "what?", "cat", "hi"]
+
+
+def test_a_sentencepiece_only_language_model_keeps_its_own_tokens_and_gains_only_an_image_token(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.sp_lm import write_sp_folder
+
+    own = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    folder = write_sp_folder(tmp_path / "lm", chat_template=own)
+    assert not (folder / "tokenizer.json").exists()
+    spec = PretrainedTokenizer.model_validate({"kind": "pretrained", "path": "lm"}, context={"spec_dir": tmp_path})
+    tokenizer, special, chat = load_pretrained(spec)
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    assert tokenizer.get_vocab_size() == len(hf) + 1  # <image>, nothing else
+    assert special == {"<bos>": 1, "<eos>": 2, "<unk>": 0, "<pad>": 0, "<image>": len(hf)}  # pad: unk, as LLaVA
+    assert chat == {"tokens": {"bos": "<s>", "eos": "</s>", "image": "<image>"}, "chat_template": own}
+    text = "a red circle and a blue square."
+    assert tokenizer.encode(text, add_special_tokens=False).ids == hf(text, add_special_tokens=False)["input_ids"]
+
+    hf.add_tokens(["<image>"], special_tokens=True)  # a tokenizer with an image token gains nothing
+    hf.save_pretrained(str(tmp_path / "with-image"))
+    again, special, _ = load_pretrained(spec.model_copy(update={"path": tmp_path / "with-image"}))
+    assert again.get_vocab_size() == len(hf) and special["<image>"] == hf.convert_tokens_to_ids("<image>")

@@ -25,7 +25,7 @@ def build_language(
             num_key_value_heads=spec.kv_heads or spec.heads,
             max_position_embeddings=spec.max_positions,
             pad_token_id=special["<pad>"],
-            bos_token_id=special["<bos>"],
+            bos_token_id=special.get("<bos>"),  # a pretrained tokenizer may have none (SigLIP's)
             eos_token_id=special["<eos>"],
             tie_word_embeddings=False,
         )

@@ -30,12 +30,18 @@ class BpeTokenizer(StrictModel):
 
 
 class PretrainedTokenizer(StrictModel):
-    """Load a tokenizer from a local folder or tokenizer.json; missing special tokens are added.
-    The path is checked when the tokenizer stage runs (full-size specs validate without weights)."""
+    """A language model's own tokenizer from a local folder (any folder AutoTokenizer loads,
+    SentencePiece-only ones included): its bos, eos, pad (unk, else eos, where it has none) and
+    chat_template are kept, and only `<image>` is added, when it has no image token. The path is
+    checked when the tokenizer stage runs (full-size specs validate without weights)."""
 
     kind: Literal["pretrained"]
     path: SpecPath
-    special_tokens: list[str] = Field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
+    special_tokens: list[str] | None = Field(
+        None,
+        description="instead, add these tokens where missing to the folder's tokenizer.json (or this "
+        "tokenizer.json) and use vlmflow's special tokens, e.g. the default BPE's list; default: the tokenizer's own",
+    )
 
 
 Tokenizer = Annotated[BpeTokenizer | PretrainedTokenizer, Field(discriminator="kind")]

@@ -127,6 +127,20 @@ class TrainStageSpec(StrictModel):
         "multiple-choice evaluation's template",
         exclude_if=lambda t: t == CHOICE_TEMPLATE,
     )
+    template: Literal["auto", "vlmflow", "plain", "vicuna_v1", "llama_3", "chatml", "model"] = Field(
+        "auto",
+        description="the conversation template of the stage's samples (and of its model's prompts in evaluation "
+        "and export): plain (LLaVA stage 1: the image, then the caption), vicuna_v1, llama_3, chatml (LLaVA's "
+        "formats), model (the tokenizer's own chat_template), vlmflow (vlmflow's BPE tokens); auto: model when "
+        "the tokenizer has a chat_template, vlmflow for vlmflow's tokenizers, else vicuna_v1",
+        exclude_if=lambda t: t == "auto",  # the stage's spec, hence its cache key, is as before the option
+    )
+    overflow: Literal["quarantine", "truncate"] = Field(
+        "quarantine",
+        description="a sample longer than max_text_tokens: quarantine it (left out of training, listed in the "
+        "stage's unused.parquet with the reason too-long:N tokens > MAX) or truncate it to max_text_tokens",
+        exclude_if=lambda o: o == "quarantine",
+    )
     trainable: list[Literal["vision", "connector", "language", "text", "heads"]] = Field(min_length=1)
     lora: LoraSpec | None = None
     objectives: list[Objective] = Field(min_length=1)
@@ -203,6 +217,8 @@ class TrainStageSpec(StrictModel):
         if self.packing and set(kinds) != {"lm"}:
             others = ", ".join(sorted(set(kinds) - {"lm"}))
             raise ValueError(f"packing trains the lm objective only; {others} compare whole samples, one per row")
+        if self.template == "plain" and formats != {"caption"}:
+            raise ValueError("template plain (the image, then the caption) takes the caption format only")
         if self.lora is not None and self.lora.module in self.trainable:
             raise ValueError(f"lora.module {self.lora.module} is also in trainable; LoRA keeps its base frozen")
         return self
