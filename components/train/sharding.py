@@ -104,11 +104,14 @@ def shard_model(model: nn.Module, device_type: str, precision: str, mesh: Device
 
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, last: bool) -> Iterator[None]:
-    """Around one micro-batch's forward and backward: gradients are reduced across workers only on the
-    last micro-batch of a step and accumulate locally before (DDP's no_sync; FSDP2's
-    set_requires_gradient_sync, which keeps the unsharded gradients until the last backward)."""
+    """Around one micro-batch's forward and backward. DDP: gradients are reduced across workers only
+    on the last micro-batch of a step and accumulate locally before (no_sync). FSDP: every
+    micro-batch's gradients are reduce-scattered as backward passes each block and accumulate in the
+    worker's shard, so no worker ever holds the whole gradient (skipping the reduce-scatter, FSDP2's
+    set_requires_gradient_sync(False), would keep every unsharded gradient until the last
+    micro-batch: at 7B, 28 GB per worker); the few parameters FSDP does not shard are averaged
+    once, after the last."""
     if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(last)
         yield
         if last:
             average_replicated_gradients(model)

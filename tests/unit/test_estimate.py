@@ -100,8 +100,10 @@ def test_footprint_of_fsdp_per_block():
     # (running, prefetched): 4 x (400 + 2 x 150) = 2800; gradients sharded, 4 x 100 / 4 = 100 < 300 activations
     assert (fsdp.weights, fsdp.optimizer, fsdp.communication, fsdp.gradients) == (1000, 200, 2800, 0)
     assert fsdp.total == 1000 + 200 + 2800 + 300 + 80
-    # Accumulating: FSDP2 keeps the gradients whole until the last micro-batch reduce-scatters them: 4 x 100.
-    assert footprint(TRACE, "fp32", "fsdp", workers=4, accumulation=2).gradients == 400
+    # Accumulating: every micro-batch's gradients are reduce-scattered, so each worker holds its shard only,
+    # 4 x 100 / 4 (DDP holds them whole: 4 x 100).
+    assert footprint(TRACE, "fp32", "fsdp", workers=4, accumulation=2).gradients == 100
+    assert footprint(TRACE, "fp32", "ddp", workers=4, accumulation=2).gradients == 400
     # bf16: the gathered parameters are bf16 copies, 2 x 700
     assert footprint(TRACE, "bf16", "fsdp", workers=4).communication == 1400
     # One worker runs without FSDP (as the training loop does): DDP's footprint on one worker.

@@ -237,8 +237,8 @@ def footprint(
     recomputation's excess over them adds to the peak.
     `micro` rescales the traced activations (linear in the micro-batch). The peak comes as
     backward starts, when every activation is still held: gradients (set to None after each
-    step) are not there yet with one micro-batch per step, but are with accumulation, whole
-    under FSDP too (it keeps them unsharded until the last micro-batch reduce-scatters them)."""
+    step) are not there yet with one micro-batch per step, but are with accumulation (under FSDP
+    only each worker's shard: every micro-batch's gradients are reduce-scattered)."""
     total, trainable = trace.params["total"], trace.params["trainable"]
     scale = (micro or trace.micro_batch) / trace.micro_batch
     kept = trace.activations
@@ -254,7 +254,7 @@ def footprint(
         gathered = (BF16 if precision == "bf16" else FP32) * (trace.root_params + 2 * trace.block_params)
     else:  # DDP's bucketed gradient copy (no wrapper on one worker)
         gathered = FP32 * trainable if workers > 1 else 0
-    gradients = FP32 * trainable if accumulation > 1 else max(0.0, FP32 * trainable / shards - activations)
+    gradients = FP32 * trainable / shards if accumulation > 1 else max(0.0, FP32 * trainable / shards - activations)
     return Footprint(
         weights=int(FP32 * total / shards),
         gradients=int(gradients),
