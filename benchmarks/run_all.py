@@ -231,9 +231,10 @@ def overhead_child(spec: str, workdir: str, report: str, overrides: list[str]) -
     from vlmflow import tracking
     from vlmflow.flows import recipe as recipe_module
     from vlmflow.runtime import prefect as runtime_prefect
+    from vlmflow.runtime import ray as runtime_ray
 
     imports = time.perf_counter() - imports
-    timers.wrap(runtime_prefect, "init_ray", "ray")
+    timers.wrap(runtime_ray, "init_ray", "ray")
     timers.wrap(ray, "shutdown", "ray")
     for method in ("__init__", "start", "log", "log_files", "log_history", "register_model", "finish"):
         if hasattr(tracking.Tracker, method):
@@ -242,7 +243,7 @@ def overhead_child(spec: str, workdir: str, report: str, overrides: list[str]) -
     timers.wrap(plan_module, "check", "plan")
     for method in ("__enter__", "__exit__"):
         timers.wrap(runtime_prefect.RecipeRun, method, "inside_flow")
-    timers.wrap(runtime_prefect.stage_task, "fn", "inside_flow")  # the task body, as Prefect's engine calls it
+    timers.wrap(runtime_prefect, "run_stage_task", "inside_flow")  # a stage, as the flow's task runs it
     timers.wrap(recipe_module, "recipe_flow", "flow")
     sys.argv = ["vlmflow", "run", spec, "--workdir", workdir, *[a for o in overrides for a in ("--set", o)]]
     code: object = 0

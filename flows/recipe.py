@@ -1,6 +1,6 @@
 """The recipe flow: the stages of a recipe, each a Prefect task on Ray, each started as soon as the
 stages it reads have finished (independent stages run at the same time). A run with nothing to
-compute is recorded without a flow (`run_recipe`)."""
+compute is recorded without a flow (`vlmflow.runtime.prefect.run_recipe`)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,3 @@ def recipe_flow(recipe: Recipe, workdir: Path, spec_path: str, plan: Plan | None
     with RecipeRun(recipe, workdir, spec_path, plan) as run:
         run.run_graph(recipe_graph(recipe))
     return run.summary
-
-
-def run_recipe(recipe: Recipe, workdir: Path, spec_path: str, plan: Plan | None = None) -> dict:
-    """The recipe flow; or, when the plan finds every stage cached, the same run recorded without
-    a flow (summary.json and MLflow: every stage `cached`): no Prefect server, no Ray, seconds."""
-    if plan is not None and plan.stages and all(entry.status == "cached" for entry in plan.stages):
-        with RecipeRun(recipe, workdir, spec_path, plan) as run:
-            run.run_graph(recipe_graph(recipe), sequential=True)
-        return run.summary
-    return recipe_flow(recipe, workdir, spec_path, plan)

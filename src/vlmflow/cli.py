@@ -175,7 +175,7 @@ def run(spec: str, workdir: Path | None, overrides: tuple[str, ...]) -> None:
     _check_servers(recipe, workdir)
     plan = _checked_plan(spec, overrides, recipe, workdir)
     _prefect_env(workdir)
-    from vlmflow.flows.recipe import run_recipe
+    from vlmflow.runtime.prefect import run_recipe
 
     try:
         summary = run_recipe(recipe, workdir, spec, plan)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,17 +114,21 @@ def run_stage(
     recipe: Any,
     store: ArtifactStore,
     progress: str = "auto",
-    executor: Executor | None = None,
+    executor: Executor | Callable[[], Executor] | None = None,
 ) -> tuple[str, dict]:
     """Reuse the step's artifact (`cached`) or build and commit it (`computed`): (status, stats).
     A lock per artifact makes a second run at the same time wait and then find it cached.
     executor: where the build's work runs (default: Ray, started by a plain `ray.init()` on first
-    use); a step that trains starts Ray through it (Ray Train runs on Ray whatever the executor)."""
-    executor = executor or executor_for("ray")
+    use), or a function making it, called only when the step computes (a cached step imports no
+    Ray); a step that trains starts Ray through it (Ray Train runs on Ray whatever the executor)."""
     with file_lock(store.root / step.name / f"{digest}.lock"):
         if store.is_complete(step.name, digest):
             log.info("%s: cached (%s)", step.name, digest)
             return "cached", store.stats(step.name, digest)
+        if executor is None:
+            executor = executor_for("ray")
+        elif not hasattr(executor, "map_units"):  # a function making the executor
+            executor = executor()
         if trains_on_ray(step.component):
             executor.start_ray()
         log.info("%s: computing (%s)", step.name, digest)

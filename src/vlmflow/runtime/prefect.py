@@ -13,11 +13,15 @@ A failed stage stops its descendants only: they are recorded as `skipped` and ne
 the other branches run to the end (their artifacts committed, so the next run reuses them),
 then the run fails with the first failure's exception. Stages record from several threads:
 the summary, summary.json and every MLflow call go through `RecipeRun._lock`.
+
+Prefect and Ray are imported only where a run needs them: a run with nothing to compute
+(`run_recipe` finds every stage cached) is recorded without a flow and never imports them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -32,27 +36,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import ray
 import yaml
-from prefect import task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import MissingContextError
-from prefect.logging.handlers import APILogHandler
-from prefect.runtime import flow_run
 
 from vlmflow import __version__
 from vlmflow.artifacts import ArtifactStore, atomic_write_text, digest_of
 from vlmflow.errors import storage_fault
 from vlmflow.fingerprint import HashCache, code_digest
-from vlmflow.pipeline import Step, graph_digests
+from vlmflow.pipeline import Step, graph_digests, recipe_graph
 from vlmflow.plan import Plan
 from vlmflow.progress import StepProgress, reporting_to
 from vlmflow.results import model_eval_tags, run_note
 from vlmflow.runs import PROCESSES, record_processes, started_processes
 from vlmflow.runtime.environment import environment
 from vlmflow.runtime.executor import executor_for
-from vlmflow.runtime.ray import init_ray
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import HISTORY, Outputs, StageOutput, run_stage
 from vlmflow.tracking import HistoryTail, Tracker, dataset, flatten, tracking_uri
@@ -87,14 +83,41 @@ for _logger in ("prefect.flow_runs", "prefect.task_runs"):
     logging.getLogger(_logger).addFilter(StorageFaultsInOneLine())
 
 
-class PrefectRunLogs(APILogHandler):
+def run_recipe(recipe: Recipe, workdir: Path, spec_path: str, plan: Plan | None = None) -> dict:
+    """The recipe flow (vlmflow.flows.recipe); or, when the plan finds every stage cached, the same
+    run recorded without a flow (summary.json and MLflow: every stage `cached`): no Prefect server,
+    no Ray, no import of either."""
+    if plan is not None and plan.stages and all(entry.status == "cached" for entry in plan.stages):
+        with RecipeRun(recipe, workdir, spec_path, plan) as run:
+            run.run_graph(recipe_graph(recipe), sequential=True)
+        return run.summary
+    from vlmflow.flows.recipe import recipe_flow
+
+    return recipe_flow(recipe, workdir, spec_path, plan)
+
+
+def flow_run_id() -> str | None:
+    """The Prefect flow run this code runs in, if any (Prefect not imported: none)."""
+    if "prefect" not in sys.modules:
+        return None
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id) if flow_run.id else None
+
+
+def prefect_run_logs() -> logging.Handler:
     """vlmflow's log lines, also in the logs of the Prefect task run (or flow run) they are written
     in, so the Prefect UI tells each stage's story; lines from outside a run go to the console only."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging.handlers import APILogHandler
 
-    def handleError(self, record: logging.LogRecord) -> None:
-        if isinstance(sys.exc_info()[1], MissingContextError):
-            return
-        super().handleError(record)
+    class PrefectRunLogs(APILogHandler):
+        def handleError(self, record: logging.LogRecord) -> None:
+            if isinstance(sys.exc_info()[1], MissingContextError):
+                return
+            super().handleError(record)
+
+    return PrefectRunLogs()
 
 
 def stage_table(stages: list[dict], link: Any) -> str:
@@ -197,7 +220,7 @@ class RecipeRun:
         tmp_link.symlink_to(self.run_id)
         os.replace(tmp_link, latest)
         self.summary["ray"] = "ray: not started (no stage needed it)"
-        self.summary["prefect_flow_run_id"] = str(flow_run.id) if flow_run.id else None
+        self.summary["prefect_flow_run_id"] = flow_run_id()
         self._save()  # from here on a run that fails says so
         self._record_processes()
         atomic_write_text(self.run_dir / "resolved_spec.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
@@ -207,9 +230,9 @@ class RecipeRun:
 
             self.plan = build_plan(self.recipe, self.workdir, cached_details=False)
         atomic_write_text(self.run_dir / "plan.json", json.dumps(self.plan.as_json(), indent=2))
-        self.in_prefect = bool(flow_run.id)
-        if flow_run.id:
-            self._prefect_logs = PrefectRunLogs()
+        self.in_prefect = self.summary["prefect_flow_run_id"] is not None
+        if self.in_prefect:
+            self._prefect_logs = prefect_run_logs()
             log.addHandler(self._prefect_logs)
         uri = tracking_uri(self.workdir, self.recipe.runtime.mlflow.tracking_uri)
         self.tracker = Tracker(
@@ -244,7 +267,8 @@ class RecipeRun:
             if self._prefect_logs is not None:
                 self._publish(self.summary["stages"], f"{self.recipe.name}-stages", f"vlmflow run {self.run_id}")
                 log.removeHandler(self._prefect_logs)
-            if ray.is_initialized():
+            ray = sys.modules.get("ray")  # imported by the first stage that needed it
+            if ray is not None and ray.is_initialized():
                 ray.shutdown()
             with contextlib.suppress(OSError):  # its processes are gone with it: nothing to reap
                 (self.run_dir / PROCESSES).unlink(missing_ok=True)
@@ -310,6 +334,10 @@ class RecipeRun:
     def ensure_ray(self) -> None:
         """Start (or join) Ray for the first stage that computes: a run whose stages are all
         cached never starts it."""
+        import ray
+
+        from vlmflow.runtime.ray import init_ray
+
         with self._ray_lock:
             if not ray.is_initialized():
                 self.summary["ray"] = init_ray(self.recipe.runtime.ray, self.run_dir / "code")
@@ -419,11 +447,11 @@ class RecipeRun:
         if not self.in_prefect:  # no flow run: the stage runs here, now (a run with nothing to compute)
             future: Future = Future()
             try:
-                future.set_result(stage_task.fn(self, node, self.digests[name], inputs))
+                future.set_result(run_stage_task(self, node, self.digests[name], inputs))
             except BaseException as error:
                 future.set_exception(error)
             return future
-        runner = stage_task.with_options(name=name, task_run_name=name)
+        runner = stage_task().with_options(name=name, task_run_name=name)
         return runner.submit(self, node, self.digests[name], inputs, wait_for=upstream)
 
     def open_stage(self, stage: Step, digest: str, inputs: dict[str, StageOutput]) -> str:
@@ -586,6 +614,8 @@ class RecipeRun:
         of a run that failed before its MLflow run opened: then no stage has a run to link)."""
         link = self.tracker.run_url if self.tracker is not None else str
         try:
+            from prefect.artifacts import create_markdown_artifact
+
             create_markdown_artifact(markdown=stage_table(stages, link), key=artifact_key(key), description=description)
         except Exception as exc:  # the run's own record (summary.json, MLflow) is complete without it
             log.warning("could not publish the Prefect artifact %s: %s", key, exc)
@@ -631,14 +661,23 @@ class StageWatch:
         return self.tail.stop()
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
-def stage_task(run: RecipeRun, step: Step, digest: str, inputs: dict[str, StageOutput]) -> StageOutput:
+@functools.cache
+def stage_task() -> Any:
+    """`run_stage_task` as the Prefect task each stage of a flow runs as."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(run_stage_task, name="stage_task", cache_policy=NO_CACHE, persist_result=False)
+
+
+def run_stage_task(run: RecipeRun, step: Step, digest: str, inputs: dict[str, StageOutput]) -> StageOutput:
+    """One stage of a run: reused or built (`run_stage`), recorded in MLflow and the summary."""
     started = _now()  # summary.json's `started` (and a cached stage's `finished`)
     child = run.open_stage(step, digest, inputs)
     watch = run.watch(step, digest, child)
     try:
         with reporting_to(run.progress_sink(child)):
-            executor = executor_for(run.recipe.runtime.executor, start_ray=run.ensure_ray)
+            executor = functools.partial(executor_for, run.recipe.runtime.executor, start_ray=run.ensure_ray)
             status, stats = run_stage(
                 step, digest, inputs, run.recipe, run.store, run.recipe.runtime.progress, executor
             )
