@@ -42,6 +42,7 @@ class Item:
     references: tuple[str, ...]  # captions | human answers | (class label,) | (correct option key,)
     question: str = ""
     options: tuple[tuple[str, str], ...] = ()  # (key, text) of a multiple-choice question
+    context: tuple[tuple[bytes, str, str], ...] = ()  # few-shot: in-context (image, question, answer) examples
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from vlmflow.components.evaluate import datasets, scoring
 from vlmflow.components.evaluate.datasets import ImageFiles, Item, Loaded
 from vlmflow.components.evaluate.examples import write_examples
 from vlmflow.components.evaluate.generate import Decoding
+from vlmflow.components.evaluate.shots import shots_of, with_shots
 from vlmflow.components.evaluate.worker import EvalWorker
 from vlmflow.components.train.data import ShardSamples
 from vlmflow.errors import UserError
@@ -106,7 +107,7 @@ def generate_all(task: EvalTask, items: list[Item], runner: Runner, seed: int) -
     decoding = asdict(Decoding(g.strategy, g.max_new_tokens, g.num_beams, g.temperature, g.top_p, seed))
     jobs = [
         ("generate", {"images": [i.image for i in chunk], "prompts": [prompt_of(task, i) for i in chunk],
-                      "decoding": decoding})
+                      "decoding": decoding, **shots_of(chunk)})
         for chunk in batches(items, task.batch_size)
     ]  # fmt: skip
     return [text for result in runner(jobs) for text in result]
@@ -154,6 +155,9 @@ def run(ctx: StageContext) -> StageResult:
     recipe, task = ctx.recipe, ctx.config
     folder = ctx.inputs["model"].path / "model"
     loaded, classes = load_items(task, ctx)
+    if getattr(task, "shots", 0):  # in-context examples from the artifact's train split
+        index = build_index(ctx.inputs["data"].path, ctx.store.root)
+        loaded.items = with_shots(loaded.items, index, ctx.store.root, task.shots, recipe.seed, task.name)
     if not loaded.items:
         reasons = sorted({q["reason"] for q in loaded.quarantine}) or ["no items"]
         raise UserError(f"evaluate {task.name}: nothing to score ({', '.join(reasons)})")

@@ -14,7 +14,9 @@ import torch
 
 from vlmflow.chat import ChatFormat
 from vlmflow.components.evaluate.generate import Decoding, answer_logprobs, generate
+from vlmflow.components.evaluate.shots import few_shot_inputs
 from vlmflow.components.train.data import ImageSpec, TextCodec, pad_rows, preprocess
+from vlmflow.components.train.interleaved import InterleavedCodec, is_flamingo
 from vlmflow.components.train.setup import TOKENIZER_FILE, read_model_folder
 
 MAX_PROMPT_TEXT = 256  # text tokens of a prompt (image tokens come on top)
@@ -32,6 +34,8 @@ class EvalWorker:
         chat = ChatFormat.of(config["chat"]) if config.get("chat") else None  # the template the model learned
         tokens = self.model.num_image_tokens
         self.codec = TextCodec(folder / TOKENIZER_FILE, self.special, tokens, MAX_PROMPT_TEXT, chat)
+        if is_flamingo(self.model.spec):  # interleaved samples and few-shot prompts
+            self.codec = InterleavedCodec(folder / TOKENIZER_FILE, self.special, MAX_PROMPT_TEXT)
         self.stop = self.codec.stop_id  # the end of an assistant turn
 
     def run(self, job: tuple[str, object]) -> object:
@@ -47,8 +51,11 @@ class EvalWorker:
     def generate(self, batch: dict) -> list[str]:
         """batch: {"images": [bytes], "prompts": [str], "decoding": Decoding as a dict}."""
         options = Decoding(**batch["decoding"])
-        prompts = [self.codec.prompt(p) for p in batch["prompts"]]
-        ids = generate(self.model, prompts, self.pixels(batch["images"]), self.stop, options)
+        if batch.get("shots"):  # few-shot: in-context examples before each question (shots.py)
+            prompts, pixels = few_shot_inputs(self.codec, batch["prompts"], batch["images"], batch["shots"], self.image)
+        else:
+            prompts, pixels = [self.codec.prompt(p) for p in batch["prompts"]], self.pixels(batch["images"])
+        ids = generate(self.model, prompts, pixels.to(self.device), self.stop, options)
         return [self.codec.tokenizer.decode(row) for row in ids]
 
     def answer_logprobs(self, batch: dict) -> list[list[float]]:

@@ -36,6 +36,7 @@ from vlmflow.artifacts import atomic_write_text
 from vlmflow.chat import ChatFormat
 from vlmflow.components.train import checkpoint as ckpt
 from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec
+from vlmflow.components.train.interleaved import InterleavedCodec, InterleavedCollator, is_flamingo
 from vlmflow.components.train.loader import Share, StepBatches, load_steps
 from vlmflow.components.train.mixture import Resolved
 from vlmflow.components.train.packing import pack_batch
@@ -136,6 +137,9 @@ def train_worker(raw: dict) -> None:
     collate = Collator(
         samples, image, codec, stage.prompt, text_length, stage.hflip, cfg.seed, stage.shift, stage.choice_template
     )
+    if is_flamingo(spec):  # interleaved image-text sequences
+        codec = InterleavedCodec(Path(cfg.tokenizer), vocab.special, stage.max_text_tokens)
+        collate = InterleavedCollator(samples, image, codec, stage, cfg.seed)
     kinds = [o.kind for o in stage.objectives]
     weights = {o.kind: o.weight for o in stage.objectives}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if stage.precision == "bf16" else None

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 from vlmflow.chat import ChatFormat
 from vlmflow.components.train import data_inputs, evaluate, mixture
 from vlmflow.components.train.data import Collator, ImageSpec, ShardSamples, TextCodec, split_rows
+from vlmflow.components.train.interleaved import InterleavedCodec, is_flamingo
 from vlmflow.components.train.loop import WorkerConfig, memory_of, train_worker
 from vlmflow.components.train.overflow import split_too_long, stage_chat, with_too_long
 from vlmflow.components.train.setup import read_model_folder
@@ -307,6 +308,8 @@ def held_out_checks(out: Path, index: pl.DataFrame, spec: TrainStageSpec, config
     chat = ChatFormat.of(config.chat) if config.chat else None  # held-out samples are scored: a long one is cut
     special, tokens = saved["vocab"]["special"], model.num_image_tokens
     codec = TextCodec(Path(config.tokenizer), special, tokens, spec.max_text_tokens, chat, "truncate")
+    if is_flamingo(model.spec):  # interleaved samples, as the stage trained on them
+        codec = InterleavedCodec(Path(config.tokenizer), special, spec.max_text_tokens)
     kinds = {o.kind for o in spec.objectives}
     metrics: dict[str, float] = {}
     if kinds & {"itc", "siglip", "itm"}:

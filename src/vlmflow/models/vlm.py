@@ -16,6 +16,7 @@ from torch import nn
 
 from vlmflow.models import objectives as obj
 from vlmflow.models.connectors import build_connector
+from vlmflow.models.flamingo import Flamingo
 from vlmflow.models.language import build_language
 from vlmflow.models.packed import block_causal_mask, packed_lm_loss, segment_positions
 from vlmflow.models.text import build_text
@@ -50,7 +51,10 @@ class VLM(nn.Module):
         self.connector = None
         if spec.connector is not None and self.language is not None:
             width = self.language.get_input_embeddings().embedding_dim
-            self.connector = build_connector(spec.connector, self.vision.hidden_size, width, self.vision.num_tokens)
+            if spec.connector.kind == "flamingo":  # cross-attends from inside the LM instead of splicing tokens
+                self.connector = Flamingo(spec.connector, self.vision.hidden_size, self.language, vocab.image_id)
+            else:
+                self.connector = build_connector(spec.connector, self.vision.hidden_size, width, self.vision.num_tokens)
         self.text, text_proj = build_text(spec, vocab.size, vocab.pad_id, load_weights) if spec.text else (None, None)
         self.heads = nn.ModuleDict()
         if self.text is not None:
@@ -88,6 +92,11 @@ class VLM(nn.Module):
         the rows that have them (training, held-out checks and evaluation all splice this way).
         Packed rows hold several samples: `pixels` are then the images of their `<image>` runs, in order."""
         embed = self.language.get_input_embeddings()
+        if isinstance(self.connector, Flamingo):  # `<image>` stays a token; pixels [B, C, H, W] or [B, K, C, H, W]
+            images = pixels if pixels.dim() == 5 else pixels.unsqueeze(1)
+            features, _ = self.vision(images.flatten(0, 1))
+            self.connector.condition(input_ids, features.unflatten(0, images.shape[:2]))
+            return embed(input_ids)
         is_image = input_ids == self.vocab.image_id
         embeds = embed(input_ids.masked_fill(is_image, self.vocab.pad_id))
         if input_ids.is_meta or is_image.any():  # meta: shapes only (vlmflow plan), assume the image is there

@@ -154,6 +154,14 @@ class VqaTask(TaskBase):
 
     kind: Literal["vqa"]
     data: Annotated[HeldOutData | VqaData, HeldOutOr]
+    shots: Int = Field(
+        0,
+        ge=0,
+        le=32,
+        description="few-shot: this many in-context examples (image, question, answer) from the train split of "
+        "the held-out data's artifact precede each question, drawn per question from the seed (Flamingo models)",
+        exclude_if=lambda n: n == 0,
+    )
     generation: Generation = Field(default_factory=lambda: Generation(max_new_tokens=8))
 
 

@@ -106,6 +106,22 @@ class ResamplerConnector(StrictModel):
     heads: Int = Field(4, ge=1)
 
 
+class FlamingoConnector(StrictModel):
+    """Flamingo: a perceiver resampler per image and gated cross-attention dense blocks (tanh gates
+    at 0: the language model starts unchanged) before every `cross_attn_every`-th decoder layer of the
+    language model. The text holds one `<image>` token per image; each token attends to the latest
+    image at or before it. Train it with `trainable: [connector]` (the language model frozen)."""
+
+    kind: Literal["flamingo"]
+    num_latents: Int = Field(64, ge=1, description="resampler latents per image")
+    layers: Int = Field(6, ge=1, description="resampler layers")
+    heads: Int = Field(8, ge=1, description="resampler heads; the image feature size is a multiple of them")
+    cross_attn_every: Int = Field(4, ge=1, description="a gated cross-attention block before every Nth LM layer")
+    cross_attn_heads: Int = Field(8, ge=1, description="heads of the cross-attention")
+    cross_attn_head_dim: Int = Field(64, ge=4, description="width of a cross-attention head")
+    ff_mult: Int = Field(4, ge=1, description="the gated feed-forward's width over the LM's")
+
+
 class TokenConcatConnector(StrictModel):
     """MiniGPT-v2: concatenate k adjacent visual tokens, then project."""
 
@@ -133,7 +149,8 @@ Connector = Annotated[
     | ResamplerConnector
     | TokenConcatConnector
     | PixelShuffleConnector
-    | PatchLinearConnector,
+    | PatchLinearConnector
+    | FlamingoConnector,
     Field(discriminator="kind"),
 ]
 
@@ -274,4 +291,7 @@ class ModelSpec(StrictModel):
             raise ValueError("connector patch-linear goes with vision kind none, and only with it")
         if self.language is None and self.text is None:
             raise ValueError("a model needs a language model, a text encoder, or both")
+        flamingo = isinstance(self.connector, FlamingoConnector)
+        if flamingo and isinstance(self.language, TinyLlama) and self.connector.cross_attn_every > self.language.layers:
+            raise ValueError("connector flamingo: cross_attn_every is more than the language model's layers")
         return self

@@ -298,6 +298,10 @@ def _evaluate_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
             continue
         if task.kind in GENERATIVE and model.language is None:
             problems.append(((*loc, "kind"), f"{task.kind} generates text: it needs model.language"))
+        if getattr(task, "shots", 0) and (model.connector is None or model.connector.kind != "flamingo"):
+            problems.append(((*loc, "shots"), "in-context examples need a model with connector kind flamingo"))
+        elif getattr(task, "shots", 0) and task.data.kind != "held-out":
+            problems.append(((*loc, "shots"), "in-context examples come from a held-out artifact's train split"))
         if task.kind == "retrieval" and model.text is None:
             problems.append(((*loc, "kind"), "retrieval ranks embeddings: it needs model.text"))
         if task.kind == "zero-shot-classification":
@@ -329,4 +333,6 @@ def _model_checks(model: ModelSpec, stage: TrainStageSpec, loc: tuple) -> list[t
         problems.append(((*loc, "lora", "module"), f"the model has no {stage.lora.module} part"))
     if model.vision.kind == "none" and "vision" in stage.trainable:
         problems.append(((*loc, "trainable"), "vision kind none has no weights to train"))
+    if stage.images_per_sequence > 1 and (model.connector is None or model.connector.kind != "flamingo"):
+        problems.append(((*loc, "images_per_sequence"), "interleaved sequences need connector kind flamingo"))
     return problems

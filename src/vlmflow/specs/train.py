@@ -185,6 +185,15 @@ class TrainStageSpec(StrictModel):
         exclude_if=lambda p: p == 0,
     )
     precision: Literal["fp32", "bf16"] = "fp32"
+    images_per_sequence: Int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Flamingo models (connector kind flamingo): each training sequence interleaves this many "
+        "consecutive samples of a micro-batch, `<image>Question: ... Short answer: ...<eos>` each (M3W-style), "
+        "so the text learns to read the latest image among several; batch sizes still count samples",
+        exclude_if=lambda k: k == 1,  # one image: the stage's spec, hence its cache key, is as before the option
+    )
     activation_checkpointing: bool = Field(
         False,
         description="keep only each transformer block's inputs from the forward pass and recompute the block "
