@@ -335,4 +335,7 @@ def _model_checks(model: ModelSpec, stage: TrainStageSpec, loc: tuple) -> list[t
         problems.append(((*loc, "trainable"), "vision kind none has no weights to train"))
     if stage.images_per_sequence > 1 and (model.connector is None or model.connector.kind != "flamingo"):
         problems.append(((*loc, "images_per_sequence"), "interleaved sequences need connector kind flamingo"))
+    if stage.packing and model.connector is not None and model.connector.kind == "flamingo":
+        why = "packing splices image tokens into the text; connector kind flamingo cross-attends to the images"
+        problems.append(((*loc, "packing"), why))
     return problems
