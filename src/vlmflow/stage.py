@@ -118,7 +118,7 @@ def run_stage(
 ) -> tuple[str, dict]:
     """Reuse the step's artifact (`cached`) or build and commit it (`computed`): (status, stats).
     A lock per artifact makes a second run at the same time wait and then find it cached.
-    executor: where the build's work runs (default: Ray, started by a plain `ray.init()` on first
+    executor: where the build's work runs (default: Ray, at $RAY_ADDRESS or a new local one, started on first
     use), or a function making it, called only when the step computes (a cached step imports no
     Ray); a step that trains starts Ray through it (Ray Train runs on Ray whatever the executor)."""
     with file_lock(store.root / step.name / f"{digest}.lock"):

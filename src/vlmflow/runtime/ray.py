@@ -253,7 +253,7 @@ def map_jobs_on_ray_data(
 
 class RayExecutor:
     """The executor on Ray (vlmflow.runtime.executor.Executor): the maps above, with Ray started by
-    `start` (the run's start-up; None: a plain `ray.init()`) before its first use, so that a stage
+    `start` (the run's start-up; None: Ray at $RAY_ADDRESS, else a new local one) before its first use, so that a stage
     with nothing to map, and a run whose stages are all cached, never starts it."""
 
     def __init__(self, start: Callable[[], Any] | None = None):
@@ -262,8 +262,8 @@ class RayExecutor:
     def start_ray(self) -> None:
         if self._start is not None:
             self._start()
-        elif not ray.is_initialized():
-            ray.init()
+        elif not ray.is_initialized():  # $RAY_ADDRESS, else a new local Ray: a plain ray.init() would
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local")  # join a stale /tmp/ray cluster
 
     def map_units(self, fn: Callable[..., T], units: Sequence[Any], **options: Any) -> list[T]:
         if units:
