@@ -51,6 +51,7 @@ from vlmflow.components.train.sharding import clip_gradients, gradient_sync, sha
 from vlmflow.models.vlm import Vocab, count_parameters
 from vlmflow.specs.model import ModelSpec
 from vlmflow.specs.train import TrainStageSpec
+from vlmflow.stage import HISTORY
 
 
 @dataclass
@@ -143,7 +144,7 @@ def train_worker(raw: dict) -> None:
     kinds = [o.kind for o in stage.objectives]
     weights = {o.kind: o.weight for o in stage.objectives}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if stage.precision == "bf16" else None
-    history = out / "history.jsonl"
+    history = out / HISTORY
     config = model_config(spec, vocab, cfg.image, model.num_image_tokens)
     if cfg.chat:  # evaluation and export prompt in the template the model learned
         config["chat"] = cfg.chat
