@@ -75,6 +75,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, list[float]]:
     import ray
     from prefect import flow
 
+    from vlmflow.plan import Plan
     from vlmflow.runtime.prefect import RecipeRun
     from vlmflow.specs import load_recipe
 
@@ -84,7 +85,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, list[float]]:
 
     @flow(name="benchmark-concurrent-stages", validate_parameters=False)
     def bench() -> None:
-        with RecipeRun(recipe, workdir, str(spec), {"stages": []}, flow="benchmark") as run:
+        with RecipeRun(recipe, workdir, str(spec), Plan.empty(recipe, workdir), flow="benchmark") as run:
             remote = ray.remote(num_cpus=1)(busy)
             ray.get([remote.remote(0.05) for _ in range(args.num_cpus)])  # worker processes (warm-up)
             for repeat in range(args.repeats):

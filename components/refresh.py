@@ -29,6 +29,7 @@ from vlmflow.components import ingest, report
 from vlmflow.components.sources.base import SOURCES, SourceContext, Unit
 from vlmflow.fingerprint import HashCache, code_digest, fingerprint_path, fingerprint_value
 from vlmflow.pipeline import Step
+from vlmflow.plan import Plan
 from vlmflow.samples import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, SHARDS_SCHEMA, write_tables
 from vlmflow.specs.base import StrictModel
 from vlmflow.specs.data import IngestSpec, source_name
@@ -160,18 +161,18 @@ class Refresh:
         units = plan_units(config, recipe.seed, previous_units(found), recipe.spec_dir(), hashes)
         return cls(recipe, config, store, units, previous if found else None, found)
 
-    def plan_summary(self) -> dict:
+    def plan_summary(self) -> Plan:
         """What this refresh will do, before it runs (saved as the run's plan.json)."""
         todo = [u for u in self.units if not self.store.is_complete(UNITS, u.digest)]
-        return {
-            "recipe": self.recipe.name,
-            "flow": "data-refresh",
-            "previous_manifest": self.previous,
-            "units": len(self.units),
-            "units_to_build": len(todo),
-            "rows_to_read": sum(u.work[2].rows for u in todo),
-            "stages": [],
-        }
+        return Plan.empty(
+            self.recipe,
+            self.store.root.parent,
+            flow="data-refresh",
+            previous_manifest=self.previous,
+            units=len(self.units),
+            units_to_build=len(todo),
+            rows_to_read=sum(u.work[2].rows for u in todo),
+        )
 
     def step(self, ingest_step: Step) -> Step:
         """The recipe's ingest step, built incrementally: same name (its readers are unchanged); the

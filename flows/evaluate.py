@@ -10,6 +10,7 @@ from prefect import flow
 
 from vlmflow.components.evaluate.model_import import import_step
 from vlmflow.pipeline import evaluate_graph, recipe_graph
+from vlmflow.plan import Plan
 from vlmflow.runtime.prefect import RecipeRun
 from vlmflow.specs.recipe import Recipe
 
@@ -17,6 +18,7 @@ from vlmflow.specs.recipe import Recipe
 @flow(name="vlmflow-evaluate", flow_run_name="{recipe.name}", validate_parameters=False, log_prints=True)
 def evaluate_flow(recipe: Recipe, workdir: Path, spec_path: str, model: str) -> dict:
     nodes = evaluate_graph(recipe_graph(recipe), import_step(model, workdir))
-    with RecipeRun(recipe, workdir, spec_path, {"stages": []}, flow="evaluate", tags={"vlmflow.model": model}) as run:
+    tags = {"vlmflow.model": model}
+    with RecipeRun(recipe, workdir, spec_path, Plan.empty(recipe, workdir), flow="evaluate", tags=tags) as run:
         run.run_graph(nodes)
     return run.summary

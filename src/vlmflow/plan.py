@@ -97,6 +97,12 @@ class Plan:
     workdir: str
     device: dict
     stages: list[StagePlan]
+    extra: dict = field(default_factory=dict)  # a flow's own plan (a data refresh: the units it builds)
+
+    @classmethod
+    def empty(cls, recipe: Recipe, workdir: Path, **extra: object) -> Plan:
+        """The plan of a run that plans its steps itself (an evaluation, a data refresh)."""
+        return cls(recipe.name, str(workdir.resolve()), {}, [], dict(extra))
 
     def as_json(self) -> dict:
         """What `vlmflow plan --json` prints and a run keeps as `plan.json`."""
@@ -105,6 +111,7 @@ class Plan:
             "workdir": self.workdir,
             "device": self.device,
             "stages": [s.as_json() for s in self.stages],
+            **self.extra,
         }
 
     def stage(self, name: str) -> StagePlan | None:

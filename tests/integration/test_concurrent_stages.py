@@ -24,6 +24,7 @@ from tests.conftest import REPO
 from vlmflow.artifacts import ArtifactStore
 from vlmflow.component import Component
 from vlmflow.pipeline import Step
+from vlmflow.plan import Plan
 from vlmflow.runtime.prefect import RecipeRun
 from vlmflow.specs import load_recipe
 from vlmflow.specs.base import StrictModel
@@ -85,7 +86,7 @@ def run_flow(setting, nodes: list[Step]) -> tuple[dict, float]:
 
     @flow(name="concurrent-stages-test", validate_parameters=False)
     def graph_flow() -> None:
-        with RecipeRun(recipe, workdir, "specs/recipes/shapes-tiny.yaml", {"stages": []}) as run:
+        with RecipeRun(recipe, workdir, "specs/recipes/shapes-tiny.yaml", Plan.empty(recipe, workdir)) as run:
             started = time.monotonic()
             try:
                 run.run_graph(nodes)
