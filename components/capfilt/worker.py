@@ -83,7 +83,7 @@ class CapfiltWorker:
         ids, mask = ids.to(device), mask.to(device)
         states, text = model.embed_text(ids, mask)
         rows = torch.tensor(owner, device=device)
-        itm = torch.softmax(model.heads["match"](states, mask, features[rows]).float(), dim=-1)[:, 1]
+        itm = torch.softmax(model.match_logits(states, mask, features[rows]).float(), dim=-1)[:, 1]
         itc = torch.nn.functional.cosine_similarity(image[rows], text, dim=-1)
         return {"itm": _per_image(itm.tolist(), job["texts"]), "itc": _per_image(itc.tolist(), job["texts"])}
 

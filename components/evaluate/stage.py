@@ -114,13 +114,15 @@ def generate_all(task: EvalTask, items: list[Item], runner: Runner, seed: int) -
 
 
 def embed_all(task: EvalTask, items: list[Item], texts: list[str], runner: Runner) -> np.ndarray:
-    """Similarity [n_items, n_texts] of normalised image and text embeddings."""
+    """Similarity [n_items, n_texts] of normalised image and text embeddings (an image with one
+    embedding per query, BLIP-2's: its best query's)."""
     text_jobs = [("embed_texts", chunk) for chunk in batches(texts, max(task.batch_size, 64))]
     image_jobs = [("embed_images", [i.image for i in chunk]) for chunk in batches(items, task.batch_size)]
     results = runner(text_jobs + image_jobs)
     text = np.concatenate(results[: len(text_jobs)])
     image = np.concatenate(results[len(text_jobs) :])
-    return image @ text.T
+    similarity = image @ text.T
+    return similarity.max(axis=1) if similarity.ndim == 3 else similarity
 
 
 def classify(task: ZeroShotTask, recipe: Recipe, items: list[Item], classes: list[str], runner: Runner) -> np.ndarray:

@@ -59,8 +59,8 @@ def _itm_metrics(model: VLM, features: list, states: list, masks: list, same: np
     if shift is None:
         return {}
     wrong = (np.arange(n) + shift) % n
-    positive = model.heads["match"](hidden, mask, feats).argmax(dim=1) == 1
-    negative = model.heads["match"](hidden[wrong], mask[wrong], feats).argmax(dim=1) == 0
+    positive = model.match_logits(hidden, mask, feats).argmax(dim=1) == 1
+    negative = model.match_logits(hidden[wrong], mask[wrong], feats).argmax(dim=1) == 0
     return {"eval_itm_accuracy": float(torch.cat([positive, negative]).float().mean()), "eval_itm_chance": 0.5}
 
 

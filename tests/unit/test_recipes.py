@@ -39,7 +39,10 @@ def test_llava_pattern_projector_then_projector_and_llm():
     lora = load_recipe(RECIPES / "llava-lora.yaml").stages[1]
     assert lora.trainable == ["connector"] and lora.lora is not None and lora.lora.module == "language"
     blip2 = load_recipe(RECIPES / "blip2.yaml")
-    assert blip2.model.connector.kind == "qformer" and blip2.stages[0].trainable == ["connector"]
+    pretrain, generate = blip2.stages
+    assert blip2.model.connector.kind == "qformer" and blip2.model.text.kind == "qformer"
+    assert pretrain.trainable == ["connector", "text", "heads"] and generate.trainable == ["connector"]
+    assert [o.kind for o in pretrain.objectives] == ["itc", "itm", "itg"] and generate.init_from == pretrain.name
     assert load_recipe(RECIPES / "blip.yaml").stages[0].objectives[1].kind == "itm"
 
 

@@ -47,46 +47,6 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.LayerNorm(dim), nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
 
 
-class QFormerLayer(nn.Module):
-    """Pre-norm: queries self-attend, cross-attend to the image features, then a feed-forward."""
-
-    def __init__(self, dim: int, feature_dim: int, heads: int):
-        super().__init__()
-        self.norm_self = nn.LayerNorm(dim)
-        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm_cross = nn.LayerNorm(dim)
-        self.cross_attn = nn.MultiheadAttention(dim, heads, kdim=feature_dim, vdim=feature_dim, batch_first=True)
-        self.ff = FeedForward(dim)
-
-    def forward(self, queries: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        x = self.norm_self(queries)
-        queries = queries + self.self_attn(x, x, x, need_weights=False)[0]
-        x = self.norm_cross(queries)
-        queries = queries + self.cross_attn(x, features, features, need_weights=False)[0]
-        return queries + self.ff(queries)
-
-
-@CONNECTORS.decorator("qformer")
-class QFormer(nn.Module):
-    """BLIP-2's querying transformer (image side) + MiniGPT-4's single linear layer to the LM."""
-
-    def __init__(self, spec: specs.QFormerConnector, in_dim: int, out_dim: int, in_tokens: int):
-        super().__init__()
-        self.queries = nn.Parameter(torch.randn(spec.num_queries, spec.hidden_size) * 0.02)
-        self.feature_norm = nn.LayerNorm(in_dim)
-        self.layers = nn.ModuleList(QFormerLayer(spec.hidden_size, in_dim, spec.heads) for _ in range(spec.layers))
-        self.norm = nn.LayerNorm(spec.hidden_size)
-        self.proj = nn.Linear(spec.hidden_size, out_dim)
-        self.out_tokens = spec.num_queries
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        features = self.feature_norm(features)
-        queries = self.queries.unsqueeze(0).expand(features.shape[0], -1, -1)
-        for layer in self.layers:
-            queries = layer(queries, features)
-        return self.proj(self.norm(queries))
-
-
 class ResamplerLayer(nn.Module):
     """Flamingo: latents attend to the concatenation of image features and latents."""
 
@@ -178,3 +138,6 @@ class PatchLinear(nn.Module):
 
 def build_connector(spec: specs.Connector, in_dim: int, out_dim: int, in_tokens: int) -> nn.Module:
     return CONNECTORS.get(spec.kind)(spec, in_dim, out_dim, in_tokens)
+
+
+from vlmflow.models import qformer  # noqa: E402, F401  (registers "qformer"; it builds on FeedForward above)

@@ -27,8 +27,11 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor
 
 
 def contrastive_logits(image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """[images, texts] scaled cosine similarities. An image with one embedding per query ([B, Q, E],
+    BLIP-2's Q-Former) scores each text with its most similar query."""
     scale = log_scale.clamp(max=math.log(100.0)).exp()
-    return scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    similarity = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    return scale * (similarity.amax(dim=1) if image.dim() == 3 else similarity)
 
 
 def hardest_negatives(similarity: torch.Tensor, same_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

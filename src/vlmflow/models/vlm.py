@@ -19,9 +19,10 @@ from vlmflow.models.connectors import build_connector
 from vlmflow.models.flamingo import Flamingo
 from vlmflow.models.language import build_language
 from vlmflow.models.packed import block_causal_mask, packed_lm_loss, segment_positions
+from vlmflow.models.qformer import CLS, DEC, generation_targets, itg_loss, text_parts, with_start
 from vlmflow.models.text import build_text
 from vlmflow.models.vision import build_vision
-from vlmflow.specs.model import ModelSpec
+from vlmflow.specs.model import ModelSpec, QFormerText
 
 PARTS = ("vision", "connector", "language", "text", "heads")
 
@@ -55,7 +56,9 @@ class VLM(nn.Module):
                 self.connector = Flamingo(spec.connector, self.vision.hidden_size, self.language, vocab.image_id)
             else:
                 self.connector = build_connector(spec.connector, self.vision.hidden_size, width, self.vision.num_tokens)
-        self.text, text_proj = build_text(spec, vocab.size, vocab.pad_id, load_weights) if spec.text else (None, None)
+        self.qformer_text = isinstance(spec.text, QFormerText)  # BLIP-2: the text is the Q-Former's own branch
+        tower = spec.text is not None and not self.qformer_text
+        self.text, text_proj = build_text(spec, vocab.size, vocab.pad_id, load_weights) if tower else (None, None)
         self.heads = nn.ModuleDict()
         if self.text is not None:
             self.heads["contrastive"] = obj.ContrastiveHead(
@@ -64,6 +67,8 @@ class VLM(nn.Module):
             self.heads["match"] = obj.MatchHead(
                 self.vision.hidden_size, self.text.hidden_size, self.text.heads, spec.text.match_layers
             )
+        if self.qformer_text:
+            self.text, self.heads = text_parts(spec, vocab.size)
 
     @property
     def num_image_tokens(self) -> int:
@@ -78,13 +83,29 @@ class VLM(nn.Module):
         return self.connector(features)
 
     def embed_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features [B, N, D], contrastive embedding [B, E])."""
+        """(features [B, N, D], contrastive embedding [B, E]; the Q-Former's: one per query, [B, Q, E])."""
         features, pooled = self.vision(pixels)
+        if self.qformer_text:
+            pooled, _ = self.connector.encode(features, None, None, "unimodal")
         return features, self.heads["contrastive"].image_proj(pooled)
 
     def embed_text(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states for `match_logits`, contrastive embedding [B, E]). The Q-Former's states are the
+        text's input embeddings ([CLS] first), its embedding the [CLS] output with the text alone."""
+        if self.qformer_text:
+            states = self.text.embed(ids, CLS)
+            _, out = self.connector.encode(None, states, with_start(mask), "unimodal", self.text.ffs)
+            return states, self.heads["contrastive"].text_proj(out[:, 0])
         states, pooled = self.text(ids, mask)
         return states, self.heads["contrastive"].text_proj(pooled)
+
+    def match_logits(self, states: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """ITM logits [B, 2] (no match, match) of texts (`embed_text`'s states) and images (their features).
+        The Q-Former's: queries and text see each other; the mean over the queries of the head's logits."""
+        if not self.qformer_text:
+            return self.heads["match"](states, mask, features)
+        queries, _ = self.connector.encode(features, states, with_start(mask), "bidirectional", self.text.ffs)
+        return self.heads["match"](queries).mean(dim=1)
 
     # -- language model with spliced image tokens --------------------------------------------
     def input_embeddings(self, input_ids: torch.Tensor, pixels: torch.Tensor, packed: bool = False) -> torch.Tensor:
@@ -144,16 +165,24 @@ class VLM(nn.Module):
             logits = self.lm_logits(batch["input_ids"], batch["attention_mask"], batch["pixels"], segments)
             labels = batch["labels"]
             losses["lm"] = obj.lm_loss(logits, labels) if segments is None else packed_lm_loss(logits, labels, segments)
-        if {"itc", "siglip", "itm"} & set(kinds):
+        if {"itc", "siglip", "itm", "itg"} & set(kinds):
             losses.update(self._pair_losses(batch, kinds))
         return losses
 
     def _pair_losses(self, batch: dict[str, torch.Tensor], kinds: list[str]) -> dict[str, torch.Tensor]:
         features, image = self.embed_image(batch["pixels"])
+        losses = {}
+        if "itg" in kinds:  # BLIP-2: the caption decoded by the Q-Former's text branch, the queries its prefix
+            ids, mask = batch["text_ids"], batch["text_mask"]
+            _, out = self.connector.encode(
+                features, self.text.embed(ids, DEC), with_start(mask), "causal", self.text.ffs
+            )
+            losses["itg"] = itg_loss(self.text.logits(out), generation_targets(ids, mask, self.vocab.special["<eos>"]))
+        if not {"itc", "siglip", "itm"} & set(kinds):
+            return losses
         states, text = self.embed_text(batch["text_ids"], batch["text_mask"])
         head = self.heads["contrastive"]
         all_image, all_text = gather(image), gather(text)
-        losses = {}
         if "itc" in kinds:
             losses["itc"] = obj.itc_loss(all_image, all_text, head.log_scale)
         if "siglip" in kinds:
@@ -174,7 +203,7 @@ class VLM(nn.Module):
             else:  # drawn from the global generator, which the training loop reseeds every step
                 neg_text, neg_image = obj.sampled_negatives(similarity, same)
         usable_text = ~same.all(dim=1)  # every text in the batch identical: no negative exists
-        head = self.heads["match"]
+        head = self.match_logits
         positive = head(states, mask, features)
         wrong_text = head(states[neg_text], mask[neg_text], features)
         wrong_image = head(states, mask, features[neg_image])
@@ -200,7 +229,7 @@ class VLM(nn.Module):
             edited, edited_mask, usable = obj.edited_negatives(ids, mask, count, self.vocab.pad_id)
         states, _ = self.embed_text(edited, edited_mask)
         owner = torch.arange(len(ids), device=features.device).repeat_interleave(count)
-        logits = self.heads["match"](states, edited_mask, features[owner])
+        logits = self.match_logits(states, edited_mask, features[owner])
         return logits if usable is None else logits[usable]
 
 

@@ -88,13 +88,24 @@ class MlpConnector(StrictModel):
 
 class QFormerConnector(StrictModel):
     """BLIP-2 / MiniGPT-4: learned queries, self-attention + cross-attention to image features,
-    then a linear layer into the language model."""
+    then a linear layer into the language model. With `text: {kind: qformer}` the Q-Former also has
+    BLIP-2's text branch, which shares its self-attention layers (stage 1: itc, itm, itg)."""
 
     kind: Literal["qformer"]
     num_queries: Int = Field(32, ge=1)
-    hidden_size: Int = Field(64, ge=8)
+    hidden_size: Int = Field(64, ge=8, description="width; a multiple of heads")
     layers: Int = Field(2, ge=1)
     heads: Int = Field(4, ge=1)
+    cross_attention_freq: Int = Field(
+        2, ge=1, description="the queries cross-attend to the image features in every Nth layer, from the first "
+        "(BLIP-2: 2)"
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _check(self) -> QFormerConnector:
+        if self.hidden_size % self.heads:
+            raise ValueError("hidden_size must be a multiple of heads")
+        return self
 
 
 class ResamplerConnector(StrictModel):
@@ -272,7 +283,17 @@ class HfBert(HfText):
     max_length: Int = Field(62, ge=1, description="longest text in tokens, without [CLS] and [SEP]")
 
 
-Text = Annotated[TinyTextEncoder | HfClipText | HfSiglipText | HfBert, Field(discriminator="kind")]
+class QFormerText(StrictModel):
+    """BLIP-2: the Q-Former's own text branch (needs connector kind qformer): word and position
+    embeddings, a feed-forward per Q-Former layer beside the queries' own, the self-attention shared
+    with the queries. Its [CLS] output is the text's ITC embedding; ITM reads the queries' outputs
+    with text and queries seeing each other; itg decodes the caption with the queries as a prefix."""
+
+    kind: Literal["qformer"]
+    max_length: Int = Field(32, ge=1, description="longest text in tokens, without [CLS] / [DEC]")
+
+
+Text = Annotated[TinyTextEncoder | HfClipText | HfSiglipText | HfBert | QFormerText, Field(discriminator="kind")]
 
 
 class ModelSpec(StrictModel):
@@ -294,4 +315,6 @@ class ModelSpec(StrictModel):
         flamingo = isinstance(self.connector, FlamingoConnector)
         if flamingo and isinstance(self.language, TinyLlama) and self.connector.cross_attn_every > self.language.layers:
             raise ValueError("connector flamingo: cross_attn_every is more than the language model's layers")
+        if isinstance(self.text, QFormerText) and not isinstance(self.connector, QFormerConnector):
+            raise ValueError("text kind qformer is the Q-Former's text branch: it needs connector kind qformer")
         return self

@@ -133,7 +133,7 @@ class Recipe(StrictModel):
         return produced + (["capfilt"] if self.capfilt is not None else [])
 
 
-OBJECTIVE_NEEDS = {"lm": "language", "itc": "text", "siglip": "text", "itm": "text"}
+OBJECTIVE_NEEDS = {"lm": "language", "itc": "text", "siglip": "text", "itm": "text", "itg": "text"}
 
 
 def cross_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
@@ -182,7 +182,7 @@ def cross_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
 def _text_tokenizer_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
     """A pretrained text tower reads its own tokenizer's ids: the recipe's tokenizer is its folder's."""
     text, tokenizer = recipe.model.text if recipe.model else None, recipe.tokenizer
-    if text is None or text.kind == "tiny-text" or tokenizer is None:
+    if text is None or text.kind in ("tiny-text", "qformer") or tokenizer is None:
         return []
     language = recipe.model.language
     if language is not None and language.kind == "hf-causal-lm" and language.path != text.path:
@@ -324,6 +324,8 @@ def _model_checks(model: ModelSpec, stage: TrainStageSpec, loc: tuple) -> list[t
         part = OBJECTIVE_NEEDS[objective.kind]
         if getattr(model, part) is None:
             problems.append(((*loc, "objectives", j, "kind"), f"{objective.kind} needs model.{part}"))
+        elif objective.kind == "itg" and model.text.kind != "qformer":
+            problems.append(((*loc, "objectives", j, "kind"), "itg decodes with the Q-Former: needs text kind qformer"))
     parts = {"vision": True, "connector": model.connector is not None and model.language is not None}
     parts |= {"language": model.language is not None, "text": model.text is not None, "heads": model.text is not None}
     for j, name in enumerate(stage.trainable):

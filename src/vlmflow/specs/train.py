@@ -45,13 +45,22 @@ class ItmObjective(Weighted):
     )
 
 
+class ItgObjective(Weighted):
+    """BLIP-2 stage 1: image-grounded text generation, the caption decoded by the Q-Former's text
+    branch (model.text kind qformer) with the queries as its prefix; next-token loss."""
+
+    kind: Literal["itg"]
+
+
 class LmObjective(Weighted):
     """Next-token loss on the response only: prompt, image and padding positions are masked."""
 
     kind: Literal["lm"]
 
 
-Objective = Annotated[ItcObjective | SiglipObjective | ItmObjective | LmObjective, Field(discriminator="kind")]
+Objective = Annotated[
+    ItcObjective | SiglipObjective | ItmObjective | ItgObjective | LmObjective, Field(discriminator="kind")
+]
 
 
 class LoraSpec(StrictModel):
