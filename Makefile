@@ -11,9 +11,11 @@ PYTEST_ARGS ?=
 PYTEST_PARALLEL ?= -n 2 --dist loadfile --no-loadscope-reorder
 # The suite's slowest tests, listed at its end: where CI's time goes.
 PYTEST_REPORT ?= --durations=30 --durations-min=20
+# The twins' learning proofs (5-10 min each) run in `make test-learning`, not in every `make test`.
+PYTEST_MARKS ?= -m "not learning"
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint format clean
+.PHONY: install run test test-fast test-learning lint format clean
 
 install: $(STAMP)
 
@@ -34,8 +36,14 @@ run: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_REPORT) $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_MARKS) $(PYTEST_REPORT) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5): failing"; exit 1; fi; \
+	exit $$rc
+
+# Every tiny twin trained end to end and checked against its baselines (tests marked `learning`).
+test-learning: install
+	$(PY) -m pytest -m learning $(PYTEST_REPORT) $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-learning: pytest collected no tests (exit 5): failing"; exit 1; fi; \
 	exit $$rc
 
 # A quick check while editing: the unit tests only (tests/unit), quiet, stopping at the first failure.

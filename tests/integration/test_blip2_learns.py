@@ -14,7 +14,7 @@ from live_servers import clean_env
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.learning]
 
 
 def test_blip2_twin_learns_in_both_stages(tmp_path):
