@@ -54,18 +54,20 @@ class MaskedCrossAttention(nn.Module):
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """x + tanh(attn_gate) * xattn(x, images); then x + tanh(ff_gate) * ff(x). Gates start at 0."""
+    """x + tanh(s * attn_gate) * xattn(x, images); then x + tanh(s * ff_gate) * ff(x). Gates start at 0;
+    the scale s (1 in the paper) multiplies how fast AdamW opens them."""
 
-    def __init__(self, dim: int, media_dim: int, heads: int, head_dim: int, ff_mult: int):
+    def __init__(self, dim: int, media_dim: int, heads: int, head_dim: int, ff_mult: int, gate_scale: float = 1.0):
         super().__init__()
+        self.gate_scale = gate_scale
         self.attn = MaskedCrossAttention(dim, media_dim, heads, head_dim)
         self.attn_gate = nn.Parameter(torch.zeros(1))  # 1-d, not a scalar: FSDP shards only tensors with a dim
         self.ff = FeedForward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor, token_image: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(x, latents, token_image) * self.attn_gate.tanh()
-        return x + self.ff(x) * self.ff_gate.tanh()
+        x = x + self.attn(x, latents, token_image) * (self.gate_scale * self.attn_gate).tanh()
+        return x + self.ff(x) * (self.gate_scale * self.ff_gate).tanh()
 
 
 class PerceiverResampler(nn.Module):
@@ -114,7 +116,9 @@ class Flamingo(nn.Module):
         width = language.get_input_embeddings().embedding_dim
         self.inserted = [i for i in range(len(layers)) if (i + 1) % spec.cross_attn_every == 0]
         self.blocks = nn.ModuleList(
-            GatedCrossAttentionBlock(width, media_dim, spec.cross_attn_heads, spec.cross_attn_head_dim, spec.ff_mult)
+            GatedCrossAttentionBlock(
+                width, media_dim, spec.cross_attn_heads, spec.cross_attn_head_dim, spec.ff_mult, spec.gate_scale
+            )
             for _ in self.inserted
         )
         self.media: tuple[torch.Tensor, torch.Tensor] | None = None  # (latents, token_image) of this forward

@@ -14,7 +14,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vlmflow.specs.base import Int, SpecPath, StrictModel
+from vlmflow.specs.base import Float, Int, SpecPath, StrictModel
 
 
 class FeatureChoice(StrictModel):
@@ -131,6 +131,10 @@ class FlamingoConnector(StrictModel):
     cross_attn_heads: Int = Field(8, ge=1, description="heads of the cross-attention")
     cross_attn_head_dim: Int = Field(64, ge=4, description="width of a cross-attention head")
     ff_mult: Int = Field(4, ge=1, description="the gated feed-forward's width over the LM's")
+    gate_scale: Float = Field(
+        1.0, gt=0, description="each gate is tanh(gate_scale * g), g from 0: above 1 it opens faster under AdamW "
+        "(a tiny twin's random vision tower; the paper: 1)"
+    )  # fmt: skip
 
 
 class TokenConcatConnector(StrictModel):
