@@ -91,5 +91,9 @@ def load_steps(batches: StepBatches, start: int, stop: int, workers: int) -> Ite
         num_workers=workers,
         collate_fn=_as_is,
         prefetch_factor=PREFETCH,
+        # Not forked from this process: a Ray Train worker (or any process with Ray, gRPC or a
+        # process group in it) does not survive being copied mid-flight; a fork server starts
+        # clean and forks the loader processes from there.
+        multiprocessing_context="forkserver",
     )
     return iter(loader)
