@@ -30,6 +30,7 @@ from PIL import Image
 from vlmflow.components.sources.base import OUTSIDE, TOO_LARGE, contained_path, read_dataset_image
 from vlmflow.components.train.data import ShardSamples
 from vlmflow.errors import UserError
+from vlmflow.grounding import refer_items
 from vlmflow.prompts import LETTERS, choice_items, options_of
 from vlmflow.samples import IMAGE_EXTS
 from vlmflow.specs.data import DEFAULT_MAX_IMAGE_BYTES
@@ -109,6 +110,12 @@ def held_out(samples: ShardSamples, kind: str, limit: int, source: str) -> Loade
                 loaded.reject(key, source, "no-qa")
             for j, qa in enumerate(pairs):
                 loaded.add(Item(f"{key}/{j}", image, (qa["answer"],), qa["question"]))
+        elif kind == "grounding":
+            refer = refer_items(record)
+            if not refer:
+                loaded.reject(key, source, "no-unique-object-with-box")
+            for j, (question, answer, _) in enumerate(refer):
+                loaded.add(Item(f"{key}/{j}", image, (answer,), question))
         else:
             records.append((key, image, record))
     if kind == "multiple-choice":

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from vlmflow.components.evaluate import datasets, scoring
+from vlmflow.components.evaluate import datasets, grounding, scoring
 from vlmflow.components.evaluate.datasets import ImageFiles, Item, Loaded
 from vlmflow.components.evaluate.examples import write_examples
 from vlmflow.components.evaluate.generate import Decoding
@@ -149,7 +149,8 @@ def evaluate(task: EvalTask, recipe: Recipe, loaded: Loaded, classes: list[str],
         texts, _ = scoring.retrieval_texts(items)
         return scoring.retrieval(items, embed_all(task, items, texts, runner), task.ks)
     predictions = generate_all(task, items, runner, recipe.seed)
-    score = {"captioning": scoring.captioning, "vqa": scoring.vqa, "multiple-choice": scoring.multiple_choice}
+    score = {"captioning": scoring.captioning, "vqa": scoring.vqa, "multiple-choice": scoring.multiple_choice,
+             "grounding": grounding.score}  # fmt: skip
     return score[task.kind](items, predictions)
 
 

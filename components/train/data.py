@@ -21,11 +21,14 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from vlmflow.chat import ChatFormat, ChatTokens, Rendered, stop_text
+from vlmflow.grounding import refer_items
 from vlmflow.models.objectives import IGNORE, pad_rows
 from vlmflow.prompts import CHOICE_TEMPLATE, choice_items, choice_prompt
 from vlmflow.samples import read_member
 
-FORMAT_COLUMN = {"caption": "n_captions", "qa": "n_qa", "conversations": "n_turns", "choice": "n_choices"}
+FORMAT_COLUMN = {
+    "caption": "n_captions", "qa": "n_qa", "conversations": "n_turns", "choice": "n_choices", "refer": "n_refs",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,13 @@ def sample_turns(record: dict, fmt: str, prompt: str, epoch: int, template: str 
         question, options, answer = items[_pick(record, epoch, len(items))]
         return [{"role": "user", "content": choice_prompt(template, question, options)},
                 {"role": "assistant", "content": answer}]  # fmt: skip
+    if fmt == "refer":
+        # One uniquely named object per sample and epoch, answered with its box (MiniGPT-v2's [refer] task).
+        refer = refer_items(record)
+        if not refer:
+            return None
+        question, answer, _ = refer[_pick(record, epoch, len(refer))]
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     turns = [t for t in record.get("conversations") or [] if t.get("role") in ("user", "assistant")]
     return turns or None
 

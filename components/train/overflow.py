@@ -16,6 +16,7 @@ import polars as pl
 
 from vlmflow.chat import ChatFormat, resolve
 from vlmflow.components.train.data import TextCodec, TooLong, pick_caption
+from vlmflow.grounding import refer_items
 from vlmflow.prompts import choice_items, choice_prompt
 from vlmflow.samples import read_member
 from vlmflow.specs.train import TrainStageSpec
@@ -48,6 +49,8 @@ def candidate_turns(record: dict, fmt: str, prompt: str, choice_template: str) -
         return [pair(qa["question"], qa["answer"]) for qa in record.get("qa") or []]
     if fmt == "choice":
         return [pair(choice_prompt(choice_template, q, options), a) for q, options, a in choice_items(record)]
+    if fmt == "refer":
+        return [pair(question, answer) for question, answer, _ in refer_items(record)]
     turns = [t for t in record.get("conversations") or [] if t.get("role") in ("user", "assistant")]
     return [turns] if turns else []
 

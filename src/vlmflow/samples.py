@@ -26,6 +26,7 @@ import polars as pl
 
 from vlmflow.artifacts import atomic_path, file_sha256
 from vlmflow.errors import UserError
+from vlmflow.grounding import refer_items
 from vlmflow.prompts import choice_items
 
 MANIFEST_SCHEMA = {
@@ -66,6 +67,7 @@ INDEX_SCHEMA = {
     "n_qa": pl.Int64,
     "n_turns": pl.Int64,
     "n_choices": pl.Int64,
+    "n_refs": pl.Int64,
 }
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _LISTED = ("split", "source")  # index columns read from the manifest (the rest from the shards)
@@ -177,6 +179,7 @@ def _members(path: Path, shard: str, wanted: set[str]) -> list[dict]:
                 row["n_qa"] = len(record.get("qa") or [])
                 row["n_turns"] = sum(t.get("role") == "assistant" for t in record.get("conversations") or [])
                 row["n_choices"] = len(choice_items(record))
+                row["n_refs"] = len(refer_items(record))
             elif ext in IMAGE_EXTS:
                 row["image_offset"], row["image_size"] = member.offset_data, member.size
     return [{k: r.get(k) for k in INDEX_SCHEMA if k not in _LISTED} for r in found.values()]

@@ -180,7 +180,19 @@ class MultipleChoiceTask(TaskBase):
     _template = field_validator("template")(check_choice_template)
 
 
+class GroundingTask(TaskBase):
+    """Referring-expression grounding (MiniGPT-v2's `[refer]` task): the box written in the answer as
+    `{<x1><y1><x2><y2>}` (0-100 grid) against the object's; accuracy at IoU >= 0.5 and mean IoU, each
+    beside the better of two blind guesses (the mean box per object name, the whole image). Items: every
+    held-out object whose name (color and shape, or category) is unique in its image."""
+
+    kind: Literal["grounding"]
+    data: Annotated[HeldOutData, HeldOutOr]
+    generation: Generation = Field(default_factory=lambda: Generation(max_new_tokens=24))
+
+
 EvalTask = Annotated[
-    ZeroShotTask | RetrievalTask | CaptioningTask | VqaTask | MultipleChoiceTask, Field(discriminator="kind")
+    ZeroShotTask | RetrievalTask | CaptioningTask | VqaTask | MultipleChoiceTask | GroundingTask,
+    Field(discriminator="kind"),
 ]
-GENERATIVE = ("captioning", "vqa", "multiple-choice")
+GENERATIVE = ("captioning", "vqa", "multiple-choice", "grounding")

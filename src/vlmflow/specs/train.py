@@ -87,7 +87,7 @@ class ScheduleSpec(StrictModel):
     min_lr_ratio: Float = Field(0.0, ge=0, le=1)
 
 
-Format = Literal["caption", "qa", "conversations", "choice"]
+Format = Literal["caption", "qa", "conversations", "choice", "refer"]
 
 
 class MixtureComponent(StrictModel):
@@ -127,7 +127,9 @@ class TrainStageSpec(StrictModel):
         "caption",
         description="caption: image + caption; qa: one of the sample's VQA pairs per epoch; "
         "conversations: the sample's conversation turns (instruction data); choice: one of the sample's "
-        "multiple-choice items per epoch, answered with the option's letter",
+        "multiple-choice items per epoch, answered with the option's letter; refer: one of the sample's objects "
+        "named uniquely in it per epoch, asked `[refer] give me the location of the NAME` and answered with its box "
+        "`{<x1><y1><x2><y2>}` on a 0-100 grid (MiniGPT-v2's grounding)",
     )
     prompt: str = Field(CAPTION_PROMPT, description="the user turn of the caption format")
     choice_template: str = Field(
