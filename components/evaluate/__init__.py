@@ -53,5 +53,6 @@ COMPONENT = Component(
     writes="metrics",
     run="vlmflow.components.evaluate.stage:run",
     recipe_fields=("seed",),
-    description="an evaluation task: zero-shot classification, retrieval, captioning, VQA or multiple choice",
+    description="an evaluation task: zero-shot classification, retrieval, image-text matching, captioning, VQA "
+    "or multiple choice",
 )

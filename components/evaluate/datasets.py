@@ -44,6 +44,7 @@ class Item:
     question: str = ""
     options: tuple[tuple[str, str], ...] = ()  # (key, text) of a multiple-choice question
     context: tuple[tuple[bytes, str, str], ...] = ()  # few-shot: in-context (image, question, answer) examples
+    mismatched: str = ""  # image-text matching: a caption of another image, the balanced negative
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def held_out(samples: ShardSamples, kind: str, limit: int, source: str) -> Loade
         if loaded.full():
             break
         key, image, record = samples.read(i)
-        if kind in ("captioning", "retrieval"):
+        if kind in ("captioning", "retrieval", "image-text-matching"):
             truth = (record.get("truth") or {}).get("caption")
             refs = [truth] if truth else [c for c in record.get("captions") or [] if c]
             _add_or_reject(loaded, key, source, image, refs, "no-caption")

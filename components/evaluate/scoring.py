@@ -92,11 +92,10 @@ def multiple_choice(items: Sequence[Item], predictions: Sequence[str]) -> Scored
 def classification(items: Sequence[Item], classes: Sequence[str], scores: np.ndarray) -> Scored:
     index = {name: i for i, name in enumerate(classes)}
     labels = np.array([index[item.references[0]] for item in items])
-    ks = [1, 5] if len(classes) > 5 else [1, min(5, len(classes))]
+    ks = [1, 5] if len(classes) > 5 else [1]  # top-5 of five classes or fewer is 1 whatever the model
     accuracy = topk_accuracy(scores, labels, ks)
     counts = np.bincount(labels, minlength=len(classes))
-    metrics = {"top1": accuracy["top1"], f"top{ks[1]}": accuracy[f"top{ks[1]}"]}
-    metrics |= {"top1_chance": 1 / len(classes), f"top{ks[1]}_chance": min(1.0, ks[1] / len(classes))}
+    metrics = {f"top{k}": accuracy[f"top{k}"] for k in ks} | {f"top{k}_chance": k / len(classes) for k in ks}
     metrics |= {"top1_majority": float(counts.max() / counts.sum()), "items": float(len(items))}
     predicted = scores.argmax(axis=1)
     rows = [

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from vlmflow.components.evaluate import datasets, grounding, scoring
+from vlmflow.components.evaluate import datasets, grounding, matching, scoring
 from vlmflow.components.evaluate.datasets import ImageFiles, Item, Loaded
 from vlmflow.components.evaluate.examples import write_examples
 from vlmflow.components.evaluate.generate import Decoding
@@ -63,6 +63,9 @@ def load_items(task: EvalTask, ctx: StageContext) -> tuple[Loaded, list[str]]:
             if item.references[0] not in classes:
                 loaded.quarantine.append({"id": item.id, "source": "classes", "reason": "label-not-in-classes"})
         loaded.items = keep
+    if task.kind == "image-text-matching":
+        loaded.items, lacking = matching.with_mismatched(loaded.items, ctx.recipe.seed)
+        loaded.quarantine += [{"id": i.id, "source": "captions", "reason": "no-mismatched-caption"} for i in lacking]
     return loaded, classes
 
 
@@ -141,6 +144,15 @@ def classify(task: ZeroShotTask, recipe: Recipe, items: list[Item], classes: lis
     return scores.reshape(len(items), len(classes), k).mean(axis=2)
 
 
+def match_all(task: EvalTask, items: list[Item], runner: Runner) -> list[float]:
+    """The ITM head's P(match) of every pair of `matching.pairs(items)`, in order."""
+    jobs = [
+        ("match", {"images": [item.image for item, _, _ in chunk], "texts": [text for _, text, _ in chunk]})
+        for chunk in batches(matching.pairs(items), task.batch_size)
+    ]
+    return [p for result in runner(jobs) for p in result]
+
+
 def evaluate(task: EvalTask, recipe: Recipe, loaded: Loaded, classes: list[str], runner: Runner) -> scoring.Scored:
     items = loaded.items
     if task.kind == "zero-shot-classification":
@@ -148,6 +160,8 @@ def evaluate(task: EvalTask, recipe: Recipe, loaded: Loaded, classes: list[str],
     if task.kind == "retrieval":
         texts, _ = scoring.retrieval_texts(items)
         return scoring.retrieval(items, embed_all(task, items, texts, runner), task.ks)
+    if task.kind == "image-text-matching":
+        return matching.score(items, match_all(task, items, runner))
     predictions = generate_all(task, items, runner, recipe.seed)
     score = {"captioning": scoring.captioning, "vqa": scoring.vqa, "multiple-choice": scoring.multiple_choice,
              "grounding": grounding.score}  # fmt: skip

@@ -41,7 +41,7 @@ class EvalWorker:
     def run(self, job: tuple[str, object]) -> object:
         """One job of the actor pool: (method name, its argument)."""
         op, payload = job
-        if op not in ("generate", "answer_logprobs", "embed_images", "embed_texts"):
+        if op not in ("generate", "answer_logprobs", "embed_images", "embed_texts", "match"):
             raise ValueError(f"unknown evaluation job {op!r}")
         return getattr(self, op)(payload)
 
@@ -75,14 +75,27 @@ class EvalWorker:
         _, embedding = self.model.embed_image(self.pixels(images))
         return torch.nn.functional.normalize(embedding, dim=-1).cpu().numpy()
 
-    @torch.no_grad()
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
+    def text_ids(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of texts cut to the text tower's max_length, on the device."""
         length = self.model.spec.text.max_length
         ids, mask = pad_rows(
             [self.codec.ids(t)[:length] or [self.special["<pad>"]] for t in texts], self.special["<pad>"]
         )
-        _, embedding = self.model.embed_text(ids.to(self.device), mask.to(self.device))
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        _, embedding = self.model.embed_text(*self.text_ids(texts))
         return torch.nn.functional.normalize(embedding, dim=-1).cpu().numpy()
+
+    @torch.no_grad()
+    def match(self, batch: dict) -> list[float]:
+        """batch: {"images": [bytes], "texts": [str]}, one text per image: the ITM head's P(match) of each pair."""
+        features, _ = self.model.embed_image(self.pixels(batch["images"]))
+        ids, mask = self.text_ids(batch["texts"])
+        states, _ = self.model.embed_text(ids, mask)
+        logits = self.model.match_logits(states, mask, features)
+        return torch.softmax(logits.float(), dim=-1)[:, 1].cpu().tolist()
 
     def can_embed(self) -> bool:
         return self.model.text is not None

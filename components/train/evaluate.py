@@ -46,7 +46,9 @@ def contrastive_metrics(model: VLM, collate: Collator, positions: list[int], wit
     same = np.array([[a == b for b in captions] for a in captions])
     i2t = same[np.arange(len(captions)), similarity.argmax(dim=1).numpy()].mean()
     t2i = same[similarity.argmax(dim=0).numpy(), np.arange(len(captions))].mean()
-    metrics = {"eval_i2t_r1": float(i2t), "eval_t2i_r1": float(t2i), "eval_r1_chance": float(same.mean())}
+    chance = float(same.mean())  # identical captions count as right: chance is their share, both ways
+    metrics = {"eval_i2t_r1": float(i2t), "eval_t2i_r1": float(t2i)}
+    metrics |= {"eval_i2t_r1_chance": chance, "eval_t2i_r1_chance": chance}
     if with_itm:
         metrics.update(_itm_metrics(model, features, states, masks, same))
     return metrics
@@ -61,7 +63,7 @@ def _itm_metrics(model: VLM, features: list, states: list, masks: list, same: np
     wrong = (np.arange(n) + shift) % n
     positive = model.match_logits(hidden, mask, feats).argmax(dim=1) == 1
     negative = model.match_logits(hidden[wrong], mask[wrong], feats).argmax(dim=1) == 0
-    return {"eval_itm_accuracy": float(torch.cat([positive, negative]).float().mean()), "eval_itm_chance": 0.5}
+    return {"eval_itm_accuracy": float(torch.cat([positive, negative]).float().mean()), "eval_itm_accuracy_chance": 0.5}
 
 
 @torch.no_grad()

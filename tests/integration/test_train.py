@@ -262,7 +262,7 @@ def test_tiny_clip_retrieves_the_right_caption_well_above_chance(trained):
     result = vlmflow("run", str(REPO / "specs" / "recipes" / "clip-tiny.yaml"), "--workdir", str(trained))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = eval_of(trained, "train-contrastive")
-    chance = metrics["eval_r1_chance"]  # identical captions count as right, so chance is their share
+    chance = metrics["eval_i2t_r1_chance"]  # identical captions count as right, so chance is their share
     assert metrics["eval_i2t_r1"] > 4 * chance and metrics["eval_t2i_r1"] > 4 * chance, metrics
     # The recipe's evaluate section (eval-retrieval: its own Ray actors, the test split) agrees.
     retrieval = json.loads((stage_dir(trained, "eval-retrieval") / "metrics.json").read_text())

@@ -371,6 +371,7 @@ def test_classification_baselines():
     metrics, rows = scoring.classification(items, ["cat", "dog"], scores)
     assert metrics["top1"] == 0.75 and metrics["top1_chance"] == 0.5 and metrics["top1_majority"] == 0.75
     assert [r["prediction"] for r in rows] == ["cat", "dog", "cat", "dog"]
+    assert set(metrics) == {"top1", "top1_chance", "top1_majority", "items"}  # top-2 of two classes is always 1
 
 
 def test_captioning_baseline_is_the_most_common_reference():

@@ -140,6 +140,15 @@ class RetrievalTask(TaskBase):
     ks: list[Int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
 
 
+class MatchingTask(TaskBase):
+    """Image-text matching (BLIP's ITM head): every image with its own caption and with a caption of
+    another image (drawn from the seed, a different text), so matched and mismatched pairs are
+    balanced; accuracy of the head's match/no-match and the AUC of its P(match), chance 0.5 each."""
+
+    kind: Literal["image-text-matching"]
+    data: Annotated[HeldOutData | CocoCaptionsData, HeldOutOr]
+
+
 class CaptioningTask(TaskBase):
     """BLEU-1..4 and CIDEr-D (COCO PTB tokenisation, as pycocoevalcap)."""
 
@@ -192,7 +201,7 @@ class GroundingTask(TaskBase):
 
 
 EvalTask = Annotated[
-    ZeroShotTask | RetrievalTask | CaptioningTask | VqaTask | MultipleChoiceTask | GroundingTask,
+    ZeroShotTask | RetrievalTask | MatchingTask | CaptioningTask | VqaTask | MultipleChoiceTask | GroundingTask,
     Field(discriminator="kind"),
 ]
 GENERATIVE = ("captioning", "vqa", "multiple-choice", "grounding")

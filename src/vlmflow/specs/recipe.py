@@ -304,6 +304,8 @@ def _evaluate_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
             problems.append(((*loc, "shots"), "in-context examples come from a held-out artifact's train split"))
         if task.kind == "retrieval" and model.text is None:
             problems.append(((*loc, "kind"), "retrieval ranks embeddings: it needs model.text"))
+        if task.kind == "image-text-matching" and model.text is None:
+            problems.append(((*loc, "kind"), "image-text matching uses the ITM head: it needs model.text"))
         if task.kind == "zero-shot-classification":
             method = task.method if task.method != "auto" else ("embedding" if model.text else "likelihood")
             part = "text" if method == "embedding" else "language"
