@@ -37,6 +37,8 @@ import time
 import unicodedata
 import zlib
 from collections.abc import Iterable
+from itertools import combinations
+from math import comb
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +47,7 @@ import polars as pl
 
 from vlmflow.component import Component, Port
 from vlmflow.components import report
-from vlmflow.samples import QUARANTINE_SCHEMA, write_tables
+from vlmflow.samples import QUARANTINE_SCHEMA, SHARDS_SCHEMA
 from vlmflow.specs.data import DedupSpec
 from vlmflow.stage import StageContext, StageResult
 
@@ -72,9 +74,9 @@ def exact_duplicates(frame: dd.DataFrame, scheduler: Any = "threads") -> pd.Data
     return dups.compute(scheduler=scheduler)
 
 
-def band_masks(threshold: int, bits: int = 64) -> list[tuple[int, int]]:
-    """(shift, mask) of threshold+1 bands covering all bits."""
-    bands = threshold + 1
+def band_masks(threshold: int, bits: int = 64, bands: int | None = None) -> list[tuple[int, int]]:
+    """(shift, mask) of `bands` (default threshold+1) bands covering all bits."""
+    bands = bands or threshold + 1
     width = bits // bands
     out = []
     for b in range(bands):
@@ -84,25 +86,72 @@ def band_masks(threshold: int, bits: int = 64) -> list[tuple[int, int]]:
     return out
 
 
-def _bands(part: pd.DataFrame, masks: list[tuple[int, int]]) -> pd.DataFrame:
+def band_plan(threshold: int, rows: int, bits: int = 64) -> tuple[list[tuple[int, int]], int]:
+    """(bands, radius) for multi-index hashing: split the hash into m bands; two hashes within
+    `threshold` bits differ in some band by at most radius = threshold // m bits (pigeonhole), so
+    joining each row's band values with every value within `radius` of another's finds every pair.
+    m is the one of least expected work per row for `rows` uniform hashes: the probes a row makes
+    (sum over bands of the values within radius) plus the candidates they meet (each probe meets
+    rows / 2**width others). threshold+1 bands (radius 0) suit small tables; wider bands keep a
+    large one near-linear (1M rows, threshold 4: 3 bands of 21 bits, radius 1)."""
+    best: tuple[float, int] | None = None
+    for m in range(1, threshold + 2):
+        masks, radius = band_masks(threshold, bits, m), threshold // m
+        probes = [sum(comb(mask.bit_length(), i) for i in range(radius + 1)) for _, mask in masks]
+        cost = sum(probes) + rows * sum(p / (mask + 1) for p, (_, mask) in zip(probes, masks, strict=True))
+        if best is None or cost < best[0]:
+            best = (cost, m)
+    m = best[1]
+    return band_masks(threshold, bits, m), threshold // m
+
+
+def flips(width: int, radius: int) -> np.ndarray:
+    """Every XOR mask of at most `radius` set bits among `width`: the values within radius of 0."""
+    out = [0]
+    for r in range(1, radius + 1):
+        out += [sum(1 << b for b in chosen) for chosen in combinations(range(width), r)]
+    return np.array(out, dtype=np.uint64)
+
+
+def _with_ids(part: pd.DataFrame, partition_info: dict | None = None) -> pd.DataFrame:
+    """A row id unique over the frame (partition number, row): the band tables carry it, not the key."""
+    number = (partition_info or {}).get("number", 0)
+    out = part.copy()
+    out["id"] = (np.uint64(number) << np.uint64(32)) | np.arange(len(part), dtype=np.uint64)
+    return out
+
+
+def _bands(part: pd.DataFrame, masks: list[tuple[int, int]], radius: int = 0) -> pd.DataFrame:
+    """(id, band, value) for every band value of each row's pHash, XORed with every mask of at most
+    `radius` bits of the band (radius 0: the band values themselves)."""
     import pandas as pd
 
     hashes = part["phash"].to_numpy(dtype=np.uint64)
-    frames = [
-        pd.DataFrame(
-            {
-                "key": part["key"].to_numpy(),
-                "band": np.full(len(part), b, dtype=np.int16),
-                "value": (hashes >> np.uint64(shift)) & np.uint64(mask),
-            }
+    ids = part["id"].to_numpy(dtype=np.uint64)
+    frames = []
+    for b, (shift, mask) in enumerate(masks):
+        values = (hashes >> np.uint64(shift)) & np.uint64(mask)
+        xor = flips(mask.bit_length(), radius)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "id": np.repeat(ids, len(xor)),
+                    "band": np.full(len(part) * len(xor), b, dtype=np.int16),
+                    "value": (values[:, None] ^ xor[None, :]).ravel(),
+                }
+            )
         )
-        for b, (shift, mask) in enumerate(masks)
-    ]
     return pd.concat(frames, ignore_index=True)
 
 
+def _close(part: pd.DataFrame, threshold: int) -> pd.DataFrame:
+    """Candidate pairs (id_a, id_b) whose pHashes are within the threshold (before any thumbnail)."""
+    xor = part["phash_a"].to_numpy(np.uint64) ^ part["phash_b"].to_numpy(np.uint64)
+    return part.loc[np.bitwise_count(xor) <= threshold, ["id_a", "id_b"]]
+
+
 def _verify(part: pd.DataFrame, threshold: int, max_color: float) -> pd.DataFrame:
-    """Keep candidate pairs within the Hamming threshold and the colour difference."""
+    """Keep candidate pairs within the Hamming threshold and the colour difference; key_a < key_b."""
     import pandas as pd
 
     xor = part["phash_a"].to_numpy(np.uint64) ^ part["phash_b"].to_numpy(np.uint64)
@@ -110,10 +159,12 @@ def _verify(part: pd.DataFrame, threshold: int, max_color: float) -> pd.DataFram
     thumbs_a = np.stack([np.frombuffer(t, np.uint8) for t in part["thumb_a"]]) if len(part) else np.empty((0, 1))
     thumbs_b = np.stack([np.frombuffer(t, np.uint8) for t in part["thumb_b"]]) if len(part) else np.empty((0, 1))
     color = np.abs(thumbs_a.astype(np.int16) - thumbs_b.astype(np.int16)).mean(axis=1) if len(part) else np.empty(0)
+    keys_a, keys_b = part["key_a"].to_numpy(), part["key_b"].to_numpy()
+    ordered = keys_a < keys_b if len(part) else np.empty(0, bool)
     out = pd.DataFrame(
         {
-            "key_a": part["key_a"].to_numpy(),
-            "key_b": part["key_b"].to_numpy(),
+            "key_a": np.where(ordered, keys_a, keys_b),
+            "key_b": np.where(ordered, keys_b, keys_a),
             "distance": distance,
             "color": color.astype(np.float64),
         }
@@ -121,25 +172,35 @@ def _verify(part: pd.DataFrame, threshold: int, max_color: float) -> pd.DataFram
     return out[(out["distance"] <= threshold) & (out["color"] <= max_color)]
 
 
-def near_pairs(frame: dd.DataFrame, threshold: int, max_color: float, scheduler: Any = "threads") -> pd.DataFrame:
+def near_pairs(
+    frame: dd.DataFrame, threshold: int, max_color: float, scheduler: Any = "threads", rows: int | None = None
+) -> pd.DataFrame:
     """(key_a, key_b, distance, color) with key_a < key_b, Hamming(phash) <= threshold and
-    mean |RGB| difference of the thumbnails <= max_color."""
+    mean |RGB| difference of the thumbnails <= max_color. Multi-index hashing (`band_plan` for
+    `rows`, default: the frame's length): every pair within the threshold meets in some band."""
     import pandas as pd
 
-    masks = band_masks(threshold)
+    masks, radius = band_plan(threshold, len(frame) if rows is None else rows)
+    meta_ids = frame[["key", "phash", "thumb"]]._meta.assign(id=np.empty(0, np.uint64))
+    ided = frame[["key", "phash", "thumb"]].map_partitions(_with_ids, meta=meta_ids)
     meta = pd.DataFrame(
-        {"key": pd.Series(dtype=str), "band": pd.Series(dtype=np.int16), "value": pd.Series(dtype=np.uint64)}
+        {"id": pd.Series(dtype=np.uint64), "band": pd.Series(dtype=np.int16), "value": pd.Series(dtype=np.uint64)}
     )
-    banded = frame[["key", "phash"]].map_partitions(_bands, masks, meta=meta)
-    candidates = banded.merge(banded, on=["band", "value"], suffixes=("_a", "_b"))
-    candidates = candidates[candidates["key_a"] < candidates["key_b"]][["key_a", "key_b"]].drop_duplicates()
-    values = frame[["key", "phash", "thumb"]]
-    candidates = candidates.merge(
-        values.rename(columns={"key": "key_a", "phash": "phash_a", "thumb": "thumb_a"}), on="key_a"
-    )
-    candidates = candidates.merge(
-        values.rename(columns={"key": "key_b", "phash": "phash_b", "thumb": "thumb_b"}), on="key_b"
-    )
+    exact = ided[["id", "phash"]].map_partitions(_bands, masks, meta=meta)
+    probes = ided[["id", "phash"]].map_partitions(_bands, masks, radius, meta=meta) if radius else exact
+    # Within radius is symmetric: a pair meets as (x, y) and as (y, x); the smaller id's side is kept.
+    candidates = exact.merge(probes, on=["band", "value"], suffixes=("_a", "_b"))
+    candidates = candidates[candidates["id_a"] < candidates["id_b"]][["id_a", "id_b"]]
+    hashes = ided[["id", "phash"]]
+    for side in ("a", "b"):
+        candidates = candidates.merge(
+            hashes.rename(columns={"id": f"id_{side}", "phash": f"phash_{side}"}), on=f"id_{side}"
+        )
+    meta_close = pd.DataFrame({"id_a": pd.Series(dtype=np.uint64), "id_b": pd.Series(dtype=np.uint64)})
+    close = candidates.map_partitions(_close, threshold, meta=meta_close).drop_duplicates()
+    for side in ("a", "b"):
+        values = ided.rename(columns={c: f"{c}_{side}" for c in ("id", "key", "phash", "thumb")})
+        close = close.merge(values, on=f"id_{side}")
     meta_out = pd.DataFrame(
         {
             "key_a": pd.Series(dtype=str),
@@ -148,7 +209,7 @@ def near_pairs(frame: dd.DataFrame, threshold: int, max_color: float, scheduler:
             "color": pd.Series(dtype=np.float64),
         }
     )
-    found = candidates.map_partitions(_verify, threshold, max_color, meta=meta_out).compute(scheduler=scheduler)
+    found = close.map_partitions(_verify, threshold, max_color, meta=meta_out).compute(scheduler=scheduler)
     return found.sort_values(["key_a", "key_b"]).reset_index(drop=True)
 
 
@@ -198,6 +259,7 @@ def _find_duplicates(manifest: Path, spec: DedupSpec, scheduler: Any) -> pl.Data
 
     frame = dd.read_parquet(str(manifest), columns=["key", "pixel_sha256", "phash", "thumb"])
     frame = frame.repartition(npartitions=spec.partitions)
+    count = pl.scan_parquet(manifest).select(pl.len()).collect().item()  # from the footer: picks the bands
     rows: list[dict] = []
     exact = exact_duplicates(frame, scheduler) if spec.exact else pd.DataFrame(columns=["key", "canonical"])
     for key, canonical in exact.sort_values("key").itertuples(index=False):
@@ -205,7 +267,7 @@ def _find_duplicates(manifest: Path, spec: DedupSpec, scheduler: Any) -> pl.Data
     if spec.near:
         survivors = frame[~frame["key"].isin(set(exact["key"]))]
         for key, (canonical, distance) in sorted(
-            clusters(near_pairs(survivors, spec.hamming_threshold, spec.max_color_difference, scheduler)).items()
+            clusters(near_pairs(survivors, spec.hamming_threshold, spec.max_color_difference, scheduler, count)).items()
         ):
             rows.append(
                 {"key": key, "reason": f"duplicate-of:{canonical}", "detail": f"near: phash distance {distance}"}
@@ -440,41 +502,60 @@ def caption_quarantine(pairs: pl.DataFrame) -> pl.DataFrame:
 
 
 def run(ctx: StageContext) -> StageResult:
+    """The manifest is never held whole: the duplicates (a small table) are found on the executor's
+    dask scheduler, then the kept manifest streams from the input to the output (an anti-join)."""
     started = time.monotonic()
     source = ctx.inputs["data"]
     spec: DedupSpec = ctx.config
-    manifest = pl.read_parquet(source.path / "manifest.parquet")
+    path = source.path / "manifest.parquet"
     scheduler = ctx.executor.dask_scheduler()
-    images = find_duplicates(source.path / "manifest.parquet", spec, scheduler)
+    images = find_duplicates(path, spec, scheduler)
     metrics: dict[str, float] = {}
     dups = images
     if spec.captions != "none":  # on the rows the image dedup keeps: a row is quarantined once
-        pairs = caption_pairs(source.path / "manifest.parquet", spec, images["key"].to_list(), scheduler)
+        pairs = caption_pairs(path, spec, images["key"].to_list(), scheduler)
         pairs.write_parquet(ctx.out / "caption_pairs.parquet", statistics=False)
         by_caption = caption_quarantine(pairs)
         metrics |= {"caption_duplicate_pairs": pairs.height, "caption_duplicates": by_caption.height}
         if spec.captions == "drop":
             dups = pl.concat([images, by_caption])
-    quarantine = dups.join(manifest.select("key", "source"), on="key", how="left").select(list(QUARANTINE_SCHEMA))
-    kept = manifest.filter(~pl.col("key").is_in(dups["key"].implode()))
-    shards = pl.read_parquet(source.path / "shards.parquet")
-    write_tables(ctx.out, kept, quarantine, shards.filter(pl.col("shard").is_in(kept["shard"].unique().implode())))
+    rows_in, quarantine, kept_shards = write_kept(path, dups, ctx.out)
+    shards = pl.read_parquet(source.path / "shards.parquet").filter(pl.col("shard").is_in(kept_shards.implode()))
+    quarantine.cast(QUARANTINE_SCHEMA).write_parquet(ctx.out / "quarantine.parquet", statistics=False)
+    shards.select(list(SHARDS_SCHEMA)).cast(SHARDS_SCHEMA).write_parquet(ctx.out / "shards.parquet", statistics=False)
     report.write_quarantine_summary(quarantine, ctx.out / "quarantine_summary.json")
     seconds = max(time.monotonic() - started, 1e-9)
     near = images.filter(pl.col("detail").str.starts_with("near")).height
     return StageResult(
-        rows_in=manifest.height,
-        rows_out=kept.height,
+        rows_in=rows_in,
+        rows_out=rows_in - quarantine.height,
         rows_quarantined=quarantine.height,
         metrics={
             "exact_duplicates": images.height - near,
             "near_duplicates": near,
             **metrics,
-            "rows_per_s": manifest.height / seconds,
+            "rows_per_s": rows_in / seconds,
         },
         artifacts=["quarantine.parquet", "quarantine_summary.json"]
         + (["caption_pairs.parquet"] if spec.captions != "none" else []),
     )
+
+
+def write_kept(manifest: Path, dups: pl.DataFrame, out: Path) -> tuple[int, pl.DataFrame, pl.Series]:
+    """Stream the manifest's rows not in `dups` to out/manifest.parquet (polars' streaming engine:
+    batches, never the whole table). Returns (rows in, the quarantine rows of `dups` with their
+    source, the shards the kept rows reference)."""
+    scan = pl.scan_parquet(manifest)
+    dropped = dups.lazy().select("key")
+    kept = scan.join(dropped, on="key", how="anti", maintain_order="left")
+    kept.sink_parquet(out / "manifest.parquet", statistics=False)
+    sources = scan.select("key", "source").join(dropped, on="key", how="semi")
+    quarantine = (
+        dups.lazy().join(sources, on="key", how="left", maintain_order="left").select(list(QUARANTINE_SCHEMA))
+    ).collect()
+    rows_in = scan.select(pl.len()).collect().item()
+    kept_shards = pl.scan_parquet(out / "manifest.parquet").select(pl.col("shard").unique()).collect(engine="streaming")
+    return rows_in, quarantine, kept_shards["shard"]
 
 
 COMPONENT = Component(
