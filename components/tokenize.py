@@ -11,7 +11,9 @@ the conversation templates write, and the tokenizer's own chat_template).
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -51,7 +53,17 @@ def shard_texts(work: tuple[str, str, list[str]]) -> list[str]:
     return texts
 
 
-def train_bpe(texts: list[str], spec: BpeTokenizer) -> Tokenizer:
+def spill_texts(item: tuple[tuple[str, str, list[str]], str], folder: str) -> int:
+    """Write one shard's texts (item: shard_texts' work, a file name) to FOLDER/NAME.parquet, on the
+    worker: the driver reads them back a shard at a time. Returns how many."""
+    work, name = item
+    texts = shard_texts(work)
+    pl.DataFrame({"text": texts}, schema={"text": pl.String}).write_parquet(Path(folder) / f"{name}.parquet")
+    return len(texts)
+
+
+def train_bpe(texts: Iterable[str], spec: BpeTokenizer, length: int | None = None) -> Tokenizer:
+    """A byte-level BPE trained on `texts` (any iterable: a stream is read once, never held)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -62,7 +74,7 @@ def train_bpe(texts: list[str], spec: BpeTokenizer) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts) if isinstance(texts, list) else length)
     return tokenizer
 
 
@@ -136,37 +148,61 @@ def round_trip_rate(tokenizer: Tokenizer, texts: list[str], limit: int = 2000) -
     return sum(a == b for a, b in zip(sample, decoded, strict=True)) / len(sample)
 
 
-def corpus(ctx: StageContext) -> list[str]:
-    source = ctx.inputs["data"]
-    manifest = pl.read_parquet(source.path / "manifest.parquet", columns=["key", "shard"])
-    shards = pl.read_parquet(source.path / "shards.parquet")
-    sha = dict(zip(shards["shard"], shards["sha256"], strict=True))
-    groups = manifest.group_by("shard", maintain_order=True).agg("key")
-    work = [(str(ctx.store.root / s), sha[s], keys) for s, keys in groups.iter_rows()]
-    parts = ctx.executor.map_units(shard_texts, work, desc="tokenizer: read text", progress=ctx.progress)
-    return [t for part in parts for t in part]
+class Corpus:
+    """The texts of the input's rows, one task per shard; each task spills its shard's texts to
+    `folder`, and iterating reads them back in shard order, a shard at a time: the driver never
+    holds the corpus. `head` keeps the first HEAD texts (for the round-trip and length metrics)."""
+
+    HEAD = 5000
+
+    def __init__(self, ctx: StageContext, folder: Path):
+        source = ctx.inputs["data"]
+        manifest = pl.scan_parquet(source.path / "manifest.parquet").select("key", "shard")
+        shards = pl.read_parquet(source.path / "shards.parquet")
+        sha = dict(zip(shards["shard"], shards["sha256"], strict=True))
+        groups = manifest.group_by("shard", maintain_order=True).agg("key").collect(engine="streaming")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.names, self.head = folder, [f"{i:06d}" for i in range(groups.height)], []
+        work = [
+            ((str(ctx.store.root / s), sha[s], keys), name)
+            for (s, keys), name in zip(groups.iter_rows(), self.names, strict=True)
+        ]
+        self.length = sum(
+            ctx.executor.map_units(
+                spill_texts, work, desc="tokenizer: read text", args=(str(folder),), progress=ctx.progress
+            )
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        for name in self.names:
+            for text in pl.read_parquet(self.folder / f"{name}.parquet")["text"]:
+                if len(self.head) < self.HEAD:
+                    self.head.append(text)
+                yield text
 
 
 def run(ctx: StageContext) -> StageResult:
     started = time.monotonic()
     spec = ctx.config
-    texts = corpus(ctx)
+    texts = Corpus(ctx, ctx.out / ".texts")
     if isinstance(spec, BpeTokenizer):
-        tokenizer = train_bpe(texts, spec)
+        tokenizer = train_bpe(texts, spec, texts.length)
         special, chat = special_ids(tokenizer, spec.special_tokens), chat_of(tokenizer, spec.special_tokens)
     else:
+        list(texts)  # only the head is kept: the metrics' sample
         tokenizer, special, chat = load_pretrained(spec)
+    shutil.rmtree(texts.folder)
     tokenizer.save(str(ctx.out / "tokenizer.json"))
     (ctx.out / "special_tokens.json").write_text(json.dumps(special, indent=2))
     (ctx.out / "chat.json").write_text(json.dumps(chat, indent=2))
-    lengths = [len(e.ids) for e in tokenizer.encode_batch(texts[:5000])] or [0]
+    lengths = [len(e.ids) for e in tokenizer.encode_batch(texts.head)] or [0]
     return StageResult(
-        rows_in=len(texts),
-        rows_out=len(texts),
+        rows_in=texts.length,
+        rows_out=texts.length,
         rows_quarantined=0,
         metrics={
             "vocab_size": tokenizer.get_vocab_size(),
-            "round_trip_rate": round_trip_rate(tokenizer, texts),
+            "round_trip_rate": round_trip_rate(tokenizer, texts.head),
             "mean_tokens_per_text": sum(lengths) / len(lengths),
             "seconds_train": time.monotonic() - started,
         },
