@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from vlmflow.components import report
 from vlmflow.components.filters import first_failure
 from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, Unit, safe_key
 from vlmflow.images import BadImage, check_image, sha256_bytes
-from vlmflow.samples import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, SHARDS_SCHEMA, write_shard, write_tables
+from vlmflow.samples import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, SHARDS_SCHEMA, write_shard
 from vlmflow.specs.data import IngestSpec, source_name
 from vlmflow.stage import StageContext, StageResult
 
@@ -121,52 +120,62 @@ def run(ctx: StageContext) -> StageResult:
         process_unit, todo, desc="ingest", args=(filters, str(ctx.out), shard_prefix), progress=ctx.progress
     )
     names = [unit_name(w[2]) for w in work]
-    manifest = (
-        pl.concat([pl.read_parquet(units_dir / f"{n}.manifest.parquet") for n in names], how="vertical")
-        if names
-        else pl.DataFrame(schema=MANIFEST_SCHEMA)
-    )
-    quarantine = (
-        pl.concat([pl.read_parquet(units_dir / f"{n}.quarantine.parquet") for n in names], how="vertical")
-        if names
-        else pl.DataFrame(schema=QUARANTINE_SCHEMA)
-    )
-    manifest, quarantine = _drop_repeated_keys(manifest, quarantine)
+    manifest, quarantine = merge_units(units_dir, names, ctx.out / "manifest.parquet")
+    quarantine.write_parquet(ctx.out / "quarantine.parquet", statistics=False)
     shards = [json.loads((units_dir / f"{n}.shard.json").read_text()) for n in names]
     shards_df = pl.DataFrame(shards, schema=SHARDS_SCHEMA, orient="row").filter(pl.col("samples") > 0)
-    write_tables(ctx.out, manifest, quarantine, shards_df)
+    shards_df.write_parquet(ctx.out / "shards.parquet", statistics=False)
     shutil.rmtree(units_dir, ignore_errors=True)
     report.write_quarantine_summary(quarantine, ctx.out / "quarantine_summary.json")
-    report.write_sample_grid(manifest, lambda rel: ctx.out / "shards" / Path(rel).name, ctx.out / "sample_grid.png")
+    first = manifest.head(16).collect()
+    report.write_sample_grid(first, lambda rel: ctx.out / "shards" / Path(rel).name, ctx.out / "sample_grid.png")
+    by_source = manifest.group_by("source").len().collect(engine="streaming")
+    rows_out = int(by_source["len"].sum())
     seconds = max(time.monotonic() - started, 1e-9)
     reused = len(work) - len(todo)
     return StageResult(
-        rows_in=manifest.height + quarantine.height,
-        rows_out=manifest.height,
+        rows_in=rows_out + quarantine.height,
+        rows_out=rows_out,
         rows_quarantined=quarantine.height,
         metrics={
             "units": len(work),
             "units_reused": reused,
             "shards": shards_df.height,
-            "images_per_s": manifest.height / seconds,
-            **{f"rows_out.{k}": v for k, v in Counter(manifest["source"].to_list()).items()},
+            "images_per_s": rows_out / seconds,
+            **{f"rows_out.{k}": v for k, v in by_source.sort("source").iter_rows()},
         },
         artifacts=["quarantine.parquet", "quarantine_summary.json", "sample_grid.png", "shards.parquet"],
     )
 
 
-def _drop_repeated_keys(manifest: pl.DataFrame, quarantine: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """A key seen in two units (e.g. two input shards) keeps its first row; later ones go to quarantine."""
-    first = manifest["key"].is_first_distinct()
-    if first.all():
-        return manifest, quarantine
-    repeated = manifest.filter(~first).select(
-        "key",
-        "source",
-        pl.lit("duplicate-key").alias("reason"),
-        pl.format("also in {}", pl.col("shard")).alias("detail"),
+def merge_units(units_dir: Path, names: list[str], out: Path) -> tuple[pl.LazyFrame, pl.DataFrame]:
+    """Stream the units' manifests, in unit order, to `out` (polars' streaming engine: never the whole
+    table in memory). A key seen in two units (e.g. two input shards) keeps its first row; later ones
+    go to the quarantine, after the units' own quarantine rows. Returns (the written manifest, lazily;
+    the quarantine)."""
+    if not names:
+        pl.DataFrame(schema=MANIFEST_SCHEMA).write_parquet(out, statistics=False)
+        return pl.scan_parquet(out), pl.DataFrame(schema=QUARANTINE_SCHEMA)
+    rows = pl.scan_parquet([units_dir / f"{n}.manifest.parquet" for n in names]).with_row_index("_row")
+    quarantine = pl.concat([pl.read_parquet(units_dir / f"{n}.quarantine.parquet") for n in names], how="vertical")
+    repeated = rows.group_by("key").agg(pl.len()).filter(pl.col("len") > 1).select("key").collect(engine="streaming")
+    later = (
+        rows.join(repeated.lazy(), on="key", how="semi")
+        .filter(pl.col("_row") != pl.col("_row").min().over("key"))
+        .sort("_row")
+        .select(
+            "_row",
+            "key",
+            "source",
+            pl.lit("duplicate-key").alias("reason"),
+            pl.format("also in {}", pl.col("shard")).alias("detail"),
+        )
+        .collect()
     )
-    return manifest.filter(first), pl.concat([quarantine, repeated], how="vertical")
+    kept = rows.join(later.lazy().select("_row"), on="_row", how="anti", maintain_order="left").drop("_row")
+    kept.sink_parquet(out, statistics=False)
+    quarantine = pl.concat([quarantine, later.drop("_row")], how="vertical").cast(QUARANTINE_SCHEMA)
+    return pl.scan_parquet(out), quarantine
 
 
 def rows_estimate(step: Any, plan: Any) -> tuple[int, int]:
