@@ -37,10 +37,13 @@ def test_blip2_twin_learns_in_both_stages(tmp_path):
     assert {"final_loss_itc", "final_loss_itm", "final_loss_itg"} <= pretrain.keys()
     assert pretrain["final_loss_itg"] < pretrain["first_loss"] / 3
     # held-out retrieval through the Q-Former (an image scores a text by its best query) beats chance
-    assert pretrain["eval_i2t_r1"] > 3 * pretrain["eval_r1_chance"]
+    assert pretrain["eval_i2t_r1"] > 3 * pretrain["eval_i2t_r1_chance"]
     retrieval = json.loads((folders["eval-retrieval"] / "metrics.json").read_text())
     assert retrieval["i2t_r1"] > 3 * retrieval["i2t_r1_chance"] and retrieval["t2i_r1"] > 3 * retrieval["t2i_r1_chance"]
     # stage 2: captions from the LM fed the query outputs beat the best single caption for every image
+    # stage 1's ITM head on balanced held-out pairs: reported, not yet above chance (0.5; see eval-itm)
+    itm = json.loads((folders["eval-itm"] / "metrics.json").read_text())
+    print(f"ITM accuracy {itm['itm_accuracy']:.3f}, AUC {itm['itm_auc']:.3f} (chance 0.5)")
     captions = json.loads((folders["eval-captions"] / "metrics.json").read_text())
     assert captions["cider"] > 1.5 * captions["cider_baseline"]
     counts = json.loads((folders["train-qformer-lm"] / "parameters.json").read_text())
