@@ -17,7 +17,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from live_servers import clean_env
+from live_servers import clean_env, shared_prefect
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO
@@ -29,12 +29,16 @@ VLMFLOW = [sys.executable, "-m", "vlmflow.cli"]
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
-    return {**clean_env(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+def _env(prefect: str = "shared") -> dict[str, str]:
+    """`shared`: runs report to the test process's Prefect server (live_servers.shared_prefect);
+    `own`: a run starts Prefect's temporary server on its workdir's database, as a user's does."""
+    own = {**clean_env(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return own if prefect == "own" else own | shared_prefect()
 
 
-def vlmflow(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*VLMFLOW, *args], capture_output=True, text=True, env=_env(), timeout=timeout, cwd=REPO)
+def vlmflow(*args: str, timeout: int = 600, prefect: str = "shared") -> subprocess.CompletedProcess:
+    env = _env(prefect)
+    return subprocess.run([*VLMFLOW, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
 
 def summary_of(workdir: Path) -> dict:
@@ -48,7 +52,7 @@ def stages(summary: dict) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def cold(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     workdir = tmp_path_factory.mktemp("cold")
-    result = vlmflow("run", str(SPEC), "--workdir", str(workdir))
+    result = vlmflow("run", str(SPEC), "--workdir", str(workdir), prefect="own")  # a user's first run
     assert result.returncode == 0, result.stdout + result.stderr
     return workdir, result
 

@@ -35,7 +35,8 @@ def test_a_taken_port_is_an_error_before_anything_starts(workdir: Path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = vlmflow("ui", "--workdir", str(workdir), "--port", str(port), "--prefect-port", str(free_port()))
+        ports = ["--port", str(port), "--prefect-port", str(free_port())]
+        result = vlmflow("ui", "--workdir", str(workdir), *ports, prefect="own")
     assert result.returncode != 0
     assert f"port {port} on 127.0.0.1 is taken" in result.stderr and "--any-port" in result.stderr
     assert "Traceback" not in result.stderr and not (workdir / "ui").exists()  # nothing was started
