@@ -5,7 +5,7 @@ the same pixels however the rows are cut into units. A row carries the scene gra
 (objects with shape, color, size, normalised box), a caption (corrupted in color, shape or
 count for a `caption_noise` fraction, the truth kept in `extra["truth"]`), VQA pairs whose
 answers are true of the scene, the same questions as multiple-choice items, and a class
-label (the shape of the largest object).
+label (the shape of the largest object, or its color with `label: color`).
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def make_row(spec: SyntheticShapesSource, seed: int, index: int) -> RawRow:
         shown = caption(changed)
     u = rng.random()
     split = "test" if u < spec.test_fraction else "val" if u < spec.test_fraction + spec.val_fraction else None
-    largest = max(objects, key=lambda o: o.box[2])
+    label = getattr(max(objects, key=lambda o: o.box[2]), spec.label)
     qa = questions(objects)
     extra = {
         "objects": [o.as_dict() for o in objects],
@@ -232,7 +232,7 @@ def make_row(spec: SyntheticShapesSource, seed: int, index: int) -> RawRow:
         "truth": {"caption": true_caption, "corrupted": corruption is not None, "corruption": corruption},
     }
     image = render(objects, spec.image_size, background)
-    return RawRow(key=f"{index:08d}", image=image, captions=[shown], label=largest.shape, extra=extra, split=split)
+    return RawRow(key=f"{index:08d}", image=image, captions=[shown], label=label, extra=extra, split=split)
 
 
 def plan(spec: SyntheticShapesSource, ctx: SourceContext) -> list[Unit]:

@@ -203,6 +203,15 @@ def test_label_is_shape_of_largest_object(noisy_rows):
         assert row.label == next(o["shape"] for o in objects if o["bbox"][2] == widest)
 
 
+def test_label_can_be_the_color_of_the_largest_object():
+    rows = read_all(make_spec(count=60, label="color"))
+    for row in rows:
+        objects = row.extra["objects"]
+        widest = max(o["bbox"][2] for o in objects)
+        assert row.label == next(o["color"] for o in objects if o["bbox"][2] == widest)
+    assert len({row.label for row in rows}) > 3
+
+
 @pytest.mark.parametrize("size", [16, 48])
 def test_image_decodes_to_the_right_size(size):
     for row in read_all(make_spec(count=5, image_size=size)):

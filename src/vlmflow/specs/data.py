@@ -152,6 +152,7 @@ class SyntheticShapesSource(SourceBase):
     caption_noise: Float = Field(0.0, ge=0.0, le=1.0, description="fraction of corrupted captions")
     val_fraction: Float = Field(0.0, ge=0.0, lt=1.0, description="share of the scenes in the val split")
     test_fraction: Float = Field(0.0, ge=0.0, lt=1.0, description="share of the scenes in the test split")
+    label: Literal["shape", "color"] = Field("shape", description="a scene's class label: its largest object's")
     seed: Seed | None = Field(None, description="default: the recipe's seed")
 
     @model_validator(mode="after")
