@@ -15,7 +15,7 @@ Inputs:
   real WebDataset shards holding each row's JSON record (caption, the synthetic source's VQA pairs
   and multiple-choice items of a sampled scene; no image member: the tokenizer reads text only).
 
-Figures per run: rows, seconds, rows_per_s, peak RSS of the driver (getrusage of the child) and of
+Figures per run: rows, seconds, rows_per_s, peak RSS of the driver (VmHWM of the child) and of
 the Ray workers (sampled with psutil every 0.2 s: the largest worker and the largest sum over
 workers; Ray's own daemons apart), os.getloadavg() before and after. dedup also checks near-duplicate
 recall against an exact all-pairs search (numpy, chunked) on a 20k-row sample, and recall of the
@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -54,6 +53,7 @@ RECALL_SAMPLE = 20_000
 THRESHOLD, MAX_COLOR = 4, 6.0  # DedupSpec's defaults: pHash bits, mean |RGB| on 8x8 thumbnails
 WORDS = 3000  # caption vocabulary
 INPUT = "synthetic/input"  # the built artifact's place in the store (its shards' paths start with it)
+DISTINCT_SHARDS = 100  # the tokenizer's input: shards of distinct records; later ones link to these
 
 
 # --- the synthetic samples artifact (pure) ---------------------------------------------------
@@ -197,37 +197,48 @@ def _shard_records(args: tuple[Path, int, list[tuple[str, str]], int]) -> None:
     write_shard(root / "shards" / f"{index:06d}.tar", samples)
 
 
-def build_samples(store: Path, rows: int, seed: int = 0) -> pl.DataFrame:
-    """The dedup/tokenizer input artifact at store/INPUT (manifest, shards, quarantine); returns the truth."""
+def build_samples(store: Path, rows: int, stage: str, seed: int = 0) -> pl.DataFrame:
+    """The dedup or tokenizer input artifact at store/INPUT (manifest, shards listing, quarantine);
+    returns the planted copies. Dedup reads the manifest only: its shards are listed, not written.
+    The tokenizer reads the shards' JSON records: the first DISTINCT_SHARDS are written (spawned
+    processes), later ones are hard links of them, and their manifest rows name the linked shard's
+    keys (rendering a distinct record takes ~3 ms of scene sampling: 1M would take most of an hour)."""
     from vlmflow.artifacts import file_sha256
     from vlmflow.samples import QUARANTINE_SCHEMA
 
     root = store / INPUT
     (root / "shards").mkdir(parents=True)
     manifest, truth = synthetic_manifest(rows, seed)
+    shards = (rows + SHARD_SIZE - 1) // SHARD_SIZE
+    names = [f"{INPUT}/shards/{i:06d}.tar" for i in range(shards)]
+    listing = pl.DataFrame(
+        {
+            "shard": names,
+            "sha256": "0" * 64,
+            "bytes": 0,
+            "samples": [min(SHARD_SIZE, rows - i * SHARD_SIZE) for i in range(shards)],
+        }
+    )
+    if stage == "tokenizer":
+        distinct = min(shards, DISTINCT_SHARDS)
+        texts = manifest.select("key", "caption").rows()
+        work = [(root, i, texts[i * SHARD_SIZE : (i + 1) * SHARD_SIZE], seed) for i in range(distinct)]
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+            pool.map(_shard_records, work, chunksize=4)
+        for i in range(distinct, shards):
+            os.link(root / "shards" / f"{i % distinct:06d}.tar", root / "shards" / f"{i:06d}.tar")
+        sha = [file_sha256(root / "shards" / f"{i:06d}.tar") for i in range(distinct)]
+        listing = listing.with_columns(
+            sha256=pl.Series([sha[i % distinct] for i in range(shards)]),
+            bytes=pl.Series([(root / "shards" / f"{i:06d}.tar").stat().st_size for i in range(shards)]),
+        )
+        row = np.arange(rows) % (distinct * SHARD_SIZE)  # the row whose record the linked shard holds
+        manifest = manifest.with_columns(key=manifest["key"].gather(row))
     manifest.write_parquet(root / "manifest.parquet", statistics=False)
     pl.DataFrame(schema=QUARANTINE_SCHEMA).write_parquet(root / "quarantine.parquet")
-    texts = manifest.select("key", "caption").rows()
-    del manifest
-    shards = (rows + SHARD_SIZE - 1) // SHARD_SIZE
-    import multiprocessing
-
-    work = [(root, i, texts[i * SHARD_SIZE : (i + 1) * SHARD_SIZE], seed) for i in range(shards)]
-    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
-        pool.map(_shard_records, work, chunksize=4)
-    listing = []
-    for i in range(shards):
-        path = root / "shards" / f"{i:06d}.tar"
-        samples = min(SHARD_SIZE, rows - i * SHARD_SIZE)
-        listing.append(
-            {
-                "shard": f"{INPUT}/shards/{i:06d}.tar",
-                "sha256": file_sha256(path),
-                "bytes": path.stat().st_size,
-                "samples": samples,
-            }
-        )
-    pl.DataFrame(listing).write_parquet(root / "shards.parquet")
+    listing.write_parquet(root / "shards.parquet")
     return truth
 
 
@@ -322,7 +333,7 @@ def measure(stage: str, rows: int, store: Path) -> dict:
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows / seconds, 1),
         "peak_rss_mib": {
-            "driver": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "driver": round(peak_rss() / 2**20, 1),
             "workers_max": round(memory.worker_max / 2**20, 1),
             "workers_sum": round(memory.worker_sum / 2**20, 1),
             "ray_daemons_sum": round(memory.system_sum / 2**20, 1),
@@ -336,6 +347,16 @@ def measure(stage: str, rows: int, store: Path) -> dict:
     }
     ray.shutdown()
     return out
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM, the high-water mark of its own address space. Not
+    getrusage's ru_maxrss, which keeps the peak of the process it was forked from (here, the parent
+    holding the built input) across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _warm() -> None:
@@ -397,7 +418,7 @@ def run_one(stage: str, rows: int, work: Path) -> dict:
     built_s = None
     if stage != "ingest":
         started = time.perf_counter()
-        truth = build_samples(store, rows)
+        truth = build_samples(store, rows, stage)
         built_s = round(time.perf_counter() - started, 1)
     child = subprocess.run(
         [sys.executable, __file__, "--child", "--stage", stage, "--rows", str(rows), "--store", str(store)],
@@ -408,17 +429,22 @@ def run_one(stage: str, rows: int, work: Path) -> dict:
     if child.returncode != 0:
         raise SystemExit(f"{stage} at {rows} rows failed:\n{child.stderr[-4000:]}")
     result = json.loads(child.stdout.strip().splitlines()[-1])
-    result["input"] = "synthetic-shapes images (real, rendered)" if stage == "ingest" else SYNTHETIC_NOTE
+    result["input"] = "synthetic-shapes images (real, rendered)" if stage == "ingest" else SYNTHETIC_NOTE[stage]
     result["input_build_s"] = built_s
     if stage == "dedup":
         result["checks"] = dedup_checks(store, truth)
     return result
 
 
-SYNTHETIC_NOTE = (
-    "built by benchmarks/scale.py, not by ingest: synthetic image columns (random pHashes and thumbnails) "
-    "with planted exact/near image and caption copies; real shards of JSON records (no image members)"
-)
+SYNTHETIC_NOTE = {
+    "dedup": "built by benchmarks/scale.py, not by ingest: a manifest of synthetic image columns (random pHashes "
+    "and 8x8 thumbnails) and random-word captions with planted exact/near image and caption copies; shards "
+    "listed, not written (dedup reads the manifest only)",
+    "tokenizer": f"built by benchmarks/scale.py, not by ingest: real shards of JSON records (a random-word "
+    f"caption, the synthetic source's VQA pairs and multiple-choice items; no image members); beyond "
+    f"{DISTINCT_SHARDS * SHARD_SIZE} rows the shards are hard links of the first {DISTINCT_SHARDS} "
+    "(their texts repeat)",
+}
 
 
 def merge(out: Path, result: dict) -> dict:
