@@ -23,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.stem for p in (REPO / "specs" / "recipes").glob("*.yaml"))
 PLANNED = "llava-tiny"  # has an instruct: section on the built-in templates, so plan reads them
-BUILD_INPUTS = ("pyproject.toml", "README.md", "src", "components", "flows", "specs")
+BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "src", "components", "flows", "specs")
 
 pytestmark = pytest.mark.slow
 
