@@ -151,14 +151,14 @@ def test_plan_counts_the_qformer_exactly():
     trace = trace_stage(recipe.model, VOCAB, pretrain, image, 2)
     model = build_stage_model(recipe.model, VOCAB, pretrain, None)
     assert trace.params == count_parameters(model)
-    # By hand, width 64, 8 queries, 2 layers, ViT features 64, the vocabulary 512, the LM width 64:
+    # By hand, width 64, 8 queries, 3 layers, ViT features 64, the vocabulary 512, the LM width 64:
     linear = lambda i, o: i * o + o  # noqa: E731
     norm, ff = 2 * 64, 2 * 64 + linear(64, 256) + linear(256, 64)
     attention = linear(64, 64) + linear(64, 128) + linear(64, 64)
     layer = norm + attention + ff  # self-attention and the queries' feed-forward
-    cross = norm + attention  # layer 0 only (every other layer)
-    connector = 8 * 64 + 2 * 64 + 2 * layer + cross + 2 * 64 + linear(64, 64)  # queries, feature norm, ..., proj
-    text = 512 * 64 + 33 * 64 + 2 * 64 + 2 * 64 + 2 * ff + 2 * 64 + 512  # words, positions, starts, norms, head
+    cross = norm + attention  # layers 0 and 2 (every other layer)
+    connector = 8 * 64 + 2 * 64 + 3 * layer + 2 * cross + 2 * 64 + linear(64, 64)  # queries, feature norm, ..., proj
+    text = 512 * 64 + 33 * 64 + 2 * 64 + 2 * 64 + 3 * ff + 2 * 64 + 512  # words, positions, starts, norms, head
     heads = 2 * 64 * 64 + 2 + linear(64, 2)
     assert (trace.params["connector_total"], trace.params["text_total"]) == (connector, text)
     assert trace.params["heads_total"] == heads
