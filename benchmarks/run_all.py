@@ -1,7 +1,8 @@
 """Every benchmark in one run, each beside its baseline, in one table and benchmarks/results.json.
 
 - overhead: `vlmflow run` of the default tiny recipe (shapes-tiny; with --quick a smaller --set
-  variant) in a fresh workdir (cold), then again (every stage cached). The run's wall clock is
+  variant) in a fresh workdir (cold), then again (every stage cached), then three times more as a
+  user types it (`noop`: no timers, nothing imported ahead; wall clock and CPU seconds). The run's wall clock is
   split into interpreter start-up, imports, the plan, Prefect (flow and task engine, its
   ephemeral server: the flow's time minus what ran inside it), MLflow (every tracking call),
   Ray (start and shutdown), stage work (the `seconds` of each computed stage in summary.json)
@@ -292,6 +293,39 @@ def run_recipe(workdir: Path, overrides: list[str], label: str) -> dict:
     }
 
 
+def plain_noop(workdir: Path, overrides: list[str], repeats: int = 3) -> dict:
+    """`vlmflow -q run` as a user types it (no timers, nothing imported ahead) on a workdir where every
+    stage is cached: wall clock and CPU seconds (user + system, of the process and its children) of each
+    repeat, and their medians."""
+    import resource
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    command = [str(Path(sys.executable).with_name("vlmflow")), "-q", "run", str(SPEC), "--workdir", str(workdir)]
+    command += [a for o in overrides for a in ("--set", o)]
+    walls, cpus = [], []
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+        walls.append(time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+        if result.returncode != 0:
+            raise RuntimeError(f"vlmflow run failed (no-op):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        summary = json.loads((workdir / "runs" / "latest" / "summary.json").read_text())
+        statuses = [stage["status"] for stage in summary["stages"]]
+        if set(statuses) != {"cached"}:
+            raise RuntimeError(f"the no-op run computed stages: {statuses}")
+    return {
+        "wall_s": round(statistics.median(walls), 2),
+        "cpu_s": round(statistics.median(cpus), 2),
+        "walls_s": [round(w, 2) for w in walls],
+        "cpus_s": [round(c, 2) for c in cpus],
+        "load_average": os.getloadavg(),
+    }
+
+
 def bench_overhead(workdir: Path, overrides: list[str]) -> dict:
     cold = run_recipe(workdir, overrides, "cold")
     cached = run_recipe(workdir, overrides, "cached")
@@ -305,6 +339,7 @@ def bench_overhead(workdir: Path, overrides: list[str]) -> dict:
         "cached_over_cold": round(cached["wall_s"] / cold["wall_s"], 4),
         "cold": cold,
         "cached": cached,
+        "noop": plain_noop(workdir, overrides),
         "spec": str(SPEC),
         "overrides": overrides,
     }
@@ -639,6 +674,11 @@ def table(entries: list[dict]) -> str:
                 f"| tiny recipe, all {cached['cached']} stages cached: cached / cold wall | "
                 f"{cached['wall_s']:.1f} s wall | {cold['wall_s']:.1f} s cold | {e['cached_over_cold']:.2f} | "
                 f"{cached['peak_mib']:.0f} |"
+            )
+            noop = e["noop"]
+            lines.append(
+                f"| tiny recipe, nothing to compute: plain `vlmflow -q run`, median of {len(noop['walls_s'])} | "
+                f"{noop['wall_s']:.1f} s wall | {noop['cpu_s']:.1f} s CPU | | |"
             )
         else:
             peaks = " / ".join("-" if p is None else f"{p:.0f}" for p in (e["peak_mib"], e["baseline_peak_mib"]))

@@ -50,6 +50,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import sqlite3
@@ -131,6 +132,8 @@ class HashCache:
         self.hits = 0
         self._memory: dict[str, tuple[str, str]] = {}
         self._pending: dict[str, tuple[str, str]] = {}
+        self._modules: dict[str, str] = {}  # parsed modules (see `remembering_code`): key -> info JSON
+        self._pending_modules: dict[str, str] = {}
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid: int | None = None
@@ -166,6 +169,7 @@ class HashCache:
                 "CREATE TABLE IF NOT EXISTS file_hashes"
                 " (path TEXT PRIMARY KEY, stat TEXT NOT NULL, sha256 TEXT NOT NULL)"
             )
+            conn.execute("CREATE TABLE IF NOT EXISTS module_infos (key TEXT PRIMARY KEY, info TEXT NOT NULL)")
         except (sqlite3.Error, OSError) as exc:
             self._give_up(exc)
             return None
@@ -176,6 +180,7 @@ class HashCache:
         log.warning("file hash cache %s unusable (%s); hashing without it", self.path, exc)
         self._broken = True
         self._pending.clear()
+        self._pending_modules.clear()
 
     def _lookup(self, abspath: str, key: str) -> str | None:
         remembered = self._memory.get(abspath)
@@ -197,10 +202,12 @@ class HashCache:
     def flush(self) -> None:
         """Write the hashes remembered since the last flush to the sqlite file (one transaction)."""
         with self._lock:
-            if not self._pending:
+            if not self._pending and not self._pending_modules:
                 return
             rows = [(p, key, sha) for p, (key, sha) in self._pending.items()]
+            modules = list(self._pending_modules.items())
             self._pending.clear()
+            self._pending_modules.clear()
             conn = self._connection()
             if conn is None:
                 return
@@ -208,6 +215,7 @@ class HashCache:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     conn.executemany("INSERT OR REPLACE INTO file_hashes (path, stat, sha256) VALUES (?, ?, ?)", rows)
+                    conn.executemany("INSERT OR REPLACE INTO module_infos (key, info) VALUES (?, ?)", modules)
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
@@ -234,6 +242,33 @@ class HashCache:
             with self._lock:
                 self._depth -= 1
                 if self._depth == 0:
+                    self.flush()
+
+    # -- parsed modules
+
+    def module_info(self, key: str) -> str | None:
+        """A parsed module's info (JSON) remembered under `key`, if any."""
+        with self._lock:
+            if key in self._modules:
+                return self._modules[key]
+            conn = self._connection()
+            if conn is None:
+                return None
+            try:
+                row = conn.execute("SELECT info FROM module_infos WHERE key = ?", (key,)).fetchone()
+            except sqlite3.Error as exc:
+                self._give_up(exc)
+                return None
+            if row is not None:
+                self._modules[key] = row[0]
+            return row[0] if row else None
+
+    def remember_module_info(self, key: str, info: str) -> None:
+        with self._lock:
+            self._modules[key] = info
+            if self.path is not None and not self._broken:
+                self._pending_modules[key] = info
+                if self._depth == 0 or len(self._pending_modules) >= _FLUSH_EVERY:
                     self.flush()
 
     # -- hashing
@@ -388,6 +423,20 @@ class _ModuleInfo:
 
 _SPECS: dict[str, ModuleSpec | None] = {}
 _INFOS: dict[str, _ModuleInfo | None] = {}
+_REMEMBERING: list[HashCache] = []  # the caches of the `remembering_code` blocks now open
+
+
+@contextmanager
+def remembering_code(cache: HashCache) -> Iterator[HashCache]:
+    """Within the block, a module's parse (its normalised digest and imports) is also looked up in
+    and written to `cache`, keyed by the module's name and the sha256 of its source: a new process
+    (the next `vlmflow run` or `plan`) reads the closure's sources but parses only those that
+    changed. The digests are the same with or without it."""
+    _REMEMBERING.append(cache)
+    try:
+        yield cache
+    finally:
+        _REMEMBERING.remove(cache)
 
 
 def _find_spec(name: str) -> ModuleSpec | None:
@@ -505,26 +554,41 @@ def _module_info(name: str) -> _ModuleInfo | None:
     if spec is not None:
         is_package = spec.submodule_search_locations is not None
         source = _source(name, spec)
-        sure: set[str] = set()
-        maybe: set[str] = set()
-        if source is None:
-            # A namespace package has no code; an extension module is hashed by its bytes.
+        if source is not None:
+            info = _parsed(name, source, is_package, spec.origin or name)
+        else:  # a namespace package has no code; an extension module is hashed by its bytes
             origin = spec.origin if spec.has_location else None
             if origin and os.path.isfile(origin):
                 normal = b"binary:" + Path(origin).read_bytes()
             else:
                 normal = b"namespace" if is_package else f"no-source:{spec.origin}".encode()
-        else:
-            try:
-                tree = ast.parse(source, filename=spec.origin or name)
-            except SyntaxError:
-                normal = b"unparsable:" + source
-            else:
-                sure, maybe = _imports(tree, name, is_package)
-                _strip_docstrings(tree)
-                normal = ast.dump(tree, annotate_fields=True, include_attributes=False).encode()
-        info = _ModuleInfo(hashlib.sha256(normal).hexdigest(), tuple(sorted(sure)), tuple(sorted(maybe)))
+            info = _ModuleInfo(hashlib.sha256(normal).hexdigest(), (), ())
     _INFOS[name] = info
+    return info
+
+
+def _parsed(name: str, source: bytes, is_package: bool, filename: str) -> _ModuleInfo:
+    """A module's info from its source: remembered by an open `remembering_code` cache, or parsed."""
+    key = f"{name}:{int(is_package)}:{hashlib.sha256(source).hexdigest()}"
+    caches = _REMEMBERING[-1:]
+    for cache in caches:
+        found = cache.module_info(key)
+        if found is not None:
+            digest, imports, maybe = json.loads(found)
+            return _ModuleInfo(digest, tuple(imports), tuple(maybe))
+    sure: set[str] = set()
+    maybe_modules: set[str] = set()
+    try:
+        tree = ast.parse(source, filename=filename)
+    except SyntaxError:
+        normal = b"unparsable:" + source
+    else:
+        sure, maybe_modules = _imports(tree, name, is_package)
+        _strip_docstrings(tree)
+        normal = ast.dump(tree, annotate_fields=True, include_attributes=False).encode()
+    info = _ModuleInfo(hashlib.sha256(normal).hexdigest(), tuple(sorted(sure)), tuple(sorted(maybe_modules)))
+    for cache in caches:
+        cache.remember_module_info(key, json.dumps([info.digest, info.imports, info.maybe]))
     return info
 
 

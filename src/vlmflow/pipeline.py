@@ -26,7 +26,7 @@ import pydantic
 from vlmflow.artifacts import digest_of
 from vlmflow.component import Component, UnknownComponent, digest_view, load_components, resolve
 from vlmflow.errors import UserError
-from vlmflow.fingerprint import HashCache, code_digest, fingerprint_value
+from vlmflow.fingerprint import HashCache, code_digest, fingerprint_value, remembering_code
 
 Loc = tuple[str | int, ...]
 
@@ -214,9 +214,10 @@ def graph_digests(steps: list[Step], recipe: Any, hashes: HashCache | None = Non
     hashes = hashes or HashCache(None)
     base = recipe.spec_dir()
     digests: dict[str, str] = {}
-    for step in steps:
-        inputs = {port: digests[up] for port, up in step.inputs.items()}
-        digests[step.name] = step_digest(step, recipe, inputs, hashes, base)
+    with remembering_code(hashes), hashes.batch():  # the components' parsed code, for the next process
+        for step in steps:
+            inputs = {port: digests[up] for port, up in step.inputs.items()}
+            digests[step.name] = step_digest(step, recipe, inputs, hashes, base)
     return digests
 
 

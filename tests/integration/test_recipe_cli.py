@@ -164,6 +164,14 @@ def test_second_run_reports_every_stage_cached(cold):
     assert [s["status"] for s in second["stages"]] == ["cached"] * 3
     assert [s["artifact_digest"] for s in second["stages"]] == [s["artifact_digest"] for s in first["stages"]]
     assert [s["rows_out"] for s in second["stages"]] == [s["rows_out"] for s in first["stages"]]
+    # Each cached stage's MLflow run has its figures and links to the run that computed it, which
+    # keeps the files and per-step curves (they are not copied into every rerun).
+    client = MlflowClient(tracking_uri=second["mlflow_tracking_uri"])
+    ingest, origin = stages(second)["ingest"], stages(first)["ingest"]["mlflow_run_id"]
+    rerun = client.get_run(ingest["mlflow_run_id"])
+    assert rerun.data.tags["vlmflow.computed_in"] == origin and origin in rerun.data.tags["mlflow.note.content"]
+    assert rerun.data.metrics["data/rows_out"] == ingest["rows_out"]
+    assert not client.list_artifacts(rerun.info.run_id)
 
 
 def test_changing_a_field_recomputes_only_its_stage_and_descendants(cold):

@@ -25,6 +25,7 @@ from vlmflow.fingerprint import (
     code_manifest,
     fingerprint_path,
     fingerprint_value,
+    remembering_code,
 )
 
 
@@ -431,6 +432,33 @@ def test_digest_is_cached_until_cleared(pkg: Path) -> None:
     assert code_digest(["fpdemo.a"]) == base  # per process, as documented
     clear_code_cache()
     assert code_digest(["fpdemo.a"]) != base
+
+
+def test_a_remembered_parse_gives_the_same_digest_and_an_edit_is_parsed_again(
+    pkg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`remembering_code`: a new process (here: the per-process caches cleared) reads the parse of
+    unchanged modules from the sqlite file instead of parsing them; an edited module is parsed."""
+    import ast
+
+    plain = code_digest(["fpdemo.a"])
+    clear_code_cache()
+    with HashCache(tmp_path / "hashes.sqlite") as cache, remembering_code(cache):
+        assert code_digest(["fpdemo.a"]) == plain
+    clear_code_cache()
+    parsed: list[str] = []
+    real_parse = ast.parse
+    monkeypatch.setattr(ast, "parse", lambda source, filename="<unknown>", **kw: (
+        parsed.append(filename), real_parse(source, filename, **kw))[1])  # fmt: skip
+    with HashCache(tmp_path / "hashes.sqlite") as cache, remembering_code(cache):
+        assert code_digest(["fpdemo.a"]) == plain
+        assert parsed == [], "every module of the closure was remembered"
+    edit(pkg / "util.py", "def scale(x):\n    return 3 * x\n")
+    with HashCache(tmp_path / "hashes.sqlite") as cache, remembering_code(cache):
+        changed = code_digest(["fpdemo.a"])
+    assert [Path(name).name for name in parsed] == ["util.py"]
+    clear_code_cache()
+    assert changed != plain and code_digest(["fpdemo.a"]) == changed  # what parsing it gives
 
 
 def test_from_import_of_a_submodule_and_missing_modules(pkg: Path) -> None:

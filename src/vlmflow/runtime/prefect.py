@@ -560,17 +560,20 @@ class RecipeRun:
             if headline:
                 entry["metrics"] = headline
             tags = {"vlmflow.status": status}
-            if status == "cached":
-                origin = self.tracker.computed_in(stage.name, digest)
-                if origin:
-                    tags["vlmflow.computed_in"] = origin
-                    tags["mlflow.note.content"] = f"Cached: this artifact was computed in MLflow run {origin}."
+            origin = self.tracker.computed_in(stage.name, digest) if status == "cached" else None
+            if origin:
+                tags["vlmflow.computed_in"] = origin
+                tags["mlflow.note.content"] = (
+                    f"Cached: this artifact was computed in MLflow run {origin} ({self.tracker.run_url(origin)}), "
+                    "which holds its per-step curves and files."
+                )
             rows = {k: float(stats.get(k) or 0) for k in ("rows_in", "rows_out", "rows_quarantined", "seconds")}
             seconds = stats.get("seconds") or 0.0
             rows["rows_per_s"] = rows["rows_in"] / seconds if seconds else 0.0
             metrics = {**rows, **self._planned(stage.name), **stats["metrics"]}
             self.tracker.log(child, tags=tags, metrics=metrics, group=stage.component.name)
-            self._log_outputs(child, path, stats, status, streamed, stage.component.name)
+            if origin is None:  # computed here, or the run that computed it is not in this store
+                self._log_outputs(child, path, stats, status, streamed, stage.component.name)
             self.tracker.finish(child, status != "failed")
             entry["mlflow_run_id"] = child
             if error is not None:
@@ -674,7 +677,9 @@ def run_stage_task(run: RecipeRun, step: Step, digest: str, inputs: dict[str, St
     """One stage of a run: reused or built (`run_stage`), recorded in MLflow and the summary."""
     started = _now()  # summary.json's `started` (and a cached stage's `finished`)
     child = run.open_stage(step, digest, inputs)
-    watch = run.watch(step, digest, child)
+    # A stage found built has nothing to stream: its history is logged once (by `record`, linked
+    # to the run that computed it when MLflow has that run).
+    watch = None if run.store.is_complete(step.name, digest) else run.watch(step, digest, child)
     try:
         with reporting_to(run.progress_sink(child)):
             executor = functools.partial(executor_for, run.recipe.runtime.executor, start_ray=run.ensure_ray)
@@ -682,12 +687,12 @@ def run_stage_task(run: RecipeRun, step: Step, digest: str, inputs: dict[str, St
                 step, digest, inputs, run.recipe, run.store, run.recipe.runtime.progress, executor
             )
     except BaseException as error:
-        streamed = watch.stop()
+        streamed = watch.stop() if watch is not None else 0
         failed = {"metrics": {}, "artifacts": [], "seconds": 0.0}
         run.record(step, digest, inputs, "failed", failed, child, started, f"{type(error).__name__}: {error}", streamed)
         run.publish_stage(step, "failed")
         raise
-    streamed = watch.stop()
+    streamed = watch.stop() if watch is not None else 0
     run.record(step, digest, inputs, status, stats, child, started, streamed=streamed)
     run.publish_stage(step, status)
     return StageOutput(step.name, digest, run.store.path(step.name, digest), stats)
