@@ -275,7 +275,8 @@ def run_recipe(workdir: Path, overrides: list[str], label: str) -> dict:
         "startup": wall - timing["elapsed_s"],  # interpreter, this script's import, process exit
         "imports": timing["imports_s"],  # vlmflow, Prefect, MLflow, Ray, torch
         "plan": timing.get("plan", 0.0),
-        "prefect": timing["flow"] - timing.get("inside_flow", 0.0),
+        # A run with nothing to compute has no flow (and starts no Prefect): 0.
+        "prefect": timing["flow"] - timing.get("inside_flow", 0.0) if "flow" in timing else 0.0,
         "mlflow": timing.get("mlflow", 0.0),
         "ray": timing.get("ray", 0.0),
         "stage_work": stage_work,
