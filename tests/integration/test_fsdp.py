@@ -9,6 +9,10 @@ as the run did. A few steps of the
 BLIP twin's pre-training (ITC, ITM, LM: modules called several times a step, and scalar parameters
 that FSDP leaves replicated) must match DDP too. With activation checkpointing (every block wrapped,
 then sharded) FSDP must train as it does without, and write the same weights.
+
+`vlmflow plan`'s footprint of a worker under FSDP on two workers, with and without activation
+checkpointing, must come within a quarter of the peak of torch's allocations each rank measures over
+three AdamW steps of the sharded model (benchmarks/plan_accuracy.py's measurement).
 """
 
 from __future__ import annotations
@@ -331,3 +335,50 @@ def test_fsdp_with_scalar_parameters_and_several_objectives_trains_as_ddp(runs):
     assert max(abs(a - b) for a, b in zip(ddp_norms, norms, strict=True)) < 1e-4
     assert abs(norms[0] - reference) < 1e-5
     assert runs[1]["blip_fsdp"][1] == norms
+
+
+# The default recipe's align stage (everything trains) under FSDP: at its own micro-batch of 16, where the
+# activations are most of the peak, and at a micro-batch of 1, where the sharded weights, AdamW state and
+# gathered parameters are about 40% of it.
+MEMORY_LAYOUTS = [(micro, checkpointing) for micro in (None, 1) for checkpointing in (False, True)]
+
+
+def memory_worker(rank: int, port: int, out: str) -> None:
+    """Each layout's peak of this rank's allocations over three steps, the sharded model built inside."""
+    from benchmarks.plan_accuracy import Layout, measure
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        peaks = {}
+        for micro, checkpointing in MEMORY_LAYOUTS:
+            layout = Layout("shapes-tiny", 0, "fsdp", WORLD, checkpointing, micro)
+            peaks[micro, checkpointing] = measure(layout)["tensor_peak"]
+        torch.save(peaks, Path(out) / f"memory{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_peaks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("fsdp-memory")
+    mp.spawn(memory_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"memory{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize(("micro", "checkpointing"), MEMORY_LAYOUTS)
+def test_plan_of_fsdp_is_within_a_quarter_of_each_ranks_measured_peak(fsdp_peaks, micro, checkpointing):
+    from benchmarks.plan_accuracy import Layout, setup
+    from vlmflow.models.estimate import footprint, trace_stage
+
+    recipe, stage, vocab, image = setup(Layout("shapes-tiny", 0, "fsdp", WORLD, checkpointing, micro))
+    trace = trace_stage(recipe.model, vocab, stage, image, stage.micro_batch_size)
+    planned = footprint(trace, "fp32", "fsdp", workers=WORLD, checkpointing=checkpointing)
+    measured = [peaks[micro, checkpointing] for peaks in fsdp_peaks]
+    mib = [f"{m / 2**20:.2f}" for m in measured]
+    print(f"micro-batch {stage.micro_batch_size}, checkpointing {checkpointing}: plan {planned.total / 2**20:.2f} MiB"
+          f" ({planned.as_dict()}), measured {mib} MiB")  # fmt: skip
+    sharded = planned.weights + planned.optimizer + planned.communication
+    assert sharded > (0.3 if micro == 1 else 0.03) * planned.total  # what FSDP divides and gathers weighs in
+    for rank, peak in enumerate(measured):
+        assert 0.75 <= planned.total / peak <= 1.25, (rank, planned, peak)
