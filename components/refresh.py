@@ -55,6 +55,20 @@ def assign(keys: list[str], previous: list[list[str]], shard_size: int) -> list[
     return groups + [new[i : i + shard_size] for i in range(0, len(new), shard_size)]
 
 
+def drop_repeated_keys(manifest: pl.DataFrame, quarantine: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A key seen in two units (e.g. two input shards) keeps its first row; later ones go to quarantine."""
+    first = manifest["key"].is_first_distinct()
+    if first.all():
+        return manifest, quarantine
+    repeated = manifest.filter(~first).select(
+        "key",
+        "source",
+        pl.lit("duplicate-key").alias("reason"),
+        pl.format("also in {}", pl.col("shard")).alias("detail"),
+    )
+    return manifest.filter(first), pl.concat([quarantine, repeated], how="vertical")
+
+
 class RefreshSpec(StrictModel):
     """An incremental ingest's cache key: its units (each content-addressed by what it reads)."""
 
@@ -192,7 +206,7 @@ class Refresh:
         frames = [_unit_frames(store, u) for u in self.units]
         manifest = pl.concat([f[0] for f in frames] or [pl.DataFrame(schema=MANIFEST_SCHEMA)])
         quarantine = pl.concat([f[1] for f in frames] or [pl.DataFrame(schema=QUARANTINE_SCHEMA)])
-        manifest, quarantine = ingest._drop_repeated_keys(manifest, quarantine)
+        manifest, quarantine = drop_repeated_keys(manifest, quarantine)
         shards = pl.DataFrame([f[2] for f in frames], schema=SHARDS_SCHEMA, orient="row")
         shards = shards.filter(pl.col("samples") > 0)
         rows = [f[0].height + f[1].height for f in frames]
