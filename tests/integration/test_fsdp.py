@@ -241,7 +241,7 @@ def test_transformer_blocks_of_the_tiny_models():
         found[name] = [type(b).__name__ for b in transformer_blocks(model)]
     assert found["shapes"] == ["CLIPEncoderLayer"] * 3 + ["LlamaDecoderLayer"] * 2
     # module order: vision, language, connector (built in that order), text, heads
-    assert found["blip2"] == ["CLIPEncoderLayer"] * 2 + ["LlamaDecoderLayer"] * 2 + ["QFormerLayer"] * 2
+    assert found["blip2"] == ["CLIPEncoderLayer"] * 2 + ["LlamaDecoderLayer"] * 2 + ["QFormerLayer"] * 3
     assert found["fuyu"] == ["LlamaDecoderLayer"] * 2  # no vision encoder; the connector is one linear layer
     # the text encoder's layers, then the ITM head's fusion layers
     assert found["clip"] == ["CLIPEncoderLayer"] * 2 + ["TransformerEncoderLayer"] * 2 + ["TransformerDecoderLayer"]
