@@ -43,6 +43,7 @@ def _screenshot(url: str, path: Path) -> None:
     print(f"screenshot: {path}")
 
 
+@pytest.mark.timeout(1200)  # a recipe run, two UIs and a browser: over 10 min on a loaded machine
 def test_the_uis_show_the_runs_a_loss_chart_and_the_stage_table(tmp_path):
     workdir = tmp_path / "work"
     # `vlmflow ui` shows the workdir's own Prefect database: the run writes there, as a user's does.
