@@ -256,11 +256,16 @@ def overhead_child(spec: str, workdir: str, report: str, overrides: list[str]) -
     Path(report).write_text(json.dumps(result))
 
 
+def user_env() -> dict[str, str]:
+    """This environment without any server a developer's shell points at: a user's first `vlmflow run`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
+    return env | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
 def run_recipe(workdir: Path, overrides: list[str], label: str) -> dict:
     """One timed `vlmflow run` in a child process; the wall clock split by layer."""
     report = workdir / f"overhead-{label}.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env = user_env()
     command = [sys.executable, __file__, "--overhead-child", str(SPEC), str(workdir), str(report), *overrides]
     with PeakMemory() as memory:
         started = time.perf_counter()
@@ -300,8 +305,7 @@ def plain_noop(workdir: Path, overrides: list[str], repeats: int = 3) -> dict:
     repeat, and their medians."""
     import resource
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env = user_env()
     command = [str(Path(sys.executable).with_name("vlmflow")), "-q", "run", str(SPEC), "--workdir", str(workdir)]
     command += [a for o in overrides for a in ("--set", o)]
     walls, cpus = [], []

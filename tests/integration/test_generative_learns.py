@@ -7,15 +7,8 @@ Fuyu); grounding (the box in MiniGPT-v2's answer) against the better blind box. 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from live_servers import clean_env
-
-from tests.conftest import REPO
+from twin_run import beats, metrics_of, run_twin
 
 pytestmark = [pytest.mark.slow, pytest.mark.learning]
 
@@ -33,24 +26,10 @@ CHECKS = {
 }
 
 
-def metrics_of(summary: dict, stage: str) -> dict[str, float]:
-    [entry] = [s for s in summary["stages"] if s["name"] == stage]
-    assert entry["status"] == "computed", entry
-    return json.loads((Path(entry["artifact_path"]) / "metrics.json").read_text())
-
-
 @pytest.mark.parametrize("recipe", list(CHECKS))
 def test_generative_twin_beats_its_baselines_on_held_out_data(recipe, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "vlmflow.cli", "-q", "run", recipe, "--workdir", str(tmp_path),
-         "--set", "runtime.executor=local"],
-        capture_output=True, text=True, timeout=1500, cwd=REPO,
-        env={**clean_env(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((tmp_path / "runs" / "latest" / "summary.json").read_text())
+    summary = run_twin(recipe, tmp_path)
     for stage, metric, margin in CHECKS[recipe]:
         metrics = metrics_of(summary, stage)
-        value, baseline = metrics[metric], metrics[f"{metric}_baseline"]
-        print(f"{recipe} {stage} {metric} {value:.3f}, baseline {baseline:.3f} ({metrics['items']:.0f} items)")
-        assert value > baseline + margin, (stage, metrics)
+        line = beats(metrics, metric, f"{metric}_baseline", margin)
+        print(f"{recipe} {stage}: {line} ({metrics['items']:.0f} items)")
