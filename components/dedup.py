@@ -541,21 +541,38 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
+KEPT_BATCH_ROWS = 8192  # manifest rows read, filtered and written at once (one output row group each)
+
+
 def write_kept(manifest: Path, dups: pl.DataFrame, out: Path) -> tuple[int, pl.DataFrame, pl.Series]:
-    """Stream the manifest's rows not in `dups` to out/manifest.parquet (polars' streaming engine:
-    batches, never the whole table). Returns (rows in, the quarantine rows of `dups` with their
-    source, the shards the kept rows reference)."""
-    scan = pl.scan_parquet(manifest)
-    dropped = dups.lazy().select("key")
-    kept = scan.join(dropped, on="key", how="anti", maintain_order="left")
-    kept.sink_parquet(out / "manifest.parquet", statistics=False)
-    sources = scan.select("key", "source").join(dropped, on="key", how="semi")
-    quarantine = (
-        dups.lazy().join(sources, on="key", how="left", maintain_order="left").select(list(QUARANTINE_SCHEMA))
-    ).collect()
-    rows_in = scan.select(pl.len()).collect().item()
-    kept_shards = pl.scan_parquet(out / "manifest.parquet").select(pl.col("shard").unique()).collect(engine="streaming")
-    return rows_in, quarantine, kept_shards["shard"]
+    """Copy the manifest's rows not in `dups` to out/manifest.parquet, in input order, a batch of
+    KEPT_BATCH_ROWS at a time, in one pass. Returns (rows in, the quarantine rows of `dups` with
+    their source, the shards the kept rows reference).
+
+    pyarrow's batch reader, unbuffered column chunks read through a small buffer and one thread,
+    holds about one batch: the driver's memory stays flat however long the manifest and whatever its
+    row groups (polars' streaming anti-join grew with it: 360 MiB more at 300k rows in
+    benchmarks/scale.py's driver; whole column chunks read at once, 240 MiB more)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    source = pq.ParquetFile(manifest, pre_buffer=False, buffer_size=1 << 20)  # pages through a 1 MiB buffer
+    drop = pa.array(dups["key"].to_list(), pa.string())
+    rows_in, shards, dropped_sources = 0, set(), []
+    with pq.ParquetWriter(out / "manifest.parquet", source.schema_arrow, write_statistics=False) as writer:
+        for batch in source.iter_batches(batch_size=KEPT_BATCH_ROWS, use_threads=False):
+            rows_in += batch.num_rows
+            dropped = pc.is_in(batch.column("key"), value_set=drop.cast(batch.schema.field("key").type))
+            kept = batch.filter(pc.invert(dropped))
+            writer.write_batch(kept)
+            shards.update(pc.unique(kept.column("shard")).to_pylist())
+            dropped_sources.append(pl.from_arrow(batch.filter(dropped).select(["key", "source"])))
+    sources = (
+        pl.concat(dropped_sources) if dropped_sources else pl.DataFrame(schema={"key": pl.String, "source": pl.String})
+    )
+    quarantine = dups.join(sources, on="key", how="left", maintain_order="left").select(list(QUARANTINE_SCHEMA))
+    return rows_in, quarantine, pl.Series("shard", sorted(shards), dtype=pl.String)
 
 
 COMPONENT = Component(

@@ -42,7 +42,7 @@ def sample_texts(record: dict) -> list[str]:
     return [t for t in texts if isinstance(t, str) and t]
 
 
-def shard_texts(work: tuple[str, str, list[str]]) -> list[str]:
+def shard_texts(work: tuple[str, str, Iterable[str]]) -> list[str]:
     """Texts of the wanted keys of one shard, in shard order."""
     path, sha256, keys = work
     wanted = set(keys)
@@ -53,7 +53,7 @@ def shard_texts(work: tuple[str, str, list[str]]) -> list[str]:
     return texts
 
 
-def spill_texts(item: tuple[tuple[str, str, list[str]], str], folder: str) -> int:
+def spill_texts(item: tuple[tuple[str, str, Iterable[str]], str], folder: str) -> int:
     """Write one shard's texts (item: shard_texts' work, a file name) to FOLDER/NAME.parquet, on the
     worker: the driver reads them back a shard at a time. Returns how many."""
     work, name = item
@@ -163,9 +163,9 @@ class Corpus:
         groups = manifest.group_by("shard", maintain_order=True).agg("key").collect(engine="streaming")
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.names, self.head = folder, [f"{i:06d}" for i in range(groups.height)], []
-        work = [
+        work = [  # each shard's keys stay a polars Series (Arrow memory), not a list of Python strings
             ((str(ctx.store.root / s), sha[s], keys), name)
-            for (s, keys), name in zip(groups.iter_rows(), self.names, strict=True)
+            for s, keys, name in zip(groups["shard"], groups["key"], self.names, strict=True)
         ]
         self.length = sum(
             ctx.executor.map_units(

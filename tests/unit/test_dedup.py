@@ -299,3 +299,34 @@ def test_caption_fields_leave_the_default_spec_as_before():
     changed = DedupSpec(captions="drop", caption_threshold=0.8).model_dump(mode="json")
     assert changed == before | {"captions": "drop", "caption_threshold": 0.8}
     assert DedupSpec.model_validate(changed) == DedupSpec(captions="drop", caption_threshold=0.8)
+
+
+def test_write_kept_streams_batches_in_input_order(tmp_path, monkeypatch):
+    from vlmflow.components import dedup
+
+    monkeypatch.setattr(dedup, "KEPT_BATCH_ROWS", 7)  # 50 rows: eight batches, duplicates in several
+    keys = [f"k{i:03d}" for i in range(50)][::-1]  # input order is not key order
+    manifest = pl.DataFrame(
+        {
+            "key": keys,
+            "shard": [f"s{i // 10}" for i in range(50)],
+            "source": ["web" if i % 2 else "coco" for i in range(50)],
+        }
+    )
+    manifest.write_parquet(tmp_path / "in.parquet")
+    drop = ["k049", "k030", "k031", "k032", "k033", "k034", "k035", "k036", "k037", "k038", "k039", "k000"]
+    dups = pl.DataFrame({"key": drop, "reason": "duplicate-of:k001", "detail": "exact"})
+    (tmp_path / "out").mkdir()
+    rows_in, quarantine, shards = dedup.write_kept(tmp_path / "in.parquet", dups, tmp_path / "out")
+    kept = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert rows_in == 50 and kept["key"].to_list() == [k for k in keys if k not in drop]
+    assert kept.schema == manifest.schema
+    assert quarantine["key"].to_list() == drop  # in the order of `dups`, with each row's source
+    assert quarantine["source"].to_list() == [manifest.filter(pl.col("key") == k)["source"].item() for k in drop]
+    assert shards.to_list() == ["s0", "s2", "s3", "s4"]  # s1 holds k039..k030, all dropped
+    empty = pl.DataFrame(schema=manifest.schema)
+    empty.write_parquet(tmp_path / "empty.parquet")
+    (tmp_path / "out2").mkdir()
+    rows_in, quarantine, shards = dedup.write_kept(tmp_path / "empty.parquet", dups.clear(), tmp_path / "out2")
+    assert rows_in == 0 and quarantine.height == 0 and shards.len() == 0
+    assert pl.read_parquet(tmp_path / "out2" / "manifest.parquet").schema == manifest.schema
