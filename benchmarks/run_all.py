@@ -577,13 +577,17 @@ def bench_capfilt(size: dict, root: Path) -> list[dict]:
     rows = []
     for op, label in (("caption", "CapFilt caption"), ("score", "CapFilt filter")):
         jobs = bench.jobs_of(index, 32, 1, op)
-        (answers, seconds, _), _, peak = measure(bench.pooled, folder, root / "capfilt", jobs, 2)
-        (reference, plain_seconds), _, plain_peak = measure_here(bench.plain, folder, root / "capfilt", jobs)
-        if answers != reference:
+        run, _, peak = measure(bench.pooled, folder, root / "capfilt", jobs, 2, bench.BLOCKS_PER_ACTOR)
+        (reference, plain_seconds, plain_steady_s), _, plain_peak = measure_here(
+            bench.plain, folder, root / "capfilt", jobs
+        )
+        if run["answers"] != reference:
             raise AssertionError(f"{label}: the actor pool answered differently from the plain loop")
         name = f"{label} (Ray Data, 2 actors, actor start included, vs plain loop)"
-        ours, base = images / seconds, images / plain_seconds
-        rows.append(entry(name, "images/s", ours, base, peak, plain_peak, images=images, verified=True))
+        ours, base = images / run["seconds"], images / plain_seconds
+        ratio = round(run["jobs_per_s"] * plain_steady_s / len(jobs), 3) if run["jobs_per_s"] else None
+        rows.append(entry(name, "images/s", ours, base, peak, plain_peak, images=images, verified=True,
+                          steady_ratio=ratio, start_s=round(run["start_s"], 2)))  # fmt: skip
     return rows
 
 
