@@ -494,16 +494,15 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
-    for stage in STAGES:
+    for stage, color in zip(STAGES, ("tab:blue", "tab:orange", "tab:green"), strict=True):  # one colour per stage
         runs = sorted((r for r in report["runs"] if r["stage"] == stage), key=lambda r: r["rows"])
         if not runs:
             continue
         n = [r["rows"] for r in runs]
-        speed.plot(n, [r["rows_per_s"] for r in runs], marker="o", label=stage)
-        memory.plot(n, [r["peak_rss_mib"]["driver"] for r in runs], marker="o", label=f"{stage} driver")
-        memory.plot(
-            n, [r["peak_rss_mib"]["workers_max"] for r in runs], marker="x", ls="--", label=f"{stage} worker (max)"
-        )
+        speed.plot(n, [r["rows_per_s"] for r in runs], marker="o", color=color, label=stage)
+        memory.plot(n, [r["peak_rss_mib"]["driver"] for r in runs], marker="o", color=color, label=f"{stage} driver")
+        workers = [r["peak_rss_mib"]["workers_max"] for r in runs]
+        memory.plot(n, workers, marker="x", ls="--", color=color, label=f"{stage} largest worker")
     for axis, label in ((speed, "rows/s"), (memory, "peak RSS (MiB)")):
         axis.set_xscale("log")
         axis.set_xlabel("rows (N)")
