@@ -3,7 +3,8 @@ training stages): each evaluation stage's own metrics.json, on the held-out test
 baseline that stage wrote beside it by a stated margin. VQA against the majority answer per question
 and captioning CIDEr against the commonest reference caption (LLaVA, LLaVA with LoRA, MiniGPT-4,
 Fuyu); grounding (the box in MiniGPT-v2's answer) against the better blind box. Learning proofs
-(make test-learning): one whole recipe each, 3-14 min on the 2-core machine (load 13-40)."""
+(make test-learning): one whole recipe each, 2-4 min on the quiet 2-core machine (the five in 903 s,
+2026-12-07), 3-14 min at load 13-40."""
 
 from __future__ import annotations
 
