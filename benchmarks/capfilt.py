@@ -7,9 +7,9 @@ variant must be identical (sampling is seeded per batch), or the run fails.
 The Ray figures are given twice: with the start of the actors and the model load (what a stage
 pays, once), against the plain loop with its model load; and steady (from the moment every actor
 has answered its first job to the last answer, timed in the actors), against the plain loop after
-its model load, with the start-up (until that moment) shown apart. Each is measured with consecutive jobs sharing a
-block (vlmflow's default, 8 blocks per actor) and with one job per block (Ray Data's per-block
-cost). `--images` sets how much work amortises the start.
+its model load, with the start-up (until that moment) shown apart. Each is measured with
+consecutive jobs sharing a block (vlmflow's default, 8 blocks per actor) and with one job per block
+(Ray Data's per-block cost). `--images` sets how much work amortises the start.
 
     .venv/bin/python benchmarks/capfilt.py [--images 2048] [--batch-size 32] [--k 1] [--ops caption score] [--out FILE]
 """
