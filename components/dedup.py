@@ -47,7 +47,7 @@ import polars as pl
 
 from vlmflow.component import Component, Port
 from vlmflow.components import report
-from vlmflow.samples import QUARANTINE_SCHEMA, SHARDS_SCHEMA
+from vlmflow.samples import QUARANTINE_SCHEMA, write_tables
 from vlmflow.specs.data import DedupSpec
 from vlmflow.stage import StageContext, StageResult
 
@@ -521,8 +521,7 @@ def run(ctx: StageContext) -> StageResult:
             dups = pl.concat([images, by_caption])
     rows_in, quarantine, kept_shards = write_kept(path, dups, ctx.out)
     shards = pl.read_parquet(source.path / "shards.parquet").filter(pl.col("shard").is_in(kept_shards.implode()))
-    quarantine.cast(QUARANTINE_SCHEMA).write_parquet(ctx.out / "quarantine.parquet", statistics=False)
-    shards.select(list(SHARDS_SCHEMA)).cast(SHARDS_SCHEMA).write_parquet(ctx.out / "shards.parquet", statistics=False)
+    write_tables(ctx.out, None, quarantine, shards)  # the manifest is written by write_kept
     report.write_quarantine_summary(quarantine, ctx.out / "quarantine_summary.json")
     seconds = max(time.monotonic() - started, 1e-9)
     near = images.filter(pl.col("detail").str.starts_with("near")).height

@@ -21,7 +21,7 @@ from vlmflow.components import report
 from vlmflow.components.filters import first_failure
 from vlmflow.components.sources.base import SOURCES, RawRow, Rejected, SourceContext, Unit, safe_key
 from vlmflow.images import BadImage, check_image, sha256_bytes
-from vlmflow.samples import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, SHARDS_SCHEMA, write_shard
+from vlmflow.samples import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, SHARDS_SCHEMA, write_shard, write_tables
 from vlmflow.specs.data import IngestSpec, source_name
 from vlmflow.stage import StageContext, StageResult
 
@@ -120,11 +120,14 @@ def run(ctx: StageContext) -> StageResult:
         process_unit, todo, desc="ingest", args=(filters, str(ctx.out), shard_prefix), progress=ctx.progress
     )
     names = [unit_name(w[2]) for w in work]
-    manifest, quarantine = merge_units(units_dir, names, ctx.out / "manifest.parquet")
-    quarantine.write_parquet(ctx.out / "quarantine.parquet", statistics=False)
+    manifest, quarantine = merge_units(
+        [units_dir / f"{n}.manifest.parquet" for n in names],
+        [units_dir / f"{n}.quarantine.parquet" for n in names],
+        ctx.out / "manifest.parquet",
+    )
     shards = [json.loads((units_dir / f"{n}.shard.json").read_text()) for n in names]
     shards_df = pl.DataFrame(shards, schema=SHARDS_SCHEMA, orient="row").filter(pl.col("samples") > 0)
-    shards_df.write_parquet(ctx.out / "shards.parquet", statistics=False)
+    write_tables(ctx.out, None, quarantine, shards_df)  # the manifest is written by merge_units
     shutil.rmtree(units_dir, ignore_errors=True)
     report.write_quarantine_summary(quarantine, ctx.out / "quarantine_summary.json")
     first = manifest.head(16).collect()
@@ -148,16 +151,16 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-def merge_units(units_dir: Path, names: list[str], out: Path) -> tuple[pl.LazyFrame, pl.DataFrame]:
+def merge_units(manifests: list[Path], quarantines: list[Path], out: Path) -> tuple[pl.LazyFrame, pl.DataFrame]:
     """Stream the units' manifests, in unit order, to `out` (polars' streaming engine: never the whole
     table in memory). A key seen in two units (e.g. two input shards) keeps its first row; later ones
     go to the quarantine, after the units' own quarantine rows. Returns (the written manifest, lazily;
-    the quarantine)."""
-    if not names:
+    the quarantine). Ingest and the incremental refresh (refresh.py) both merge this way."""
+    if not manifests:
         pl.DataFrame(schema=MANIFEST_SCHEMA).write_parquet(out, statistics=False)
         return pl.scan_parquet(out), pl.DataFrame(schema=QUARANTINE_SCHEMA)
-    rows = pl.scan_parquet([units_dir / f"{n}.manifest.parquet" for n in names]).with_row_index("_row")
-    quarantine = pl.concat([pl.read_parquet(units_dir / f"{n}.quarantine.parquet") for n in names], how="vertical")
+    rows = pl.scan_parquet(manifests).with_row_index("_row")
+    quarantine = pl.concat([pl.read_parquet(q) for q in quarantines], how="vertical")
     repeated = rows.group_by("key").agg(pl.len()).filter(pl.col("len") > 1).select("key").collect(engine="streaming")
     later = (
         rows.join(repeated.lazy(), on="key", how="semi")

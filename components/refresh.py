@@ -30,13 +30,14 @@ from vlmflow.components.sources.base import SOURCES, SourceContext, Unit
 from vlmflow.fingerprint import HashCache, code_digest, fingerprint_path, fingerprint_value
 from vlmflow.pipeline import Step
 from vlmflow.plan import Plan
-from vlmflow.samples import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, SHARDS_SCHEMA, write_tables
+from vlmflow.samples import SHARDS_SCHEMA, write_tables
 from vlmflow.specs.base import StrictModel
 from vlmflow.specs.data import IngestSpec, source_name
 from vlmflow.specs.recipe import Recipe
 from vlmflow.stage import StageContext, StageResult
 
 UNITS = "ingest-units"  # the store's folder of content-addressed units
+UNIT_FILES = ("manifest.parquet", "quarantine.parquet", "shard.json")  # what a built unit holds, per source
 UNITS_SCHEMA = {"source": pl.String, "unit": pl.String, "rows": pl.Int64, "keys": pl.List(pl.String)}
 
 
@@ -53,20 +54,6 @@ def assign(keys: list[str], previous: list[list[str]], shard_size: int) -> list[
             groups.append(kept)
     new = [i for i in range(len(keys)) if i not in placed]
     return groups + [new[i : i + shard_size] for i in range(0, len(new), shard_size)]
-
-
-def drop_repeated_keys(manifest: pl.DataFrame, quarantine: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """A key seen in two units (e.g. two input shards) keeps its first row; later ones go to quarantine."""
-    first = manifest["key"].is_first_distinct()
-    if first.all():
-        return manifest, quarantine
-    repeated = manifest.filter(~first).select(
-        "key",
-        "source",
-        pl.lit("duplicate-key").alias("reason"),
-        pl.format("also in {}", pl.col("shard")).alias("detail"),
-    )
-    return manifest.filter(first), pl.concat([quarantine, repeated], how="vertical")
 
 
 class RefreshSpec(StrictModel):
@@ -145,13 +132,13 @@ def build_unit(job: tuple, filters: list, store_root: str) -> int:
     return result["rows"]
 
 
-def _unit_frames(store: ArtifactStore, unit: PlannedUnit) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    folder = store.path(UNITS, unit.digest) / "units"
-    return (
-        pl.read_parquet(folder / f"{unit.source}.manifest.parquet"),
-        pl.read_parquet(folder / f"{unit.source}.quarantine.parquet"),
-        json.loads((folder / f"{unit.source}.shard.json").read_text()),
-    )
+def _unit_file(store: ArtifactStore, unit: PlannedUnit, suffix: str) -> Path:
+    """One of a built unit's files: its manifest, quarantine or shard description."""
+    return store.path(UNITS, unit.digest) / "units" / f"{unit.source}.{suffix}"
+
+
+def _rows(path: Path) -> int:
+    return pl.scan_parquet(path).select(pl.len()).collect().item()
 
 
 @dataclass
@@ -203,19 +190,18 @@ class Refresh:
         jobs = [(u.work, u.digest) for u in todo]
         args = (list(self.config.filters), str(store.root))
         read = ctx.executor.map_units(build_unit, jobs, desc="ingest: new units", args=args, progress=ctx.progress)
-        frames = [_unit_frames(store, u) for u in self.units]
-        manifest = pl.concat([f[0] for f in frames] or [pl.DataFrame(schema=MANIFEST_SCHEMA)])
-        quarantine = pl.concat([f[1] for f in frames] or [pl.DataFrame(schema=QUARANTINE_SCHEMA)])
-        manifest, quarantine = drop_repeated_keys(manifest, quarantine)
-        shards = pl.DataFrame([f[2] for f in frames], schema=SHARDS_SCHEMA, orient="row")
+        manifests, quarantines, shard_files = ([_unit_file(store, u, f) for u in self.units] for f in UNIT_FILES)
+        merged, quarantine = ingest.merge_units(manifests, quarantines, ctx.out / "manifest.parquet")
+        manifest = merged.collect()
+        shards = pl.DataFrame([json.loads(f.read_text()) for f in shard_files], schema=SHARDS_SCHEMA, orient="row")
         shards = shards.filter(pl.col("samples") > 0)
-        rows = [f[0].height + f[1].height for f in frames]
+        rows = [_rows(m) + _rows(q) for m, q in zip(manifests, quarantines, strict=True)]
         units = pl.DataFrame(
             [[u.source, u.digest, n, u.keys] for u, n in zip(self.units, rows, strict=True)],
             schema=UNITS_SCHEMA,
             orient="row",
         )
-        write_tables(ctx.out, manifest, quarantine, shards)
+        write_tables(ctx.out, None, quarantine, shards)  # the manifest is written by merge_units
         units.write_parquet(ctx.out / "units.parquet", statistics=False)
         report.write_quarantine_summary(quarantine, ctx.out / "quarantine_summary.json")
         report.write_sample_grid(manifest, lambda rel: store.root / rel, ctx.out / "sample_grid.png")

@@ -131,9 +131,11 @@ def frame(rows: list[dict], schema: dict) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
-def write_tables(out: Path, manifest: pl.DataFrame, quarantine: pl.DataFrame, shards: pl.DataFrame) -> None:
-    """The three tables of a samples artifact, each in its schema's columns and types."""
-    manifest.write_parquet(out / "manifest.parquet", statistics=False)
+def write_tables(out: Path, manifest: pl.DataFrame | None, quarantine: pl.DataFrame, shards: pl.DataFrame) -> None:
+    """The three tables of a samples artifact, each in its schema's columns and types. manifest None:
+    a stage that streamed its manifest to out/manifest.parquet already (never whole in memory)."""
+    if manifest is not None:
+        manifest.write_parquet(out / "manifest.parquet", statistics=False)
     quarantine.select(list(QUARANTINE_SCHEMA)).cast(QUARANTINE_SCHEMA).write_parquet(
         out / "quarantine.parquet", statistics=False
     )

@@ -10,8 +10,8 @@ import polars as pl
 from PIL import Image
 
 from tests.conftest import encode
-from vlmflow.components.ingest import plan_units, process_unit
-from vlmflow.samples import read_shard, sample_json
+from vlmflow.components.ingest import merge_units, plan_units, process_unit
+from vlmflow.samples import QUARANTINE_SCHEMA, read_shard, sample_json
 from vlmflow.specs.loader import Marked, validate
 
 
@@ -97,3 +97,32 @@ def test_unit_rerun_writes_identical_bytes(tmp_path):
         digests.append([p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()])
     assert digests[0] == digests[1]
     assert len(digests[0]) == 2 * 4  # per unit: shard, shard.json, manifest, quarantine
+
+
+def test_merge_units_keeps_a_repeated_keys_first_row_and_quarantines_the_later_ones(tmp_path):
+    units = {  # unit -> (key, shard) rows; "b" is in units 0 and 1, "c" in units 0 and 2
+        "u0": [("a", "s0"), ("b", "s0"), ("c", "s0")],
+        "u1": [("b", "s1"), ("d", "s1")],
+        "u2": [("c", "s2")],
+    }
+    manifests, quarantines = [], []
+    for name, rows in units.items():
+        pl.DataFrame({"key": [k for k, _ in rows], "shard": [s for _, s in rows], "source": "web"}).write_parquet(
+            tmp_path / f"{name}.manifest.parquet"
+        )
+        own = [{"key": f"bad-{name}", "source": "web", "reason": "not-an-image", "detail": "x"}]
+        pl.DataFrame(own, schema=QUARANTINE_SCHEMA).write_parquet(tmp_path / f"{name}.quarantine.parquet")
+        manifests.append(tmp_path / f"{name}.manifest.parquet")
+        quarantines.append(tmp_path / f"{name}.quarantine.parquet")
+    manifest, quarantine = merge_units(manifests, quarantines, tmp_path / "manifest.parquet")
+    assert manifest.collect().select("key", "shard").rows() == [("a", "s0"), ("b", "s0"), ("c", "s0"), ("d", "s1")]
+    assert pl.read_parquet(tmp_path / "manifest.parquet")["key"].to_list() == ["a", "b", "c", "d"]
+    assert quarantine.select("key", "reason", "detail").rows() == [
+        ("bad-u0", "not-an-image", "x"),
+        ("bad-u1", "not-an-image", "x"),
+        ("bad-u2", "not-an-image", "x"),
+        ("b", "duplicate-key", "also in s1"),
+        ("c", "duplicate-key", "also in s2"),
+    ]
+    empty, nothing = merge_units([], [], tmp_path / "empty.parquet")
+    assert empty.collect().height == 0 and nothing.height == 0
