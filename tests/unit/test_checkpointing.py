@@ -15,7 +15,8 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from tests.unit.test_estimate import VOCAB, peak_allocated, real_batch, tiny
+from benchmarks.plan_accuracy import allocated_peak
+from tests.unit.test_estimate import VOCAB, real_batch, tiny
 from vlmflow.components.train.setup import build_stage_model
 from vlmflow.components.train.sharding import transformer_blocks
 from vlmflow.specs.model import ModelSpec
@@ -23,6 +24,7 @@ from vlmflow.specs.train import TrainStageSpec
 
 WRAPPED = "_checkpoint_wrapped_module."
 DROPOUT = 0.2
+
 
 
 def hf_stage(folder: Path) -> tuple[ModelSpec, TrainStageSpec, int]:
@@ -122,6 +124,6 @@ def test_checkpointing_lowers_the_measured_peak_of_a_training_step(case, tmp_pat
         batch = real_batch(model, stage, image, stage.micro_batch_size)
         kinds = [o.kind for o in stage.objectives]
         sum(model(batch, kinds).values()).backward()  # gradients allocated before the measured step
-        peaks[checkpointing] = peak_allocated(lambda: sum(model(batch, kinds).values()).backward())  # noqa: B023
+        peaks[checkpointing] = allocated_peak(lambda: sum(model(batch, kinds).values()).backward())  # noqa: B023
     print(f"{case}: peak {peaks[False] / 2**20:.2f} MiB without checkpointing, {peaks[True] / 2**20:.2f} MiB with")
     assert peaks[True] < 0.75 * peaks[False], peaks

@@ -3,15 +3,11 @@ memory footprint arithmetic, and the estimate against torch's measured CPU alloc
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable
-
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.plan_accuracy import allocated_peak
 from tests.conftest import REPO
 from vlmflow.components.train.setup import build_stage_model
 from vlmflow.models.estimate import FP32, Trace, footprint, meta_batch, trace_stage
@@ -126,19 +122,6 @@ def test_footprint_with_activation_checkpointing():
     assert (TRACE.step_flops(False), TRACE.step_flops(True)) == (500, 620)
 
 
-def peak_allocated(run: Callable[[], object]) -> int:
-    """The peak of torch's CPU allocations while `run` runs, counted from zero when it starts (the
-    profiler's memory events: the CPU counterpart of torch.cuda.max_memory_allocated)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    trace_file = REPO / ".pytest_cache" / f"estimate-trace-{os.getpid()}.json"
-    trace_file.parent.mkdir(exist_ok=True)
-    prof.export_chrome_trace(str(trace_file))
-    events = json.loads(trace_file.read_text())["traceEvents"]
-    trace_file.unlink()
-    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
-
-
 def test_estimate_is_within_a_quarter_of_the_measured_cpu_peak():
     """torch's own allocation counter over three AdamW steps, the model built inside."""
     recipe, spec, image = tiny("llava-1.5-tiny", 1)
@@ -154,7 +137,7 @@ def test_estimate_is_within_a_quarter_of_the_measured_cpu_peak():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    measured = peak_allocated(train)
+    measured = allocated_peak(train)
     assert 0.75 <= planned / measured <= 1.25, (planned, measured)
 
 
@@ -171,7 +154,7 @@ def test_activation_estimate_with_and_without_checkpointing_against_the_measured
     model = build_stage_model(recipe.model, VOCAB, spec, None)
     batch = real_batch(model, spec, image, spec.micro_batch_size)
     sum(model(batch, ["lm"]).values()).backward()  # the gradients exist before the measured step
-    measured = peak_allocated(lambda: sum(model(batch, ["lm"]).values()).backward())
+    measured = allocated_peak(lambda: sum(model(batch, ["lm"]).values()).backward())
     estimate = planned.activations + planned.transient
     print(f"checkpointing {checkpointing}: estimate {estimate / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB")
     assert 0.8 <= estimate / measured <= 1.25, (estimate, measured)
